@@ -1,0 +1,23 @@
+"""jmat: PyTorch's matrix-product family and attention as pure, jitted JAX functions.
+
+torch's exact shape, broadcasting and dtype semantics; errors that name the
+operation, the shapes and what would be valid; ``jmat.explain`` to see how a
+result shape is derived.
+"""
+
+from jmat._src.checks import ShapeError
+from jmat._src.products import bmm, dot, matmul, mm, mv
+from jmat._src.shapes import explain, matmul_shape
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ShapeError",
+    "bmm",
+    "dot",
+    "explain",
+    "matmul",
+    "matmul_shape",
+    "mm",
+    "mv",
+]

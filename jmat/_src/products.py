@@ -1,0 +1,300 @@
+"""torch's matrix-product family (matmul, mm, bmm, dot, mv) as jitted pure JAX functions.
+
+There is one kernel, the unbatched 2-D product written with ``jnp.einsum``;
+1-D operands are promoted to 2-D around it and batch semantics come from
+``jax.vmap``, one vmap per batch dimension. vmap's batching rule for
+``dot_general`` turns the nest into a single ``dot_general`` (a stretched size-1
+dim becomes a free dimension of the other operand, never a materialised copy),
+so a batched product compiles to one GEMM call, as ``jnp.matmul`` does.
+
+Every public function is jitted at definition: the shape and dtype checks are
+Python on static shapes and run once per compilation, and an eager call costs
+what an eager ``jnp.matmul`` costs.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike, DTypeLike
+
+from jmat._src import checks, shapes
+
+PrecisionLike = str | jax.lax.Precision | tuple[str, str] | tuple[jax.lax.Precision, ...] | None
+
+# Half-precision products accumulate in float32 and are cast back, as torch does on the CPU.
+_ACCUMULATE_IN_FLOAT32 = (np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
+
+_jit_product = functools.partial(jax.jit, static_argnames=("precision", "preferred_element_type"))
+
+
+def operands(op: str, *arrays: ArrayLike, names: tuple[str, ...] = ("a", "b")) -> list[jax.Array]:
+  """Converts the operands of ``op`` to arrays and checks their dtypes (same, supported).
+
+  Lists and tuples are refused, as ``jnp.matmul`` refuses them: an implicit
+  conversion would hide a dtype choice.
+  """
+  for name, x in zip(names, arrays, strict=True):
+    if not isinstance(x, jax.Array | np.ndarray | np.generic | int | float | complex):
+      raise TypeError(
+          f"jmat.{op}: {name} must be an array, got {type(x).__name__}; "
+          f"convert it first, e.g. jnp.asarray({name})"
+      )
+  converted = [jnp.asarray(x) for x in arrays]
+  checks.check_dtypes(op, [x.dtype for x in converted], names)
+  return converted
+
+
+def _accumulation(dtype: np.dtype, preferred_element_type: DTypeLike | None) -> DTypeLike | None:
+  if preferred_element_type is not None:
+    return preferred_element_type
+  return jnp.float32 if dtype in _ACCUMULATE_IN_FLOAT32 else None
+
+
+def matrix_product(
+    a: jax.Array,
+    b: jax.Array,
+    precision: PrecisionLike = None,
+    preferred_element_type: DTypeLike | None = None,
+) -> jax.Array:
+  """The one kernel: the product of a 2-D ``(n, k)`` and a 2-D ``(k, p)`` array.
+
+  Half-precision inputs accumulate in float32 and are cast back to their dtype,
+  unless ``preferred_element_type`` asks for another result dtype.
+  """
+  out = jnp.einsum(
+      "nk,kp->np",
+      a,
+      b,
+      precision=precision,
+      preferred_element_type=_accumulation(a.dtype, preferred_element_type),
+  )
+  return out if preferred_element_type is not None else out.astype(a.dtype)
+
+
+def vmap_batch(
+    kernel: Callable[..., jax.Array], plan: shapes.BatchPlan
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """Lifts ``kernel`` (two operands without batch dims) to the batch dims of ``plan``.
+
+  The operands must carry exactly the batch dims marked as mapped in ``plan``
+  (stretched size-1 and missing dims removed); the result has ``plan.shape``
+  in front of the kernel's result.
+  """
+  for mapped_a, mapped_b in reversed(tuple(zip(plan.mapped_a, plan.mapped_b, strict=True))):
+    kernel = jax.vmap(kernel, in_axes=(0 if mapped_a else None, 0 if mapped_b else None))
+  return kernel
+
+
+def _unmapped_axes(batch_rank: int, ndim: int, mapped: tuple[bool, ...]) -> tuple[int, ...]:
+  """The axes of an operand that a batch plan stretches: its size-1 batch dims that are not mapped."""
+  offset = batch_rank - (ndim - 2)
+  return tuple(i - offset for i, m in enumerate(mapped) if i >= offset and not m)
+
+
+def batched_matrix_product(
+    a: jax.Array,
+    b: jax.Array,
+    plan: shapes.BatchPlan,
+    precision: PrecisionLike = None,
+    preferred_element_type: DTypeLike | None = None,
+) -> jax.Array:
+  """``matrix_product`` over broadcast batch dims: ``a`` is ``(..., n, k)``, ``b`` ``(..., k, p)``."""
+  rank = len(plan.shape)
+  a = jnp.squeeze(a, _unmapped_axes(rank, a.ndim, plan.mapped_a))
+  b = jnp.squeeze(b, _unmapped_axes(rank, b.ndim, plan.mapped_b))
+  kernel = functools.partial(
+      matrix_product, precision=precision, preferred_element_type=preferred_element_type
+  )
+  return vmap_batch(kernel, plan)(a, b)
+
+
+@_jit_product
+def matmul(
+    a: ArrayLike,
+    b: ArrayLike,
+    /,
+    *,
+    precision: PrecisionLike = None,
+    preferred_element_type: DTypeLike | None = None,
+) -> jax.Array:
+  """Matrix product with the semantics of ``torch.matmul``.
+
+  * 1-D @ 1-D: the dot product, a 0-D array.
+  * 2-D @ 2-D: the matrix product.
+  * a 1-D operand is promoted to a matrix (a 1 prepended on the left, appended
+    on the right) and the added dimension is removed from the result.
+  * N-D operands: the last two dims are matrices, the rest are batch dims,
+    broadcast NumPy-style (aligned from the right; a 1 stretches).
+
+  Unlike ``jnp.matmul``, mixed dtypes are refused (torch refuses them), and
+  float16/bfloat16 accumulate in float32. 0-D operands are refused, as in torch.
+
+  Args:
+    a: array of shape ``(k,)`` or ``(..., n, k)``.
+    b: array of shape ``(k,)`` or ``(..., k, p)``, of the same dtype as ``a``.
+    precision: ``None`` (JAX's default for the backend, which follows
+      ``jax.default_matmul_precision``), ``"highest"`` for full float32 on
+      GPU/TPU as torch computes by default, or any ``jax.lax.Precision``.
+    preferred_element_type: accumulate in, and return, this dtype.
+
+  Returns:
+    The product, of the shape ``jmat.matmul_shape(a.shape, b.shape)`` and the dtype
+    of the operands (or ``preferred_element_type``).
+
+  Raises:
+    ShapeError: if an operand is 0-D, the contracted sizes differ, or the batch
+      dims do not broadcast.
+    TypeError: if the dtypes differ or are not supported (bool, uint16, ...).
+
+  Example:
+    >>> print(jmat.matmul(jnp.array([1, 2, 3]), jnp.array([4, 5, 6])))
+    32
+    >>> jmat.matmul(jnp.ones((5, 1, 4, 2)), jnp.ones((3, 2, 1))).shape
+    (5, 3, 4, 1)
+  """
+  a, b = operands("matmul", a, b)
+  out_shape = shapes.derive("matmul", a.shape, b.shape)
+  a2 = a[None, :] if a.ndim == 1 else a
+  b2 = b[:, None] if b.ndim == 1 else b
+  plan = shapes.broadcast_batch("matmul", a.shape, b.shape, a2.shape[:-2], b2.shape[:-2])
+  out = batched_matrix_product(a2, b2, plan, precision, preferred_element_type)
+  return out.reshape(out_shape)
+
+
+@_jit_product
+def mm(
+    a: ArrayLike,
+    b: ArrayLike,
+    /,
+    *,
+    precision: PrecisionLike = None,
+    preferred_element_type: DTypeLike | None = None,
+) -> jax.Array:
+  """Product of two 2-D matrices, as ``torch.mm`` (no broadcasting, no 1-D promotion).
+
+  Args:
+    a: array of shape ``(n, m)``.
+    b: array of shape ``(m, p)``, of the same dtype.
+    precision: as for :func:`jmat.matmul`.
+    preferred_element_type: as for :func:`jmat.matmul`.
+
+  Returns:
+    Array of shape ``(n, p)``.
+
+  Raises:
+    ShapeError: if either operand is not 2-D or ``m`` differs.
+    TypeError: if the dtypes differ or are not supported.
+
+  Example:
+    >>> print(jmat.mm(jnp.array([[1, 2], [3, 4]]), jnp.array([[5, 6], [7, 8]])))
+    [[19 22]
+     [43 50]]
+  """
+  a, b = operands("mm", a, b)
+  shapes.derive("mm", a.shape, b.shape)
+  return matrix_product(a, b, precision, preferred_element_type)
+
+
+@_jit_product
+def bmm(
+    a: ArrayLike,
+    b: ArrayLike,
+    /,
+    *,
+    precision: PrecisionLike = None,
+    preferred_element_type: DTypeLike | None = None,
+) -> jax.Array:
+  """Batched matrix product of two 3-D arrays with equal batch size (no broadcasting).
+
+  Args:
+    a: array of shape ``(b, n, m)``.
+    b: array of shape ``(b, m, p)``, of the same dtype.
+    precision: as for :func:`jmat.matmul`.
+    preferred_element_type: as for :func:`jmat.matmul`.
+
+  Returns:
+    Array of shape ``(b, n, p)``.
+
+  Raises:
+    ShapeError: if either input is not 3-D, the batch sizes differ, or ``m`` differs.
+    TypeError: if the dtypes differ or are not supported.
+
+  Example:
+    >>> jmat.bmm(jnp.ones((2, 1, 10)), jnp.ones((2, 10, 4))).shape
+    (2, 1, 4)
+  """
+  a, b = operands("bmm", a, b)
+  shapes.derive("bmm", a.shape, b.shape)
+  plan = shapes.BatchPlan((a.shape[0],), (True,), (True,))
+  return batched_matrix_product(a, b, plan, precision, preferred_element_type)
+
+
+@_jit_product
+def dot(
+    a: ArrayLike,
+    b: ArrayLike,
+    /,
+    *,
+    precision: PrecisionLike = None,
+    preferred_element_type: DTypeLike | None = None,
+) -> jax.Array:
+  """Dot product of two 1-D arrays of equal length, as ``torch.dot`` (no conjugation).
+
+  Args:
+    a: array of shape ``(n,)``.
+    b: array of shape ``(n,)``, of the same dtype.
+    precision: as for :func:`jmat.matmul`.
+    preferred_element_type: as for :func:`jmat.matmul`.
+
+  Returns:
+    A 0-D array.
+
+  Raises:
+    ShapeError: if either operand is not 1-D or the lengths differ.
+    TypeError: if the dtypes differ or are not supported.
+
+  Example:
+    >>> print(jmat.dot(jnp.array([1, 2, 3]), jnp.array([4, 5, 6])))
+    32
+  """
+  a, b = operands("dot", a, b)
+  shapes.derive("dot", a.shape, b.shape)
+  return matrix_product(a[None, :], b[:, None], precision, preferred_element_type)[0, 0]
+
+
+@_jit_product
+def mv(
+    a: ArrayLike,
+    b: ArrayLike,
+    /,
+    *,
+    precision: PrecisionLike = None,
+    preferred_element_type: DTypeLike | None = None,
+) -> jax.Array:
+  """Product of a 2-D matrix and a 1-D vector, as ``torch.mv``.
+
+  Args:
+    a: array of shape ``(n, m)``.
+    b: array of shape ``(m,)``, of the same dtype.
+    precision: as for :func:`jmat.matmul`.
+    preferred_element_type: as for :func:`jmat.matmul`.
+
+  Returns:
+    Array of shape ``(n,)``.
+
+  Raises:
+    ShapeError: if ``a`` is not 2-D, ``b`` is not 1-D, or ``m`` differs.
+    TypeError: if the dtypes differ or are not supported.
+
+  Example:
+    >>> print(jmat.mv(jnp.array([[1, 2], [3, 4]]), jnp.array([1, 1])))
+    [3 7]
+  """
+  a, b = operands("mv", a, b)
+  shapes.derive("mv", a.shape, b.shape)
+  return matrix_product(a, b[:, None], precision, preferred_element_type)[:, 0]
