@@ -5,6 +5,7 @@ operation, the shapes and what would be valid; ``jmat.explain`` to see how a
 result shape is derived.
 """
 
+from jmat import attention
 from jmat._src.checks import ShapeError
 from jmat._src.products import bmm, dot, matmul, mm, mv
 from jmat._src.shapes import explain, matmul_shape
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ShapeError",
+    "attention",
     "bmm",
     "dot",
     "explain",
