@@ -123,7 +123,8 @@ def check_dtypes(op: str, dtypes: Sequence[np.dtype], names: Sequence[str] = ("a
   for name, dtype in zip(names, dtypes, strict=True):
     if np.dtype(dtype) not in SUPPORTED_DTYPES:
       supported = ", ".join(_dtype_name(d) for d in SUPPORTED_DTYPES)
-      hint = " (cast with .astype(jnp.int32) or .astype(jnp.float32))" if dtype == bool else ""
+      is_bool = np.dtype(dtype) == np.bool_
+      hint = " (cast with .astype(jnp.int32) or .astype(jnp.float32))" if is_bool else ""
       raise TypeError(
           f"jmat.{op}: {name} has dtype {_dtype_name(dtype)}, which matrix products do not "
           f"support{hint}; supported dtypes: {supported}"

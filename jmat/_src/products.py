@@ -91,7 +91,7 @@ def vmap_batch(
 
 
 def _unmapped_axes(batch_rank: int, ndim: int, mapped: tuple[bool, ...]) -> tuple[int, ...]:
-  """The axes of an operand that a batch plan stretches: its size-1 batch dims that are not mapped."""
+  """The axes of an operand that a batch plan stretches: its size-1 batch dims, not mapped."""
   offset = batch_rank - (ndim - 2)
   return tuple(i - offset for i, m in enumerate(mapped) if i >= offset and not m)
 
@@ -103,7 +103,7 @@ def batched_matrix_product(
     precision: PrecisionLike = None,
     preferred_element_type: DTypeLike | None = None,
 ) -> jax.Array:
-  """``matrix_product`` over broadcast batch dims: ``a`` is ``(..., n, k)``, ``b`` ``(..., k, p)``."""
+  """``matrix_product`` over broadcast batch dims: ``a`` ``(..., n, k)``, ``b`` ``(..., k, p)``."""
   rank = len(plan.shape)
   a = jnp.squeeze(a, _unmapped_axes(rank, a.ndim, plan.mapped_a))
   b = jnp.squeeze(b, _unmapped_axes(rank, b.ndim, plan.mapped_b))

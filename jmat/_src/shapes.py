@@ -138,7 +138,9 @@ def _matmul_rule(d: Derivation, shape_a: Shape, shape_b: Shape) -> Shape:
          f"dim {k}: ({n}, {k}) @ ({k}, {p}) -> ({n}, {p})")
   result = plan.shape + (n, p)
   if plan.shape:
-    d.note(f"result: batch shape {fmt_shape(plan.shape)} + matrix ({n}, {p}) -> {fmt_shape(result)}")
+    d.note(
+        f"result: batch shape {fmt_shape(plan.shape)} + matrix ({n}, {p}) -> {fmt_shape(result)}"
+    )
   if len(shape_a) == 1 or len(shape_b) == 1:
     kept = plan.shape + ((n,) if len(shape_a) > 1 else ()) + ((p,) if len(shape_b) > 1 else ())
     d.note(f"drop the dims added for 1-D operands: {fmt_shape(result)} -> {fmt_shape(kept)}")
