@@ -97,7 +97,9 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m jmat", description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+      prog="python -m jmat", description="jmat: the tour (default), explain and bench"
+  )
   commands = parser.add_subparsers(dest="command", metavar="{tour,explain,bench}")
   commands.add_parser("tour", help="run every source-document example (the default)")
   explain = commands.add_parser("explain", help="derive a result shape step by step")

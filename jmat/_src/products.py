@@ -24,7 +24,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from jmat._src import checks, shapes
 
-PrecisionLike = str | jax.lax.Precision | tuple[str, str] | tuple[jax.lax.Precision, ...] | None
+PrecisionLike = jax.lax.PrecisionLike
 
 # Half-precision products accumulate in float32 and are cast back, as torch does on the CPU.
 _ACCUMULATE_IN_FLOAT32 = (np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
