@@ -5,8 +5,22 @@ operation, the shapes and what would be valid; ``jmat.explain`` to see how a
 result shape is derived.
 """
 
-from jmat import attention
+from jmat import attention, linalg
 from jmat._src.checks import ShapeError
+from jmat._src.family import (
+    addbmm,
+    addmm,
+    addmv,
+    addr,
+    baddbmm,
+    chain_matmul,
+    inner,
+    linear,
+    multi_dot,
+    outer,
+    tensordot,
+    vdot,
+)
 from jmat._src.products import bmm, dot, matmul, mm, mv
 from jmat._src.shapes import explain, matmul_shape
 
@@ -14,12 +28,25 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ShapeError",
+    "addbmm",
+    "addmm",
+    "addmv",
+    "addr",
     "attention",
+    "baddbmm",
     "bmm",
+    "chain_matmul",
     "dot",
     "explain",
+    "inner",
+    "linalg",
+    "linear",
     "matmul",
     "matmul_shape",
     "mm",
+    "multi_dot",
     "mv",
+    "outer",
+    "tensordot",
+    "vdot",
 ]

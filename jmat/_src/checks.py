@@ -223,12 +223,190 @@ def broadcast_dim_error(
   )
 
 
-def check_bmm_batch(op: str, shape_a: Shape, shape_b: Shape) -> None:
+def check_bmm_batch(
+    op: str, shape_a: Shape, shape_b: Shape, names: tuple[str, str] = ("a", "b")
+) -> None:
   """bmm, unlike matmul, never broadcasts: the batch sizes must be equal."""
   if shape_a[0] != shape_b[0]:
     raise shape_error(
         op,
         f"batch sizes differ ({shape_a[0]} and {shape_b[0]})",
-        both_shapes(shape_a, shape_b),
+        both_shapes(shape_a, shape_b, names),
         f"{op} does not broadcast (use jmat.matmul to broadcast batch dimensions)",
     )
+
+
+# --- the rest of the product family (addmm, ..., tensordot, multi_dot, linear, vecdot) ---
+
+
+def _listed(names: Sequence[str], shapes: Sequence[Shape]) -> str:
+  return ", ".join(_described(n, s) for n, s in zip(names, shapes, strict=True))
+
+
+def check_expand(
+    op: str, name: str, shape: Shape, target: Shape, what: str = "the product"
+) -> None:
+  """Refuses an added operand (``input``, ``bias``) that cannot be broadcast to the result.
+
+  The broadcast is one-way, as torch's ``expand``: the operand may have fewer
+  dims than the result and size-1 dims, never more dims or another size.
+  """
+  if len(shape) > len(target):
+    raise shape_error(
+        op,
+        f"{name} has more dims than {what}",
+        f"{_described(name, shape)}, {what} has shape {fmt_shape(target)}",
+        f"{name} must broadcast to {fmt_shape(target)}: at most {len(target)} dims, "
+        f"each equal to the result's or 1",
+    )
+  for position in range(-1, -len(shape) - 1, -1):
+    if shape[position] not in (1, target[position]):
+      raise shape_error(
+          op,
+          f"{name} does not broadcast to {what}'s shape",
+          f"{_described(name, shape)}, {what} has shape {fmt_shape(target)}",
+          f"aligned from the right, dim {position} of {name} is {shape[position]} where "
+          f"{what} has {target[position]}; it must be {target[position]} or 1",
+      )
+
+
+def check_scale(op: str, name: str, value: object, dtype: np.dtype) -> complex:
+  """Checks a ``beta``/``alpha`` against the operands' dtype and returns it as a Python number.
+
+  torch silently truncates a fractional scale on integer tensors (``beta=0.5``
+  becomes 0); jmat refuses it, and refuses a complex scale on real operands as
+  torch does.
+
+  Raises:
+    TypeError: if ``value`` is not a Python/NumPy number, or does not fit ``dtype``.
+  """
+  if not isinstance(value, bool | int | float | complex | np.number):
+    raise TypeError(
+        f"jmat.{op}: {name} must be a Python number (static under jit), got "
+        f"{type(value).__name__}; scale the operand yourself to use a traced value, e.g. "
+        f"jmat.{op}(x * s, ...)"
+    )
+  number = complex(value)
+  kind = np.dtype(dtype).kind
+  if kind != "c" and number.imag != 0:
+    raise TypeError(
+        f"jmat.{op}: {name}={value!r} is complex but the operands are {_dtype_name(dtype)}; "
+        f"cast them to a complex dtype"
+    )
+  if kind in "iu" and not float(number.real).is_integer():
+    raise TypeError(
+        f"jmat.{op}: {name}={value!r} is not an integer but the operands are "
+        f"{_dtype_name(dtype)}; torch would silently truncate it to {int(number.real)}: pass "
+        f"an integer {name}, or cast the operands to a floating dtype"
+    )
+  return number
+
+
+def check_floating(op: str, dtype: np.dtype, names: Sequence[str] = ("x", "y")) -> None:
+  """Refuses integer operands where torch does (``torch.linalg.vecdot``)."""
+  if np.dtype(dtype).kind in "biu":
+    listed = " and ".join(names)
+    raise TypeError(
+        f"jmat.{op}: {listed} have dtype {_dtype_name(dtype)}, but {op} takes floating-point "
+        f"or complex arrays (as torch); cast them, e.g. {names[0]}.astype(jnp.float32)"
+    )
+
+
+def check_min_rank(
+    op: str, names: Sequence[str], shapes: Sequence[Shape], index: int, minimum: int
+) -> None:
+  """Refuses operand ``index`` if it has fewer than ``minimum`` dims."""
+  if len(shapes[index]) < minimum:
+    raise shape_error(
+        op,
+        f"{names[index]} must be at least {minimum}-D, got {len(shapes[index])}-D",
+        _listed(names, shapes),
+        "a 0-D array is a scalar: multiply by it instead" if minimum == 1 else "",
+    )
+
+
+def check_count(op: str, count: int, minimum: int, what: str) -> None:
+  """Refuses a chain product of fewer than ``minimum`` arrays."""
+  if count < minimum:
+    raise ShapeError(
+        f"jmat.{op}: expects at least {minimum} {what}, got {count}"
+        + ("; for one array there is nothing to multiply: use it directly" if count == 1 else "")
+    )
+
+
+def dims_type_error(op: str, dims: object) -> TypeError:
+  """The error for a ``tensordot`` ``dims`` that is neither an int nor two sequences of ints."""
+  return TypeError(
+      f"jmat.{op}: dims must be an int (contract the last dims of a with the first dims of b), "
+      f"a pair of sequences of ints ([1, 2], [0, 1]), or a 2-row nested list, got {dims!r}"
+  )
+
+
+def check_tensordot_dims(
+    op: str, shape_a: Shape, shape_b: Shape, axes_a: Sequence[int], axes_b: Sequence[int]
+) -> None:
+  """Refuses ``tensordot`` axis lists of unequal length, out of range or repeated."""
+  shapes = both_shapes(shape_a, shape_b)
+  if len(axes_a) != len(axes_b):
+    raise shape_error(
+        op,
+        f"dims lists have different lengths ({len(axes_a)} and {len(axes_b)})",
+        shapes,
+        f"dims pairs axis i of a with axis i of b: got {list(axes_a)} and {list(axes_b)}",
+    )
+  for name, shape, axes in (("a", shape_a, axes_a), ("b", shape_b, axes_b)):
+    for axis in axes:
+      if not -len(shape) <= axis < len(shape):
+        raise shape_error(
+            op,
+            f"dim {axis} is out of range for {name}",
+            shapes,
+            f"{name} is {len(shape)}-D: its dims are {-len(shape)}..{len(shape) - 1}",
+        )
+    normalized = [a % len(shape) for a in axes]
+    if len(set(normalized)) != len(normalized):
+      raise shape_error(
+          op, f"a dim of {name} appears more than once in dims {list(axes)}", shapes,
+          "each dim can be contracted once",
+      )
+
+
+def check_tensordot_count(op: str, shape_a: Shape, shape_b: Shape, dims: int) -> None:
+  """Refuses an int ``dims`` that is negative or larger than an operand's rank."""
+  if dims < 0 or dims > min(len(shape_a), len(shape_b)):
+    raise shape_error(
+        op,
+        f"dims={dims} is out of range",
+        both_shapes(shape_a, shape_b),
+        f"an int dims contracts the last dims of a with the first dims of b: it must be "
+        f"between 0 and {min(len(shape_a), len(shape_b))}",
+    )
+
+
+def check_tensordot_sizes(
+    op: str, shape_a: Shape, shape_b: Shape, axes_a: Sequence[int], axes_b: Sequence[int]
+) -> None:
+  """Refuses contracted dims of different sizes (a size 1 is summed out, as torch does)."""
+  for axis_a, axis_b in zip(axes_a, axes_b, strict=True):
+    size_a, size_b = shape_a[axis_a], shape_b[axis_b]
+    if size_a != size_b and 1 not in (size_a, size_b):
+      raise shape_error(
+          op,
+          f"contracted sizes {size_a} and {size_b} differ",
+          both_shapes(shape_a, shape_b),
+          f"dim {axis_a} of a ({size_a}) is paired with dim {axis_b} of b ({size_b}); "
+          f"paired dims must have equal sizes (or one of them 1)",
+      )
+
+
+def check_dim(op: str, dim: int, rank: int, shapes: str) -> int:
+  """Normalises a user's ``dim`` against ``rank`` (a 0-D array takes -1 and 0, as torch)."""
+  wrap = max(rank, 1)
+  if isinstance(dim, bool) or not isinstance(dim, int | np.integer):
+    raise TypeError(f"jmat.{op}: dim must be an int, got {dim!r}")
+  if not -wrap <= dim < wrap:
+    raise shape_error(
+        op, f"dim {dim} is out of range", shapes,
+        f"the broadcast operands are {rank}-D: dim must be in {-wrap}..{wrap - 1}",
+    )
+  return int(dim) % wrap

@@ -10,6 +10,7 @@ torch.matmul and torch.bmm explainers jmat was built from).
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable, Sequence
 
 from jmat._src import checks
@@ -27,7 +28,7 @@ class Derivation:
     self.steps.append(text)
 
 
-Rule = Callable[[Derivation, Shape, Shape], Shape]
+Rule = Callable[..., Shape]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,7 @@ def broadcast_batch(
     batch_a: Shape,
     batch_b: Shape,
     derivation: Derivation | None = None,
+    names: tuple[str, str] = ("a", "b"),
 ) -> BatchPlan:
   """Broadcasts two batch shapes NumPy-style (aligned from the right), or raises ShapeError.
 
@@ -63,6 +65,7 @@ def broadcast_batch(
     batch_a: the first operand's batch dimensions.
     batch_b: the second operand's batch dimensions.
     derivation: where to note the steps, if anyone is listening.
+    names: the operands' names in the message and the steps.
   """
   rank = max(len(batch_a), len(batch_b))
   padded_a: tuple[int | None, ...] = (None,) * (rank - len(batch_a)) + tuple(batch_a)
@@ -75,18 +78,18 @@ def broadcast_batch(
     sizes = [d for d in (da, db) if d is not None]
     stretched = [d for d in sizes if d != 1]
     if len(set(stretched)) > 1:
-      raise checks.broadcast_dim_error(op, shape_a, shape_b, batch_a, batch_b, i - rank)
+      raise checks.broadcast_dim_error(op, shape_a, shape_b, batch_a, batch_b, i - rank, names)
     out = stretched[0] if stretched else 1
     shape.append(out)
     mapped_a.append(da == out)
     mapped_b.append(db == out)
-    words.append(f"batch dim {i - rank}: {_broadcast_words(da, db, out)}")
+    words.append(f"batch dim {i - rank}: {_broadcast_words(da, db, out, names)}")
   if derivation is not None and rank:
     derivation.note(
         "broadcast the batch dims, aligned from the right:\n"
-        + _aligned_row("a batch", padded_a)
+        + _aligned_row(f"{names[0]} batch", padded_a)
         + "\n"
-        + _aligned_row("b batch", padded_b)
+        + _aligned_row(f"{names[1]} batch", padded_b)
         + "".join(f"\n  {w}" for w in words)
         + f"\n  batch shape: {fmt_shape(shape)}"
     )
@@ -97,9 +100,11 @@ def _aligned_row(label: str, dims: Sequence[int | None]) -> str:
   return f"  {label}: " + " ".join(f"{'-' if d is None else d:>4}" for d in dims)
 
 
-def _broadcast_words(da: int | None, db: int | None, out: int) -> str:
+def _broadcast_words(
+    da: int | None, db: int | None, out: int, names: tuple[str, str] = ("a", "b")
+) -> str:
   if da is None or db is None:
-    return f"only {'a' if db is None else 'b'} has it -> {out}"
+    return f"only {names[0] if db is None else names[1]} has it -> {out}"
   if da == db:
     return f"{da} and {db} are equal -> {out}"
   return f"{da} and {db}: the 1 stretches -> {out}"
@@ -197,13 +202,331 @@ def _mv_rule(d: Derivation, shape_a: Shape, shape_b: Shape) -> Shape:
   return (n,)
 
 
+# --- the rest of torch's product family -----------------------------------------------------
+# These rules take ``(derivation, *shapes, **options)``: the add* ops take ``input_shape``,
+# linear ``bias_shape``, tensordot ``dims`` and vecdot ``dim``; the chains take any number of
+# shapes.
+
+ChainTree = int | tuple["ChainTree", "ChainTree"]
+
+
+def _added(d: Derivation, name: str, shape: Shape | None, result: Shape, what: str) -> Shape:
+  """Checks that the added operand (input, bias) broadcasts to ``result``, one-way as torch."""
+  if shape is not None:
+    checks.check_expand(d.op, name, shape, result, what)
+    d.note(f"{name} {fmt_shape(shape)} broadcasts to {what}'s shape {fmt_shape(result)}")
+  return result
+
+
+def _scaled(d: Derivation, input_shape: Shape | None, product: Shape) -> Shape:
+  _added(d, "input", input_shape, product, "the product")
+  d.note(f"result: beta * input + alpha * product -> {fmt_shape(product)}")
+  return product
+
+
+def _addmm_rule(d: Derivation, mat1: Shape, mat2: Shape, *, input_shape: Shape | None = None):
+  names = ("mat1", "mat2")
+  checks.check_ranks(
+      d.op, (mat1, mat2), ((2,), (2,)), "two 2-D matrices mat1 (n, m) and mat2 (m, p)", names,
+      advice="jmat.baddbmm adds to a stack of products, jmat.addmv to a matrix-vector product",
+  )
+  checks.check_contraction(d.op, mat1, mat2, -1, -2, names)
+  (n, k), p = mat1, mat2[1]
+  d.note(f"product: mat1 @ mat2: ({n}, {k}) @ ({k}, {p}) -> ({n}, {p})")
+  return _scaled(d, input_shape, (n, p))
+
+
+def _addmv_rule(d: Derivation, mat: Shape, vec: Shape, *, input_shape: Shape | None = None):
+  names = ("mat", "vec")
+  checks.check_ranks(
+      d.op, (mat, vec), ((2,), (1,)), "a 2-D matrix mat (n, m) and a 1-D vector vec (m,)", names,
+      advice="jmat.addmm adds to a matrix product",
+  )
+  checks.check_contraction(d.op, mat, vec, -1, -1, names)
+  n, k = mat
+  d.note(f"product: mat @ vec: ({n}, {k}) @ ({k},) -> ({n},)")
+  return _scaled(d, input_shape, (n,))
+
+
+def _addr_rule(d: Derivation, vec1: Shape, vec2: Shape, *, input_shape: Shape | None = None):
+  names = ("vec1", "vec2")
+  checks.check_ranks(
+      d.op, (vec1, vec2), ((1,), (1,)), "two 1-D vectors vec1 (n,) and vec2 (p,)", names,
+      advice="jmat.addmm adds to a matrix product",
+  )
+  d.note(f"product: the outer product of vec1 and vec2: ({vec1[0]},) x ({vec2[0]},) -> "
+         f"({vec1[0]}, {vec2[0]})")
+  return _scaled(d, input_shape, (vec1[0], vec2[0]))
+
+
+def _batches_rule(d: Derivation, batch1: Shape, batch2: Shape) -> tuple[int, int, int, int]:
+  names = ("batch1", "batch2")
+  checks.check_ranks(
+      d.op, (batch1, batch2), ((3,), (3,)), "two 3-D arrays batch1 (b, n, m) and batch2 (b, m, p)",
+      names, advice="jmat.addmm takes 2-D matrices",
+  )
+  checks.check_bmm_batch(d.op, batch1, batch2, names)
+  checks.check_contraction(d.op, batch1, batch2, -1, -2, names)
+  b, n, k = batch1
+  p = batch2[2]
+  d.note(f"each of the {b} pairs: ({n}, {k}) @ ({k}, {p}) -> ({n}, {p}); no broadcasting")
+  return b, n, k, p
+
+
+def _baddbmm_rule(
+    d: Derivation, batch1: Shape, batch2: Shape, *, input_shape: Shape | None = None
+) -> Shape:
+  b, n, _, p = _batches_rule(d, batch1, batch2)
+  d.note(f"product: stack the {b} products -> ({b}, {n}, {p})")
+  return _scaled(d, input_shape, (b, n, p))
+
+
+def _addbmm_rule(
+    d: Derivation, batch1: Shape, batch2: Shape, *, input_shape: Shape | None = None
+) -> Shape:
+  b, n, _, p = _batches_rule(d, batch1, batch2)
+  d.note(f"product: sum the {b} products -> ({n}, {p})")
+  return _scaled(d, input_shape, (n, p))
+
+
+def _inner_rule(d: Derivation, shape_a: Shape, shape_b: Shape) -> Shape:
+  if not shape_a or not shape_b:
+    result = shape_a or shape_b
+    d.note(f"a 0-D operand is a scalar: the elementwise product -> {fmt_shape(result)}")
+    return result
+  checks.check_contraction(d.op, shape_a, shape_b, -1, -1)
+  result = shape_a[:-1] + shape_b[:-1]
+  d.note(f"contract the last dims ({shape_a[-1]}): a's other dims {fmt_shape(shape_a[:-1])} + "
+         f"b's other dims {fmt_shape(shape_b[:-1])} -> {fmt_shape(result)}")
+  return result
+
+
+def _outer_rule(d: Derivation, shape_a: Shape, shape_b: Shape) -> Shape:
+  checks.check_ranks(
+      d.op, (shape_a, shape_b), ((1,), (1,)), "two 1-D vectors",
+      advice="jmat.tensordot(a, b, dims=0) is the outer product of any ranks",
+  )
+  result = shape_a + shape_b
+  d.note(f"every product a[i] * b[j]: ({shape_a[0]},) x ({shape_b[0]},) -> {fmt_shape(result)}")
+  return result
+
+
+def normalize_dims(op: str, dims: object) -> int | tuple[tuple[int, ...], tuple[int, ...]]:
+  """``tensordot``'s ``dims`` as a hashable value: an int or two tuples of ints.
+
+  Accepts what torch accepts: an int, a pair of sequences of ints (lists or
+  tuples), or a 2-row nested list (or array).
+
+  Raises:
+    TypeError: if ``dims`` has another structure.
+  """
+  if isinstance(dims, bool):
+    raise checks.dims_type_error(op, dims)
+  try:
+    return operator.index(dims)  # type: ignore[arg-type]
+  except TypeError:
+    pass
+  try:
+    rows = list(dims)  # type: ignore[call-overload]
+  except TypeError:
+    raise checks.dims_type_error(op, dims) from None
+  if len(rows) != 2:
+    raise checks.dims_type_error(op, dims)
+  pair: list[tuple[int, ...]] = []
+  for row in rows:
+    try:
+      items = list(row)
+      if any(isinstance(item, bool) for item in items):
+        raise TypeError
+      pair.append(tuple(operator.index(item) for item in items))
+    except TypeError:
+      raise checks.dims_type_error(op, dims) from None
+  return pair[0], pair[1]
+
+
+def tensordot_axes(
+    op: str, shape_a: Shape, shape_b: Shape, dims: object
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """The contracted axes of a and b (non-negative), or raises TypeError/ShapeError."""
+  parsed = normalize_dims(op, dims)
+  if isinstance(parsed, int):
+    checks.check_tensordot_count(op, shape_a, shape_b, parsed)
+    return tuple(range(len(shape_a) - parsed, len(shape_a))), tuple(range(parsed))
+  checks.check_tensordot_dims(op, shape_a, shape_b, *parsed)
+  return (
+      tuple(axis % len(shape_a) for axis in parsed[0]),
+      tuple(axis % len(shape_b) for axis in parsed[1]),
+  )
+
+
+def _tensordot_rule(d: Derivation, shape_a: Shape, shape_b: Shape, *, dims: object = 2) -> Shape:
+  axes_a, axes_b = tensordot_axes(d.op, shape_a, shape_b, dims)
+  checks.check_tensordot_sizes(d.op, shape_a, shape_b, axes_a, axes_b)
+  if axes_a:
+    pairs = ", ".join(
+        f"a dim {i} ({shape_a[i]}) with b dim {j} ({shape_b[j]})"
+        for i, j in zip(axes_a, axes_b, strict=True)
+    )
+    d.note(f"contract {pairs}")
+  else:
+    d.note("dims=0: nothing is contracted, the result is the outer product")
+  for i, j in zip(axes_a, axes_b, strict=True):
+    if shape_a[i] != shape_b[j]:
+      summed = "b" if shape_a[i] == 1 else "a"
+      d.note(f"a size 1 meets size {max(shape_a[i], shape_b[j])}: {summed}'s dim is summed "
+             f"out first, as torch does")
+  free_a = tuple(s for i, s in enumerate(shape_a) if i not in axes_a)
+  free_b = tuple(s for j, s in enumerate(shape_b) if j not in axes_b)
+  result = free_a + free_b
+  d.note(f"a's other dims {fmt_shape(free_a)} + b's other dims {fmt_shape(free_b)} -> "
+         f"{fmt_shape(result)}")
+  return result
+
+
+def chain_order(dims: Sequence[int]) -> tuple[int, ChainTree]:
+  """The cheapest parenthesisation of a chain of matrices, by dynamic programming.
+
+  Args:
+    dims: ``n + 1`` sizes; matrix ``i`` has shape ``(dims[i], dims[i + 1])``.
+
+  Returns:
+    ``(cost, tree)``: the number of scalar multiplications of the best order and the
+    order itself, a leaf index ``i`` or a pair ``(left, right)`` of subtrees.
+  """
+  n = len(dims) - 1
+  cost = [[0] * n for _ in range(n)]
+  split = [[0] * n for _ in range(n)]
+  for length in range(1, n):
+    for i in range(n - length):
+      j = i + length
+      cost[i][j], split[i][j] = min(
+          (cost[i][s] + cost[s + 1][j] + dims[i] * dims[s + 1] * dims[j + 1], s)
+          for s in range(i, j)
+      )
+
+  def tree(i: int, j: int) -> ChainTree:
+    return i if i == j else (tree(i, split[i][j]), tree(split[i][j] + 1, j))
+
+  return cost[0][n - 1], tree(0, n - 1)
+
+
+def _tree_words(tree: ChainTree) -> str:
+  if isinstance(tree, int):
+    return f"A{tree}"
+  return f"({_tree_words(tree[0])} @ {_tree_words(tree[1])})"
+
+
+def chain_names(op: str, count: int) -> tuple[str, ...]:
+  return tuple(f"{'arrays' if op == 'multi_dot' else 'matrices'}[{i}]" for i in range(count))
+
+
+def _chain_rule(d: Derivation, *chain: Shape) -> Shape:
+  op, count = d.op, len(chain)
+  names = chain_names(op, count)
+  if op == "multi_dot":
+    checks.check_count(op, count, 2, "arrays")
+    allowed = ((1, 2),) + ((2,),) * (count - 2) + ((1, 2),)
+    expected = (
+        "2-D matrices, the first may be 1-D (a row vector) and the last 1-D (a column vector)"
+    )
+  else:
+    checks.check_count(op, count, 1, "matrices")
+    allowed, expected = ((2,),) * count, "2-D matrices (jmat.multi_dot also takes end vectors)"
+  checks.check_ranks(op, chain, allowed, expected, names)
+  for i in range(count - 1):
+    axis_b = -2 if len(chain[i + 1]) == 2 else -1
+    checks.check_contraction(op, chain[i], chain[i + 1], -1, axis_b, (names[i], names[i + 1]))
+  mats = [((1,) + s if len(s) == 1 and i == 0 else s + (1,) if len(s) == 1 else s)
+          for i, s in enumerate(chain)]
+  dims = [mats[0][0]] + [m[1] for m in mats]
+  if len(chain[0]) == 1:
+    d.note(f"{names[0]} is 1-D: a row vector {fmt_shape(mats[0])}")
+  if count > 1 and len(chain[-1]) == 1:
+    d.note(f"{names[-1]} is 1-D: a column vector {fmt_shape(mats[-1])}")
+  cost, tree = chain_order(dims)
+  left = sum(dims[0] * dims[i] * dims[i + 1] for i in range(1, count))
+  d.note("matrices " + ", ".join(f"A{i} {fmt_shape(m)}" for i, m in enumerate(mats)))
+  d.note(f"cheapest order (dynamic programming over the shapes): {_tree_words(tree)}, "
+         f"{cost} multiplications (left to right: {left})")
+  result = ((dims[0],) if len(chain[0]) == 2 else ()) + (
+      (dims[-1],) if len(chain[-1]) == 2 else ())
+  d.note(f"({dims[0]}, {dims[1]}) ... ({dims[-2]}, {dims[-1]}) -> ({dims[0]}, {dims[-1]})"
+         + (f", without the vectors' 1s -> {fmt_shape(result)}" if result != (dims[0], dims[-1])
+            else ""))
+  return result
+
+
+def _linear_rule(
+    d: Derivation, input_shape: Shape, weight: Shape, *, bias_shape: Shape | None = None
+) -> Shape:
+  names = ("input", "weight")
+  checks.check_min_rank(d.op, names, (input_shape, weight), 0, 1)
+  checks.check_ranks(
+      d.op, (weight,), ((1, 2),), "weight of shape (out_features, in_features) or (in_features,)",
+      ("weight",),
+  )
+  checks.check_contraction(d.op, input_shape, weight, -1, -1, names)
+  result = input_shape[:-1] + weight[:-1]
+  d.note(f"input {fmt_shape(input_shape)} @ weight.T: the last dim ({input_shape[-1]}) is "
+         f"contracted with weight's in_features -> {fmt_shape(result)}")
+  return _added(d, "bias", bias_shape, result, "the output")
+
+
+def _vecdot_rule(d: Derivation, x: Shape, y: Shape, *, dim: int = -1) -> Shape:
+  names = ("x", "y")
+  described = checks.both_shapes(x, y, names)
+  if len(x) == 1 and len(y) == 1:
+    checks.check_contraction(d.op, x, y, -1, -1, names)
+    checks.check_dim(d.op, dim, 1, described)
+    d.note(f"x and y are 1-D of length {x[0]}: sum of conj(x) * y -> ()")
+    return ()
+  plan = broadcast_batch(d.op, x, y, x, y, d, names)
+  axis = checks.check_dim(d.op, dim, len(plan.shape), described)
+  result = plan.shape[:axis] + plan.shape[axis + 1:]
+  d.note(f"sum conj(x) * y over dim {dim} of the broadcast shape {fmt_shape(plan.shape)} -> "
+         f"{fmt_shape(result)}")
+  return result
+
+
 RULES: dict[str, Rule] = {
     "matmul": _matmul_rule,
     "mm": _mm_rule,
     "bmm": _bmm_rule,
     "dot": _dot_rule,
     "mv": _mv_rule,
+    "addmm": _addmm_rule,
+    "addmv": _addmv_rule,
+    "addr": _addr_rule,
+    "baddbmm": _baddbmm_rule,
+    "addbmm": _addbmm_rule,
+    "vdot": _dot_rule,
+    "inner": _inner_rule,
+    "outer": _outer_rule,
+    "tensordot": _tensordot_rule,
+    "multi_dot": _chain_rule,
+    "chain_matmul": _chain_rule,
+    "linear": _linear_rule,
+    "vecdot": _vecdot_rule,
 }
+
+# The keyword options each op's rule takes (the others take none), and the operands' names.
+OPTIONS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("addmm", "addmv", "addr", "baddbmm", "addbmm"), ("input_shape",)),
+    "tensordot": ("dims",),
+    "linear": ("bias_shape",),
+    "vecdot": ("dim",),
+}
+OPERANDS: dict[str, tuple[str, str]] = {
+    "addmm": ("mat1", "mat2"),
+    "addmv": ("mat", "vec"),
+    "addr": ("vec1", "vec2"),
+    "baddbmm": ("batch1", "batch2"),
+    "addbmm": ("batch1", "batch2"),
+    "linear": ("input", "weight"),
+    "vecdot": ("x", "y"),
+}
+_CHAINS = ("multi_dot", "chain_matmul")
+_OPTION_LABELS = {"input_shape": "input", "bias_shape": "bias"}
 
 
 def _as_shape(name: str, shape: object) -> Shape:
@@ -225,18 +548,73 @@ def _rule(op: str) -> Rule:
     raise ValueError(f"jmat: unknown op {op!r}; known ops: {', '.join(sorted(RULES))}") from None
 
 
-def derive(op: str, shape_a: Shape, shape_b: Shape) -> Shape:
+def derive(op: str, *operand_shapes: Shape, **options: object) -> Shape:
   """The result shape of ``op`` on operands of these shapes; raises ShapeError if invalid."""
-  return _rule(op)(Derivation(op), tuple(shape_a), tuple(shape_b))
+  return _rule(op)(Derivation(op), *(tuple(s) for s in operand_shapes), **options)
 
 
-def matmul_shape(shape_a: Sequence[int], shape_b: Sequence[int], /, *, op: str = "matmul") -> Shape:
+def _arguments(
+    op: str, shapes: Sequence[object], options: dict[str, object]
+) -> tuple[tuple[Shape, ...], dict[str, object]]:
+  """Validates the shapes and options a user gave ``matmul_shape``/``explain`` for ``op``."""
+  _rule(op)
+  if len(shapes) > 2 and op not in _CHAINS:
+    raise TypeError(
+        f"jmat: op={op!r} takes two shapes, got {len(shapes)}; only "
+        f"{' and '.join(_CHAINS)} take a chain of shapes"
+    )
+  labels = ("shape_a", "shape_b") + tuple(f"more_shapes[{i}]" for i in range(len(shapes) - 2))
+  checked = tuple(_as_shape(label, s) for label, s in zip(labels, shapes, strict=True))
+  given = {k: v for k, v in options.items() if v is not None}
+  for key, value in given.items():
+    if key not in OPTIONS.get(op, ()):
+      takers = sorted(o for o, keys in OPTIONS.items() if key in keys)
+      raise TypeError(f"jmat: op={op!r} takes no {key}; it is an option of {', '.join(takers)}")
+    if key.endswith("_shape"):
+      given[key] = _as_shape(key, value)
+  if "dims" in given:
+    given["dims"] = normalize_dims(op, given["dims"])
+  return checked, given
+
+
+def _header(op: str, shapes: tuple[Shape, ...], options: dict[str, object]) -> str:
+  names = chain_names(op, len(shapes)) if op in _CHAINS else OPERANDS.get(op, ("a", "b"))
+  parts = [f"{n} {fmt_shape(s)}" for n, s in zip(names, shapes, strict=True)]
+  for key, value in options.items():
+    if key in _OPTION_LABELS:
+      parts.insert(0 if key == "input_shape" else len(parts), f"{_OPTION_LABELS[key]} "
+                   f"{fmt_shape(value)}")  # type: ignore[arg-type]
+    else:
+      parts.append(f"{key}={value!r}")
+  return f"jmat.{op}: {', '.join(parts)}"
+
+
+def matmul_shape(
+    shape_a: Sequence[int],
+    shape_b: Sequence[int],
+    /,
+    *more_shapes: Sequence[int],
+    op: str = "matmul",
+    input_shape: Sequence[int] | None = None,
+    bias_shape: Sequence[int] | None = None,
+    dims: object = None,
+    dim: int | None = None,
+) -> Shape:
   """The shape of ``jmat.<op>(a, b)`` computed from the shapes alone, without any array.
 
   Args:
-    shape_a: the shape of the first operand.
+    shape_a: the shape of the first operand (``mat1`` of addmm, ``input`` of linear, ...).
     shape_b: the shape of the second operand.
-    op: one of ``"matmul"``, ``"mm"``, ``"bmm"``, ``"dot"``, ``"mv"``.
+    *more_shapes: the rest of the chain, for ``op="multi_dot"`` and ``"chain_matmul"``.
+    op: any jmat product: ``"matmul"``, ``"mm"``, ``"bmm"``, ``"dot"``, ``"mv"``,
+      ``"addmm"``, ``"addmv"``, ``"addr"``, ``"baddbmm"``, ``"addbmm"``, ``"vdot"``,
+      ``"inner"``, ``"outer"``, ``"tensordot"``, ``"multi_dot"``, ``"chain_matmul"``,
+      ``"linear"``, ``"vecdot"``.
+    input_shape: for the add* ops, the shape of ``input`` (checked to broadcast to the
+      product; omitted, only the product is checked).
+    bias_shape: for ``"linear"``, the shape of ``bias``.
+    dims: for ``"tensordot"``, its ``dims`` (default 2).
+    dim: for ``"vecdot"``, its ``dim`` (default -1).
 
   Returns:
     The result shape as a tuple of ints.
@@ -244,27 +622,49 @@ def matmul_shape(shape_a: Sequence[int], shape_b: Sequence[int], /, *, op: str =
   Raises:
     ShapeError: if ``op`` refuses operands of these shapes (the same message the
       operation itself would raise).
+    TypeError: if an option is given to an op that does not take it.
 
   Example:
     >>> jmat.matmul_shape((5, 1, 4, 2), (3, 2, 1))
     (5, 3, 4, 1)
     >>> jmat.matmul_shape((3,), (2, 3, 4))
     (2, 4)
+    >>> jmat.matmul_shape((2, 3), (3, 4), op="addmm", input_shape=(4,))
+    (2, 4)
+    >>> jmat.matmul_shape((3, 4, 5), (4, 5, 6), op="tensordot", dims=2)
+    (3, 6)
   """
-  rule = _rule(op)
-  return rule(Derivation(op), _as_shape("shape_a", shape_a), _as_shape("shape_b", shape_b))
+  options = {"input_shape": input_shape, "bias_shape": bias_shape, "dims": dims, "dim": dim}
+  shapes, given = _arguments(op, (shape_a, shape_b, *more_shapes), options)
+  return _rule(op)(Derivation(op), *shapes, **given)
 
 
-def explain(shape_a: Sequence[int], shape_b: Sequence[int], /, *, op: str = "matmul") -> str:
+def explain(
+    shape_a: Sequence[int],
+    shape_b: Sequence[int],
+    /,
+    *more_shapes: Sequence[int],
+    op: str = "matmul",
+    input_shape: Sequence[int] | None = None,
+    bias_shape: Sequence[int] | None = None,
+    dims: object = None,
+    dim: int | None = None,
+) -> str:
   """How the result shape of ``jmat.<op>(a, b)`` is derived, step by step.
 
   For an invalid pair, the derivation stops at the step that fails and says why,
-  with the error message the operation would raise.
+  with the error message the operation would raise. Takes the same arguments as
+  :func:`matmul_shape`; for ``multi_dot`` it also shows the cheapest order.
 
   Args:
     shape_a: the shape of the first operand.
     shape_b: the shape of the second operand.
-    op: one of ``"matmul"``, ``"mm"``, ``"bmm"``, ``"dot"``, ``"mv"``.
+    *more_shapes: the rest of the chain, for ``op="multi_dot"`` and ``"chain_matmul"``.
+    op: any op :func:`matmul_shape` takes.
+    input_shape: for the add* ops, the shape of ``input``.
+    bias_shape: for ``"linear"``, the shape of ``bias``.
+    dims: for ``"tensordot"``, its ``dims``.
+    dim: for ``"vecdot"``, its ``dim``.
 
   Returns:
     A multi-line text whose last line starts with ``result:``.
@@ -277,16 +677,22 @@ def explain(shape_a: Sequence[int], shape_b: Sequence[int], /, *, op: str = "mat
       3. each of the 2 pairs: (1, 10) @ (10, 4) -> (1, 4)
       4. stack the 2 results -> (2, 1, 4)
     result: (2, 1, 4)
+    >>> print(jmat.explain((2, 3), (3, 4), op="addmm", input_shape=(4,)))
+    jmat.addmm: input (4,), mat1 (2, 3), mat2 (3, 4)
+      1. product: mat1 @ mat2: (2, 3) @ (3, 4) -> (2, 4)
+      2. input (4,) broadcasts to the product's shape (2, 4)
+      3. result: beta * input + alpha * product -> (2, 4)
+    result: (2, 4)
   """
-  rule = _rule(op)
-  a, b = _as_shape("shape_a", shape_a), _as_shape("shape_b", shape_b)
+  options = {"input_shape": input_shape, "bias_shape": bias_shape, "dims": dims, "dim": dim}
+  shapes, given = _arguments(op, (shape_a, shape_b, *more_shapes), options)
   d = Derivation(op)
   try:
-    outcome = f"result: {fmt_shape(rule(d, a, b))}"
+    outcome = f"result: {fmt_shape(_rule(op)(d, *shapes, **given))}"
   except ShapeError as error:
     d.note(f"fails: {error}")
     outcome = f"result: none, jmat.{op} raises ShapeError"
-  lines = [f"jmat.{op}: a {fmt_shape(a)}, b {fmt_shape(b)}"]
+  lines = [_header(op, shapes, given)]
   for i, step in enumerate(d.steps, start=1):
     first, *rest = step.split("\n")
     lines.append(f"  {i}. {first}")
