@@ -448,12 +448,24 @@ def _chain_rule(d: Derivation, *chain: Shape) -> Shape:
   d.note("matrices " + ", ".join(f"A{i} {fmt_shape(m)}" for i, m in enumerate(mats)))
   d.note(f"cheapest order (dynamic programming over the shapes): {_tree_words(tree)}, "
          f"{cost} multiplications (left to right: {left})")
+  _note_products(d, tree, dims)
   result = ((dims[0],) if len(chain[0]) == 2 else ()) + (
       (dims[-1],) if len(chain[-1]) == 2 else ())
-  d.note(f"({dims[0]}, {dims[1]}) ... ({dims[-2]}, {dims[-1]}) -> ({dims[0]}, {dims[-1]})"
-         + (f", without the vectors' 1s -> {fmt_shape(result)}" if result != (dims[0], dims[-1])
-            else ""))
+  if result != (dims[0], dims[-1]):
+    d.note(f"drop the 1s of the end vectors: ({dims[0]}, {dims[-1]}) -> {fmt_shape(result)}")
   return result
+
+
+def _note_products(d: Derivation, tree: ChainTree, dims: Sequence[int]) -> tuple[int, int]:
+  """Notes the products of ``tree`` in evaluation order; returns the (first, last) matrix."""
+  if isinstance(tree, int):
+    return tree, tree
+  first, middle = _note_products(d, tree[0], dims)
+  _, last = _note_products(d, tree[1], dims)
+  n, k, p = dims[first], dims[middle + 1], dims[last + 1]
+  d.note(f"{_tree_words(tree[0])} @ {_tree_words(tree[1])}: ({n}, {k}) @ ({k}, {p}) -> "
+         f"({n}, {p}), {n * k * p} multiplications")
+  return first, last
 
 
 def _linear_rule(
