@@ -6,6 +6,12 @@ result shape is derived.
 """
 
 from jmat import attention, linalg
+from jmat._src.attention import (
+    attention_scores,
+    init_multi_head_attention,
+    multi_head_attention,
+    scaled_dot_product_attention,
+)
 from jmat._src.checks import ShapeError
 from jmat._src.family import (
     addbmm,
@@ -33,11 +39,13 @@ __all__ = [
     "addmv",
     "addr",
     "attention",
+    "attention_scores",
     "baddbmm",
     "bmm",
     "chain_matmul",
     "dot",
     "explain",
+    "init_multi_head_attention",
     "inner",
     "linalg",
     "linear",
@@ -45,8 +53,10 @@ __all__ = [
     "matmul_shape",
     "mm",
     "multi_dot",
+    "multi_head_attention",
     "mv",
     "outer",
+    "scaled_dot_product_attention",
     "tensordot",
     "vdot",
 ]

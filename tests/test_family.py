@@ -493,6 +493,27 @@ def test_vmap_and_grad_compose():
   _assert_close(grad, 3 * np.ones((3, 7)) @ y[0].T, jnp.float64)
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda i, x, y: jmat.addmm(i, x, y),
+        lambda i, x, y: jmat.baddbmm(i, x[None], y[None]),
+        lambda i, x, y: jmat.tensordot(x, y, dims=[[1], [1]]),
+        lambda i, x, y: jmat.multi_dot([x, y]),
+        lambda i, x, y: jmat.linear(x, y, i),
+    ],
+    ids=["addmm", "baddbmm", "tensordot", "multi_dot", "linear"],
+)
+def test_refusals_inside_jit_are_the_same_shape_errors(call):
+  """Checks run on static shapes when tracing: a mistake under jit is a ShapeError, not XLA's."""
+  arrays = _arrays((3,), (2, 5), (7, 4))
+  with pytest.raises(jmat.ShapeError) as eager:
+    call(*arrays)
+  with pytest.raises(jmat.ShapeError) as jitted:
+    jax.jit(call)(*arrays)
+  assert str(jitted.value) == str(eager.value)
+
+
 def test_works_without_x64():
   i, x, y = _arrays((7,), (3, 5), (5, 7))
   with jax.enable_x64(False):

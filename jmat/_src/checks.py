@@ -410,3 +410,231 @@ def check_dim(op: str, dim: int, rank: int, shapes: str) -> int:
         f"the broadcast operands are {rank}-D: dim must be in {-wrap}..{wrap - 1}",
     )
   return int(dim) % wrap
+
+
+# --- attention (scaled_dot_product_attention, multi_head_attention) ---
+
+_ATTENTION_NAMES = ("query", "key", "value")
+
+
+def _broadcast_or_none(shapes: Sequence[Shape]) -> Shape | None:
+  """NumPy broadcast of ``shapes``, or None if they do not broadcast."""
+  try:
+    return tuple(int(d) for d in np.broadcast_shapes(*shapes))
+  except ValueError:
+    return None
+
+
+def check_attention_dtypes(op: str, dtypes: Sequence[np.dtype], names: Sequence[str]) -> None:
+  """Refuses attention inputs of different dtypes or of a non-floating dtype (as torch)."""
+  check_dtypes(op, dtypes, names)
+  if not jnp.issubdtype(dtypes[0], jnp.floating):
+    listed = ", ".join(names)
+    raise TypeError(
+        f"jmat.{op}: {listed} have dtype {_dtype_name(dtypes[0])}; attention needs "
+        f"floating-point inputs (float16, bfloat16, float32 or float64), e.g. "
+        f"{names[0]}.astype(jnp.float32)"
+    )
+
+
+def check_attention_shapes(
+    op: str, query: Shape, key: Shape, value: Shape, enable_gqa: bool
+) -> Shape:
+  """Checks ``query (..., L, E)``, ``key (..., S, E)``, ``value (..., S, Ev)``.
+
+  Returns:
+    The broadcast leading shape of the output, ``(N..., L, Ev)`` without ``(L, Ev)``.
+  """
+  shapes = (query, key, value)
+  listed = _listed(_ATTENTION_NAMES, shapes)
+  if min(len(s) for s in shapes) < 2:
+    raise shape_error(
+        op, "query, key and value must be at least 2-D", listed,
+        "the last two dims are (sequence, embedding): (..., L, E), (..., S, E), (..., S, Ev)",
+    )
+  if query[-1] != key[-1]:
+    raise shape_error(
+        op, f"query and key embedding sizes {query[-1]} and {key[-1]} differ", listed,
+        "scores are query @ key^T, so the last dims of query and key must be equal "
+        "(value's may differ)",
+    )
+  if key[-2] != value[-2]:
+    raise shape_error(
+        op, f"key and value lengths {key[-2]} and {value[-2]} differ", listed,
+        "there must be one value per key (dim -2)",
+    )
+  if enable_gqa:
+    if min(len(s) for s in shapes) < 3:
+      raise shape_error(
+          op, "enable_gqa=True needs a heads dim (dim -3) in query, key and value", listed,
+          "use (..., heads, L, E) inputs, or enable_gqa=False",
+      )
+    heads = query[-3]
+    for name, shape in zip(_ATTENTION_NAMES[1:], shapes[1:], strict=True):
+      if shape[-3] == 0 or heads % shape[-3]:
+        raise shape_error(
+            op,
+            f"the {shape[-3]} heads of {name} do not divide the {heads} heads of query",
+            listed,
+            "grouped-query attention shares each key/value head among query_heads / kv_heads "
+            "query heads: the number of key and value heads (dim -3) must divide query's",
+        )
+    lead = _broadcast_or_none([s[:-3] for s in shapes])
+    if lead is not None:
+      return lead + (heads,)
+  else:
+    lead = _broadcast_or_none([s[:-2] for s in shapes])
+    if lead is not None:
+      return lead
+  hint = ""
+  if (not enable_gqa and min(len(s) for s in shapes) >= 3
+      and all(s[-3] and query[-3] % s[-3] == 0 for s in shapes[1:])):
+    hint = (f"; for grouped-query attention (key/value with fewer heads than query's "
+            f"{query[-3]}) pass enable_gqa=True")
+  raise shape_error(
+      op, "the leading (batch, heads) dims do not broadcast", listed,
+      "dims before (L, E) are aligned from the right and must be equal or 1" + hint,
+  )
+
+
+def check_attention_mask(
+    op: str, mask: Shape, mask_dtype: np.dtype, query_dtype: np.dtype, target: Shape
+) -> None:
+  """Checks an ``attn_mask`` against the scores' shape ``target = (N..., L, S)``.
+
+  torch accepts a boolean mask, a float32 mask, or a mask of the query's dtype.
+  """
+  dtype = np.dtype(mask_dtype)
+  if dtype != np.bool_ and dtype != np.dtype(np.float32) and dtype != np.dtype(query_dtype):
+    raise TypeError(
+        f"jmat.{op}: attn_mask has dtype {_dtype_name(dtype)}; it must be bool (True = may "
+        f"attend), float32 or the query's dtype {_dtype_name(query_dtype)} (added to the scores)"
+    )
+  if len(mask) < 2:
+    raise shape_error(
+        op, f"attn_mask must be at least 2-D, got {len(mask)}-D",
+        f"attn_mask has shape {fmt_shape(mask)}, the scores have shape {fmt_shape(target)}",
+        "the last two dims of attn_mask are (L, S): for one mask per key use shape (1, S)",
+    )
+  check_expand(op, "attn_mask", mask, target, what="the scores (N..., L, S)")
+
+
+def check_dropout(op: str, dropout_p: float, has_rng: bool) -> None:
+  """Refuses a dropout probability outside [0, 1], or dropout without a random key."""
+  if not isinstance(dropout_p, int | float) or not 0.0 <= dropout_p <= 1.0:
+    raise ValueError(
+        f"jmat.{op}: dropout_p must be a Python float in [0, 1], got {dropout_p!r}"
+    )
+  if dropout_p > 0.0 and not has_rng:
+    raise ValueError(
+        f"jmat.{op}: dropout_p={dropout_p} needs an explicit random key: pass "
+        f"dropout_rng=jax.random.key(seed) (JAX has no hidden global RNG state); for "
+        f"evaluation pass dropout_p=0.0"
+    )
+
+
+def check_attention_implementation(op: str, implementation: object, dropout_p: float) -> None:
+  """Refuses an unknown ``implementation``, and dropout in the blockwise one."""
+  if implementation not in (None, "dense", "blockwise"):
+    raise ValueError(
+        f"jmat.{op}: implementation must be None (pick by size), 'dense' or 'blockwise', "
+        f"got {implementation!r}"
+    )
+  if implementation == "blockwise" and dropout_p > 0.0:
+    raise ValueError(
+        f"jmat.{op}: implementation='blockwise' does not support dropout "
+        f"(dropout_p={dropout_p}); use implementation='dense' or None"
+    )
+
+
+def check_multi_head_attention(
+    op: str,
+    params: dict[str, Shape],
+    query: Shape,
+    key: Shape,
+    value: Shape,
+    num_heads: int,
+) -> None:
+  """Checks batch-first ``(N, L, E)`` inputs and torch.nn.MultiheadAttention's parameters."""
+  listed = _listed(_ATTENTION_NAMES, (query, key, value))
+  ranks = {len(query), len(key), len(value)}
+  if not ranks <= {2, 3} or len(ranks) != 1:
+    raise shape_error(
+        op, "query, key and value must all be 3-D (batched) or all 2-D (unbatched)", listed,
+        "batch-first layout: (N, L, E), (N, S, E), (N, S, E)",
+    )
+  expected = {"in_proj_weight": None, "in_proj_bias": None, "out_proj.weight": None,
+              "out_proj.bias": None}
+  missing = [k for k in expected if k not in params]
+  if missing:
+    raise ValueError(
+        f"jmat.{op}: params lacks {missing}; it takes torch.nn.MultiheadAttention's "
+        f"state_dict keys (in_proj_weight, in_proj_bias, out_proj.weight, out_proj.bias), "
+        f"e.g. jmat.init_multi_head_attention(rng, embed_dim, num_heads)"
+    )
+  embed = params["out_proj.weight"][0] if params["out_proj.weight"] else 0
+  wanted = {
+      "in_proj_weight": (3 * embed, embed),
+      "in_proj_bias": (3 * embed,),
+      "out_proj.weight": (embed, embed),
+      "out_proj.bias": (embed,),
+  }
+  for name, shape in wanted.items():
+    if tuple(params[name]) != shape:
+      raise shape_error(
+          op, f"params[{name!r}] has shape {fmt_shape(params[name])}, expected {fmt_shape(shape)}",
+          ", ".join(f"{k} {fmt_shape(params[k])}" for k in wanted),
+          f"for embed_dim={embed} the parameters are in_proj_weight (3E, E), in_proj_bias "
+          f"(3E,), out_proj.weight (E, E), out_proj.bias (E,)",
+      )
+  if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or (
+      embed % num_heads):
+    raise ValueError(
+        f"jmat.{op}: num_heads={num_heads!r} must be a positive int dividing embed_dim={embed}"
+    )
+  for name, shape in zip(_ATTENTION_NAMES, (query, key, value), strict=True):
+    if shape[-1] != embed:
+      raise shape_error(
+          op, f"{name}'s last dim {shape[-1]} is not embed_dim={embed}", listed,
+          "query, key and value have the module's embed_dim as their last dim",
+      )
+  if key[:-1] != value[:-1] or query[:-2] != key[:-2]:
+    raise shape_error(
+        op, "batch sizes or key/value lengths differ", listed,
+        "key and value must have the same (N, S), and query the same N",
+    )
+
+
+def check_key_padding_mask(op: str, mask: Shape, dtype: np.dtype, expected: Shape) -> None:
+  """Checks ``key_padding_mask``: ``(N, S)`` (or ``(S,)`` unbatched), bool or float."""
+  if np.dtype(dtype) != np.bool_ and not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f"jmat.{op}: key_padding_mask has dtype {_dtype_name(dtype)}; it must be bool "
+        f"(True = ignore that key) or float (added to the scores)"
+    )
+  if tuple(mask) != tuple(expected):
+    raise shape_error(
+        op, "key_padding_mask has the wrong shape",
+        f"key_padding_mask has shape {fmt_shape(mask)}, expected {fmt_shape(expected)}",
+        "one entry per key: (N, S) for batched inputs, (S,) unbatched",
+    )
+
+
+def check_scores_shapes(op: str, query: Shape, key: Shape) -> Shape:
+  """Checks ``query (..., L, E)`` and ``key (..., S, E)``; returns the scores' shape."""
+  names = _ATTENTION_NAMES[:2]
+  for index in (0, 1):
+    check_min_rank(op, names, (query, key), index, 2)
+  if query[-1] != key[-1]:
+    raise shape_error(
+        op, f"query and key embedding sizes {query[-1]} and {key[-1]} differ",
+        both_shapes(query, key, names),
+        "scores are query @ key^T: the last dims of query and key must be equal",
+    )
+  lead = _broadcast_or_none([query[:-2], key[:-2]])
+  if lead is None:
+    raise shape_error(
+        op, "the leading (batch, heads) dims do not broadcast", both_shapes(query, key, names),
+        "dims before (L, E) are aligned from the right and must be equal or 1",
+    )
+  return lead + (query[-2], key[-2])

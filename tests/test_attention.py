@@ -1,0 +1,390 @@
+"""jmat attention against numpy float64: values, gradients, jit/vmap, structure and memory.
+
+The torch-oracle tests (semantics, refusals shared with torch, multi-head attention with
+torch weights) are in tests/parity/test_torch_attention.py.
+"""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+import jmat
+from jmat._src import attention as attention_src
+
+RNG = np.random.default_rng(20261123)
+
+
+def randn(*shape: int) -> np.ndarray:
+  return RNG.standard_normal(shape)
+
+
+# --- the numpy float64 oracle ---------------------------------------------------------------
+
+
+def np_attention(q, k, v, allowed=None, bias=None, causal=False, scale=None, gqa=False):
+  """softmax(q k^T * scale + bias, masked) @ v in float64, rows with no key -> 0.
+
+  Returns (output, weights).
+  """
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  if gqa:
+    k = np.repeat(k, q.shape[-3] // k.shape[-3], axis=-3)
+    v = np.repeat(v, q.shape[-3] // v.shape[-3], axis=-3)
+  length, keys = q.shape[-2], k.shape[-2]
+  scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+  s = np.matmul(q, np.swapaxes(k, -1, -2)) * scale
+  if bias is not None:
+    s = s + np.asarray(bias, np.float64)
+  ok = np.ones(s.shape, bool)
+  if allowed is not None:
+    ok = ok & allowed
+  if causal:
+    ok = ok & np.tril(np.ones((length, keys), bool))
+  ok = ok & np.isfinite(s)
+  s = np.where(ok, s, -np.inf)
+  row_max = np.max(np.where(ok, s, -np.inf), axis=-1, keepdims=True) if keys else s[..., :1]
+  p = np.where(ok, np.exp(s - np.where(np.isfinite(row_max), row_max, 0)), 0.0)
+  total = p.sum(-1, keepdims=True)
+  w = p / np.where(total > 0, total, 1)
+  return np.matmul(w, v), w
+
+
+def np_attention_grads(q, k, v, d_out, allowed=None, bias=None, causal=False):
+  """Analytic gradients of np_attention for q, k, v and the float mask (no GQA)."""
+  scale = 1 / math.sqrt(q.shape[-1])
+  _, w = np_attention(q, k, v, allowed, bias, causal)
+  d_v = np.matmul(np.swapaxes(w, -1, -2), d_out)
+  d_w = np.matmul(d_out, np.swapaxes(v, -1, -2))
+  d_s = w * (d_w - np.sum(d_w * w, axis=-1, keepdims=True))
+  d_q = np.matmul(d_s, k) * scale
+  d_k = np.matmul(np.swapaxes(d_s, -1, -2), q) * scale
+  return d_q, d_k, d_v, d_s
+
+
+def reduce_to(x, shape):
+  """Sums a broadcast gradient back to ``shape``."""
+  x = x.sum(axis=tuple(range(x.ndim - len(shape))))
+  return x.sum(axis=tuple(i for i, n in enumerate(shape) if n == 1), keepdims=True)
+
+
+TOL = {
+    np.float64: dict(atol=1e-12, rtol=1e-12),
+    np.float32: dict(atol=2e-5, rtol=2e-5),
+}
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+  """Blocks of 16 queries (2 chains of 8) and 8 keys, so small inputs span many blocks."""
+  monkeypatch.setattr(attention_src, "BLOCK_Q", 16)
+  monkeypatch.setattr(attention_src, "BLOCK_K", 8)
+  jax.clear_caches()
+  yield
+  jax.clear_caches()
+
+
+# --- attention_scores -----------------------------------------------------------------------
+
+
+class AttentionScoresTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(
+      ((5, 3), (7, 3)), ((2, 5, 3), (7, 3)), ((3, 1, 5, 4), (2, 7, 4)), ((0, 3), (7, 3)),
+      ((1, 1), (1, 1)),
+  )
+  def test_is_q_at_k_transposed(self, q_shape, k_shape):
+    q, k = randn(*q_shape), randn(*k_shape)
+    with jax.default_matmul_precision("highest"):
+      got = self.variant(jmat.attention_scores)(q, k, scale=0.5)
+    want = np.matmul(q, np.swapaxes(k, -1, -2)) * 0.5
+    chex.assert_shape(got, want.shape)
+    np.testing.assert_allclose(got, want, **TOL[np.float64])
+
+
+def test_attention_scores_is_one_dot_general():
+  hlo = jax.jit(jmat.attention_scores).lower(jnp.ones((2, 8, 5, 4)), jnp.ones((2, 8, 7, 4)))
+  assert hlo.as_text().count("dot_general") == 1
+
+
+def test_attention_scores_errors():
+  with pytest.raises(jmat.ShapeError, match=r"attention_scores.*embedding sizes 4 and 3 differ.*"
+                     r"query has shape \(5, 4\), key has shape \(7, 3\)"):
+    jmat.attention_scores(jnp.ones((5, 4)), jnp.ones((7, 3)))
+  with pytest.raises(jmat.ShapeError, match=r"key must be at least 2-D.*\(4,\)"):
+    jmat.attention_scores(jnp.ones((5, 4)), jnp.ones((4,)))
+  with pytest.raises(jmat.ShapeError, match=r"do not broadcast.*\(2, 5, 4\).*\(3, 7, 4\)"):
+    jmat.attention_scores(jnp.ones((2, 5, 4)), jnp.ones((3, 7, 4)))
+
+
+# --- the online softmax (the contract ring attention builds on) ------------------------------
+
+
+def test_online_softmax_folds_blocks_into_softmax_attention():
+  q, k, v = randn(2, 5, 4), randn(2, 11, 4), randn(2, 11, 3)
+  allowed = RNG.random((5, 11)) > 0.4
+  allowed[1] = False  # a row with no key
+  allowed[2, :6] = False  # a row whose first blocks are all masked
+  bias = randn(5, 11)
+  carry = jmat.attention.online_softmax_init((2,), 5, 3, dtype=jnp.float64)
+  for start in range(0, 11, 4):
+    block = slice(start, start + 4)
+    carry = jmat.attention.online_softmax_update(
+        carry, q, k[:, block], v[:, block], scale=0.3, mask=allowed[:, block],
+        bias=bias[:, block])
+  got = jmat.attention.online_softmax_finish(carry, jnp.float64)
+  want, _ = np_attention(q, k, v, allowed, bias, scale=0.3)
+  assert not np.isnan(got).any()
+  np.testing.assert_allclose(got, want, **TOL[np.float64])
+  np.testing.assert_array_equal(got[:, 1], 0.0)
+
+
+def test_online_softmax_is_differentiable_by_autodiff():
+  q, k, v = randn(5, 4), randn(9, 4), randn(9, 3)
+  allowed = RNG.random((5, 9)) > 0.3
+  allowed[0] = False
+  d_out = randn(5, 3)
+
+  def loss(q, k, v):
+    carry = jmat.attention.online_softmax_init((), 5, 3, dtype=jnp.float64)
+    for start in range(0, 9, 3):
+      block = slice(start, start + 3)
+      carry = jmat.attention.online_softmax_update(
+          carry, q, k[block], v[block], scale=0.5, mask=allowed[:, block])
+    return jnp.sum(jmat.attention.online_softmax_finish(carry, jnp.float64) * d_out)
+
+  got = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  # np_attention_grads uses scale 1/sqrt(E) = 0.5 for E = 4.
+  want = np_attention_grads(q, k, v, d_out, allowed)[:3]
+  for g, w in zip(got, want, strict=True):
+    assert not np.isnan(g).any()
+    np.testing.assert_allclose(g, w, **TOL[np.float64])
+
+
+def test_online_softmax_init_defaults_to_float32():
+  acc, row_max, row_sum = jmat.attention.online_softmax_init((2, 3), 5, 7)
+  chex.assert_shape([acc, row_max, row_sum], [(2, 3, 5, 7), (2, 3, 5), (2, 3, 5)])
+  assert {x.dtype for x in (acc, row_max, row_sum)} == {jnp.dtype(jnp.float32)}
+  assert np.all(np.isneginf(row_max)) and not np.any(row_sum)
+
+
+# --- dense and blockwise against numpy -------------------------------------------------------
+
+MASK_CASES = {
+    "none": lambda length, keys: (None, None),
+    "bool": lambda length, keys: (RNG.random((length, keys)) > 0.4, None),
+    "bool-rows-empty": lambda length, keys: (
+        np.concatenate([np.zeros((2, keys), bool), RNG.random((length - 2, keys)) > 0.4]), None),
+    "bool-per-key": lambda length, keys: (RNG.random((1, keys)) > 0.3, None),
+    "float": lambda length, keys: (None, randn(length, keys)),
+    "float-with-inf": lambda length, keys: (
+        None, np.where(RNG.random((length, keys)) > 0.5, -np.inf, randn(length, keys))),
+    "float-per-head": lambda length, keys: (None, randn(3, 1, keys)),
+}
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("implementation", ["dense", "blockwise"])
+@pytest.mark.parametrize(
+    "mask_kind, length, keys, causal",
+    [(kind, 13, 21, kind != "none") for kind in sorted(MASK_CASES)]
+    + [("none", 13, 21, True), ("none", 21, 13, True), ("bool", 21, 13, True),
+       ("float", 21, 13, False)],
+)
+def test_sdpa_matches_numpy(implementation, mask_kind, length, keys, causal):
+  q, k, v = randn(2, 3, length, 5), randn(2, 3, keys, 5), randn(2, 3, keys, 7)
+  allowed, bias = MASK_CASES[mask_kind](length, keys)
+  mask = allowed if allowed is not None else bias
+  with jax.default_matmul_precision("highest"):
+    got = jmat.scaled_dot_product_attention(
+        q, k, v, mask, is_causal=causal, implementation=implementation)
+  want, _ = np_attention(q, k, v, allowed, bias, causal)
+  chex.assert_shape(got, (2, 3, length, 7))
+  np.testing.assert_allclose(got, want, **TOL[np.float64])
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("implementation", ["dense", "blockwise"])
+def test_sdpa_grouped_query_heads_match_numpy(implementation):
+  q, k, v = randn(2, 6, 13, 5), randn(1, 2, 21, 5), randn(1, 2, 21, 3)
+  allowed = RNG.random((6, 13, 21)) > 0.3
+  with jax.default_matmul_precision("highest"):
+    got = jmat.scaled_dot_product_attention(
+        q, k, v, allowed, is_causal=True, enable_gqa=True, implementation=implementation)
+  want, _ = np_attention(q, k, v, allowed, causal=True, gqa=True)
+  np.testing.assert_allclose(got, want, **TOL[np.float64])
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("implementation", ["dense", "blockwise"])
+@pytest.mark.parametrize("mask_kind", ["bool-rows-empty", "float-with-inf", "float-per-head"])
+def test_sdpa_gradients_match_numpy(implementation, mask_kind):
+  q, k, v = randn(2, 3, 13, 5), randn(2, 3, 21, 5), randn(2, 3, 21, 7)
+  d_out = randn(2, 3, 13, 7)
+  allowed, bias = MASK_CASES[mask_kind](13, 21)
+  mask = jnp.asarray(allowed if allowed is not None else bias)
+
+  def loss(q, k, v, mask):
+    out = jmat.scaled_dot_product_attention(q, k, v, mask, is_causal=True,
+                                            implementation=implementation)
+    return jnp.sum(out * d_out)
+
+  argnums = (0, 1, 2) if allowed is not None else (0, 1, 2, 3)
+  with jax.default_matmul_precision("highest"):
+    got = jax.grad(loss, argnums=argnums)(q, k, v, mask)
+  d_q, d_k, d_v, d_s = np_attention_grads(q, k, v, d_out, allowed, bias, causal=True)
+  want = (d_q, d_k, d_v) if allowed is not None else (d_q, d_k, d_v, reduce_to(d_s, bias.shape))
+  for g, w in zip(got, want, strict=True):
+    assert not np.isnan(g).any()
+    np.testing.assert_allclose(g, w, **TOL[np.float64])
+
+
+@pytest.mark.parametrize("implementation", ["dense", "blockwise"])
+@pytest.mark.parametrize("rank", [2, 3])
+def test_sdpa_low_rank_and_empty_inputs(implementation, rank):
+  lead = (3,) * (rank - 2)
+  for length, keys in ((7, 5), (0, 5), (7, 0), (1, 1)):
+    q, k, v = randn(*lead, length, 4), randn(*lead, keys, 4), randn(*lead, keys, 2)
+    with jax.default_matmul_precision("highest"):
+      got = jmat.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                              implementation=implementation)
+    want, _ = np_attention(q, k, v, causal=True)
+    chex.assert_shape(got, lead + (length, 2))
+    np.testing.assert_allclose(got, want, **TOL[np.float64])
+
+
+@pytest.mark.parametrize("implementation", ["dense", "blockwise"])
+def test_sdpa_float32_and_custom_scale(implementation):
+  q, k, v = (randn(2, 33, 8).astype(np.float32) for _ in range(3))
+  with jax.default_matmul_precision("highest"):
+    got = jmat.scaled_dot_product_attention(q, k, v, scale=0.2, implementation=implementation)
+  assert got.dtype == jnp.float32
+  want, _ = np_attention(q, k, v, scale=0.2)
+  np.testing.assert_allclose(got, want, **TOL[np.float32])
+
+
+def test_sdpa_works_with_x64_off():
+  q = randn(3, 9, 4).astype(np.float32)
+  with jax.enable_x64(False), jax.default_matmul_precision("highest"):
+    for implementation in ("dense", "blockwise"):
+      got = jmat.scaled_dot_product_attention(q, q, q, is_causal=True,
+                                              implementation=implementation)
+      assert got.dtype == jnp.float32
+      np.testing.assert_allclose(got, np_attention(q, q, q, causal=True)[0], **TOL[np.float32])
+
+
+# --- jit, vmap, retracing --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("implementation", ["dense", "blockwise"])
+def test_sdpa_vmap_matches_numpy_per_item(implementation):
+  q, k, v = randn(4, 2, 9, 4), randn(4, 2, 11, 4), randn(4, 2, 11, 3)
+  allowed = RNG.random((4, 9, 11)) > 0.3
+
+  def one(q, k, v, m):
+    return jmat.scaled_dot_product_attention(q, k, v, m, is_causal=True,
+                                             implementation=implementation)
+
+  with jax.default_matmul_precision("highest"):
+    got = jax.jit(jax.vmap(one))(q, k, v, allowed)
+  for i in range(4):
+    want, _ = np_attention(q[i], k[i], v[i], allowed[i], causal=True)
+    np.testing.assert_allclose(got[i], want, **TOL[np.float64])
+
+
+def test_sdpa_does_not_retrace():
+  q = jnp.ones((2, 5, 4))
+
+  @chex.assert_max_traces(n=1)
+  def attend(q):
+    return jmat.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+  f = jax.jit(attend)
+  for _ in range(3):
+    f(q)
+
+
+# --- dropout ---------------------------------------------------------------------------------
+
+
+def test_dropout_zeroes_or_rescales_each_weight_and_is_deterministic():
+  q, k = randn(2, 6, 4), randn(2, 5, 4)
+  eye = np.broadcast_to(np.eye(5), (2, 5, 5))  # value = identity: the output IS the weights
+  rng = jax.random.key(7)
+  with jax.default_matmul_precision("highest"):
+    got = jmat.scaled_dot_product_attention(q, k, eye, dropout_p=0.4, dropout_rng=rng)
+    again = jmat.scaled_dot_product_attention(q, k, eye, dropout_p=0.4, dropout_rng=rng)
+    other = jmat.scaled_dot_product_attention(q, k, eye, dropout_p=0.4,
+                                              dropout_rng=jax.random.key(8))
+    none = jmat.scaled_dot_product_attention(q, k, eye, dropout_p=1.0, dropout_rng=rng)
+  _, w = np_attention(q, k, eye)
+  kept = np.isclose(got, w / 0.6, rtol=1e-12, atol=0)
+  dropped = got == 0
+  assert np.all(kept | dropped) and kept.any() and dropped.any()
+  np.testing.assert_array_equal(got, again)
+  assert not np.array_equal(got, other)
+  np.testing.assert_array_equal(none, 0.0)
+
+
+# --- refusals that torch has no equivalent for -----------------------------------------------
+
+
+def test_refusals_of_jmat_only_arguments():
+  q = jnp.ones((2, 5, 4))
+  sdpa = jmat.scaled_dot_product_attention
+  with pytest.raises(ValueError, match=r"scaled_dot_product_attention: dropout_p=0.1 needs an "
+                     r"explicit random key: pass dropout_rng"):
+    sdpa(q, q, q, dropout_p=0.1)
+  with pytest.raises(ValueError, match=r"dropout_p must be a Python float in \[0, 1\], got 1.5"):
+    sdpa(q, q, q, dropout_p=1.5, dropout_rng=jax.random.key(0))
+  with pytest.raises(ValueError, match=r"dropout_p must be .* got -0.5"):
+    sdpa(q, q, q, dropout_p=-0.5)
+  with pytest.raises(ValueError, match=r"implementation must be None .* got 'flash'"):
+    sdpa(q, q, q, implementation="flash")
+  with pytest.raises(ValueError, match=r"'blockwise' does not support dropout"):
+    sdpa(q, q, q, dropout_p=0.5, dropout_rng=jax.random.key(0), implementation="blockwise")
+  with pytest.raises(TypeError, match=r"must be an array, got list"):
+    sdpa([[1.0]], q, q)
+
+
+# --- implementation=None, memory -------------------------------------------------------------
+
+
+def test_default_implementation_threshold():
+  small = jnp.ones((1, 8, 256, 16))
+  big = jnp.ones((1, 8, 512, 16))  # 8 * 512 * 512 = 2**21 scores > DENSE_MAX_SCORES
+
+  def while_loops(x):
+    lowered = jax.jit(jmat.scaled_dot_product_attention).lower(x, x, x)
+    return lowered.as_text().count("stablehlo.while")
+
+  assert 8 * 256 * 256 <= attention_src.DENSE_MAX_SCORES < 8 * 512 * 512
+  assert while_loops(small) == 0
+  assert while_loops(big) > 0
+
+
+def temp_bytes(implementation, length, heads=2, dim=16):
+  x = jax.ShapeDtypeStruct((heads, length, dim), jnp.float32)
+
+  def loss(q, k, v):
+    out = jmat.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                            implementation=implementation)
+    return jnp.sum(out)
+
+  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.usefixtures("small_blocks")
+def test_blockwise_memory_grows_linearly_dense_quadratically():
+  blockwise = [temp_bytes("blockwise", n) for n in (512, 1024, 2048)]
+  dense = [temp_bytes("dense", n) for n in (512, 1024)]
+  for smaller, larger in zip(blockwise, blockwise[1:], strict=False):
+    assert larger <= 2.2 * smaller, blockwise
+  assert dense[1] >= 3.5 * dense[0], dense
+  assert blockwise[-1] < dense[-1] / 4
