@@ -784,7 +784,7 @@ def multi_head_attention(
 
   Example:
     >>> params = jmat.init_multi_head_attention(jax.random.key(0), 8, 2)
-    >>> x = jnp.ones((3, 5, 8))
+    >>> x = jnp.ones((3, 5, 8), jnp.float32)
     >>> out, weights = jmat.multi_head_attention(params, x, x, x, num_heads=2, need_weights=True)
     >>> out.shape, weights.shape
     ((3, 5, 8), (3, 5, 5))
