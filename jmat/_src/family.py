@@ -12,8 +12,9 @@ Python scalars, not tensors): the ``beta == 0`` rule ("``input`` is ignored, NaN
 and inf in it do not propagate") and the ``alpha == 0`` rule (the product is
 ignored) are then decided when tracing, so ``0 * nan`` never appears in the
 graph, and ``beta == 1``/``alpha == 1`` cost no multiplication. Each distinct
-value compiles once; the scaling is an elementwise epilogue that XLA fuses after
-the one dot.
+value (and type: ``2`` and ``2.0`` are two) compiles once; to scale by a traced
+value, scale an operand instead. The scaling is an elementwise epilogue that XLA
+fuses after the one dot.
 """
 
 from __future__ import annotations
