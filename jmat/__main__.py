@@ -2,12 +2,16 @@
 
     python -m jmat                      # the tour: every source-document example, run
     python -m jmat explain 5,1,4,2 3,2,1 [--op bmm]
+    python -m jmat explain 2,3 3,4 --op addmm --input-shape 4
+    python -m jmat explain 3,4,5 4,5,6 --op tensordot --dims "[[1,2],[0,1]]"
+    python -m jmat explain 10,100 100,5 5,50 --op multi_dot
     python -m jmat bench [--suite ...]  # the benchmarks (needs the bench extra)
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 from collections.abc import Sequence
 
@@ -96,6 +100,13 @@ def _shape(text: str) -> tuple[int, ...]:
     raise argparse.ArgumentTypeError(f"not a shape: {text!r} (write it as 5,1,4,2)") from None
 
 
+def _dims(text: str) -> object:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    raise argparse.ArgumentTypeError(f"not a dims value: {text!r} (e.g. 2 or [[1],[0]])") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m jmat", description="jmat: the tour (default), explain and bench"
@@ -105,7 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   explain = commands.add_parser("explain", help="derive a result shape step by step")
   explain.add_argument("shape_a", type=_shape, help="e.g. 5,1,4,2 (a 0-D shape is '()')")
   explain.add_argument("shape_b", type=_shape, help="e.g. 3,2,1")
+  explain.add_argument("more_shapes", type=_shape, nargs="*", help="the rest of a multi_dot chain")
   explain.add_argument("--op", default="matmul", choices=sorted(RULES))
+  explain.add_argument("--input-shape", type=_shape, help="input of the add* ops")
+  explain.add_argument("--bias-shape", type=_shape, help="bias of linear")
+  explain.add_argument("--dims", type=_dims, help="dims of tensordot: 2, or [[1, 2], [0, 1]]")
+  explain.add_argument("--dim", type=int, help="dim of vecdot")
   bench = commands.add_parser("bench", help="run the benchmarks (pip install -e '.[bench]')")
   bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to python -m benchmarks")
   args = parser.parse_args(argv)
@@ -113,7 +129,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.command in (None, "tour"):
     tour()
   elif args.command == "explain":
-    text = jmat.explain(args.shape_a, args.shape_b, op=args.op)
+    text = jmat.explain(
+        args.shape_a,
+        args.shape_b,
+        *args.more_shapes,
+        op=args.op,
+        input_shape=args.input_shape,
+        bias_shape=args.bias_shape,
+        dims=args.dims,
+        dim=args.dim,
+    )
     print(text)
     return 0 if text.splitlines()[-1].startswith("result: (") else 1
   else:

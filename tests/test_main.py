@@ -32,6 +32,18 @@ def test_explain_cli(capsys):
   assert main(["explain", "()", "3"]) == 1
 
 
+def test_explain_cli_passes_family_options(capsys):
+  assert main(["explain", "2,3", "3,4", "--op", "addmm", "--input-shape", "4"]) == 0
+  out = capsys.readouterr().out
+  assert out.splitlines()[0] == "jmat.addmm: input (4,), mat1 (2, 3), mat2 (3, 4)"
+  assert out.splitlines()[-1] == "result: (2, 4)"
+  assert main(["explain", "3,4,5", "4,5,6", "--op", "tensordot", "--dims", "[[1,2],[0,1]]"]) == 0
+  assert capsys.readouterr().out.splitlines()[-1] == "result: (3, 6)"
+  assert main(["explain", "10,100", "100,5", "5,50", "--op", "multi_dot"]) == 0
+  assert capsys.readouterr().out.splitlines()[-1] == "result: (10, 50)"
+  assert main(["explain", "2,3", "3,4", "--op", "addmm", "--input-shape", "3"]) == 1
+
+
 def test_explain_cli_rejects_a_malformed_shape(capsys):
   with pytest.raises(SystemExit):
     main(["explain", "5,x", "3"])
