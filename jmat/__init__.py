@@ -5,7 +5,7 @@ operation, the shapes and what would be valid; ``jmat.explain`` to see how a
 result shape is derived.
 """
 
-from jmat import attention, linalg
+from jmat import attention, linalg, parallel
 from jmat._src.attention import (
     attention_scores,
     init_multi_head_attention,
@@ -56,6 +56,7 @@ __all__ = [
     "multi_head_attention",
     "mv",
     "outer",
+    "parallel",
     "scaled_dot_product_attention",
     "tensordot",
     "vdot",

@@ -412,6 +412,69 @@ def check_dim(op: str, dim: int, rank: int, shapes: str) -> int:
   return int(dim) % wrap
 
 
+def check_ring_attention(
+    op: str,
+    query: Shape,
+    key: Shape,
+    value: Shape,
+    dtypes: Sequence[np.dtype],
+    axis_name: str,
+    mesh_axes: dict[str, int],
+) -> None:
+  """Refuses sequence-sharded attention operands that cannot be split one block per device.
+
+  The attention rules are :func:`check_attention_shapes` and
+  :func:`check_attention_dtypes`; on top, the leading dims must be equal (no
+  broadcasting across the ring) and both lengths divisible by the axis size.
+
+  Args:
+    op: the public name of the operation.
+    query: ``(*lead, L, E)``.
+    key: ``(*lead, S, E)``.
+    value: ``(*lead, S, Ev)``.
+    dtypes: the dtypes of query, key and value.
+    axis_name: the mesh axis the sequence dim is sharded over.
+    mesh_axes: the mesh's axis names and sizes.
+  """
+  if axis_name not in mesh_axes:
+    raise ValueError(
+        f"jmat.{op}: the mesh has no axis {axis_name!r}; its axes are "
+        f"{tuple(mesh_axes)}: pass one of them as axis_name"
+    )
+  check_attention_shapes(op, query, key, value, enable_gqa=False)
+  shapes = (query, key, value)
+  listed = _listed(_ATTENTION_NAMES, shapes)
+  if not query[:-2] == key[:-2] == value[:-2]:
+    raise shape_error(
+        op, "leading (batch, head) dims differ", listed,
+        "sequence-sharded attention does not broadcast them: repeat or expand the inputs "
+        "(grouped key/value heads too) to equal leading dims",
+    )
+  devices = mesh_axes[axis_name]
+  for name, shape in zip(_ATTENTION_NAMES, shapes, strict=True):
+    if shape[-2] % devices:
+      raise shape_error(
+          op,
+          f"the sequence length {shape[-2]} of {name} is not divisible by the {devices} "
+          f"devices of mesh axis {axis_name!r}",
+          listed,
+          f"each device holds one block of dim -2: pad the sequence to a multiple of {devices}",
+      )
+  check_attention_dtypes(op, dtypes, _ATTENTION_NAMES)
+
+
+def check_ring_lead_sharding(op: str, query: Shape, lead_spec: tuple, axis_name: str) -> None:
+  """Refuses a query whose leading dims are already sharded over the ring's own mesh axis."""
+  for dim, entry in enumerate(lead_spec):
+    names = (entry,) if isinstance(entry, str) else (entry or ())
+    if axis_name in names:
+      raise ValueError(
+          f"jmat.{op}: query of shape {fmt_shape(query)} has dim {dim} sharded over mesh axis "
+          f"{axis_name!r}, the axis the sequence (dim -2) is to be sharded over; shard the "
+          f"leading dims over another axis, or reshard them first (jax.sharding.reshard)"
+      )
+
+
 # --- attention (scaled_dot_product_attention, multi_head_attention) ---
 
 _ATTENTION_NAMES = ("query", "key", "value")

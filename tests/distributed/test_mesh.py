@@ -1,0 +1,447 @@
+"""jmat on a mesh of 8 devices: sharded products, head-parallel attention, ring attention.
+
+These tests need 8 devices. ``tests/test_parallel.py`` runs this module in its
+own process with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (8
+simulated CPU devices); collected by the main run, which has one device, it
+skips itself. Oracles: numpy in float64 for values, torch 2.13's autograd for
+gradients, the compiled HLO for which collectives run.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jmat
+from jmat._src import attention
+
+if jax.device_count() < 8:
+  if os.environ.get("JMAT_REQUIRE_8_DEVICES"):
+    raise RuntimeError(f"8 devices were required, {jax.device_count()} exist")
+  pytest.skip(
+      "needs 8 devices: run through tests/test_parallel.py (XLA_FLAGS="
+      "--xla_force_host_platform_device_count=8)",
+      allow_module_level=True,
+  )
+
+torch = pytest.importorskip("torch")
+
+AUTO, EXPLICIT = AxisType.Auto, AxisType.Explicit
+_COLLECTIVE = re.compile(
+    r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|collective-broadcast)"
+    r"(?:-start)?\("
+)
+
+
+def mesh(shape: tuple[int, ...], names: tuple[str, ...], kind: AxisType = AUTO):
+  return jax.make_mesh(shape, names, axis_types=(kind,) * len(shape))
+
+
+def put(x, mesh_, *spec):
+  return jax.device_put(jnp.asarray(x), NamedSharding(mesh_, P(*spec)))
+
+
+def collectives(fn, *args) -> collections.Counter:
+  """The collective operations in the compiled (partitioned) HLO of ``jit(fn)(*args)``."""
+  text = jax.jit(fn).lower(*args).compile().as_text()
+  return collections.Counter(_COLLECTIVE.findall(text))
+
+
+def randn(rng, *shape):
+  return rng.standard_normal(shape)
+
+
+# ---------------------------------------------------------------------------
+# Products given sharded inputs.
+
+MESHES = {
+    "8": ((8,), ("data",)),
+    "2x4": ((2, 4), ("data", "model")),
+}
+
+# (op, numpy oracle, [(shape, spec)], mesh, collectives the partitioned product needs).
+PRODUCT_CASES = [
+    ("bmm", np.matmul, [((8, 3, 5), ("data",)), ((8, 5, 7), ("data",))], "8", {}),
+    ("matmul", np.matmul, [((8, 3, 5), ("data",)), ((8, 5, 7), ("data",))], "8", {}),
+    # A batch dim broadcast against a replicated matrix, and a stretched size-1 dim.
+    ("matmul", np.matmul, [((2, 8, 3, 5), (None, "data")), ((5, 7), ())], "8", {}),
+    ("matmul", np.matmul, [((8, 1, 3, 5), ("data",)), ((13, 5, 7), ())], "8", {}),
+    ("mm", np.matmul, [((8, 5), ("data",)), ((5, 7), ())], "8", {}),
+    ("mv", np.matmul, [((8, 5), ("data",)), ((5,), ())], "8", {}),
+    # Batch over one mesh axis, rows or columns over the other.
+    ("bmm", np.matmul, [((2, 4, 5), ("data", "model")), ((2, 5, 7), ("data",))], "2x4", {}),
+    ("bmm", np.matmul, [((2, 3, 5), ("data",)), ((2, 5, 8), ("data", None, "model"))], "2x4", {}),
+    ("matmul", np.matmul, [((2, 4, 3, 5), ("data", "model")), ((4, 5, 7), ("model",))], "2x4", {}),
+    # A sharded contraction: each device has a partial sum, one all-reduce completes it.
+    ("mm", np.matmul, [((3, 8), (None, "data")), ((8, 7), ("data",))], "8", {"all-reduce": 1}),
+    ("dot", np.dot, [((8,), ("data",)), ((8,), ("data",))], "8", {"all-reduce": 1}),
+    ("matmul", np.matmul, [((2, 3, 4), ("data", None, "model")), ((4, 7), ("model",))], "2x4",
+     {"all-reduce": 1}),
+]
+
+
+def _case_id(case):
+  op, _, operands, mesh_name, _ = case
+  return f"{op}-{'x'.join(str(s) for s in operands[0][0])}-{mesh_name}-{len(case[4]) or 'local'}"
+
+
+@pytest.mark.parametrize("case", PRODUCT_CASES, ids=[_case_id(c) for c in PRODUCT_CASES])
+def test_sharded_product_values_and_collectives(case):
+  op, oracle, operands, mesh_name, expected = case
+  rng = np.random.default_rng(7)
+  m = mesh(*MESHES[mesh_name])
+  arrays = [randn(rng, *shape) for shape, _ in operands]
+  placed = [put(x, m, *spec) for x, (_, spec) in zip(arrays, operands, strict=True)]
+  fn = getattr(jmat, op)
+  with jax.default_matmul_precision("highest"):
+    got = jax.jit(fn)(*placed)
+    assert collectives(fn, *placed) == collections.Counter(expected)
+  np.testing.assert_allclose(np.asarray(got), oracle(*arrays), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", ["bmm", "matmul"])
+def test_batch_sharded_product_keeps_its_sharding_on_explicit_mesh(op):
+  """With sharding in the types (jax.make_mesh's default), the result is typed batch-sharded."""
+  rng = np.random.default_rng(3)
+  m = mesh((2, 4), ("data", "model"), EXPLICIT)
+  a, b = randn(rng, 8, 3, 5), randn(rng, 8, 5, 7)
+  fn = getattr(jmat, op)
+  with jax.set_mesh(m), jax.default_matmul_precision("highest"):
+    a_s, b_s = put(a, m, ("data", "model")), put(b, m, ("data", "model"))
+    out = jax.jit(fn)(a_s, b_s)
+    assert collectives(fn, a_s, b_s) == collections.Counter()
+  assert out.sharding.spec == P(("data", "model"), None, None)
+  np.testing.assert_allclose(np.asarray(out), a @ b, rtol=1e-12, atol=1e-12)
+
+
+def _tensor_parallel_mlp(x, w1, b1, w2, b2):
+  return jmat.linear(jax.nn.relu(jmat.linear(x, w1, b1)), w2, b2)
+
+
+@pytest.mark.skipif(not hasattr(jmat, "linear"), reason="jmat.linear is not there yet")
+def test_tensor_parallel_linear_pair_needs_exactly_one_all_reduce():
+  """Megatron's MLP: w1 split by output rows, w2 by input columns; one all-reduce at the end."""
+  rng = np.random.default_rng(11)
+  m = mesh((2, 4), ("data", "model"))
+  x, w1, b1 = randn(rng, 6, 5), randn(rng, 8, 5), randn(rng, 8)
+  w2, b2 = randn(rng, 3, 8), randn(rng, 3)
+  placed = (
+      put(x, m, "data"),
+      put(w1, m, "model"),
+      put(b1, m, "model"),
+      put(w2, m, None, "model"),
+      put(b2, m),
+  )
+  with jax.default_matmul_precision("highest"):
+    got = jax.jit(_tensor_parallel_mlp)(*placed)
+    assert collectives(_tensor_parallel_mlp, *placed) == collections.Counter({"all-reduce": 1})
+  expected = np.maximum(x @ w1.T + b1, 0) @ w2.T + b2
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# Attention oracles.
+
+
+def numpy_attention(q, k, v, *, is_causal=False, scale=None):
+  """Softmax attention in float64, torch's top-left causal mask."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+  s = scale * np.einsum("...qe,...ke->...qk", q, k)
+  if is_causal:
+    s = np.where(np.tril(np.ones(s.shape[-2:], bool)), s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  return (p / p.sum(-1, keepdims=True)) @ v
+
+
+def torch_attention_grads(q, k, v, d_out, *, is_causal=False, scale=None):
+  """Gradients of ``sum(d_out * sdpa(q, k, v))`` by torch's autograd, in float64."""
+  tq, tk, tv = (torch.tensor(np.asarray(x, np.float64), requires_grad=True) for x in (q, k, v))
+  sdpa = torch.nn.functional.scaled_dot_product_attention
+  out = sdpa(tq, tk, tv, is_causal=is_causal, scale=scale)
+  (out * torch.tensor(np.asarray(d_out, np.float64))).sum().backward()
+  return tuple(t.grad.numpy() for t in (tq, tk, tv))
+
+
+TOL = {jnp.float32: 2e-5, jnp.float64: 1e-12}
+
+
+@pytest.mark.skipif(
+    not hasattr(jmat, "scaled_dot_product_attention"),
+    reason="jmat.scaled_dot_product_attention is not there yet",
+)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_head_parallel_attention_needs_no_collectives(is_causal):
+  rng = np.random.default_rng(5)
+  m = mesh((2, 4), ("data", "heads"))
+  q, k, v = randn(rng, 2, 8, 5, 3), randn(rng, 2, 8, 7, 3), randn(rng, 2, 8, 7, 4)
+  placed = [put(x, m, "data", "heads") for x in (q, k, v)]
+  sdpa = functools.partial(jmat.scaled_dot_product_attention, is_causal=is_causal)
+  with jax.default_matmul_precision("highest"):
+    got = jax.jit(sdpa)(*placed)
+    assert collectives(sdpa, *placed) == collections.Counter()
+  assert got.sharding.spec[:2] == ("data", "heads")
+  np.testing.assert_allclose(
+      np.asarray(got), numpy_attention(q, k, v, is_causal=is_causal), rtol=1e-12, atol=1e-12
+  )
+
+
+# ---------------------------------------------------------------------------
+# Ring attention.
+
+# (mesh shape, axis names, axis kind, lead shape, L, S, lead spec)
+RING_CASES = {
+    "8-ring": ((8,), ("seq",), AUTO, (2, 3), 16, 24, ()),
+    "8-ring-explicit": ((8,), ("seq",), EXPLICIT, (2, 3), 24, 16, ()),
+    "8-ring-one-per-device": ((8,), ("seq",), AUTO, (3,), 8, 8, ()),
+    "2x4-data-seq": ((2, 4), ("data", "seq"), AUTO, (2, 3), 12, 20, ("data",)),
+    "2x4-data-seq-explicit": ((2, 4), ("data", "seq"), EXPLICIT, (2, 3), 12, 20, ("data",)),
+    "4x2-heads-seq": ((4, 2), ("heads", "seq"), AUTO, (1, 4), 6, 10, (None, "heads")),
+}
+
+
+def ring_over_seq(m, is_causal):
+  return functools.partial(
+      jmat.parallel.ring_attention, mesh=m, axis_name="seq", is_causal=is_causal
+  )
+
+
+def _ring_inputs(case, dtype, seed=0):
+  shape, names, kind, lead, q_len, k_len, lead_spec = RING_CASES[case]
+  rng = np.random.default_rng(seed)
+  q, k, v = randn(rng, *lead, q_len, 5), randn(rng, *lead, k_len, 5), randn(rng, *lead, k_len, 7)
+  m = mesh(shape, names, kind)
+  spec = (*lead_spec, *([None] * (len(lead) - len(lead_spec))), "seq", None)
+  placed = [put(x.astype(dtype), m, *spec) for x in (q, k, v)]
+  return m, spec, (q, k, v), placed
+
+
+# Every case in float64 (tight tolerances), a few in float32 (the float32 carry).
+RING_RUNS = [(c, causal, jnp.float64) for c in RING_CASES for causal in (False, True)] + [
+    (c, causal, jnp.float32)
+    for c in ("8-ring", "2x4-data-seq-explicit")
+    for causal in (False, True)
+]
+
+
+@pytest.mark.parametrize(("case", "is_causal", "dtype"), RING_RUNS)
+def test_ring_attention_values_gradients_and_sharding(case, is_causal, dtype):
+  m, spec, (q, k, v), placed = _ring_inputs(case, dtype)
+  d_out = np.random.default_rng(1).standard_normal(q.shape[:-1] + (7,))
+  ring = ring_over_seq(m, is_causal)
+  with jax.set_mesh(m), jax.default_matmul_precision("highest"):
+    out, vjp = jax.vjp(ring, *placed)
+    grads = vjp(put(d_out.astype(dtype), m, *spec))
+  tol = TOL[dtype]
+  assert out.dtype == dtype and out.shape == q.shape[:-1] + (7,)
+  assert out.sharding.spec == P(*spec)
+  np.testing.assert_allclose(np.asarray(out), numpy_attention(q, k, v, is_causal=is_causal),
+                             rtol=tol, atol=tol)
+  expected = torch_attention_grads(q, k, v, d_out, is_causal=is_causal)
+  for name, got, want, placed_x in zip("qkv", grads, expected, placed, strict=True):
+    assert got.sharding.spec == placed_x.sharding.spec, name
+    np.testing.assert_allclose(np.asarray(got), want, rtol=tol, atol=tol, err_msg=f"d{name}")
+
+
+def test_ring_attention_custom_scale_matches_numpy():
+  m, _, (q, k, v), placed = _ring_inputs("8-ring", jnp.float64, seed=2)
+  out = jmat.parallel.ring_attention(*placed, mesh=m, axis_name="seq", is_causal=True, scale=0.3)
+  np.testing.assert_allclose(
+      np.asarray(out), numpy_attention(q, k, v, is_causal=True, scale=0.3), rtol=1e-12, atol=1e-12
+  )
+
+
+@pytest.mark.skipif(
+    not hasattr(jmat, "scaled_dot_product_attention"),
+    reason="jmat.scaled_dot_product_attention is not there yet",
+)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_ring_attention_equals_unsharded_sdpa(is_causal):
+  m, _, (q, k, v), placed = _ring_inputs("2x4-data-seq", jnp.float64, seed=4)
+  ring = ring_over_seq(m, is_causal)
+  sdpa = functools.partial(jmat.scaled_dot_product_attention, is_causal=is_causal)
+
+  def loss(fn, *xs):
+    return jnp.sum(jnp.sin(fn(*xs)))
+
+  got = jax.value_and_grad(functools.partial(loss, ring), argnums=(0, 1, 2))(*placed)
+  want = jax.value_and_grad(functools.partial(loss, sdpa), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fn", [jmat.parallel.ring_attention, jmat.parallel.allgather_attention])
+def test_sequence_that_does_not_split_evenly_is_refused(fn):
+  m = mesh((8,), ("seq",))
+  q, k = jnp.ones((2, 12, 3)), jnp.ones((2, 16, 3))
+  with pytest.raises(jmat.ShapeError) as info:
+    fn(q, k, k, mesh=m, axis_name="seq")
+  message = str(info.value)
+  assert message.startswith(f"jmat.parallel.{fn.__name__}: ")
+  assert "sequence length 12 of query is not divisible by the 8 devices of mesh axis 'seq'" in (
+      message
+  )
+  assert "query has shape (2, 12, 3)" in message
+  assert "pad the sequence to a multiple of 8" in message
+
+
+def test_leading_dims_sharded_over_the_ring_axis_are_refused():
+  m = mesh((8,), ("seq",), EXPLICIT)
+  with jax.set_mesh(m):
+    q = put(jnp.ones((8, 16, 3)), m, "seq")
+    with pytest.raises(ValueError, match=r"query of shape \(8, 16, 3\) has dim 0 sharded over"):
+      jmat.parallel.ring_attention(q, q, q, mesh=m, axis_name="seq")
+
+
+def test_allgather_attention_matches_numpy():
+  m, spec, (q, k, v), placed = _ring_inputs("2x4-data-seq", jnp.float64, seed=6)
+  out = jmat.parallel.allgather_attention(*placed, mesh=m, axis_name="seq", is_causal=True)
+  assert out.sharding.spec == P(*spec)
+  np.testing.assert_allclose(
+      np.asarray(out), numpy_attention(q, k, v, is_causal=True), rtol=1e-12, atol=1e-12
+  )
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("case", ["8-ring", "2x4-data-seq", "2x4-data-seq-explicit"])
+def test_ring_attention_only_passes_blocks_around_the_ring(case, is_causal):
+  """Forward and backward: collective-permutes only (no gather), each moving one block."""
+  m, _, (q, k, v), placed = _ring_inputs(case, jnp.float32)
+  ring = ring_over_seq(m, is_causal)
+
+  def loss(*xs):
+    return jnp.sum(ring(*xs))
+
+  with jax.set_mesh(m):
+    forward = collectives(ring, *placed)
+    backward = collectives(jax.grad(loss, argnums=(0, 1, 2)), *placed)
+    text = jax.jit(ring).lower(*placed).compile().as_text()
+  assert set(forward) == {"collective-permute"}
+  assert set(backward) == {"collective-permute"}
+  # Every permute moves one local key or value block, never the whole sequence.
+  local = {tuple(x.sharding.shard_shape(x.shape)) for x in placed[1:]}
+  moved = re.findall(r"= f32\[([\d,]*)\][^ ]* collective-permute(?:-start)?\(", text)
+  assert moved and {tuple(int(d) for d in s.split(",")) for s in moved} <= local
+
+
+def _fresh_ring(**options):
+  """ring_attention traced anew (the module's tile sizes and update are read at trace time)."""
+  return jax.jit(functools.partial(jmat.parallel.ring_attention.__wrapped__, **options))
+
+
+# (L, S, query tile, key tile): one tile per block, and tiles inside the blocks.
+SKIP_CASES = [(16, 16, None, None), (16, 24, None, None), (24, 16, None, None),
+              (8, 40, None, None), (32, 48, 2, 3), (48, 32, 3, 2)]
+
+
+@pytest.mark.parametrize(("q_len", "k_len", "tile_q", "tile_k"), SKIP_CASES)
+def test_ring_attention_skips_exactly_the_fully_masked_causal_tiles(
+    monkeypatch, q_len, k_len, tile_q, tile_k
+):
+  """Count the tiles each device folds in: those with at least one visible (query, key) pair."""
+  n, seen = 8, []
+  tq, tk = tile_q or q_len // n, tile_k or k_len // n
+  if tile_q:
+    monkeypatch.setattr(jmat._src.parallel, "TILE_Q", tile_q)
+    monkeypatch.setattr(jmat._src.parallel, "TILE_K", tile_k)
+  m = mesh((n,), ("seq",))
+  rng = np.random.default_rng(9)
+  q, k, v = randn(rng, 1, q_len, 3), randn(rng, 1, k_len, 3), randn(rng, 1, k_len, 2)
+  # The first key of key tile j is unique (== j) and tells which tile is being folded.
+  k[0, ::tk, 0] = np.arange(k_len // tk)
+  update = attention.online_softmax_update
+
+  def counting_update(carry, q, k, v, **kw):
+    jax.debug.callback(
+        lambda i, j: seen.append((int(i), int(j))), jax.lax.axis_index("seq"), k[0, 0, 0]
+    )
+    return update(carry, q, k, v, **kw)
+
+  monkeypatch.setattr(attention, "online_softmax_update", counting_update)
+  ring = _fresh_ring(mesh=m, axis_name="seq", is_causal=True)
+  jax.block_until_ready(ring(*(put(x, m, None, "seq") for x in (q, k, v))))
+  visible = np.tril(np.ones((q_len, k_len), bool))
+  tiles = visible.reshape(q_len // tq, tq, k_len // tk, tk).any(axis=(1, 3))
+  query_tiles_per_device = q_len // n // tq
+  expected = [(a // query_tiles_per_device, b) for a, b in zip(*np.nonzero(tiles), strict=True)]
+  assert sorted(seen) == sorted(expected)
+
+
+def test_block_is_masked_agrees_with_the_causal_mask():
+  n, q_len, k_len = 8, 16, 24
+  visible = np.tril(np.ones((q_len, k_len), bool))
+  blocks = visible.reshape(n, q_len // n, n, k_len // n).any(axis=(1, 3))
+  for i in range(n):
+    for j in range(n):
+      assert bool(jmat.parallel.block_is_masked(i, j, q_len // n, k_len // n)) == (not blocks[i, j])
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize(("q_len", "k_len"), [(32, 48), (48, 32)])
+def test_ring_attention_in_tiles_matches_torch(monkeypatch, q_len, k_len, is_causal):
+  """Blocks of 4 and 6 rows folded in tiles of 2 and 3: values and gradients still exact."""
+  monkeypatch.setattr(jmat._src.parallel, "TILE_Q", 2)
+  monkeypatch.setattr(jmat._src.parallel, "TILE_K", 3)
+  m = mesh((8,), ("seq",))
+  rng = np.random.default_rng(12)
+  q, k, v = randn(rng, 2, q_len, 5), randn(rng, 2, k_len, 5), randn(rng, 2, k_len, 7)
+  d_out = randn(rng, 2, q_len, 7)
+  ring = _fresh_ring(mesh=m, axis_name="seq", is_causal=is_causal)
+  out, vjp = jax.vjp(ring, *(put(x, m, None, "seq") for x in (q, k, v)))
+  grads = vjp(put(d_out, m, None, "seq"))
+  np.testing.assert_allclose(
+      np.asarray(out), numpy_attention(q, k, v, is_causal=is_causal), rtol=1e-12, atol=1e-12
+  )
+  expected = torch_attention_grads(q, k, v, d_out, is_causal=is_causal)
+  for name, got, want in zip("qkv", grads, expected, strict=True):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12, err_msg=f"d{name}")
+
+
+# ---------------------------------------------------------------------------
+# Memory: ring vs gathering the keys and values (formulas of docs/distributed.md).
+
+
+def attention_memory_formulas(h, q_len, k_len, e, ev, n, itemsize, acc_itemsize=4):
+  """Per-device bytes, as derived in docs/distributed.md (h = batch * heads)."""
+  lb, sb = q_len // n, k_len // n
+  carry = h * lb * (ev + 2) * acc_itemsize
+  return {
+      "ring": 2 * h * sb * (e + ev) * itemsize + 2 * h * lb * sb * acc_itemsize + carry,
+      "gathered keys": h * k_len * (e + ev) * itemsize,
+      "gathered scores": h * lb * k_len * acc_itemsize,
+  }
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_ring_attention_memory_matches_the_formulas(is_causal):
+  n, h, length, e = 8, 2, 512, 8
+  m = mesh((n,), ("seq",))
+  arg = jax.ShapeDtypeStruct(
+      (h, length, e), jnp.float32, sharding=NamedSharding(m, P(None, "seq", None))
+  )
+  formula = attention_memory_formulas(h, length, length, e, e, n, 4)
+
+  def temp(fn):
+    compiled = jax.jit(
+        functools.partial(fn, mesh=m, axis_name="seq", is_causal=is_causal)
+    ).lower(arg, arg, arg).compile()
+    stats = compiled.memory_analysis()
+    assert stats.argument_size_in_bytes == 3 * h * (length // n) * e * 4
+    return stats.temp_size_in_bytes
+
+  ring, gathered = temp(jmat.parallel.ring_attention), temp(jmat.parallel.allgather_attention)
+  # Gathering must hold every key and value and a full row of scores per query.
+  assert gathered >= formula["gathered keys"] + formula["gathered scores"]
+  # The ring holds two key/value blocks, a block of scores and the carry.
+  assert ring <= 1.5 * formula["ring"]
+  assert ring < formula["gathered keys"] + formula["gathered scores"]
