@@ -23,6 +23,7 @@ from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
 from jmat._src import checks
+from jmat._src.family import linear
 from jmat._src.products import matmul, operands
 
 Carry = tuple[jax.Array, jax.Array, jax.Array]
@@ -807,7 +808,7 @@ def multi_head_attention(
   b_q, b_k, b_v = jnp.split(params["in_proj_bias"], 3)
 
   def heads(x, w, b):  # (N, T, E) -> (N, H, T, E / H)
-    x = matmul(x, w.T) + b
+    x = linear(x, w, b)
     return jnp.swapaxes(x.reshape(x.shape[:2] + (num_heads, head_dim)), 1, 2)
 
   allowed = bias = None
@@ -830,7 +831,7 @@ def multi_head_attention(
       (batch, num_heads), allowed, bias, 1.0 / math.sqrt(head_dim) if head_dim else 1.0,
       is_causal, False, dropout_p, dropout_rng, None, need_weights)
   out = jnp.swapaxes(out, 1, 2).reshape(batch, length, embed)
-  out = matmul(out, params["out_proj.weight"].T) + params["out_proj.bias"]
+  out = linear(out, params["out_proj.weight"], params["out_proj.bias"])
   if weights is not None and average_attn_weights:
     weights = jnp.mean(weights, axis=1)
   if not batched:
