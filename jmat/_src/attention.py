@@ -325,12 +325,28 @@ def _key_blocks(
   return full, end
 
 
+def _group_axis(q: jax.Array, k: jax.Array):
+  """For grouped queries ``(N, G, L, E)`` against ``(N, S, E)`` keys: (expand, reduce) of G.
+
+  ``expand`` gives key/value blocks the G axis (size 1, broadcast), ``reduce`` sums a
+  per-query-head gradient over G; both are the identity without a G axis.
+  """
+  if q.ndim == k.ndim:
+    return (lambda x: x), (lambda x: x)
+  return (lambda x: x[..., None, :, :]), (lambda x: jnp.sum(x, axis=-3))
+
+
 def _blockwise_forward(q, k, v, allowed, bias, scale, is_causal, block_q, block_k):
   """Online-softmax attention over query blocks x key blocks; returns (output, logsumexp)."""
+  expand, _ = _group_axis(q, k)
   length, keys, v_dim = q.shape[-2], k.shape[-2], v.shape[-1]
   n_q, n_k = -(-length // block_q), -(-keys // block_k)
   dtype = _compute_dtype(q.dtype)
   q_p = _pad_to(q, -2, n_q * block_q)
+  if q.dtype == dtype:
+    # Scaling the (L, E) queries once instead of every (L, S) score block saves a pass over
+    # each block (as torch's math kernel, which scales q and k before the product).
+    q_p, scale = q_p * scale.astype(dtype), 1.0
   k_p, v_p = _pad_to(k, -2, n_k * block_k), _pad_to(v, -2, n_k * block_k)
   allowed = _pad_mask(allowed, n_q * block_q, n_k * block_k, True)
   bias = _pad_mask(bias, n_q * block_q, n_k * block_k, 0)
@@ -349,8 +365,8 @@ def _blockwise_forward(q, k, v, allowed, bias, scale, is_causal, block_q, block_
     bias_c = [_block(bias, -2, start, rows) for start in starts]
 
     def fold(positional, j, carries):
-      k_j = lax.dynamic_slice_in_dim(k_p, j * block_k, block_k, -2)[..., None, :, :]
-      v_j = lax.dynamic_slice_in_dim(v_p, j * block_k, block_k, -2)[..., None, :, :]
+      k_j = expand(lax.dynamic_slice_in_dim(k_p, j * block_k, block_k, -2))
+      v_j = expand(lax.dynamic_slice_in_dim(v_p, j * block_k, block_k, -2))
       updated = []
       for c, carry in enumerate(carries):
         mask = _block(allowed_c[c], -1, j * block_k, block_k)
@@ -402,6 +418,7 @@ def _blockwise_bwd(is_causal, block_q, block_k, residuals, d_out):
   a float mask, which has the mask's own size).
   """
   q, k, v, allowed, bias, scale, out, logsumexp = residuals
+  expand, reduce = _group_axis(q, k)
   length, keys, dim, v_dim = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
   n_q, n_k = -(-length // block_q), -(-keys // block_k)
   dtype = _compute_dtype(q.dtype)
@@ -429,21 +446,22 @@ def _blockwise_bwd(is_causal, block_q, block_k, residuals, d_out):
       lse_i = lax.dynamic_slice_in_dim(lse_p, rows, block_q, -1)
       delta_i = lax.dynamic_slice_in_dim(delta_p, rows, block_q, -1)
       bias_ij = _block(bias_j, -2, rows, block_q)
-      s = _block_scores(q_i, k_j[..., None, :, :], scale, bias_ij, dtype)
+      s = _block_scores(q_i, expand(k_j), scale, bias_ij, dtype)
       mask = _positions_allowed(rows, block_q, j * block_k, block_k, keys, is_causal)
       if allowed_j is not None:
         mask = mask & _block(allowed_j, -2, rows, block_q)
       p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
-      d_v_j = d_v_j + jnp.einsum("...gqk,...gqv->...kv", p, do_i, preferred_element_type=dtype)
-      d_p = jnp.einsum("...gqv,...kv->...gqk", do_i, v_j.astype(dtype),
+      d_v_j = d_v_j + reduce(jnp.einsum("...qk,...qv->...kv", p, do_i,
+                                        preferred_element_type=dtype))
+      d_p = jnp.einsum("...qv,...kv->...qk", do_i, expand(v_j).astype(dtype),
                        preferred_element_type=dtype)
       d_s = p * (d_p - delta_i[..., None])
-      d_q_i = jnp.einsum("...gqk,...ke->...gqe", d_s, k_j.astype(dtype),
+      d_q_i = jnp.einsum("...qk,...ke->...qe", d_s, expand(k_j).astype(dtype),
                          preferred_element_type=dtype) * scale
       d_q = lax.dynamic_update_slice_in_dim(
           d_q, lax.dynamic_slice_in_dim(d_q, rows, block_q, -2) + d_q_i, rows, -2)
-      d_k_j = d_k_j + jnp.einsum("...gqk,...gqe->...ke", d_s, q_i.astype(dtype),
-                                 preferred_element_type=dtype) * scale
+      d_k_j = d_k_j + reduce(jnp.einsum("...qk,...qe->...ke", d_s, q_i.astype(dtype),
+                                        preferred_element_type=dtype)) * scale
       if d_bias is not None:
         d_b = _reduce_to(d_s, bias_p.shape[:-2] + (
             block_q if bias_p.shape[-2] > 1 else 1, block_k if bias_p.shape[-1] > 1 else 1))
@@ -508,6 +526,19 @@ def _canonical_mask(mask: jax.Array, lead: tuple[int, ...], enable_gqa: bool,
   return mask.reshape(mask.shape[:-3] + split + mask.shape[-2:])
 
 
+def _flat_lead(x: jax.Array | None, lead: tuple[int, ...], grouped: bool) -> jax.Array | None:
+  """``(*lead, G, A, B)`` -> ``(N, [G,] A, B)``: one batch dim (1 if ``x`` broadcasts over all
+  of ``lead``), and no G axis unless queries are grouped."""
+  if x is None:
+    return None
+  head, rest = x.shape[:len(lead)], x.shape[len(lead):]
+  if all(d == 1 for d in head):
+    x = x.reshape((1,) + rest)
+  else:
+    x = jnp.broadcast_to(x, lead + rest).reshape((math.prod(lead),) + rest)
+  return x if grouped else x[:, 0]
+
+
 def _attention(
     query: jax.Array,
     key: jax.Array,
@@ -560,8 +591,14 @@ def _attention(
     out, weights = _dense(q, k, v, allowed, bias, scale, is_causal, dropout_p, dropout_rng)
     weights = weights.reshape(lead + (length, keys)) if need_weights else None
   else:
-    scale = jnp.asarray(scale, _compute_dtype(q.dtype))
-    out = _blockwise(q, k, v, allowed, bias, scale, is_causal,
+    # One flat batch dim N and no size-1 G axis: unit dims cost XLA layout copies of
+    # every score block.
+    grouped, kv_lead = q.shape[-3] > 1, k.shape[:-2]
+    flat = [_flat_lead(x, kv_lead, grouped) for x in (q, allowed, bias)]
+    batch = math.prod(kv_lead)
+    out = _blockwise(flat[0], k.reshape((batch,) + k.shape[-2:]),
+                     v.reshape((batch,) + v.shape[-2:]), flat[1], flat[2],
+                     jnp.asarray(scale, _compute_dtype(q.dtype)), is_causal,
                      _block_size(length, BLOCK_Q), _block_size(keys, BLOCK_K))
   return out.reshape(lead + (length, v_dim)), weights
 
