@@ -81,18 +81,14 @@ def _tile(n: int, limit: int) -> int:
   return n
 
 
-def _split(x: jax.Array, axis: int, size: int) -> jax.Array:
-  """``(..., n, ...) -> (n / size, ..., size, ...)``: the tiles of ``axis``, stacked in front."""
-  axis %= x.ndim
-  tiles = x.reshape(x.shape[:axis] + (x.shape[axis] // size, size) + x.shape[axis + 1 :])
-  return jnp.moveaxis(tiles, axis, 0)
+def _rows(x: jax.Array, start: jax.Array, size: int, axis: int = -2) -> jax.Array:
+  """Rows ``start .. start + size`` of ``axis`` (a tile, sliced in place inside loops)."""
+  return lax.dynamic_slice_in_dim(x, start, size, axis % x.ndim)
 
 
-def _merge(tiles: jax.Array, axis: int) -> jax.Array:
-  """The inverse of :func:`_split`."""
-  axis %= tiles.ndim - 1
-  x = jnp.moveaxis(tiles, 0, axis)
-  return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2 :])
+def _put_rows(x: jax.Array, rows: jax.Array, start: jax.Array, axis: int = -2) -> jax.Array:
+  """``x`` with rows ``start ..`` of ``axis`` replaced by ``rows`` (in place inside loops)."""
+  return lax.dynamic_update_slice_in_dim(x, rows, start, axis % x.ndim)
 
 
 def _hidden(first_query: jax.Array, first_key: jax.Array, queries: int) -> jax.Array:
@@ -147,30 +143,32 @@ def _ring(n: int, axis_name: str, is_causal: bool, scale: float, manual_axes: tu
   def fold_block(carry, q, k, v, here, there):
     """Folds key/value block ``there`` into the carry of query block ``here``, tile by tile."""
     tq, tk, nq, nk = tiles_of(q, k)
-    first_queries = here * q.shape[-2] + tq * jnp.arange(nq)
-    first_keys = there * k.shape[-2] + tk * jnp.arange(nk)
-    acc, row_max, row_sum = carry
 
-    def query_tile(xs):
-      q_tile, carry, first_query = xs
+    axes = (-2, -1, -1)  # of acc, row_max, row_sum
 
-      def key_tile(carry, xs):
-        k_tile, v_tile, first_key = xs
+    def query_tile(a, carry):
+      first_query = here * q.shape[-2] + a * tq
+      q_tile = _rows(q, a * tq, tq)
+      tile = tuple(_rows(x, a * tq, tq, axis) for x, axis in zip(carry, axes, strict=True))
+
+      def key_tile(b, tile):
+        first_key = there * k.shape[-2] + b * tk
+        k_tile, v_tile = _rows(k, b * tk, tk), _rows(v, b * tk, tk)
         mask = _causal_mask(first_query, first_key, tq, tk) if is_causal else None
 
-        def fold(carry):
+        def fold(tile):
           return attention.online_softmax_update(
-              carry, q_tile, k_tile, v_tile, scale=scale, mask=mask
+              tile, q_tile, k_tile, v_tile, scale=scale, mask=mask
           )
 
-        return unless_hidden(fold, carry, first_query, first_key, tq), None
+        return unless_hidden(fold, tile, first_query, first_key, tq)
 
-      keys = (_split(k, -2, tk), _split(v, -2, tk), first_keys)
-      return lax.scan(key_tile, carry, keys)[0]
+      tile = lax.fori_loop(0, nk, key_tile, tile)
+      return tuple(
+          _put_rows(x, t, a * tq, axis) for x, t, axis in zip(carry, tile, axes, strict=True)
+      )
 
-    carries = (_split(acc, -2, tq), _split(row_max, -1, tq), _split(row_sum, -1, tq))
-    acc, row_max, row_sum = lax.map(query_tile, (_split(q, -2, tq), carries, first_queries))
-    return _merge(acc, -2), _merge(row_max, -1), _merge(row_sum, -1)
+    return lax.fori_loop(0, nq, query_tile, carry)
 
   def forward(q, k, v):
     here = lax.axis_index(axis_name)
@@ -226,46 +224,44 @@ def _ring(n: int, axis_name: str, is_causal: bool, scale: float, manual_axes: tu
       grads = vjp((d_out, jnp.zeros_like(carry[1]), -delta))
       return tuple(g.astype(dtype) for g in grads)
 
-    def block_grads(k, v, there):
-      """``(dq, dk, dv)`` of key/value block ``there`` for query block ``here``, tile by tile."""
+    def add_block_grads(grads, k, v, there):
+      """Adds the gradients of key/value block ``there`` (query block ``here``), tile by tile."""
       tq, tk, nq, nk = tiles_of(q, k)
-      first_queries = here * q_len + tq * jnp.arange(nq)
-      first_keys = there * k_len + tk * jnp.arange(nk)
-      keys = (_split(k, -2, tk), _split(v, -2, tk), first_keys)
 
-      def query_tile(dkv, xs):
-        q_tile, lse_tile, d_out_tile, delta_tile, first_query = xs
+      def query_tile(a, grads):
+        dq, dk, dv = grads
+        first_query = here * q_len + a * tq
+        q_tile, d_out_tile = _rows(q, a * tq, tq), _rows(d_out, a * tq, tq)
+        lse_tile, delta_tile = _rows(lse, a * tq, tq, -1), _rows(delta, a * tq, tq, -1)
 
-        def key_tile(dq, xs):
-          k_tile, v_tile, first_key = xs
+        def key_tile(b, state):
+          dq_tile, dk, dv = state
+          first_key = there * k_len + b * tk
           mask = _causal_mask(first_query, first_key, tq, tk) if is_causal else None
-          operands = (q_tile, k_tile, v_tile)
+          operands = (q_tile, _rows(k, b * tk, tk), _rows(v, b * tk, tk))
 
-          def grads(operands):
+          def tile(operands):
             return tile_grads(*operands, lse_tile, d_out_tile, delta_tile, mask)
 
           def nothing(operands):
             return tuple(jnp.zeros_like(x, dtype) for x in operands)
 
-          gq, gk, gv = unless_hidden(grads, operands, first_query, first_key, tq, nothing)
-          return dq + gq, (gk, gv)
+          gq, gk, gv = unless_hidden(tile, operands, first_query, first_key, tq, nothing)
+          dk = _put_rows(dk, _rows(dk, b * tk, tk) + gk, b * tk)
+          dv = _put_rows(dv, _rows(dv, b * tk, tk) + gv, b * tk)
+          return dq_tile + gq, dk, dv
 
-        dq, (gk, gv) = lax.scan(key_tile, jnp.zeros_like(q_tile, dtype), keys)
-        return (dkv[0] + gk, dkv[1] + gv), dq
+        dq_tile, dk, dv = lax.fori_loop(0, nk, key_tile, (_rows(dq, a * tq, tq), dk, dv))
+        return _put_rows(dq, dq_tile, a * tq), dk, dv
 
-      queries = (_split(q, -2, tq), _split(lse, -1, tq), _split(d_out, -2, tq),
-                 _split(delta, -1, tq), first_queries)
-      zeros = tuple(jnp.zeros_like(x, dtype) for x in keys[:2])
-      (dk, dv), dq = lax.scan(query_tile, zeros, queries)
-      return _merge(dq, -2), _merge(dk, -2), _merge(dv, -2)
+      return lax.fori_loop(0, nq, query_tile, grads)
 
     def step(dq, blocks, t):
       k, v, dk, dv = blocks
       there = (here - t) % n
 
       def fold(grads):
-        more = block_grads(k, v, there)
-        return tuple(g + m for g, m in zip(grads, more, strict=True))
+        return add_block_grads(grads, k, v, there)
 
       dq, dk, dv = unless_hidden(fold, (dq, dk, dv), here * q_len, there * k_len, q_len)
       return dq, (k, v, dk, dv)

@@ -313,8 +313,10 @@ def test_allgather_attention_matches_numpy():
   )
 
 
-@pytest.mark.parametrize("is_causal", [False, True])
-@pytest.mark.parametrize("case", ["8-ring", "2x4-data-seq", "2x4-data-seq-explicit"])
+@pytest.mark.parametrize(
+    ("case", "is_causal"),
+    [("8-ring", False), ("8-ring", True), ("2x4-data-seq", True), ("2x4-data-seq-explicit", True)],
+)
 def test_ring_attention_only_passes_blocks_around_the_ring(case, is_causal):
   """Forward and backward: collective-permutes only (no gather), each moving one block."""
   m, _, (q, k, v), placed = _ring_inputs(case, jnp.float32)
@@ -324,14 +326,13 @@ def test_ring_attention_only_passes_blocks_around_the_ring(case, is_causal):
     return jnp.sum(ring(*xs))
 
   with jax.set_mesh(m):
-    forward = collectives(ring, *placed)
+    forward = jax.jit(ring).lower(*placed).compile().as_text()
     backward = collectives(jax.grad(loss, argnums=(0, 1, 2)), *placed)
-    text = jax.jit(ring).lower(*placed).compile().as_text()
-  assert set(forward) == {"collective-permute"}
+  assert set(_COLLECTIVE.findall(forward)) == {"collective-permute"}
   assert set(backward) == {"collective-permute"}
   # Every permute moves one local key or value block, never the whole sequence.
   local = {tuple(x.sharding.shard_shape(x.shape)) for x in placed[1:]}
-  moved = re.findall(r"= f32\[([\d,]*)\][^ ]* collective-permute(?:-start)?\(", text)
+  moved = re.findall(r"= f32\[([\d,]*)\][^ ]* collective-permute(?:-start)?\(", forward)
   assert moved and {tuple(int(d) for d in s.split(",")) for s in moved} <= local
 
 
@@ -438,9 +439,9 @@ def test_ring_attention_memory_matches_the_formulas(monkeypatch, is_causal, leng
   # Gathering must hold every key and value and at least one full row of scores per query.
   score_rows = h * (length // n) * length * 4
   assert formula["gathered_kv"] + score_rows <= gathered <= formula["allgather"]
-  # The ring: two key/value blocks, two tiles of scores and the carry, plus (small sizes)
-  # the copies XLA keeps for the tile reshapes and the causal mask's index arrays.
-  assert 0.75 * formula["ring"] <= ring <= 2 * formula["ring"]
+  # The ring: two key/value blocks, two tiles of scores and the carry (causal: plus the
+  # mask and the masked copy of a score tile).
+  assert 0.75 * formula["ring"] <= ring <= 1.5 * formula["ring"]
   # Less than what gathering must hold; tiled, less than one (L / n, S / n) block of scores.
   assert ring < formula["gathered_kv"] + score_rows
   if tile:
