@@ -5,20 +5,23 @@ device keeps its query block and the key/value blocks travel around the ring:
 at step ``t`` device ``i`` holds key/value block ``(i - t) mod n``, folds it into
 its online-softmax carry (:func:`jmat.attention.online_softmax_update`, the one
 recurrence that blockwise attention also uses) and passes it on to device
-``i + 1``. No device ever holds more than two key/value blocks, so per-device
-memory is ``O(L / n)`` however long the sequence grows.
+``i + 1``. A block is folded in tiles of at most ``TILE_Q`` queries by ``TILE_K``
+keys, sliced in place, so a device holds its own blocks, one key/value block in
+flight and two tiles of scores: per-device memory is ``O((L / n) * E)`` plus a
+constant, however long the sequence grows.
 
 The backward pass is a second trip around the ring (a ``jax.custom_vjp``): the
 forward pass keeps only its inputs, its output and the per-query log-sum-exp,
 and the key/value blocks travel again together with their gradient
 accumulators, so the backward pass is ``O(L / n)`` per device as well (plain
 autodiff through the ring would keep every block that passed by). The gradient
-of one block is the vector-Jacobian product of the same online-softmax update,
+of one tile is the vector-Jacobian product of the same online-softmax update,
 run from a carry whose maximum is the final log-sum-exp.
 
-Causal blocks that no query of the device may see are skipped with
+Causal blocks (and tiles) that no query of the device may see are skipped with
 ``lax.cond``: the device computes nothing for them but still forwards them, so
-the ring keeps turning.
+the ring keeps turning. (The causal work is unbalanced, device ``i`` computes
+``i + 1`` blocks; a striped or zig-zag layout would even it out.)
 """
 
 from __future__ import annotations
