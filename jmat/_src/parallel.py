@@ -94,12 +94,12 @@ def _put_rows(x: jax.Array, rows: jax.Array, start: jax.Array, axis: int = -2) -
   return lax.dynamic_update_slice_in_dim(x, rows, start, axis % x.ndim)
 
 
-def _hidden(first_query: jax.Array, first_key: jax.Array, queries: int) -> jax.Array:
+def _hidden(first_query: int | jax.Array, first_key: int | jax.Array, queries: int):
   """Whether the causal mask hides a whole tile: its first key comes after its last query."""
   return first_key > first_query + queries - 1
 
 
-def _causal_mask(first_query: jax.Array, first_key: jax.Array, queries: int, keys: int):
+def _causal_mask(first_query: int | jax.Array, first_key: int | jax.Array, queries: int, keys: int):
   """The ``(queries, keys)`` causal mask of a tile whose corner is at the given positions."""
   rows = first_query + lax.broadcasted_iota(jnp.int32, (queries, keys), 0)
   cols = first_key + lax.broadcasted_iota(jnp.int32, (queries, keys), 1)
@@ -190,7 +190,8 @@ def _ring(n: int, axis_name: str, is_causal: bool, scale: float, manual_axes: tu
     def step(carry, kv, t):
       there = (here - t) % n
       first_query, first_key = here * q_len, there * k_len
-      carry = unless_hidden(lambda c: fold(c, *kv, there), carry, first_query, first_key, q_len)
+      k, v = kv
+      carry = unless_hidden(lambda c: fold(c, k, v, there), carry, first_query, first_key, q_len)
       return carry, kv
 
     carry, _ = scan_ring(step, carry, (k, v))
@@ -244,7 +245,8 @@ def _ring(n: int, axis_name: str, is_causal: bool, scale: float, manual_axes: tu
           operands = (q_tile, _rows(k, b * tk, tk), _rows(v, b * tk, tk))
 
           def tile(operands):
-            return tile_grads(*operands, lse_tile, d_out_tile, delta_tile, mask)
+            q_tile, k_tile, v_tile = operands
+            return tile_grads(q_tile, k_tile, v_tile, lse_tile, d_out_tile, delta_tile, mask)
 
           def nothing(operands):
             return tuple(jnp.zeros_like(x, dtype) for x in operands)
@@ -332,8 +334,8 @@ def ring_attention(
     (2, 4, 3)
   """
   query, key, value = _checked("parallel.ring_attention", query, key, value, mesh, axis_name)
-  scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-  ring = functools.partial(_ring, mesh.shape[axis_name], axis_name, is_causal, scale)
+  factor = query.shape[-1] ** -0.5 if scale is None else float(scale)
+  ring = functools.partial(_ring, mesh.shape[axis_name], axis_name, is_causal, factor)
   return _shard_sequence(ring, query, key, value, mesh, axis_name)
 
 
@@ -365,7 +367,7 @@ def allgather_attention(
     (2, 4, 3)
   """
   query, key, value = _checked("parallel.allgather_attention", query, key, value, mesh, axis_name)
-  scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+  factor = query.shape[-1] ** -0.5 if scale is None else float(scale)
 
   def local(q, k, v):
     k, v = (lax.all_gather(x, axis_name, axis=x.ndim - 2, tiled=True) for x in (k, v))
@@ -375,7 +377,7 @@ def allgather_attention(
     empty = attention.online_softmax_init(
         q.shape[:-2], q_len, v.shape[-1], dtype=attention._compute_dtype(q.dtype)
     )
-    carry = attention.online_softmax_update(empty, q, k, v, scale=scale, mask=mask)
+    carry = attention.online_softmax_update(empty, q, k, v, scale=factor, mask=mask)
     return attention.online_softmax_finish(carry, q.dtype)
 
   return _shard_sequence(lambda _: local, query, key, value, mesh, axis_name)

@@ -88,7 +88,34 @@ PRODUCT_CASES = [
     ("dot", np.dot, [((8,), ("data",)), ((8,), ("data",))], "8", {"all-reduce": 1}),
     ("matmul", np.matmul, [((2, 3, 4), ("data", None, "model")), ((4, 7), ("model",))], "2x4",
      {"all-reduce": 1}),
+    # The rest of the family, rows or batch sharded.
+    ("addmm", lambda i, a, b: i + a @ b, [((8, 7), ("data",)), ((8, 5), ("data",)), ((5, 7), ())],
+     "8", {}),
+    ("addmv", lambda i, a, x: i + a @ x, [((8,), ("data",)), ((8, 5), ("data",)), ((5,), ())],
+     "8", {}),
+    ("addr", lambda i, x, y: i + np.outer(x, y), [((8, 7), ("data",)), ((8,), ("data",)),
+                                                   ((7,), ())], "8", {}),
+    ("baddbmm", lambda i, a, b: i + a @ b,
+     [((8, 3, 7), ("data",)), ((8, 3, 5), ("data",)), ((8, 5, 7), ("data",))], "8", {}),
+    ("outer", np.outer, [((8,), ("data",)), ((7,), ())], "8", {}),
+    ("linear", lambda x, w, b: x @ w.T + b, [((8, 5), ("data",)), ((7, 5), ()), ((7,), ())],
+     "8", {}),
+    ("tensordot", lambda a, b: np.tensordot(a, b, 1), [((8, 3, 5), ("data",)), ((5, 7), ())],
+     "8", {}),
+    ("multi_dot", lambda a, b, c: a @ b @ c,
+     [((8, 5), ("data",)), ((5, 3), ()), ((3, 7), ())], "8", {}),
+    # ... and summing over the sharded dim: one all-reduce.
+    ("addbmm", lambda i, a, b: i + (a @ b).sum(0),
+     [((3, 7), ()), ((8, 3, 5), ("data",)), ((8, 5, 7), ("data",))], "8", {"all-reduce": 1}),
+    ("inner", np.inner, [((3, 8), (None, "data")), ((5, 8), (None, "data"))], "8",
+     {"all-reduce": 1}),
+    ("vdot", np.vdot, [((8,), ("data",)), ((8,), ("data",))], "8", {"all-reduce": 1}),
 ]
+
+_CALLS = {
+    "tensordot": lambda a, b: jmat.tensordot(a, b, dims=1),
+    "multi_dot": lambda *xs: jmat.multi_dot(list(xs)),
+}
 
 
 def _case_id(case):
@@ -103,7 +130,7 @@ def test_sharded_product_values_and_collectives(case):
   m = mesh(*MESHES[mesh_name])
   arrays = [randn(rng, *shape) for shape, _ in operands]
   placed = [put(x, m, *spec) for x, (_, spec) in zip(arrays, operands, strict=True)]
-  fn = getattr(jmat, op)
+  fn = _CALLS.get(op) or getattr(jmat, op)
   with jax.default_matmul_precision("highest"):
     got = jax.jit(fn)(*placed)
     assert collectives(fn, *placed) == collections.Counter(expected)
