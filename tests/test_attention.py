@@ -356,14 +356,14 @@ def test_refusals_of_jmat_only_arguments():
 
 
 def test_default_implementation_threshold():
-  small = jnp.ones((1, 8, 256, 16))
-  big = jnp.ones((1, 8, 512, 16))  # 8 * 512 * 512 = 2**21 scores > DENSE_MAX_SCORES
+  small = jnp.ones((1, 8, 128, 16))
+  big = jnp.ones((1, 8, 256, 16))  # 8 * 256 * 256 = 2**19 scores > DENSE_MAX_SCORES
 
   def while_loops(x):
     lowered = jax.jit(jmat.scaled_dot_product_attention).lower(x, x, x)
     return lowered.as_text().count("stablehlo.while")
 
-  assert 8 * 256 * 256 <= attention_src.DENSE_MAX_SCORES < 8 * 512 * 512
+  assert 8 * 128 * 128 <= attention_src.DENSE_MAX_SCORES < 8 * 256 * 256
   assert while_loops(small) == 0
   assert while_loops(big) > 0
 
