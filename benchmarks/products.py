@@ -5,6 +5,9 @@ Competitors of a compiled product, all called on inputs already on the device:
 * ``jmat``: the jmat function itself (``jmat.mm``, ``jmat.bmm`` or ``jmat.matmul``),
   which is jitted at definition;
 * ``jnp``: ``jax.jit(jnp.matmul)``, the reference of ``ratio_vs_jnp``;
+* ``jnp again``: a second, separately jitted ``jnp.matmul`` (its own executable,
+  the same HLO): an A/A control, whose ratio to ``jnp`` is what noise alone
+  makes of two identical programs on the machine that day;
 * ``lax``: ``jax.jit`` of ``jax.lax.dot_general`` with dimension numbers written by
   hand for the case (what an expert would write with no broadcasting help);
 * ``einsum``: ``jax.jit(jnp.einsum)`` with ``"...nk,...kp->...np"``;
@@ -26,10 +29,11 @@ import jmat
 from benchmarks import competitors as comp
 from benchmarks.timing import Call, Case, Skipped, Suite
 
-COMPILED = ("jmat", "jnp", "lax", "einsum", "numpy", "torch")
+COMPILED = ("jmat", "jnp", "jnp again", "lax", "einsum", "numpy", "torch")
 EAGER = ("jmat", "jnp", "numpy", "torch")
 
 _jnp_matmul = jax.jit(jnp.matmul)
+_jnp_matmul_again = jax.jit(lambda a, b: jnp.matmul(a, b))
 _einsum = jax.jit(functools.partial(jnp.einsum, "...nk,...kp->...np"))
 
 
@@ -95,6 +99,7 @@ def compiled_case(target: comp.Target, product: Product, dtype: str = "float32")
     return {
         "jmat": target.jax_call(getattr(jmat, product.op), a, b),
         "jnp": target.jax_call(_jnp_matmul, a, b),
+        "jnp again": target.jax_call(_jnp_matmul_again, a, b),
         "lax": target.jax_call(_lax_product(*product.lax), a, b),
         "einsum": target.jax_call(_einsum, a, b),
         "numpy": _numpy_call(product, dtype, a, b),
@@ -113,7 +118,11 @@ def products_suite(target: comp.Target, quick: bool) -> Suite:
   cases = tuple(compiled_case(target, p) for p in issue + sweep)
   return Suite(
       "products", "Compiled products, float32", COMPILED, "jnp", cases,
-      notes=("square n: jmat.matmul on (n, n) @ (n, n).",),
+      notes=(
+          "square n: jmat.matmul on (n, n) @ (n, n).",
+          "jnp again is a second, separately jitted jnp.matmul: an A/A control. Its ratio to jnp "
+          "is the difference noise alone makes between two identical programs in this run.",
+      ),
   )
 
 

@@ -310,7 +310,7 @@ def plots(results: Mapping[str, Any], out: Path) -> list[Path]:
       axes[0].set_ylabel("forward time, ms (median)")
       axes[0].legend(fontsize=7)
     elif name == "memory":
-      fig, axes = plt.subplots(1, 1, figsize=(6.5, 4.2))
+      fig, axes = plt.subplots(1, 1, figsize=(8, 4.2))
       _lines(axes, suite, cases, _length, lambda r: r["peak_rss_bytes"] / 2**30)
       axes.set_xlabel("sequence length L (causal)")
       axes.set_ylabel("peak RSS of forward+backward, GB")
