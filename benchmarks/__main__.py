@@ -31,7 +31,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="python -m benchmarks", description=__doc__.splitlines()[0],
+      prog="python -m benchmarks", description=__doc__.splitlines()[0].replace("``", ""),
       formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(
           __doc__.splitlines()[2:5]),
   )

@@ -27,6 +27,21 @@ TIMED_FIELDS = (
     "gflops", "ratio_vs_jnp", "ratio_vs_torch", "pct_of_peak",
 )
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+DEFINITIONS = {
+    "median_s": "median over rounds of the seconds per call (a sample is back-to-back calls, "
+                "each waited on until its result is ready)",
+    "min_s, max_s": "the fastest and slowest round",
+    "samples_s": "seconds per call of each round, in round order (competitors take turns in "
+                 "every round, each round starting from a different one)",
+    "gflops": "the case's useful FLOPs (flops) over median_s, in 1e9 per second",
+    "ratio_vs_jnp": "median over rounds of (the suite's reference time / this time); above 1 is "
+                    "faster than the reference (suite.reference)",
+    "ratio_vs_torch": "the same against torch",
+    "pct_of_peak": "gflops as a percentage of peak_gflops for the case's dtype: the best GFLOP/s "
+                   "any competitor reached on any GEMM case (products, dtypes, family)",
+    "peak_rss_bytes": "memory suite: peak resident set (VmHWM) of the fresh process of the point",
+    "temp_bytes": "memory suite: XLA's compiled memory_analysis().temp_size_in_bytes",
+}
 
 
 # ---------------------------------------------------------------- derived figures
@@ -58,6 +73,7 @@ def peaks(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def derive(results: dict[str, Any]) -> None:
   """Fills the derived figures of every timed record in place (after runs are merged)."""
+  results["definitions"] = DEFINITIONS
   results["peak_gflops"] = peak = peaks(results)
   for suite in results["suites"].values():
     if suite.get("kind") != "time":
