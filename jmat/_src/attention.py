@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import jax
 import jax.numpy as jnp
@@ -238,8 +238,8 @@ def _positions_allowed(
   """
   q_pos = q_start + lax.broadcasted_iota(jnp.int32, (q_len, k_len), 0)
   k_pos = k_start + lax.broadcasted_iota(jnp.int32, (q_len, k_len), 1)
-  allowed = k_pos < keys
-  return allowed & (k_pos <= q_pos) if is_causal else allowed
+  allowed = jnp.less(k_pos, keys)
+  return jnp.logical_and(allowed, k_pos <= q_pos) if is_causal else allowed
 
 
 def _softmax_weights(scores: jax.Array, allowed: jax.Array | None) -> jax.Array:
@@ -258,7 +258,7 @@ def _dense(
     v: jax.Array,
     allowed: jax.Array | None,
     bias: jax.Array | None,
-    scale: jax.Array,
+    scale: ArrayLike,
     is_causal: bool,
     dropout_p: float,
     dropout_rng: jax.Array | None,
@@ -277,7 +277,7 @@ def _dense(
   if dropout_p == 1.0:
     dropped = jnp.zeros_like(weights)
   elif dropout_p > 0.0:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_p, weights.shape)
+    keep = jax.random.bernoulli(cast(jax.Array, dropout_rng), 1.0 - dropout_p, weights.shape)
     dropped = jnp.where(keep, weights / (1.0 - dropout_p), 0.0)
   out = matmul(dropped, v[..., None, :, :].astype(dtype))
   return out.astype(q.dtype), dropped
@@ -449,7 +449,7 @@ def _blockwise_bwd(is_causal, block_q, block_k, residuals, d_out):
       s = _block_scores(q_i, expand(k_j), scale, bias_ij, dtype)
       mask = _positions_allowed(rows, block_q, j * block_k, block_k, keys, is_causal)
       if allowed_j is not None:
-        mask = mask & _block(allowed_j, -2, rows, block_q)
+        mask = jnp.logical_and(mask, cast(jax.Array, _block(allowed_j, -2, rows, block_q)))
       p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
       d_v_j = d_v_j + reduce(jnp.einsum("...qk,...qv->...kv", p, do_i,
                                         preferred_element_type=dtype))
@@ -463,10 +463,10 @@ def _blockwise_bwd(is_causal, block_q, block_k, residuals, d_out):
       d_k_j = d_k_j + reduce(jnp.einsum("...qk,...qe->...ke", d_s, q_i.astype(dtype),
                                         preferred_element_type=dtype)) * scale
       if d_bias is not None:
-        d_b = _reduce_to(d_s, bias_p.shape[:-2] + (
-            block_q if bias_p.shape[-2] > 1 else 1, block_k if bias_p.shape[-1] > 1 else 1))
-        starts = [0] * (d_bias.ndim - 2) + [rows if bias_p.shape[-2] > 1 else 0,
-                                            j * block_k if bias_p.shape[-1] > 1 else 0]
+        d_b = _reduce_to(d_s, d_bias.shape[:-2] + (
+            block_q if d_bias.shape[-2] > 1 else 1, block_k if d_bias.shape[-1] > 1 else 1))
+        starts = [0] * (d_bias.ndim - 2) + [rows if d_bias.shape[-2] > 1 else 0,
+                                            j * block_k if d_bias.shape[-1] > 1 else 0]
         d_bias = lax.dynamic_update_slice(
             d_bias, lax.dynamic_slice(d_bias, starts, d_b.shape) + d_b, starts)
       return d_q, d_k_j, d_v_j, d_bias
@@ -484,10 +484,10 @@ def _blockwise_bwd(is_causal, block_q, block_k, residuals, d_out):
       jnp.zeros(q_p.shape, dtype),
       jnp.zeros(k_p.shape, dtype),
       jnp.zeros(v_p.shape, dtype),
-      None if bias is None else jnp.zeros(bias_p.shape, dtype),
+      None if bias_p is None else jnp.zeros(bias_p.shape, dtype),
   )
   d_q, d_k, d_v, d_bias = lax.fori_loop(0, n_k, key_block, grads)
-  if d_bias is not None:
+  if d_bias is not None and bias is not None:
     d_bias = d_bias[tuple(slice(0, n) for n in bias.shape)].astype(bias.dtype)
   return (d_q[..., :length, :].astype(q.dtype), d_k[..., :keys, :].astype(k.dtype),
           d_v[..., :keys, :].astype(v.dtype), None, d_bias, None)
@@ -597,10 +597,10 @@ def _attention(
     grouped, kv_lead = q.shape[-3] > 1, k.shape[:-2]
     flat = [_flat_lead(x, kv_lead, grouped) for x in (q, allowed, bias)]
     batch = math.prod(kv_lead)
-    out = _blockwise(flat[0], k.reshape((batch,) + k.shape[-2:]),
-                     v.reshape((batch,) + v.shape[-2:]), flat[1], flat[2],
-                     jnp.asarray(scale, _compute_dtype(q.dtype)), is_causal,
-                     _block_size(length, BLOCK_Q), _block_size(keys, BLOCK_K))
+    out = cast(jax.Array, _blockwise(
+        flat[0], k.reshape((batch,) + k.shape[-2:]), v.reshape((batch,) + v.shape[-2:]),
+        flat[1], flat[2], jnp.asarray(scale, _compute_dtype(q.dtype)), is_causal,
+        _block_size(length, BLOCK_Q), _block_size(keys, BLOCK_K)))
   return out.reshape(lead + (length, v_dim)), weights
 
 
@@ -830,10 +830,10 @@ def multi_head_attention(
   """
   op = "multi_head_attention"
   query, key, value = operands(op, query, key, value, names=_NAMES)
-  params = {name: jnp.asarray(p) for name, p in params.items()}
-  checks.check_multi_head_attention(op, {n: p.shape for n, p in params.items()}, query.shape,
-                                    key.shape, value.shape, num_heads)
-  dtypes = [query.dtype, key.dtype, value.dtype] + [params[n].dtype for n in _MHA_KEYS]
+  weights_in = {name: jnp.asarray(p) for name, p in params.items()}
+  checks.check_multi_head_attention(op, {n: p.shape for n, p in weights_in.items()},
+                                    query.shape, key.shape, value.shape, num_heads)
+  dtypes = [query.dtype, key.dtype, value.dtype] + [weights_in[n].dtype for n in _MHA_KEYS]
   checks.check_attention_dtypes(op, dtypes, _NAMES + _MHA_KEYS)
   checks.check_dropout(op, dropout_p, dropout_rng is not None)
   batched = query.ndim == 3
@@ -842,8 +842,8 @@ def multi_head_attention(
   batch, length, embed = query.shape
   keys = key.shape[1]
   head_dim = embed // num_heads
-  w_q, w_k, w_v = jnp.split(params["in_proj_weight"], 3)
-  b_q, b_k, b_v = jnp.split(params["in_proj_bias"], 3)
+  w_q, w_k, w_v = jnp.split(weights_in["in_proj_weight"], 3)
+  b_q, b_k, b_v = jnp.split(weights_in["in_proj_bias"], 3)
 
   def heads(x, w, b):  # (N, T, E) -> (N, H, T, E / H)
     x = linear(x, w, b)
@@ -869,7 +869,7 @@ def multi_head_attention(
       (batch, num_heads), allowed, bias, 1.0 / math.sqrt(head_dim) if head_dim else 1.0,
       is_causal, False, dropout_p, dropout_rng, None, need_weights)
   out = jnp.swapaxes(out, 1, 2).reshape(batch, length, embed)
-  out = linear(out, params["out_proj.weight"], params["out_proj.bias"])
+  out = linear(out, weights_in["out_proj.weight"], weights_in["out_proj.bias"])
   if weights is not None and average_attn_weights:
     weights = jnp.mean(weights, axis=1)
   if not batched:
