@@ -351,6 +351,9 @@ def test_multi_head_attention_refusals():
     mha(params, jnp.ones((2, 5, 6)), x, x, num_heads=2)
   with pytest.raises(jmat.ShapeError, match=r"all be 3-D \(batched\) or all 2-D"):
     mha(params, jnp.ones((5, 8)), x, x, num_heads=2)
+  with pytest.raises(jmat.ShapeError, match=r"batch sizes or key/value lengths differ.*"
+                     r"key has shape \(2, 5, 8\), value has shape \(2, 6, 8\)"):
+    mha(params, x, x, jnp.ones((2, 6, 8)), num_heads=2)
   with pytest.raises(jmat.ShapeError, match=r"key_padding_mask has the wrong shape: "
                      r"key_padding_mask has shape \(2, 4\), expected \(2, 5\)"):
     mha(params, x, x, x, num_heads=2, key_padding_mask=jnp.zeros((2, 4), bool))
