@@ -387,3 +387,18 @@ def test_blockwise_memory_grows_linearly_dense_quadratically():
     assert larger <= 2.2 * smaller, blockwise
   assert dense[1] >= 3.5 * dense[0], dense
   assert blockwise[-1] < dense[-1] / 4
+
+
+@pytest.mark.usefixtures("small_blocks")
+def test_blockwise_causal_never_touches_blocks_above_the_diagonal():
+  # NaN values in the last key block (keys 40..47): a kernel that computed the blocks above
+  # the diagonal would multiply them by 0 weights and get NaN (0 * NaN) in earlier rows.
+  q, k, v = randn(2, 48, 4), randn(2, 48, 4), randn(2, 48, 3)
+  v[:, 40:] = np.nan
+  blockwise = jmat.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                implementation="blockwise")
+  dense = jmat.scaled_dot_product_attention(q, k, v, is_causal=True, implementation="dense")
+  want, _ = np_attention(q[:, :32], k[:, :32], v[:, :32], causal=True)
+  # Query blocks [0, 16) and [16, 32) end before key 40: their key loops stop earlier.
+  np.testing.assert_allclose(blockwise[:, :32], want, **TOL[np.float64])
+  assert np.isnan(dense[:, :32]).all()  # the dense kernel does touch every block
