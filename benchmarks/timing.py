@@ -1,16 +1,21 @@
 """Timing: every competitor of a case is warmed up, then measured in interleaved rounds.
 
-Round ``r`` times each competitor once, starting from a different competitor each
-round, so a burst of load from another process on the machine hits all competitors
-alike instead of one of them. A sample is a few back-to-back calls (enough to last
-``min_sample_s``), each call waited on until its result is ready; a figure is the
-median of the samples with their min and max.
+Every round times each competitor once, in a fresh (seeded) random order, so a
+burst of load from another process hits all competitors alike instead of one of
+them, and no competitor always runs right after the same other one: torch's and
+OpenBLAS's worker threads keep spinning for a while after a call returns, and on
+a 2-core machine the competitor that always followed torch lost 8-20% to that on
+an early run (a pause of ``pause_s`` before every sample lets them settle). A
+sample is a few back-to-back calls (enough to last ``min_sample_s``), each call
+waited on until its result is ready; a figure is the median of the samples with
+their min and max.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -50,10 +55,13 @@ class Settings:
     repeats: rounds per case, unless one round takes so long that ``repeats``
       rounds would exceed ``case_budget_s``; never fewer than ``min_repeats``.
     min_sample_s: the shortest sample; fast calls are repeated back to back.
+    pause_s: idle time before every sample, so the previous competitor's
+      spinning worker threads do not steal the cores from the next one.
   """
 
   repeats: int
   min_sample_s: float
+  pause_s: float = 0.0
   max_calls_per_sample: int = 1000
   case_budget_s: float = 20.0
   min_repeats: int = 3
@@ -81,7 +89,9 @@ def _calls_per_sample(call: Call, settings: Settings) -> tuple[int, float]:
   return calls, calls * once
 
 
-def _sample(call: Call, calls: int) -> float:
+def _sample(call: Call, calls: int, pause_s: float) -> float:
+  if pause_s:
+    time.sleep(pause_s)
   start = time.perf_counter()
   for _ in range(calls):
     call()
@@ -125,9 +135,8 @@ def measure(
   rounds = settings.rounds(round_s) if order else 0
   tick((settings.repeats - rounds) * len(order))
   for r in range(rounds):
-    shift = r % len(order)
-    for name in order[shift:] + order[:shift]:
-      samples[name].append(_sample(runnable[name], calls[name]))
+    for name in random.Random(r).sample(order, len(order)):
+      samples[name].append(_sample(runnable[name], calls[name], settings.pause_s))
       tick(1)
   for name in runnable:
     times = samples[name]
