@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -93,9 +95,23 @@ def _numpy_call(product: Product, dtype: str, a: np.ndarray, b: np.ndarray) -> C
   return comp.numpy_call(np.matmul, a, b)
 
 
+def optimized_hlo(fn: Callable, *arrays: np.ndarray) -> list[str]:
+  """The instructions of ``fn``'s optimized HLO, without metadata (source lines, op names)."""
+  text = jax.jit(fn).lower(*arrays).compile().as_text()
+  return [re.sub(r", metadata=\{[^}]*\}", "", line.strip()) for line in text.splitlines()
+          if " = " in line and not line.lstrip().startswith(("HloModule", "//"))]
+
+
 def compiled_case(target: comp.Target, product: Product, dtype: str = "float32") -> Case:
+  info = {"op": f"jmat.{product.op}", "shapes": [product.shape_a, product.shape_b]}
+
   def build() -> dict[str, Call | Skipped]:
     a, b = target.random([product.shape_a, product.shape_b], dtype)
+    args = target.jax(a, b)
+    # The first thing to check when jmat and jnp differ: do they compile to the same program?
+    info["same_hlo_as_jnp"] = (
+        optimized_hlo(getattr(jmat, product.op), *args) == optimized_hlo(_jnp_matmul, *args)
+    )
     return {
         "jmat": target.jax_call(getattr(jmat, product.op), a, b),
         "jnp": target.jax_call(_jnp_matmul, a, b),
@@ -106,7 +122,6 @@ def compiled_case(target: comp.Target, product: Product, dtype: str = "float32")
         "torch": target.torch_call(lambda torch: torch.matmul, a, b),
     }
 
-  info = {"op": f"jmat.{product.op}", "shapes": [product.shape_a, product.shape_b]}
   return Case(product.label, product.flops, dtype, build, info)
 
 

@@ -404,6 +404,108 @@ def _memory_value(record: Mapping[str, Any]) -> str:
   return fmt_bytes(record["peak_rss_bytes"])
 
 
+def _span(values: list[float]) -> str:
+  low, high = min(values), max(values)
+  return f"{low:.2f}×" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f}–{high:.2f}×"
+
+
+def _ratios(suite: Mapping[str, Any] | None, name: str, key: str = "ratio_vs_jnp",
+            cases: Iterable[str] | None = None) -> list[float]:
+  if not suite:
+    return []
+  wanted = None if cases is None else set(cases)
+  return [
+      c["results"][name][key] for c in suite["cases"]
+      if (wanted is None or c["name"] in wanted) and c["results"].get(name, {}).get(key)
+  ]
+
+
+def _record(suite: Mapping[str, Any] | None, case: str, name: str) -> Mapping[str, Any] | None:
+  for c in (suite or {}).get("cases", []):
+    if c["name"] == case and c["results"].get(name, {}).get("status") == "ok":
+      return c["results"][name]
+  return None
+
+
+def summary(results: Mapping[str, Any]) -> list[str]:
+  """A few sentences computed from the results (nothing typed in by hand)."""
+  suites = results["suites"]
+  out = []
+  products = suites.get("products")
+  jmat, control = _ratios(products, "jmat"), _ratios(products, "jnp again")
+  if jmat and control:
+    same = [c["info"].get("same_hlo_as_jnp") for c in products["cases"]]
+    out.append(
+        f"Compiled products: jmat runs at {_span(jmat)} the speed of jax.jit(jnp.matmul) over "
+        f"all {len(jmat)} cases; a second, identical jnp.matmul program (the A/A control) runs "
+        f"at {_span(control)} in the same rounds, so differences of that size are noise. "
+        "jmat's optimized HLO is instruction for instruction jnp.matmul's on "
+        f"{sum(map(bool, same))} of the {len(same)} cases (checked in the run)."
+    )
+  eager = _ratios(suites.get("eager"), "jmat")
+  if eager:
+    out.append(f"Eager calls on tiny shapes: jmat runs at {_span(eager)} the speed of jnp.matmul.")
+  dtypes = suites.get("dtypes")
+  bf16 = [c for c in (dtypes or {}).get("cases", []) if c["dtype"] == "bfloat16"]
+  if bf16:
+    r = bf16[0]["results"]
+    jax_best = max((r[n]["gflops"] for n in ("jmat", "jnp", "lax", "einsum")
+                    if r[n]["status"] == "ok"), default=None)
+    if r["jmat"]["status"] == "ok" and r["jnp"]["status"] == "ok":
+      out.append(
+          f"bfloat16 GEMM: jmat {fmt_gflops(r['jmat']['gflops'])} GFLOP/s, "
+          f"{fmt_ratio(r['jmat']['ratio_vs_jnp'])} jnp.matmul (float32 accumulation compiles "
+          "to a native bf16 GEMM)"
+          + (f"; torch {fmt_gflops(r['torch']['gflops'])} GFLOP/s through oneDNN against the best"
+             f" JAX {fmt_gflops(jax_best)}" if r["torch"]["status"] == "ok" and jax_best else "")
+          + "."
+      )
+  family = suites.get("family")
+  if family:
+    chain = [c for c in family["cases"] if c["name"].startswith("multi_dot")]
+    fused = [c["name"] for c in family["cases"] if not c["name"].startswith("multi_dot")]
+    jmat_chain = chain and chain[0]["results"]["jmat"]
+    if jmat_chain and jmat_chain["status"] == "ok":
+      naive = chain[0]["results"]["jnp left-to-right"]
+      if naive["status"] == "ok":
+        faster = _paired_ratio(jmat_chain, naive)
+        out.append(
+            f"multi_dot: jmat runs at {fmt_ratio(jmat_chain['ratio_vs_jnp'])} the speed of "
+            f"jnp.linalg.multi_dot and {fmt_ratio(1 / faster if faster else None)} that of the "
+            "left-to-right jnp chain."
+        )
+    fused_ratios = _ratios(family, "jmat", cases=fused)
+    if fused_ratios:
+      out.append(
+          f"addmm / baddbmm / linear: jmat runs at {_span(fused_ratios)} the speed of the "
+          "equivalent jitted jnp expression."
+      )
+  attention = suites.get("attention")
+  for length in (2048, 8192):
+    mine = _record(attention, f"causal L={length}", "jmat default")
+    if mine:
+      torch = _record(attention, f"causal L={length}", "torch")
+      jax_nn = _record(attention, f"causal L={length}", "jax.nn")
+      parts = [f"causal attention, L={length}: jmat default {fmt_time(mine['median_s'])}"]
+      if torch:
+        parts.append(f"{mine['median_s'] / torch['median_s']:.2f}× torch SDPA's time "
+                     f"({fmt_time(torch['median_s'])})")
+      if jax_nn:
+        parts.append(f"{fmt_ratio(mine['ratio_vs_jnp'])} faster than "
+                     f"jax.nn.dot_product_attention ({fmt_time(jax_nn['median_s'])})")
+      out.append(", ".join(parts) + ".")
+  memory = suites.get("memory")
+  if memory:
+    longest = memory["cases"][-1]
+    mine = longest["results"]["jmat default"]
+    if mine["status"] == "ok":
+      out.append(
+          f"Attention forward+backward at {longest['name']}: jmat default peaks at "
+          f"{fmt_bytes(mine['peak_rss_bytes'])} of RSS (the whole process)."
+      )
+  return out
+
+
 def readme_section(results: Mapping[str, Any], prefix: str) -> str:
   """The README's benchmark block: the machine, one table per suite, the plots."""
   suites = results["suites"]
@@ -427,9 +529,12 @@ def readme_section(results: Mapping[str, Any], prefix: str) -> str:
       f"[results.md]({prefix}/results.md); raw figures: [results.json]({prefix}/results.json).",
       "",
   ]
+  highlights = summary(results)
+  if highlights:
+    lines += ["In short:", ""] + [f"- {h}" for h in highlights] + [""]
   for name, suite in suites.items():
     lines += [f"### {name}: {suite['title']}", ""] + headline(suite) + [""]
-    lines += [f"- {n}" for n in suite.get("notes", [])]
+    lines += [f"- {n}" for n in suite.get("notes", [])] + _footnotes(suite["cases"])
     lines += ["", f"![{name}]({prefix}/{name}.png)", ""]
   return "\n".join(lines + [README_END])
 

@@ -105,6 +105,13 @@ def test_the_core_ops_are_measured_against_jnp(run, suite_name):
     assert jnp["ratio_vs_jnp"] == 1.0, case["name"]  # a reference against itself, round by round
 
 
+@pytest.mark.parametrize("suite_name", ["products", "dtypes"])
+def test_compiled_cases_record_whether_jmat_compiles_to_jnps_program(run, suite_name):
+  _, results = run
+  for case in results["suites"][suite_name]["cases"]:
+    assert isinstance(case["info"]["same_hlo_as_jnp"], bool), case["name"]
+
+
 def test_dtypes_suite_covers_every_dtype(run):
   _, results = run
   dtypes = [case["dtype"] for case in results["suites"]["dtypes"]["cases"]]
