@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   out = (args.out or DEFAULT_OUT) / tag
   settings = (
       timing.Settings(repeats=3, min_sample_s=0.005, max_calls_per_sample=100)
-      if args.quick else timing.Settings(repeats=11, min_sample_s=0.05, pause_s=0.05)
+      if args.quick else timing.Settings(repeats=11, min_sample_s=0.05, settle_s=0.5)
   )
   builders: dict[str, Callable[[Target, bool], timing.Suite]] = {
       "products": products.products_suite,
@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "jax_enable_x64": True,
         "repeats": 1 if name == "memory" else settings.repeats,
         "min_sample_s": None if name == "memory" else settings.min_sample_s,
-        "pause_s": None if name == "memory" else settings.pause_s,
+        "settle_s": None if name == "memory" else settings.settle_s,
         "load_average_before": load_before,
         "load_average_after": machine.load_average(),
     }

@@ -32,7 +32,8 @@ DEFINITIONS = {
                 "each waited on until its result is ready)",
     "min_s, max_s": "the fastest and slowest round",
     "samples_s": "seconds per call of each round, in round order (competitors take turns in "
-                 "every round, in a fresh random order, after a pause of run.pause_s)",
+                 "every round, in a fresh random order, each once the process is idle: "
+                 "waiting up to run.settle_s for other libraries' spinning threads)",
     "gflops": "the case's useful FLOPs (flops) over median_s, in 1e9 per second",
     "ratio_vs_jnp": "median over rounds of (the suite's reference time / this time); above 1 is "
                     "faster than the reference (suite.reference)",
@@ -159,8 +160,8 @@ def _run_line(run: Mapping[str, Any]) -> str:
   how = (
       "one fresh process per point" if run["min_sample_s"] is None else
       f"{run['repeats']} interleaved rounds per case (fewer where a round is slow: see "
-      f"samples), each in a random order, samples of >= {run['min_sample_s']} s after a "
-      f"{run.get('pause_s') or 0} s pause"
+      f"samples), each in a random order, samples of >= {run['min_sample_s']} s, each "
+      f"after the process went idle (waiting up to {run.get('settle_s') or 0} s)"
   )
   return (
       f"Run {run['started']} ({run['duration_s']:.0f} s, {'quick' if run['quick'] else 'full'}); "

@@ -1,14 +1,14 @@
 """Timing: every competitor of a case is warmed up, then measured in interleaved rounds.
 
-Every round times each competitor once, in a fresh (seeded) random order, so a
-burst of load from another process hits all competitors alike instead of one of
-them, and no competitor always runs right after the same other one: torch's and
-OpenBLAS's worker threads keep spinning for a while after a call returns, and on
-a 2-core machine the competitor that always followed torch lost 8-20% to that on
-an early run (a pause of ``pause_s`` before every sample lets them settle). A
-sample is a few back-to-back calls (enough to last ``min_sample_s``), each call
-waited on until its result is ready; a figure is the median of the samples with
-their min and max.
+Every round times each competitor once, in a fresh random order, so a burst of
+load from another process hits all competitors alike instead of one of them.
+
+Before every sample the process waits until it is idle (:func:`settle`): numpy's
+OpenBLAS worker threads spin for ~100 ms after each call returns (torch's for a few
+ms), burning one of this machine's two cores, and on an early run the competitor
+that happened to follow numpy or torch lost 5-20% to that. A sample is a few
+back-to-back calls (enough to last ``min_sample_s``), each waited on until its
+result is ready; a figure is the median of the samples with their min and max.
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
+
+# One seeded generator for the whole run: every round of every case gets its own
+# order (a generator per case would repeat the same orders in every case).
+_ORDER = random.Random(0)
 
 Call = Callable[[], Any]
 """A zero-argument call that returns only once its result is ready (block_until_ready)."""
@@ -55,13 +59,14 @@ class Settings:
     repeats: rounds per case, unless one round takes so long that ``repeats``
       rounds would exceed ``case_budget_s``; never fewer than ``min_repeats``.
     min_sample_s: the shortest sample; fast calls are repeated back to back.
-    pause_s: idle time before every sample, so the previous competitor's
-      spinning worker threads do not steal the cores from the next one.
+    settle_s: the longest wait for the process to go idle before a sample (0:
+      no wait), so the previous competitor's spinning worker threads do not
+      steal the cores from the next one.
   """
 
   repeats: int
   min_sample_s: float
-  pause_s: float = 0.0
+  settle_s: float = 0.0
   max_calls_per_sample: int = 1000
   case_budget_s: float = 20.0
   min_repeats: int = 3
@@ -89,9 +94,24 @@ def _calls_per_sample(call: Call, settings: Settings) -> tuple[int, float]:
   return calls, calls * once
 
 
-def _sample(call: Call, calls: int, pause_s: float) -> float:
-  if pause_s:
-    time.sleep(pause_s)
+def settle(limit_s: float, step_s: float = 0.01) -> float:
+  """Waits (up to ``limit_s``) until this process's threads burn no CPU; returns the wait.
+
+  ``time.process_time`` counts every thread of the process, so a worker pool that
+  is still spinning after its last call shows up as CPU time spent while we sleep.
+  """
+  start = time.perf_counter()
+  while time.perf_counter() - start < limit_s:
+    cpu = time.process_time()
+    time.sleep(step_s)
+    if time.process_time() - cpu < 0.1 * step_s:
+      break
+  return time.perf_counter() - start
+
+
+def _sample(call: Call, calls: int, settle_s: float) -> float:
+  if settle_s:
+    settle(settle_s)
   start = time.perf_counter()
   for _ in range(calls):
     call()
@@ -134,9 +154,9 @@ def measure(
   order = list(runnable)
   rounds = settings.rounds(round_s) if order else 0
   tick((settings.repeats - rounds) * len(order))
-  for r in range(rounds):
-    for name in random.Random(r).sample(order, len(order)):
-      samples[name].append(_sample(runnable[name], calls[name], settings.pause_s))
+  for _ in range(rounds):
+    for name in _ORDER.sample(order, len(order)):
+      samples[name].append(_sample(runnable[name], calls[name], settings.settle_s))
       tick(1)
   for name in runnable:
     times = samples[name]
