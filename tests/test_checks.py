@@ -107,3 +107,10 @@ def test_errors_surface_under_jit_and_vmap_as_shape_errors():
     jax.jit(lambda a, b: jmat.mm(a, b))(jnp.ones((2, 3)), jnp.ones((4, 2)))
   with pytest.raises(jmat.ShapeError, match=r"jmat.mm: contracted sizes 3 and 4 differ"):
     jax.vmap(jmat.mm)(np.ones((5, 2, 3)), np.ones((5, 4, 2)))
+
+
+def test_out_sharding_longer_than_the_result_is_refused():
+  with pytest.raises(jmat.ShapeError, match=r"jmat.mm: out_sharding \(None, None, None\) has 3 "
+                     r"entries, but the result has shape \(2, 2\) \(2-D\)"):
+    jmat.mm(jnp.ones((2, 3)), jnp.ones((3, 2)), out_sharding=jax.sharding.PartitionSpec(
+        None, None, None))

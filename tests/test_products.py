@@ -263,3 +263,15 @@ def test_compiled_matmul_matches_jnp_structure():
   theirs = jax.jit(jnp.matmul).lower(*args).compile().as_text()
   for op in (" dot(", " copy(", " transpose("):
     assert ours.count(op) == theirs.count(op), op
+
+
+def test_out_sharding_on_a_one_device_explicit_mesh():
+  """out_sharding works as for jnp.matmul (the 8-device tests are in tests/distributed/)."""
+  mesh = jax.make_mesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+  a, b = _operands((2, 3, 5), (5, 7))
+  with jax.default_matmul_precision("highest"):
+    result = jmat.matmul(a, b, out_sharding=sharding)
+  assert result.sharding.mesh == mesh
+  assert result.sharding.spec == jax.sharding.PartitionSpec("x", None, None)
+  _assert_close(result, np.matmul(a, b), jnp.float64)

@@ -223,6 +223,30 @@ def broadcast_dim_error(
   )
 
 
+def check_out_sharding(
+    op: str, spec: tuple[object, ...], out_shape: Shape, explicit_axes: set[str]
+) -> None:
+  """Refuses an ``out_sharding`` longer than the result's rank or naming a non-Explicit axis.
+
+  As for ``jnp.matmul``, ``out_sharding`` belongs to sharding-in-types (Explicit mesh
+  axes); on Auto axes the partitioner decides, and a hint is a sharding constraint.
+  """
+  if len(spec) > len(out_shape):
+    raise ShapeError(
+        f"jmat.{op}: out_sharding {spec} has {len(spec)} entries, but the result has shape "
+        f"{fmt_shape(out_shape)} ({len(out_shape)}-D); give at most one entry per result dim"
+    )
+  for entry in spec:
+    for name in entry if isinstance(entry, tuple) else (entry,):
+      if name is not None and name not in explicit_axes:
+        raise ValueError(
+            f"jmat.{op}: out_sharding names mesh axis {name!r}, which is not an Explicit axis "
+            f"of the mesh (Explicit axes: {sorted(explicit_axes)}); out_sharding is for "
+            f"Explicit axes, as in jnp.matmul: on Auto axes, constrain the result with "
+            f"jax.lax.with_sharding_constraint instead"
+        )
+
+
 def check_bmm_batch(
     op: str, shape_a: Shape, shape_b: Shape, names: tuple[str, str] = ("a", "b")
 ) -> None:

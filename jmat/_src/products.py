@@ -20,6 +20,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike, DTypeLike
 
 from jmat._src import checks, shapes
@@ -29,7 +30,10 @@ PrecisionLike = jax.lax.PrecisionLike
 # Half-precision products accumulate in float32 and are cast back, as torch does on the CPU.
 _ACCUMULATE_IN_FLOAT32 = (np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
 
-_jit_product = functools.partial(jax.jit, static_argnames=("precision", "preferred_element_type"))
+_jit_product = functools.partial(
+    jax.jit, static_argnames=("precision", "preferred_element_type", "out_sharding")
+)
+Sharding = NamedSharding | PartitionSpec
 
 
 def operands(op: str, *arrays: ArrayLike, names: tuple[str, ...] = ("a", "b")) -> list[jax.Array]:
@@ -60,11 +64,13 @@ def matrix_product(
     b: jax.Array,
     precision: PrecisionLike = None,
     preferred_element_type: DTypeLike | None = None,
+    out_sharding: Sharding | None = None,
 ) -> jax.Array:
   """The one kernel: the product of a 2-D ``(n, k)`` and a 2-D ``(k, p)`` array.
 
   Half-precision inputs accumulate in float32 and are cast back to their dtype,
   unless ``preferred_element_type`` asks for another result dtype.
+  ``out_sharding`` is the sharding of the ``(n, p)`` result (see ``kernel_sharding``).
   """
   out = jnp.einsum(
       "nk,kp->np",
@@ -72,8 +78,67 @@ def matrix_product(
       b,
       precision=precision,
       preferred_element_type=_accumulation(a.dtype, preferred_element_type),
+      out_sharding=out_sharding,
   )
   return out if preferred_element_type is not None else out.astype(a.dtype)
+
+
+def kernel_sharding(
+    op: str,
+    out_sharding: Sharding | None,
+    out_shape: tuple[int, ...],
+    rows: int | None,
+    cols: int | None,
+    batched: tuple[jax.Array, ...] = (),
+) -> Sharding | None:
+  """The sharding of the 2-D kernel's ``(n, p)`` result, from the one asked of the whole result.
+
+  Under ``jax.vmap`` the kernel sees only its own two dims; the batch dims keep the
+  sharding of the operands, and ``finish_sharding`` then pins the whole result. As
+  for ``jnp.matmul``, ``out_sharding`` may name only Explicit mesh axes.
+
+  Args:
+    op: the public name of the operation, for the error message.
+    out_sharding: the sharding the user asked of the result, or ``None``.
+    out_shape: the shape of the result.
+    rows: the axis of the result that holds ``n``, or ``None`` where a 1-D operand removed it.
+    cols: the axis of the result that holds ``p``, or ``None`` likewise.
+    batched: the operands with batch dims: mesh axes their batch dims are sharded
+      over stay with the batch dims, so the kernel's spec leaves them out.
+  """
+  if out_sharding is None:
+    return None
+  if isinstance(out_sharding, NamedSharding):
+    mesh, spec = out_sharding.mesh, out_sharding.spec
+  else:
+    mesh, spec = jax.sharding.get_abstract_mesh(), out_sharding
+  explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+              if t == AxisType.Explicit}
+  checks.check_out_sharding(op, tuple(spec), out_shape, explicit)
+  entries = tuple(spec) + (None,) * (len(out_shape) - len(spec))
+  taken = {name for x in batched for entry in jax.typeof(x).sharding.spec[:-2]
+           for name in _axis_names(entry)}
+
+  def kept(axis: int | None) -> object:
+    names = () if axis is None else tuple(n for n in _axis_names(entries[axis]) if n not in taken)
+    return names[0] if len(names) == 1 else (names or None)
+
+  inner = PartitionSpec(kept(rows), kept(cols))
+  if isinstance(out_sharding, NamedSharding):
+    return NamedSharding(out_sharding.mesh, inner)
+  return inner
+
+
+def _axis_names(entry: object) -> tuple[str, ...]:
+  """The mesh axis names of one ``PartitionSpec`` entry (``None``, a name or a tuple)."""
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, tuple) else (str(entry),)
+
+
+def finish_sharding(out: jax.Array, out_sharding: Sharding | None) -> jax.Array:
+  """Pins the result to ``out_sharding`` (a no-op where the product already has it)."""
+  return out if out_sharding is None else jax.sharding.reshard(out, out_sharding)
 
 
 def vmap_batch(
@@ -102,13 +167,17 @@ def batched_matrix_product(
     plan: shapes.BatchPlan,
     precision: PrecisionLike = None,
     preferred_element_type: DTypeLike | None = None,
+    out_sharding: Sharding | None = None,
 ) -> jax.Array:
   """``matrix_product`` over broadcast batch dims: ``a`` ``(..., n, k)``, ``b`` ``(..., k, p)``."""
   rank = len(plan.shape)
   a = jnp.squeeze(a, _unmapped_axes(rank, a.ndim, plan.mapped_a))
   b = jnp.squeeze(b, _unmapped_axes(rank, b.ndim, plan.mapped_b))
   kernel = functools.partial(
-      matrix_product, precision=precision, preferred_element_type=preferred_element_type
+      matrix_product,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+      out_sharding=out_sharding,
   )
   return vmap_batch(kernel, plan)(a, b)
 
@@ -121,6 +190,7 @@ def matmul(
     *,
     precision: PrecisionLike = None,
     preferred_element_type: DTypeLike | None = None,
+    out_sharding: Sharding | None = None,
 ) -> jax.Array:
   """Matrix product with the semantics of ``torch.matmul``.
 
@@ -141,6 +211,9 @@ def matmul(
       ``jax.default_matmul_precision``), ``"highest"`` for full float32 on
       GPU/TPU as torch computes by default, or any ``jax.lax.Precision``.
     preferred_element_type: accumulate in, and return, this dtype.
+    out_sharding: the ``PartitionSpec`` (under ``jax.set_mesh``) or ``NamedSharding``
+      of the result, as for ``jnp.matmul``; needed on a mesh with explicit axes when
+      the contracted dim is sharded, where the result's sharding is ambiguous.
 
   Returns:
     The product, of the shape ``jmat.matmul_shape(a.shape, b.shape)`` and the dtype
@@ -162,8 +235,12 @@ def matmul(
   a2 = a[None, :] if a.ndim == 1 else a
   b2 = b[:, None] if b.ndim == 1 else b
   plan = shapes.broadcast_batch("matmul", a.shape, b.shape, a2.shape[:-2], b2.shape[:-2])
-  out = batched_matrix_product(a2, b2, plan, precision, preferred_element_type)
-  return out.reshape(out_shape)
+  rank = len(out_shape)
+  rows = rank - 1 - (b.ndim > 1) if a.ndim > 1 else None
+  cols = rank - 1 if b.ndim > 1 else None
+  inner = kernel_sharding("matmul", out_sharding, out_shape, rows, cols, (a2, b2))
+  out = batched_matrix_product(a2, b2, plan, precision, preferred_element_type, inner)
+  return finish_sharding(out.reshape(out_shape), out_sharding)
 
 
 @_jit_product
@@ -174,6 +251,7 @@ def mm(
     *,
     precision: PrecisionLike = None,
     preferred_element_type: DTypeLike | None = None,
+    out_sharding: Sharding | None = None,
 ) -> jax.Array:
   """Product of two 2-D matrices, as ``torch.mm`` (no broadcasting, no 1-D promotion).
 
@@ -182,6 +260,7 @@ def mm(
     b: array of shape ``(m, p)``, of the same dtype.
     precision: as for :func:`jmat.matmul`.
     preferred_element_type: as for :func:`jmat.matmul`.
+    out_sharding: as for :func:`jmat.matmul`.
 
   Returns:
     Array of shape ``(n, p)``.
@@ -196,8 +275,9 @@ def mm(
      [43 50]]
   """
   a, b = operands("mm", a, b)
-  shapes.derive("mm", a.shape, b.shape)
-  return matrix_product(a, b, precision, preferred_element_type)
+  out_shape = shapes.derive("mm", a.shape, b.shape)
+  inner = kernel_sharding("mm", out_sharding, out_shape, 0, 1)
+  return matrix_product(a, b, precision, preferred_element_type, inner)
 
 
 @_jit_product
@@ -208,6 +288,7 @@ def bmm(
     *,
     precision: PrecisionLike = None,
     preferred_element_type: DTypeLike | None = None,
+    out_sharding: Sharding | None = None,
 ) -> jax.Array:
   """Batched matrix product of two 3-D arrays with equal batch size (no broadcasting).
 
@@ -216,6 +297,7 @@ def bmm(
     b: array of shape ``(b, m, p)``, of the same dtype.
     precision: as for :func:`jmat.matmul`.
     preferred_element_type: as for :func:`jmat.matmul`.
+    out_sharding: as for :func:`jmat.matmul`.
 
   Returns:
     Array of shape ``(b, n, p)``.
@@ -229,9 +311,11 @@ def bmm(
     (2, 1, 4)
   """
   a, b = operands("bmm", a, b)
-  shapes.derive("bmm", a.shape, b.shape)
+  out_shape = shapes.derive("bmm", a.shape, b.shape)
   plan = shapes.BatchPlan((a.shape[0],), (True,), (True,))
-  return batched_matrix_product(a, b, plan, precision, preferred_element_type)
+  inner = kernel_sharding("bmm", out_sharding, out_shape, 1, 2, (a, b))
+  out = batched_matrix_product(a, b, plan, precision, preferred_element_type, inner)
+  return finish_sharding(out, out_sharding)
 
 
 @_jit_product
@@ -242,6 +326,7 @@ def dot(
     *,
     precision: PrecisionLike = None,
     preferred_element_type: DTypeLike | None = None,
+    out_sharding: Sharding | None = None,
 ) -> jax.Array:
   """Dot product of two 1-D arrays of equal length, as ``torch.dot`` (no conjugation).
 
@@ -250,6 +335,7 @@ def dot(
     b: array of shape ``(n,)``, of the same dtype.
     precision: as for :func:`jmat.matmul`.
     preferred_element_type: as for :func:`jmat.matmul`.
+    out_sharding: as for :func:`jmat.matmul`.
 
   Returns:
     A 0-D array.
@@ -263,8 +349,10 @@ def dot(
     32
   """
   a, b = operands("dot", a, b)
-  shapes.derive("dot", a.shape, b.shape)
-  return matrix_product(a[None, :], b[:, None], precision, preferred_element_type)[0, 0]
+  out_shape = shapes.derive("dot", a.shape, b.shape)
+  inner = kernel_sharding("dot", out_sharding, out_shape, None, None)
+  out = matrix_product(a[None, :], b[:, None], precision, preferred_element_type, inner)
+  return finish_sharding(out[0, 0], out_sharding)
 
 
 @_jit_product
@@ -275,6 +363,7 @@ def mv(
     *,
     precision: PrecisionLike = None,
     preferred_element_type: DTypeLike | None = None,
+    out_sharding: Sharding | None = None,
 ) -> jax.Array:
   """Product of a 2-D matrix and a 1-D vector, as ``torch.mv``.
 
@@ -283,6 +372,7 @@ def mv(
     b: array of shape ``(m,)``, of the same dtype.
     precision: as for :func:`jmat.matmul`.
     preferred_element_type: as for :func:`jmat.matmul`.
+    out_sharding: as for :func:`jmat.matmul`.
 
   Returns:
     Array of shape ``(n,)``.
@@ -296,5 +386,7 @@ def mv(
     [3 7]
   """
   a, b = operands("mv", a, b)
-  shapes.derive("mv", a.shape, b.shape)
-  return matrix_product(a, b[:, None], precision, preferred_element_type)[:, 0]
+  out_shape = shapes.derive("mv", a.shape, b.shape)
+  inner = kernel_sharding("mv", out_sharding, out_shape, 0, None)
+  out = matrix_product(a, b[:, None], precision, preferred_element_type, inner)
+  return finish_sharding(out[:, 0], out_sharding)

@@ -152,6 +152,60 @@ def test_batch_sharded_product_keeps_its_sharding_on_explicit_mesh(op):
   np.testing.assert_allclose(np.asarray(out), a @ b, rtol=1e-12, atol=1e-12)
 
 
+# (op, [(shape, spec)], out_sharding): the contracted dim is sharded over "model", so on
+# Explicit axes the result's sharding is ambiguous and must be given, as for jnp.matmul.
+OUT_SHARDING_CASES = [
+    ("matmul", [((4, 16, 32), ("data", None, "model")), ((4, 32, 8), ("data", "model"))], P()),
+    ("matmul", [((4, 16, 32), ("data", None, "model")), ((4, 32, 8), ("data", "model"))],
+     P("data", "model", None)),
+    ("matmul", [((4, 16, 32), ("data", None, "model")), ((4, 32, 8), ("data", "model"))],
+     P(None, ("data", "model"))),
+    ("matmul", [((4, 16, 32), ("data", None, "model")), ((4, 32, 8), ("data", "model"))],
+     P(None, "model", "data")),
+    ("matmul", [((32,), ("model",)), ((4, 32, 8), ("data", "model"))], P("data", None)),
+    ("matmul", [((4, 16, 32), (None, None, "model")), ((32,), ("model",))], P("data", "model")),
+    ("bmm", [((4, 16, 32), ("data", None, "model")), ((4, 32, 8), ("data", "model"))],
+     P(None, ("data", "model"))),
+    ("mm", [((16, 32), (None, "model")), ((32, 8), ("model",))], P("data", None)),
+    ("mv", [((16, 32), (None, "model")), ((32,), ("model",))], P("data")),
+    ("dot", [((32,), ("model",)), ((32,), ("model",))], P()),
+]
+
+
+@pytest.mark.parametrize(
+    "op, operands, out_sharding", OUT_SHARDING_CASES,
+    ids=[f"{c[0]}-{len(c[1][0][0])}d-{len(c[1][1][0])}d-{c[2]}" for c in OUT_SHARDING_CASES],
+)
+def test_out_sharding_resolves_a_sharded_contraction_on_explicit_axes(op, operands, out_sharding):
+  rng = np.random.default_rng(11)
+  m = mesh((2, 4), ("data", "model"), EXPLICIT)
+  arrays = [randn(rng, *shape) for shape, _ in operands]
+  fn = getattr(jmat, op)
+  with jax.set_mesh(m), jax.default_matmul_precision("highest"):
+    placed = [put(x, m, *spec) for x, (_, spec) in zip(arrays, operands, strict=True)]
+    with pytest.raises(Exception, match="out_sharding"):  # JAX's own refusal, as for jnp
+      fn(*placed)
+    out = jax.jit(functools.partial(fn, out_sharding=out_sharding))(*placed)
+    expected = np.matmul(*arrays)
+    assert out.shape == expected.shape
+    assert out.sharding.spec == P(*out_sharding, *(None,) * (out.ndim - len(out_sharding)))
+    # Where the batch dims keep their input sharding, jmat partitions as jnp.matmul does
+    # (elsewhere XLA may move an axis between batch and matrix dims another way).
+    if op == "dot" or (op == "matmul" and out_sharding in (P(), P("data", "model", None))):
+      ours = collectives(functools.partial(fn, out_sharding=out_sharding), *placed)
+      theirs = collectives(functools.partial(jnp.matmul, out_sharding=out_sharding), *placed)
+      assert ours == theirs
+  np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_out_sharding_on_auto_axes_is_refused_with_advice():
+  m = mesh((8,), ("data",), AUTO)
+  a = put(np.ones((16, 32)), m, None, "data")
+  with pytest.raises(ValueError, match=r"jmat.mm: out_sharding names mesh axis 'data', which is "
+                     r"not an Explicit axis .*jax.lax.with_sharding_constraint"):
+    jmat.mm(a, a.T, out_sharding=NamedSharding(m, P("data")))
+
+
 def _tensor_parallel_mlp(x, w1, b1, w2, b2):
   return jmat.linear(jax.nn.relu(jmat.linear(x, w1, b1)), w2, b2)
 
