@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   out = (args.out or DEFAULT_OUT) / tag
   settings = (
       timing.Settings(repeats=3, min_sample_s=0.005, max_calls_per_sample=100)
-      if args.quick else timing.Settings(repeats=11, min_sample_s=0.05, settle_s=0.5)
+      if args.quick else timing.Settings(repeats=15, min_sample_s=0.05, settle_s=0.5)
   )
   builders: dict[str, Callable[[Target, bool], timing.Suite]] = {
       "products": products.products_suite,
