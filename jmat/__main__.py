@@ -122,13 +122,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   explain.add_argument("--bias-shape", type=_shape, help="bias of linear")
   explain.add_argument("--dims", type=_dims, help="dims of tensordot: 2, or [[1, 2], [0, 1]]")
   explain.add_argument("--dim", type=int, help="dim of vecdot")
-  bench = commands.add_parser("bench", help="run the benchmarks (pip install -e '.[bench]')")
-  bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to python -m benchmarks")
+  commands.add_parser("bench", help="the benchmarks, with their options (the bench extra)")
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["bench"]:  # everything after it, --options included, is the benchmarks'
+    from benchmarks.__main__ import main as bench_main
+
+    return bench_main(argv[1:])
   args = parser.parse_args(argv)
 
-  if args.command in (None, "tour"):
-    tour()
-  elif args.command == "explain":
+  if args.command == "explain":
     text = jmat.explain(
         args.shape_a,
         args.shape_b,
@@ -141,10 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(text)
     return 0 if text.splitlines()[-1].startswith("result: (") else 1
-  else:
-    from benchmarks.__main__ import main as bench_main
-
-    return bench_main(args.args)
+  tour()
   return 0
 
 

@@ -56,3 +56,14 @@ def test_module_entry_point_runs():
       capture_output=True, text=True, check=True,
   )
   assert result.stdout.splitlines()[-1] == "result: (2, 4)"
+
+
+def test_help_lists_the_commands_and_bench_passes_its_options_on(capsys):
+  with pytest.raises(SystemExit):
+    main(["--help"])
+  assert "{tour,explain,bench}" in capsys.readouterr().out
+  pytest.importorskip("matplotlib")
+  with pytest.raises(SystemExit) as info:
+    main(["bench", "--help"])  # the benchmarks' own --help, not jmat's
+  assert info.value.code == 0
+  assert "--suite" in capsys.readouterr().out
