@@ -78,16 +78,6 @@ TOL = {
 }
 
 
-@pytest.fixture
-def small_blocks(monkeypatch):
-  """Blocks of 16 queries (2 chains of 8) and 8 keys, so small inputs span many blocks."""
-  monkeypatch.setattr(attention_src, "BLOCK_Q", 16)
-  monkeypatch.setattr(attention_src, "BLOCK_K", 8)
-  jax.clear_caches()
-  yield
-  jax.clear_caches()
-
-
 # --- attention_scores -----------------------------------------------------------------------
 
 

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 import jmat
-from jmat._src import attention as attention_src
 
 RNG = np.random.default_rng(5)
 
@@ -32,16 +31,6 @@ DTYPES = {
     "bfloat16": (torch.bfloat16, jnp.bfloat16),
     np.float16: (torch.float16, jnp.float16),
 }
-
-
-@pytest.fixture
-def small_blocks(monkeypatch):
-  """Blocks of 16 queries and 8 keys, so small inputs span several blocks."""
-  monkeypatch.setattr(attention_src, "BLOCK_Q", 16)
-  monkeypatch.setattr(attention_src, "BLOCK_K", 8)
-  jax.clear_caches()
-  yield
-  jax.clear_caches()
 
 
 def randn(*shape):

@@ -12,7 +12,7 @@ import pytest
 
 import jmat
 from tests.cases import DTYPES, random_operand
-from tests.parity.test_torch_products import to_torch, torch_dtype_name
+from tests.parity.test_torch_products import assert_like_torch, to_torch
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -237,14 +237,7 @@ def test_result_dtype_and_values_agree_with_torch(op, dtype):
     return
   with jax.default_matmul_precision("highest"):
     ours = pick(jmat)(*arrays, **options)
-  assert ours.dtype.name == torch_dtype_name(theirs)
-  assert ours.shape == tuple(theirs.shape)
-  tolerance = {"float16": 1e-2, "bfloat16": 2e-2}.get(ours.dtype.name, 1e-5)
-  np.testing.assert_allclose(
-      np.asarray(ours.astype(jnp.complex128 if "complex" in ours.dtype.name else jnp.float64)),
-      theirs.to(torch.complex128 if theirs.is_complex() else torch.float64).numpy(),
-      rtol=tolerance, atol=tolerance,
-  )
+  assert_like_torch(ours, theirs)
 
 
 @pytest.mark.parametrize("op", ["addmm", "baddbmm", "vdot", "inner", "tensordot", "multi_dot",

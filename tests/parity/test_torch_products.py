@@ -34,6 +34,18 @@ def torch_dtype_name(t: torch.Tensor) -> str:
   return str(t.dtype).removeprefix("torch.")
 
 
+def assert_like_torch(ours, theirs: torch.Tensor) -> None:
+  """jmat's result has torch's dtype and shape, and its values within the dtype's tolerance."""
+  assert ours.dtype.name == torch_dtype_name(theirs)
+  assert ours.shape == tuple(theirs.shape)
+  tolerance = {"float16": 1e-2, "bfloat16": 2e-2}.get(ours.dtype.name, 1e-5)
+  np.testing.assert_allclose(
+      np.asarray(ours.astype(jnp.complex128 if "complex" in ours.dtype.name else jnp.float64)),
+      theirs.to(torch.complex128 if theirs.is_complex() else torch.float64).numpy(),
+      rtol=tolerance, atol=tolerance,
+  )
+
+
 def torch_shape(op: str, shape_a, shape_b):
   """torch's result shape, or None when torch refuses the pair."""
   try:
@@ -92,14 +104,7 @@ def test_result_dtype_and_values_agree_with_torch(op, dtype):
   theirs = OPS[op][1](to_torch(a), to_torch(b))
   with jax.default_matmul_precision("highest"):
     ours = OPS[op][0](jnp.asarray(a), jnp.asarray(b))
-  assert ours.dtype.name == torch_dtype_name(theirs)
-  assert ours.shape == tuple(theirs.shape)
-  tolerance = {"float16": 1e-2, "bfloat16": 2e-2}.get(ours.dtype.name, 1e-5)
-  np.testing.assert_allclose(
-      np.asarray(ours.astype(jnp.complex128 if "complex" in ours.dtype.name else jnp.float64)),
-      theirs.to(torch.complex128 if theirs.is_complex() else torch.float64).numpy(),
-      rtol=tolerance, atol=tolerance,
-  )
+  assert_like_torch(ours, theirs)
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
