@@ -21,7 +21,7 @@ import json
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from benchmarks.timing import failed, skipped
@@ -45,6 +45,20 @@ def _rss_bytes() -> int:
     pass
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _measured(step: Callable[[], object], temp: int | None) -> dict[str, Any]:
+  """Runs one forward+backward ``step`` and records the peak RSS around it."""
+  baseline = _rss_bytes()
+  start = time.perf_counter()
+  step()
+  return {
+      "status": "ok",
+      "peak_rss_bytes": _rss_bytes(),
+      "baseline_rss_bytes": baseline,
+      "temp_bytes": temp,
+      "time_s": time.perf_counter() - start,
+  }
 
 
 def _jax_point(competitor: str, shape: tuple[int, ...], device: str, limit: int) -> dict[str, Any]:
@@ -78,16 +92,7 @@ def _jax_point(competitor: str, shape: tuple[int, ...], device: str, limit: int)
         f"XLA's compiled forward+backward needs {temp / 2**30:.1f} GB of temporaries, "
         f"over the {limit / 2**30:.0f} GB limit of this run: not run"
     )
-  baseline = _rss_bytes()
-  start = time.perf_counter()
-  jax.block_until_ready(compiled(q, k, v))
-  return {
-      "status": "ok",
-      "peak_rss_bytes": _rss_bytes(),
-      "baseline_rss_bytes": baseline,
-      "temp_bytes": temp,
-      "time_s": time.perf_counter() - start,
-  }
+  return _measured(lambda: jax.block_until_ready(compiled(q, k, v)), temp)
 
 
 def _torch_point(shape: tuple[int, ...], device: str) -> dict[str, Any]:
@@ -101,18 +106,13 @@ def _torch_point(shape: tuple[int, ...], device: str) -> dict[str, Any]:
       .requires_grad_()
       for _ in range(3)
   )
-  baseline = _rss_bytes()
-  start = time.perf_counter()
-  torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
-  if torch_device == "cuda":
-    torch.cuda.synchronize()
-  return {
-      "status": "ok",
-      "peak_rss_bytes": _rss_bytes(),
-      "baseline_rss_bytes": baseline,
-      "temp_bytes": None,
-      "time_s": time.perf_counter() - start,
-  }
+
+  def step() -> None:
+    torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    if torch_device == "cuda":
+      torch.cuda.synchronize()
+
+  return _measured(step, None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -460,15 +460,6 @@ def test_ring_attention_skips_exactly_the_fully_masked_causal_tiles(
   assert sorted(seen) == sorted(expected)
 
 
-def test_block_is_masked_agrees_with_the_causal_mask():
-  n, q_len, k_len = 8, 16, 24
-  visible = np.tril(np.ones((q_len, k_len), bool))
-  blocks = visible.reshape(n, q_len // n, n, k_len // n).any(axis=(1, 3))
-  for i in range(n):
-    for j in range(n):
-      assert bool(jmat.parallel.block_is_masked(i, j, q_len // n, k_len // n)) == (not blocks[i, j])
-
-
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize(("q_len", "k_len"), [(32, 48), (48, 32)])
 def test_ring_attention_in_tiles_matches_torch(monkeypatch, q_len, k_len, is_causal):

@@ -24,8 +24,7 @@ def _chain_matmul(*xs):
     return torch.chain_matmul(*xs)
 
 
-# name -> (jmat function, torch function, keyword of matmul_shape that carries the first
-# operand's shape, if the op's first operand is an added one).
+# name -> (jmat function, torch function); the first operand of each is the added ``input``.
 ADD_OPS = {
     "addmm": (jmat.addmm, torch.addmm),
     "addmv": (jmat.addmv, torch.addmv),
