@@ -5,13 +5,14 @@
     python -m jmat explain 2,3 3,4 --op addmm --input-shape 4
     python -m jmat explain 3,4,5 4,5,6 --op tensordot --dims "[[1,2],[0,1]]"
     python -m jmat explain 10,100 100,5 5,50 --op multi_dot
-    python -m jmat bench [--suite ...]  # the benchmarks (needs the bench extra)
+    python -m jmat bench [--suite ...]  # the benchmarks (a source checkout, the bench extra)
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -107,6 +108,33 @@ def _dims(text: str) -> object:
     raise argparse.ArgumentTypeError(f"not a dims value: {text!r} (e.g. 2 or [[1],[0]])") from None
 
 
+# What ``bench`` needs beyond jmat: the benchmarks live in the repository, not in the wheel.
+_BENCH_MODULES = ("benchmarks.__main__", "tqdm", "matplotlib")
+
+
+def _bench(argv: list[str]) -> int:
+  """Runs ``python -m benchmarks`` with ``argv``, or says in one line how to get it."""
+  missing = []
+  for name in _BENCH_MODULES:
+    try:
+      found = importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # the parent package (benchmarks) is not there
+      found = False
+    if not found:
+      missing.append(name.split(".")[0])
+  if missing:
+    print(
+        f"python -m jmat bench: {', '.join(missing)} not installed; the benchmarks are not part "
+        f"of the jmat wheel: run them from a source checkout (git clone the repository, then "
+        f"pip install -e '.[bench]' && python -m jmat bench)",
+        file=sys.stderr,
+    )
+    return 2
+  from benchmarks.__main__ import main as bench_main
+
+  return bench_main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m jmat", description="jmat: the tour (default), explain and bench"
@@ -125,9 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   commands.add_parser("bench", help="the benchmarks, with their options (the bench extra)")
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv[:1] == ["bench"]:  # everything after it, --options included, is the benchmarks'
-    from benchmarks.__main__ import main as bench_main
-
-    return bench_main(argv[1:])
+    return _bench(argv[1:])
   args = parser.parse_args(argv)
 
   if args.command == "explain":
