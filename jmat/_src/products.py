@@ -20,10 +20,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 from jax.typing import ArrayLike, DTypeLike
 
-from jmat._src import checks, shapes
+from jmat._src import checks, shapes, sharding
 
 PrecisionLike = jax.lax.PrecisionLike
 
@@ -112,28 +112,19 @@ def kernel_sharding(
     mesh, spec = out_sharding.mesh, out_sharding.spec
   else:
     mesh, spec = jax.sharding.get_abstract_mesh(), out_sharding
-  explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
-              if t == AxisType.Explicit}
-  checks.check_out_sharding(op, tuple(spec), out_shape, explicit)
+  checks.check_out_sharding(op, tuple(spec), out_shape, set(sharding.explicit_axes(mesh)))
   entries = tuple(spec) + (None,) * (len(out_shape) - len(spec))
-  taken = {name for x in batched for entry in jax.typeof(x).sharding.spec[:-2]
-           for name in _axis_names(entry)}
+  taken = {name for x in batched for name in sharding.spec_axes(sharding.explicit_spec(x)[:-2])}
 
   def kept(axis: int | None) -> object:
-    names = () if axis is None else tuple(n for n in _axis_names(entries[axis]) if n not in taken)
+    names = () if axis is None else tuple(
+        n for n in sharding.entry_axes(entries[axis]) if n not in taken)
     return names[0] if len(names) == 1 else (names or None)
 
   inner = PartitionSpec(kept(rows), kept(cols))
   if isinstance(out_sharding, NamedSharding):
     return NamedSharding(out_sharding.mesh, inner)
   return inner
-
-
-def _axis_names(entry: object) -> tuple[str, ...]:
-  """The mesh axis names of one ``PartitionSpec`` entry (``None``, a name or a tuple)."""
-  if entry is None:
-    return ()
-  return tuple(entry) if isinstance(entry, tuple) else (str(entry),)
 
 
 def finish_sharding(out: jax.Array, out_sharding: Sharding | None) -> jax.Array:
