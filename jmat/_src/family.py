@@ -31,22 +31,16 @@ from jax.typing import ArrayLike
 from jmat._src import checks, shapes
 from jmat._src.products import (
     PrecisionLike,
+    accumulation_dtype,
     batched_matrix_product,
     matrix_product,
     operands,
 )
 
-_HALF = (np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
-
 _jit_scaled = functools.partial(jax.jit, static_argnames=("beta", "alpha", "precision"))
 _jit = functools.partial(jax.jit, static_argnames=("precision",))
 
 Scalar = bool | int | float | complex
-
-
-def _wide(dtype: np.dtype) -> type | None:
-  """The dtype a product and its epilogue are computed in: float32 for halves (as torch)."""
-  return jnp.float32 if dtype in _HALF else None
 
 
 def _constant(number: complex, dtype: np.dtype, compute: np.dtype) -> np.ndarray:
@@ -133,7 +127,7 @@ def addmm(
   """
   input, mat1, mat2 = operands("addmm", input, mat1, mat2, names=("input", "mat1", "mat2"))
   shapes.derive("addmm", mat1.shape, mat2.shape, input_shape=input.shape)
-  product = matrix_product(mat1, mat2, precision, _wide(mat1.dtype))
+  product = matrix_product(mat1, mat2, precision, accumulation_dtype(mat1.dtype))
   return _combine("addmm", input, product, beta, alpha, mat1.dtype)
 
 
@@ -173,7 +167,8 @@ def addmv(
   """
   input, mat, vec = operands("addmv", input, mat, vec, names=("input", "mat", "vec"))
   shapes.derive("addmv", mat.shape, vec.shape, input_shape=input.shape)
-  product = matrix_product(mat, vec[:, None], precision, _wide(mat.dtype))[:, 0]
+  wide = accumulation_dtype(mat.dtype)
+  product = matrix_product(mat, vec[:, None], precision, wide)[:, 0]
   return _combine("addmv", input, product, beta, alpha, mat.dtype)
 
 
@@ -215,7 +210,8 @@ def addr(
   """
   input, vec1, vec2 = operands("addr", input, vec1, vec2, names=("input", "vec1", "vec2"))
   shapes.derive("addr", vec1.shape, vec2.shape, input_shape=input.shape)
-  product = matrix_product(vec1[:, None], vec2[None, :], precision, _wide(vec1.dtype))
+  wide = accumulation_dtype(vec1.dtype)
+  product = matrix_product(vec1[:, None], vec2[None, :], precision, wide)
   return _combine("addr", input, product, beta, alpha, vec1.dtype)
 
 
@@ -257,7 +253,8 @@ def baddbmm(
   input, batch1, batch2 = operands("baddbmm", input, batch1, batch2, names=names)
   shapes.derive("baddbmm", batch1.shape, batch2.shape, input_shape=input.shape)
   plan = shapes.BatchPlan((batch1.shape[0],), (True,), (True,))
-  product = batched_matrix_product(batch1, batch2, plan, precision, _wide(batch1.dtype))
+  wide = accumulation_dtype(batch1.dtype)
+  product = batched_matrix_product(batch1, batch2, plan, precision, wide)
   return _combine("baddbmm", input, product, beta, alpha, batch1.dtype)
 
 
@@ -303,7 +300,7 @@ def addbmm(
   b, n, k = batch1.shape
   rows = jnp.moveaxis(batch1, 0, 1).reshape(n, b * k)
   cols = batch2.reshape(b * k, batch2.shape[2])
-  product = matrix_product(rows, cols, precision, _wide(batch1.dtype))
+  product = matrix_product(rows, cols, precision, accumulation_dtype(batch1.dtype))
   return _combine("addbmm", input, product, beta, alpha, batch1.dtype)
 
 
@@ -581,7 +578,8 @@ def linear(
   )
   rows = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
   cols = weight.T if weight.ndim == 2 else weight[:, None]
-  product = matrix_product(rows, cols, precision, _wide(input.dtype)).reshape(out_shape)
+  wide = accumulation_dtype(input.dtype)
+  product = matrix_product(rows, cols, precision, wide).reshape(out_shape)
   return _combine("linear", bias, product, 1, 1, input.dtype)
 
 
@@ -612,7 +610,7 @@ def vecdot(x: ArrayLike, y: ArrayLike, /, *, dim: int = -1) -> jax.Array:
   checks.check_floating("vecdot", x.dtype)
   out_shape = shapes.derive("vecdot", x.shape, y.shape, dim=dim)
   dtype = x.dtype
-  compute = _wide(dtype) or dtype
+  compute = accumulation_dtype(dtype)
   x, y = x.astype(compute), y.astype(compute)
   products = (jnp.conj(x) if jnp.iscomplexobj(x) else x) * y
   summed = jnp.sum(products, axis=dim) if products.ndim else products

@@ -27,8 +27,7 @@ from jmat._src import checks, shapes, sharding
 
 PrecisionLike = jax.lax.PrecisionLike
 
-# Half-precision products accumulate in float32 and are cast back, as torch does on the CPU.
-_ACCUMULATE_IN_FLOAT32 = (np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
+_HALF_PRECISION = (np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
 
 _jit_product = functools.partial(
     jax.jit, static_argnames=("precision", "preferred_element_type", "out_sharding")
@@ -53,10 +52,20 @@ def operands(op: str, *arrays: ArrayLike, names: tuple[str, ...] = ("a", "b")) -
   return converted
 
 
-def _accumulation(dtype: np.dtype, preferred_element_type: DTypeLike | None) -> DTypeLike | None:
-  if preferred_element_type is not None:
-    return preferred_element_type
-  return jnp.float32 if dtype in _ACCUMULATE_IN_FLOAT32 else None
+def accumulation_dtype(dtype: DTypeLike) -> np.dtype:
+  """The dtype that products (and the sums after them) of ``dtype`` operands are computed in.
+
+  float32 for float16 and bfloat16, as torch does on the CPU (the result is cast
+  back); every other dtype is its own accumulation dtype. For floating inputs this
+  is also attention's softmax dtype: float64 stays float64, the rest is float32.
+
+  Example:
+    >>> from jmat._src.products import accumulation_dtype
+    >>> [accumulation_dtype(d).name for d in (jnp.bfloat16, jnp.float16, jnp.float32, jnp.int8)]
+    ['float32', 'float32', 'float32', 'int8']
+  """
+  dtype = np.dtype(dtype)
+  return np.dtype(np.float32) if dtype in _HALF_PRECISION else dtype
 
 
 def matrix_product(
@@ -77,7 +86,10 @@ def matrix_product(
       a,
       b,
       precision=precision,
-      preferred_element_type=_accumulation(a.dtype, preferred_element_type),
+      preferred_element_type=(
+          accumulation_dtype(a.dtype) if preferred_element_type is None
+          else preferred_element_type
+      ),
       out_sharding=out_sharding,
   )
   return out if preferred_element_type is not None else out.astype(a.dtype)
