@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jmat
-from jmat._src.shapes import RULES
+from jmat._src.shapes import OPS
 
 
 def _section(title: str) -> None:
@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   explain.add_argument("shape_a", type=_shape, help="e.g. 5,1,4,2 (a 0-D shape is '()')")
   explain.add_argument("shape_b", type=_shape, help="e.g. 3,2,1")
   explain.add_argument("more_shapes", type=_shape, nargs="*", help="the rest of a multi_dot chain")
-  explain.add_argument("--op", default="matmul", choices=sorted(RULES))
+  explain.add_argument("--op", default="matmul", choices=sorted(OPS))
   explain.add_argument("--input-shape", type=_shape, help="input of the add* ops")
   explain.add_argument("--bias-shape", type=_shape, help="bias of linear")
   explain.add_argument("--dims", type=_dims, help="dims of tensordot: 2, or [[1, 2], [0, 1]]")

@@ -578,4 +578,4 @@ def test_every_public_function_is_listed():
   assert set(jmat.linalg.__all__) == {"matmul", "multi_dot", "vecdot"}
   assert jmat.linalg.matmul is jmat.matmul and jmat.linalg.multi_dot is jmat.multi_dot
   for op in itertools.chain(names - {"linalg"}, ["vecdot"]):
-    assert op in shapes.RULES
+    assert op in shapes.OPS

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -260,6 +261,34 @@ def check_bmm_batch(
     )
 
 
+def check_arrays(op: str, arrays: Sequence[object], names: Sequence[str]) -> None:
+  """Refuses operands that are not arrays (or scalars): lists and tuples, as ``jnp.matmul`` does.
+
+  An implicit conversion would hide a dtype choice.
+
+  Raises:
+    TypeError: naming the operation, the operand and its type.
+  """
+  for name, x in zip(names, arrays, strict=True):
+    if not isinstance(x, jax.Array | np.ndarray | np.generic | int | float | complex):
+      raise TypeError(
+          f"jmat.{op}: {name} must be an array, got {type(x).__name__}; "
+          f"convert it first, e.g. jnp.asarray({name})"
+      )
+
+
+def check_not_scalar(op: str, shape_a: Shape, shape_b: Shape) -> None:
+  """Refuses a 0-D operand of ``matmul``, as torch does (whatever some tutorials say)."""
+  if len(shape_a) == 0 or len(shape_b) == 0:
+    raise shape_error(
+        op,
+        "both arguments must be at least 1-D",
+        both_shapes(shape_a, shape_b),
+        "0-D arrays are scalars: scale with a * b instead (torch.matmul refuses 0-D too, "
+        "whatever some tutorials say)",
+    )
+
+
 # --- the rest of the product family (addmm, ..., tensordot, multi_dot, linear, vecdot) ---
 
 
@@ -349,6 +378,15 @@ def check_min_rank(
     )
 
 
+def check_array_list(op: str, arrays: object) -> None:
+  """Refuses a chain product's ``arrays`` that is not a list or tuple (``multi_dot``)."""
+  if not isinstance(arrays, list | tuple):
+    raise TypeError(
+        f"jmat.{op}: arrays must be a list or tuple of arrays, got "
+        f"{type(arrays).__name__}; e.g. jmat.{op}([a, b, c])"
+    )
+
+
 def check_count(op: str, count: int, minimum: int, what: str) -> None:
   """Refuses a chain product of fewer than ``minimum`` arrays."""
   if count < minimum:
@@ -434,6 +472,44 @@ def check_dim(op: str, dim: int, rank: int, shapes: str) -> int:
         f"the broadcast operands are {rank}-D: dim must be in {-wrap}..{wrap - 1}",
     )
   return int(dim) % wrap
+
+
+# --- the arguments of matmul_shape and explain (shapes, not arrays) ---
+
+
+def check_shape_argument(name: str, shape: object) -> Shape:
+  """A user-given shape as a tuple, or TypeError: a sequence of non-negative Python ints."""
+  try:
+    dims = tuple(shape)  # type: ignore[arg-type]
+  except TypeError:
+    raise TypeError(f"jmat: {name} must be a shape, a tuple of ints, not {shape!r}") from None
+  for d in dims:
+    if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+      raise TypeError(f"jmat: {name} must be a tuple of non-negative ints, got {shape!r}")
+  return dims
+
+
+def check_known_op(op: str, known: Sequence[str]) -> None:
+  """Refuses an ``op`` that is not one of jmat's products."""
+  if op not in known:
+    raise ValueError(f"jmat: unknown op {op!r}; known ops: {', '.join(sorted(known))}")
+
+
+def check_shape_count(op: str, count: int, chains: Sequence[str]) -> None:
+  """Refuses more than two shapes for an op that is not a chain product."""
+  if count > 2 and op not in chains:
+    raise TypeError(
+        f"jmat: op={op!r} takes two shapes, got {count}; only "
+        f"{' and '.join(chains)} take a chain of shapes"
+    )
+
+
+def check_option(op: str, option: str, accepted: Sequence[str], takers: Sequence[str]) -> None:
+  """Refuses an option (``input_shape``, ``dims``, ...) that ``op`` does not take."""
+  if option not in accepted:
+    raise TypeError(
+        f"jmat: op={op!r} takes no {option}; it is an option of {', '.join(sorted(takers))}"
+    )
 
 
 def check_ring_attention(

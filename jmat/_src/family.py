@@ -459,7 +459,7 @@ def _tensordot(
 
 def _chain(op: str, arrays: Sequence[ArrayLike], precision: PrecisionLike) -> jax.Array:
   """The chain product in the cheapest order, chosen from the shapes at trace time."""
-  converted = operands(op, *arrays, names=shapes.chain_names(op, len(arrays)))
+  converted = operands(op, *arrays, names=shapes.operand_names(op, len(arrays)))
   out_shape = shapes.derive(op, *(x.shape for x in converted))
   mats = [
       x[None, :] if x.ndim == 1 and i == 0 else x[:, None] if x.ndim == 1 else x
@@ -503,11 +503,7 @@ def multi_dot(arrays: Sequence[ArrayLike], /, *, precision: PrecisionLike = None
     >>> jmat.multi_dot([jnp.ones(3), jnp.ones((3, 4)), jnp.ones((4, 5))]).shape
     (5,)
   """
-  if not isinstance(arrays, list | tuple):
-    raise TypeError(
-        f"jmat.multi_dot: arrays must be a list or tuple of arrays, got "
-        f"{type(arrays).__name__}; e.g. jmat.multi_dot([a, b, c])"
-    )
+  checks.check_array_list("multi_dot", arrays)
   return _chain("multi_dot", arrays, precision)
 
 

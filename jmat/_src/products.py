@@ -41,12 +41,7 @@ def operands(op: str, *arrays: ArrayLike, names: tuple[str, ...] = ("a", "b")) -
   Lists and tuples are refused, as ``jnp.matmul`` refuses them: an implicit
   conversion would hide a dtype choice.
   """
-  for name, x in zip(names, arrays, strict=True):
-    if not isinstance(x, jax.Array | np.ndarray | np.generic | int | float | complex):
-      raise TypeError(
-          f"jmat.{op}: {name} must be an array, got {type(x).__name__}; "
-          f"convert it first, e.g. jnp.asarray({name})"
-      )
+  checks.check_arrays(op, arrays, names)
   converted = [jnp.asarray(x) for x in arrays]
   checks.check_dtypes(op, [x.dtype for x in converted], names)
   return converted

@@ -110,20 +110,9 @@ def _broadcast_words(
   return f"{da} and {db}: the 1 stretches -> {out}"
 
 
-def _check_not_scalar(op: str, shape_a: Shape, shape_b: Shape) -> None:
-  if len(shape_a) == 0 or len(shape_b) == 0:
-    raise checks.shape_error(
-        op,
-        "both arguments must be at least 1-D",
-        checks.both_shapes(shape_a, shape_b),
-        "0-D arrays are scalars: scale with a * b instead (torch.matmul refuses 0-D too, "
-        "whatever some tutorials say)",
-    )
-
-
 def _matmul_rule(d: Derivation, shape_a: Shape, shape_b: Shape) -> Shape:
   op = d.op
-  _check_not_scalar(op, shape_a, shape_b)
+  checks.check_not_scalar(op, shape_a, shape_b)
   d.note(f"a {fmt_shape(shape_a)} is {len(shape_a)}-D, b {fmt_shape(shape_b)} is {len(shape_b)}-D")
   mat_a, mat_b = shape_a, shape_b
   if len(shape_a) == 1:
@@ -416,13 +405,9 @@ def _tree_words(tree: ChainTree) -> str:
   return f"({_tree_words(tree[0])} @ {_tree_words(tree[1])})"
 
 
-def chain_names(op: str, count: int) -> tuple[str, ...]:
-  return tuple(f"{'arrays' if op == 'multi_dot' else 'matrices'}[{i}]" for i in range(count))
-
-
 def _chain_rule(d: Derivation, *chain: Shape) -> Shape:
   op, count = d.op, len(chain)
-  names = chain_names(op, count)
+  names = operand_names(op, count)
   if op == "multi_dot":
     checks.check_count(op, count, 2, "arrays")
     allowed = ((1, 2),) + ((2,),) * (count - 2) + ((1, 2),)
@@ -500,102 +485,101 @@ def _vecdot_rule(d: Derivation, x: Shape, y: Shape, *, dim: int = -1) -> Shape:
   return result
 
 
-RULES: dict[str, Rule] = {
-    "matmul": _matmul_rule,
-    "mm": _mm_rule,
-    "bmm": _bmm_rule,
-    "dot": _dot_rule,
-    "mv": _mv_rule,
-    "addmm": _addmm_rule,
-    "addmv": _addmv_rule,
-    "addr": _addr_rule,
-    "baddbmm": _baddbmm_rule,
-    "addbmm": _addbmm_rule,
-    "vdot": _dot_rule,
-    "inner": _inner_rule,
-    "outer": _outer_rule,
-    "tensordot": _tensordot_rule,
-    "multi_dot": _chain_rule,
-    "chain_matmul": _chain_rule,
-    "linear": _linear_rule,
-    "vecdot": _vecdot_rule,
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+  """What the shape algebra knows of one op: its rule and the names of its arguments.
+
+  Adding an op to jmat's shape algebra (and so to ``matmul_shape``, ``explain`` and
+  ``python -m jmat explain --op``) is one entry of :data:`OPS`.
+
+  Attributes:
+    rule: derives the result shape: ``rule(derivation, *shapes, **options)``.
+    operands: the names of the two operands, in messages and in explain's header.
+    options: the keyword options the rule takes. A ``<name>_shape`` option is an
+      added operand (``input`` of the add* ops, ``bias`` of linear), shown in the
+      header by its name: before the operands for ``input``, which torch's add* ops
+      take first, after them otherwise.
+    chain: for a chain product, the name of its list of operands (``"arrays"``):
+      the op takes any number of shapes, named ``arrays[0]``, ``arrays[1]``, ...
+  """
+
+  rule: Rule
+  operands: tuple[str, str] = ("a", "b")
+  options: tuple[str, ...] = ()
+  chain: str | None = None
+
+
+_ADDED = ("input_shape",)
+
+OPS: dict[str, OpSpec] = {
+    "matmul": OpSpec(_matmul_rule),
+    "mm": OpSpec(_mm_rule),
+    "bmm": OpSpec(_bmm_rule),
+    "dot": OpSpec(_dot_rule),
+    "mv": OpSpec(_mv_rule),
+    "addmm": OpSpec(_addmm_rule, ("mat1", "mat2"), _ADDED),
+    "addmv": OpSpec(_addmv_rule, ("mat", "vec"), _ADDED),
+    "addr": OpSpec(_addr_rule, ("vec1", "vec2"), _ADDED),
+    "baddbmm": OpSpec(_baddbmm_rule, ("batch1", "batch2"), _ADDED),
+    "addbmm": OpSpec(_addbmm_rule, ("batch1", "batch2"), _ADDED),
+    "vdot": OpSpec(_dot_rule),
+    "inner": OpSpec(_inner_rule),
+    "outer": OpSpec(_outer_rule),
+    "tensordot": OpSpec(_tensordot_rule, options=("dims",)),
+    "multi_dot": OpSpec(_chain_rule, chain="arrays"),
+    "chain_matmul": OpSpec(_chain_rule, chain="matrices"),
+    "linear": OpSpec(_linear_rule, ("input", "weight"), ("bias_shape",)),
+    "vecdot": OpSpec(_vecdot_rule, ("x", "y"), ("dim",)),
 }
 
-# The keyword options each op's rule takes (the others take none), and the operands' names.
-OPTIONS: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(("addmm", "addmv", "addr", "baddbmm", "addbmm"), ("input_shape",)),
-    "tensordot": ("dims",),
-    "linear": ("bias_shape",),
-    "vecdot": ("dim",),
-}
-OPERANDS: dict[str, tuple[str, str]] = {
-    "addmm": ("mat1", "mat2"),
-    "addmv": ("mat", "vec"),
-    "addr": ("vec1", "vec2"),
-    "baddbmm": ("batch1", "batch2"),
-    "addbmm": ("batch1", "batch2"),
-    "linear": ("input", "weight"),
-    "vecdot": ("x", "y"),
-}
-_CHAINS = ("multi_dot", "chain_matmul")
-_OPTION_LABELS = {"input_shape": "input", "bias_shape": "bias"}
+
+def _spec(op: str) -> OpSpec:
+  checks.check_known_op(op, tuple(OPS))
+  return OPS[op]
 
 
-def _as_shape(name: str, shape: object) -> Shape:
-  """Validates a user-given shape: a sequence of non-negative Python ints."""
-  try:
-    dims = tuple(shape)  # type: ignore[arg-type]
-  except TypeError:
-    raise TypeError(f"jmat: {name} must be a shape, a tuple of ints, not {shape!r}") from None
-  for d in dims:
-    if isinstance(d, bool) or not isinstance(d, int) or d < 0:
-      raise TypeError(f"jmat: {name} must be a tuple of non-negative ints, got {shape!r}")
-  return dims
-
-
-def _rule(op: str) -> Rule:
-  try:
-    return RULES[op]
-  except KeyError:
-    raise ValueError(f"jmat: unknown op {op!r}; known ops: {', '.join(sorted(RULES))}") from None
+def operand_names(op: str, count: int) -> tuple[str, ...]:
+  """The names of ``count`` operands of ``op``: ``("mat1", "mat2")``, ``("arrays[0]", ...)``."""
+  spec = _spec(op)
+  if spec.chain is None:
+    return spec.operands
+  return tuple(f"{spec.chain}[{i}]" for i in range(count))
 
 
 def derive(op: str, *operand_shapes: Shape, **options: object) -> Shape:
   """The result shape of ``op`` on operands of these shapes; raises ShapeError if invalid."""
-  return _rule(op)(Derivation(op), *(tuple(s) for s in operand_shapes), **options)
+  return _spec(op).rule(Derivation(op), *(tuple(s) for s in operand_shapes), **options)
 
 
 def _arguments(
     op: str, shapes: Sequence[object], options: dict[str, object]
 ) -> tuple[tuple[Shape, ...], dict[str, object]]:
   """Validates the shapes and options a user gave ``matmul_shape``/``explain`` for ``op``."""
-  _rule(op)
-  if len(shapes) > 2 and op not in _CHAINS:
-    raise TypeError(
-        f"jmat: op={op!r} takes two shapes, got {len(shapes)}; only "
-        f"{' and '.join(_CHAINS)} take a chain of shapes"
-    )
+  spec = _spec(op)
+  chains = tuple(name for name, s in OPS.items() if s.chain is not None)
+  checks.check_shape_count(op, len(shapes), chains)
   labels = ("shape_a", "shape_b") + tuple(f"more_shapes[{i}]" for i in range(len(shapes) - 2))
-  checked = tuple(_as_shape(label, s) for label, s in zip(labels, shapes, strict=True))
+  checked = tuple(
+      checks.check_shape_argument(label, s) for label, s in zip(labels, shapes, strict=True)
+  )
   given = {k: v for k, v in options.items() if v is not None}
   for key, value in given.items():
-    if key not in OPTIONS.get(op, ()):
-      takers = sorted(o for o, keys in OPTIONS.items() if key in keys)
-      raise TypeError(f"jmat: op={op!r} takes no {key}; it is an option of {', '.join(takers)}")
+    takers = [name for name, s in OPS.items() if key in s.options]
+    checks.check_option(op, key, spec.options, takers)
     if key.endswith("_shape"):
-      given[key] = _as_shape(key, value)
+      given[key] = checks.check_shape_argument(key, value)
   if "dims" in given:
     given["dims"] = normalize_dims(op, given["dims"])
   return checked, given
 
 
 def _header(op: str, shapes: tuple[Shape, ...], options: dict[str, object]) -> str:
-  names = chain_names(op, len(shapes)) if op in _CHAINS else OPERANDS.get(op, ("a", "b"))
-  parts = [f"{n} {fmt_shape(s)}" for n, s in zip(names, shapes, strict=True)]
+  parts = [f"{n} {fmt_shape(s)}" for n, s in zip(operand_names(op, len(shapes)), shapes,
+                                                    strict=True)]
   for key, value in options.items():
-    if key in _OPTION_LABELS:
-      parts.insert(0 if key == "input_shape" else len(parts), f"{_OPTION_LABELS[key]} "
-                   f"{fmt_shape(value)}")  # type: ignore[arg-type]
+    if key.endswith("_shape"):
+      label = f"{key.removesuffix('_shape')} {fmt_shape(value)}"  # type: ignore[arg-type]
+      parts.insert(0 if key in _ADDED else len(parts), label)
     else:
       parts.append(f"{key}={value!r}")
   return f"jmat.{op}: {', '.join(parts)}"
@@ -648,7 +632,7 @@ def matmul_shape(
   """
   options = {"input_shape": input_shape, "bias_shape": bias_shape, "dims": dims, "dim": dim}
   shapes, given = _arguments(op, (shape_a, shape_b, *more_shapes), options)
-  return _rule(op)(Derivation(op), *shapes, **given)
+  return OPS[op].rule(Derivation(op), *shapes, **given)
 
 
 def explain(
@@ -700,7 +684,7 @@ def explain(
   shapes, given = _arguments(op, (shape_a, shape_b, *more_shapes), options)
   d = Derivation(op)
   try:
-    outcome = f"result: {fmt_shape(_rule(op)(d, *shapes, **given))}"
+    outcome = f"result: {fmt_shape(OPS[op].rule(d, *shapes, **given))}"
   except ShapeError as error:
     d.note(f"fails: {error}")
     outcome = f"result: none, jmat.{op} raises ShapeError"
