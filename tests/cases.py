@@ -1,4 +1,5 @@
-"""Shared test tables: shape pairs for every rank pair, dtypes, tolerances and random operands.
+"""Shared test tables and oracles: shape pairs for every rank pair, dtypes, the one tolerance
+table, random operands and the one numpy attention oracle.
 
 Sizes are odd and distinct (3, 5, 7, 13) so that a transposed axis cannot hide;
 size-0 and size-1 dims and broadcasting patterns are included.
@@ -7,6 +8,7 @@ size-0 and size-1 dims and broadcasting patterns are included.
 from __future__ import annotations
 
 import itertools
+import math
 
 import jax.numpy as jnp
 import numpy as np
@@ -58,13 +60,15 @@ def invalid_matmul_pairs() -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
   ]
 
 
-# dtype -> (rtol, atol) against a float64 (or complex128) numpy oracle of the same inputs.
+# The one tolerance table of the tests: dtype -> (rtol, atol) of a result computed in that
+# dtype against a float64 (complex128) oracle of the same inputs: numpy, or torch in float64.
+# float32 covers a softmax too (attention), whose exp and sum add to the products' rounding.
 TOLERANCES = {
     jnp.float16: (2e-2, 2e-2),
     jnp.bfloat16: (3e-2, 3e-2),
-    jnp.float32: (1e-5, 1e-5),
+    jnp.float32: (2e-5, 2e-5),
     jnp.float64: (1e-12, 1e-12),
-    jnp.complex64: (1e-5, 1e-5),
+    jnp.complex64: (2e-5, 2e-5),
     jnp.complex128: (1e-12, 1e-12),
     jnp.int8: (0, 0),
     jnp.int16: (0, 0),
@@ -73,6 +77,18 @@ TOLERANCES = {
     jnp.uint8: (0, 0),
 }
 DTYPES = list(TOLERANCES)
+
+
+def tolerance(dtype) -> dict[str, float]:
+  """``TOLERANCES`` of ``dtype`` (a jnp/np type, a dtype or its name) as ``assert_allclose`` kwargs.
+
+  Example: ``np.testing.assert_allclose(got, want, **tolerance(got.dtype))``.
+  """
+  rtol, atol = _BY_DTYPE[np.dtype(dtype)]
+  return {"rtol": rtol, "atol": atol}
+
+
+_BY_DTYPE = {np.dtype(d): tol for d, tol in TOLERANCES.items()}
 
 
 def random_operand(rng: np.random.Generator, shape, dtype) -> np.ndarray:
@@ -90,3 +106,80 @@ def oracle_dtype(dtype) -> np.dtype:
   """The numpy dtype an oracle computes in: float64, complex128 or int64."""
   kind = np.dtype(dtype).kind
   return np.dtype({"c": np.complex128, "i": np.int64, "u": np.int64}.get(kind, np.float64))
+
+
+def attention_weights(
+    q, k, *, allowed=None, bias=None, scale=None, is_causal=False, enable_gqa=False
+) -> tuple[np.ndarray, np.ndarray]:
+  """The softmax weights of attention in float64, and the per-query logsumexp of the scores.
+
+  ``softmax(scale * q @ k^T + bias)`` over the keys a query may see: those ``allowed``
+  (a bool mask, True = may attend), not after the query under ``is_causal`` (torch's
+  top-left ``tril(ones(L, S))``) and not at a ``-inf`` score. A query that may see no
+  key gets all-zero weights and logsumexp ``-inf``.
+
+  Args:
+    q: ``(..., L, E)``.
+    k: ``(..., S, E)``; with ``enable_gqa`` its heads (dim -3) divide q's and are repeated.
+    allowed: ``None`` or a bool array broadcastable to ``(..., L, S)``.
+    bias: ``None`` or a float array broadcastable to ``(..., L, S)``, added to the scores.
+    scale: the factor of the scores; ``None`` is ``1 / sqrt(E)``.
+    is_causal: apply the top-left causal mask.
+    enable_gqa: grouped-query attention (key heads shared by groups of query heads).
+
+  Returns:
+    ``(weights (..., L, S), logsumexp (..., L))``, float64, the natural-log logsumexp.
+  """
+  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  if enable_gqa:
+    k = np.repeat(k, q.shape[-3] // k.shape[-3], axis=-3)
+  length, keys = q.shape[-2], k.shape[-2]
+  scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+  s = np.matmul(q, np.swapaxes(k, -1, -2)) * scale
+  if bias is not None:
+    s = s + np.asarray(bias, np.float64)
+  ok = np.broadcast_to(s != -np.inf, s.shape)
+  if allowed is not None:
+    ok = ok & np.asarray(allowed, bool)
+  if is_causal:
+    ok = ok & np.tril(np.ones((length, keys), bool))
+  s = np.where(ok, s, -np.inf)
+  row_max = s.max(axis=-1, keepdims=True, initial=-np.inf)
+  p = np.where(ok, np.exp(s - np.where(np.isfinite(row_max), row_max, 0.0)), 0.0)
+  total = p.sum(axis=-1, keepdims=True)
+  with np.errstate(divide="ignore"):
+    lse = np.where(total > 0, row_max + np.log(np.where(total > 0, total, 1.0)), -np.inf)
+  return p / np.where(total > 0, total, 1.0), lse[..., 0]
+
+
+def attention_reference(
+    q, k, v, *, allowed=None, bias=None, scale=None, is_causal=False, enable_gqa=False,
+    return_lse=False,
+):
+  """The numpy float64 attention oracle: ``softmax(scale * q @ k^T + bias, masked) @ v``.
+
+  The masks, scale and grouped-query rules are those of :func:`attention_weights`; a
+  query that may see no key gets output 0 (as torch's SDPA and flex attention give).
+
+  Args:
+    q: ``(..., L, E)``.
+    k: ``(..., S, E)``.
+    v: ``(..., S, Ev)``; with ``enable_gqa`` it has k's heads.
+    allowed: ``None`` or a bool mask broadcastable to ``(..., L, S)``, True = may attend.
+    bias: ``None`` or a float mask broadcastable to ``(..., L, S)``.
+    scale: ``None`` is ``1 / sqrt(E)``.
+    is_causal: torch's top-left causal mask.
+    enable_gqa: grouped-query attention.
+    return_lse: also return the per-query logsumexp of the scores (``-inf`` for no key).
+
+  Returns:
+    The output ``(..., L, Ev)`` in float64, or ``(output, lse (..., L))``.
+  """
+  w, lse = attention_weights(
+      q, k, allowed=allowed, bias=bias, scale=scale, is_causal=is_causal, enable_gqa=enable_gqa
+  )
+  v = np.asarray(v, np.float64)
+  if enable_gqa:
+    v = np.repeat(v, w.shape[-3] // v.shape[-3], axis=-3)
+  out = np.matmul(w, v)
+  return (out, lse) if return_lse else out

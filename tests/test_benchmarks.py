@@ -13,9 +13,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("matplotlib", reason="the bench extra: pip install -e '.[bench]'")
-pytest.importorskip("tqdm", reason="the bench extra: pip install -e '.[bench]'")
-
 SUITES = ("products", "eager", "dtypes", "family", "attention", "memory")
 TIMED = {
     "median_s": float, "min_s": float, "max_s": float, "samples": int, "calls_per_sample": int,

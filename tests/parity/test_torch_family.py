@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 import jmat
-from tests.cases import DTYPES, random_operand
+from tests.cases import DTYPES, random_operand, tolerance
 from tests.parity.test_torch_products import assert_like_torch, to_torch
 
-torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 
@@ -294,7 +294,7 @@ def test_beta_zero_ignores_nan_and_inf_like_torch(op, bad):
   arrays[0][...] = bad
   ours, theirs = _both(op, arrays, beta=0, alpha=-2)
   assert np.isfinite(theirs).all()
-  np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(ours, theirs, **tolerance(np.float64))
 
 
 # torch ignores the product when alpha == 0 in addmm, addmv (real) and addbmm; its addr and
@@ -306,7 +306,7 @@ def test_alpha_zero_ignores_nan_in_the_product_like_torch(op):
   arrays[1][...] = np.nan
   ours, theirs = _both(op, arrays, beta=-3, alpha=0)
   assert np.isfinite(theirs).all()
-  np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(ours, theirs, **tolerance(np.float64))
 
 
 def test_addmv_with_empty_product_broadcasts_input_where_torch_does_not():
@@ -336,7 +336,7 @@ def test_scales_agree_with_torch(op, dtype, beta, alpha):
   arrays = [random_operand(rng, s, dtype) for s in SCALED[op]]
   ours, theirs = _both(op, arrays, beta=beta, alpha=alpha)
   assert ours.dtype == theirs.dtype
-  np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ours, theirs, **tolerance(ours.dtype))
 
 
 def test_addr_integer_scales():

@@ -9,11 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 import jmat
-from tests.cases import DTYPES, invalid_matmul_pairs, matmul_pairs, random_operand
-
-torch = pytest.importorskip("torch")
+from tests.cases import DTYPES, invalid_matmul_pairs, matmul_pairs, random_operand, tolerance
 
 OPS = {
     "matmul": (jmat.matmul, torch.matmul),
@@ -38,11 +37,10 @@ def assert_like_torch(ours, theirs: torch.Tensor) -> None:
   """jmat's result has torch's dtype and shape, and its values within the dtype's tolerance."""
   assert ours.dtype.name == torch_dtype_name(theirs)
   assert ours.shape == tuple(theirs.shape)
-  tolerance = {"float16": 1e-2, "bfloat16": 2e-2}.get(ours.dtype.name, 1e-5)
   np.testing.assert_allclose(
       np.asarray(ours.astype(jnp.complex128 if "complex" in ours.dtype.name else jnp.float64)),
       theirs.to(torch.complex128 if theirs.is_complex() else torch.float64).numpy(),
-      rtol=tolerance, atol=tolerance,
+      **tolerance(ours.dtype),
   )
 
 
@@ -152,8 +150,8 @@ def test_gradients_agree_with_torch(shape_a, shape_b):
 
   with jax.default_matmul_precision("highest"):
     grad_a, grad_b = jax.jit(jax.grad(loss, argnums=(0, 1)))(a, b)
-  np.testing.assert_allclose(grad_a, ta.grad.numpy(), rtol=1e-12, atol=1e-12)
-  np.testing.assert_allclose(grad_b, tb.grad.numpy(), rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(grad_a, ta.grad.numpy(), **tolerance(np.float64))
+  np.testing.assert_allclose(grad_b, tb.grad.numpy(), **tolerance(np.float64))
 
 
 def _torch_message(fn, shape_a, shape_b) -> str:

@@ -1,0 +1,56 @@
+"""The shared numpy attention oracle of tests/cases.py, checked against torch 2.13 in float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.cases import attention_reference, tolerance
+
+RNG = np.random.default_rng(11)
+SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def _torch(q, k, v, **options):
+  tensors = [torch.tensor(x) for x in (q, k, v)]
+  options = {key: torch.tensor(x) if isinstance(x, np.ndarray) else x
+             for key, x in options.items()}
+  return SDPA(*tensors, **options).numpy()
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("q_len, k_len", [(5, 5), (3, 7), (7, 3)])
+def test_matches_torch_sdpa_with_masks_and_scale(is_causal, q_len, k_len):
+  q, k = RNG.standard_normal((2, 3, q_len, 5)), RNG.standard_normal((2, 3, k_len, 5))
+  v = RNG.standard_normal((2, 3, k_len, 4))
+  allowed = RNG.random((3, 1, k_len)) < 0.7
+  bias = RNG.standard_normal((q_len, k_len))
+  got = attention_reference(q, k, v, scale=0.4, is_causal=is_causal)
+  want = _torch(q, k, v, scale=0.4, is_causal=is_causal)
+  np.testing.assert_allclose(got, want, **tolerance(np.float64))
+  # torch's fused CPU kernel refuses attn_mask with is_causal: give it the causal mask as a mask
+  tril = torch.ones(q_len, k_len, dtype=torch.bool).tril().numpy() if is_causal else True
+  for mask, theirs in ((allowed, allowed & tril), (bias, np.where(tril, bias, -np.inf))):
+    options = {"allowed": mask} if mask.dtype == bool else {"bias": mask}
+    got = attention_reference(q, k, v, **options, scale=0.4, is_causal=is_causal)
+    want = _torch(q, k, v, attn_mask=theirs, scale=0.4)
+    np.testing.assert_allclose(got, np.nan_to_num(want), **tolerance(np.float64))
+
+
+def test_grouped_query_heads_match_torch():
+  q, k, v = (RNG.standard_normal((2, h, 5, 3)) for h in (6, 2, 2))
+  got = attention_reference(q, k, v, enable_gqa=True)
+  np.testing.assert_allclose(got, _torch(q, k, v, enable_gqa=True), **tolerance(np.float64))
+
+
+def test_a_query_with_no_key_gets_zero_and_lse_minus_inf():
+  q, k, v = RNG.standard_normal((4, 3)), RNG.standard_normal((5, 3)), RNG.standard_normal((5, 2))
+  allowed = np.ones((4, 5), bool)
+  allowed[1] = False
+  out, lse = attention_reference(q, k, v, allowed=allowed, return_lse=True)
+  assert not out[1].any() and lse[1] == -np.inf
+  scores = torch.tensor(q @ k.T / np.sqrt(3))
+  np.testing.assert_allclose(np.delete(lse, 1), torch.logsumexp(scores, -1).numpy()[[0, 2, 3]],
+                             **tolerance(np.float64))
+  np.testing.assert_allclose(out, _torch(q, k, v, attn_mask=allowed), **tolerance(np.float64))
