@@ -183,3 +183,20 @@ def attention_reference(
     v = np.repeat(v, w.shape[-3] // v.shape[-3], axis=-3)
   out = np.matmul(w, v)
   return (out, lse) if return_lse else out
+
+
+def attention_reference_vjp(
+    q, k, v, d_out, *, allowed=None, bias=None, scale=None, is_causal=False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The gradients of ``sum(d_out * attention_reference(q, k, v, ...))`` for q, k, v, float64.
+
+  Analytic: ``dS = W * (dW - rowsum(dW * W))`` with ``dW = d_out @ v^T``; masked
+  entries have zero weight, so they get no gradient. No grouped-query heads.
+  """
+  q, k, v, d_out = (np.asarray(x, np.float64) for x in (q, k, v, d_out))
+  scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+  w, _ = attention_weights(q, k, allowed=allowed, bias=bias, scale=scale, is_causal=is_causal)
+  d_v = np.matmul(np.swapaxes(w, -1, -2), d_out)
+  d_w = np.matmul(d_out, np.swapaxes(v, -1, -2))
+  d_s = w * (d_w - np.sum(d_w * w, axis=-1, keepdims=True))
+  return np.matmul(d_s, k) * scale, np.matmul(np.swapaxes(d_s, -1, -2), q) * scale, d_v

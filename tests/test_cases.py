@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.cases import attention_reference, tolerance
+from tests.cases import attention_reference, attention_reference_vjp, tolerance
 
 RNG = np.random.default_rng(11)
 SDPA = torch.nn.functional.scaled_dot_product_attention
@@ -54,3 +54,16 @@ def test_a_query_with_no_key_gets_zero_and_lse_minus_inf():
   np.testing.assert_allclose(np.delete(lse, 1), torch.logsumexp(scores, -1).numpy()[[0, 2, 3]],
                              **tolerance(np.float64))
   np.testing.assert_allclose(out, _torch(q, k, v, attn_mask=allowed), **tolerance(np.float64))
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_vjp_matches_torch_autograd(is_causal):
+  q, k, v = (RNG.standard_normal((2, 5, 3)) for _ in range(3))
+  d_out = RNG.standard_normal((2, 5, 3))
+  bias = RNG.standard_normal((5, 5))
+  tensors = [torch.tensor(x, requires_grad=True) for x in (q, k, v)]
+  mask = torch.tensor(bias) + (torch.ones(5, 5).tril().log() if is_causal else 0)
+  (SDPA(*tensors, attn_mask=mask, scale=0.7) * torch.tensor(d_out)).sum().backward()
+  got = attention_reference_vjp(q, k, v, d_out, bias=bias, scale=0.7, is_causal=is_causal)
+  for ours, tensor in zip(got, tensors, strict=True):
+    np.testing.assert_allclose(ours, tensor.grad.numpy(), **tolerance(np.float64))
