@@ -14,9 +14,11 @@ from jmat._src.attention import (
     online_softmax_update,
     scaled_dot_product_attention,
 )
+from jmat._src.interop import flax_attention_fn
 
 __all__ = [
     "attention_scores",
+    "flax_attention_fn",
     "init_multi_head_attention",
     "multi_head_attention",
     "online_softmax_finish",
