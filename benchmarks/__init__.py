@@ -1,7 +1,16 @@
-"""jmat's benchmarks: ``python -m benchmarks`` (or ``python -m jmat bench``).
+"""jmat's benchmarks: ``python -m benchmarks`` (or ``python -m jmat bench``), from a checkout.
 
-One module per concern: ``timing`` (interleaved rounds, medians), ``competitors``
-(how each library is called and waited on), ``products`` / ``family`` /
-``attention`` / ``memory`` (the suites), ``machine`` (what was measured on) and
-``report`` (JSON, Markdown, plots, the README block).
+Not part of the jmat wheel: install the bench extra in a source checkout
+(``pip install -e '.[bench]'``). One module per concern:
+
+* the suites: ``products`` (products, eager, dtypes), ``family``, ``attention``
+  (attention, memory), each defining a :class:`benchmarks.spec.SuiteSpec` per suite
+  (how to measure it, its README summary, its plot), registered in ``SUITES`` of
+  ``__main__.py``; ``ring_attention`` (per-device memory on 8 simulated devices, run
+  on its own); ``memory`` (one fresh process per memory point);
+* measuring: ``timing`` (interleaved rounds, medians; every timed figure goes through
+  it), ``competitors`` (how each library is called and waited on), ``machine``
+  (what was measured on);
+* reporting, one job each: ``derive`` (derived figures), ``markdown`` (results.md),
+  ``plots`` (the PNGs), ``readme`` (the README block) and ``report`` (writes the files).
 """

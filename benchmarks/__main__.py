@@ -7,6 +7,12 @@
 Results go to ``OUT/<machine-tag>/``: ``results.json`` (every figure, the machine,
 the load), ``results.md`` (tables) and one PNG per suite. Suites measured again
 replace their earlier results there; the others are kept.
+
+Adding a suite: write a module that defines a :class:`benchmarks.spec.SuiteSpec`
+(``build(target, quick) -> timing.Suite`` for a timed suite, its ``summary`` sentences
+for the README, optionally its ``plot``) and add that spec to ``SUITES`` below, one line.
+The runner, ``results.json``/``results.md``, the plots and the README block pick it up
+from there; nothing else names a suite.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import datetime
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +30,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 
-from benchmarks.report import SUITE_ORDER as SUITE_NAMES  # noqa: E402
+from benchmarks import attention, family, products  # noqa: E402
+from benchmarks.spec import SuiteSpec  # noqa: E402
+
+# Every suite, in the order they run and are reported: one line each.
+SUITES: tuple[SuiteSpec, ...] = (
+    products.PRODUCTS_SPEC,
+    products.EAGER_SPEC,
+    products.DTYPES_SPEC,
+    family.FAMILY_SPEC,
+    attention.ATTENTION_SPEC,
+    attention.MEMORY_SPEC,
+)
+SPECS = {spec.name: spec for spec in SUITES}
+SUITE_NAMES = tuple(SPECS)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -90,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   from tqdm import tqdm
 
-  from benchmarks import attention, family, machine, products, report, timing
+  from benchmarks import machine, readme, report, timing
   from benchmarks.competitors import Target, torch_device_for
 
   selected = SUITE_NAMES if not args.suite or "all" in args.suite else tuple(
@@ -104,30 +123,21 @@ def main(argv: Sequence[str] | None = None) -> int:
       timing.Settings(repeats=3, min_sample_s=0.005, max_calls_per_sample=100)
       if args.quick else timing.Settings(repeats=15, min_sample_s=0.05, settle_s=0.5)
   )
-  builders: dict[str, Callable[[Target, bool], timing.Suite]] = {
-      "products": products.products_suite,
-      "eager": products.eager_suite,
-      "dtypes": products.dtypes_suite,
-      "family": family.family_suite,
-      "attention": attention.attention_suite,
-  }
   print(f"jmat benchmarks on {machine.short(info)} -> {out}", file=sys.stderr)
   results: dict[str, Any] = {"schema_version": 1, "tag": tag, "machine": info, "suites": {}}
   paths: list[Path] = []
   for name in selected:
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before, clock = machine.load_average(), time.perf_counter()
-    if name == "memory":
-      points = len(attention.memory_lengths(args.quick)) * len(attention.COMPETITORS)
-      with tqdm(total=points, desc=name, unit="point") as bar:
-        cases = attention.memory_run(device.platform, args.quick, bar.update)
-      suite_record: dict[str, Any] = {
-          "kind": "memory", "title": attention.MEMORY_TITLE,
-          "competitors": list(attention.COMPETITORS), "reference": "jax.nn",
-          "notes": list(attention.MEMORY_NOTES),
-      }
+    spec = SPECS[name]
+    suite_record: dict[str, Any]
+    if spec.measure is not None:
+      with tqdm(total=spec.points(args.quick), desc=name, unit="point") as bar:
+        suite_record, cases = spec.measure(device.platform, args.quick, bar.update)
     else:
-      suite = builders[name](target, args.quick)
+      if spec.build is None:
+        raise SystemExit(f"python -m benchmarks: suite {name} has neither build nor measure")
+      suite = spec.build(target, args.quick)
       total = len(suite.cases) * len(suite.competitors) * (settings.repeats + 1)
       with tqdm(total=total, desc=name, unit="run") as bar:
         cases = _run_timed(suite, settings, bar)
@@ -135,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           "kind": "time", "title": suite.title, "competitors": list(suite.competitors),
           "reference": suite.reference, "notes": list(suite.notes),
       }
+    timed = spec.measure is None
     suite_record["name"] = name
     suite_record["run"] = {
         "started": started.isoformat(timespec="seconds"),
@@ -142,17 +153,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quick": args.quick,
         "device": device.platform,
         "jax_enable_x64": True,
-        "repeats": 1 if name == "memory" else settings.repeats,
-        "min_sample_s": None if name == "memory" else settings.min_sample_s,
-        "settle_s": None if name == "memory" else settings.settle_s,
+        "repeats": settings.repeats if timed else 1,
+        "min_sample_s": settings.min_sample_s if timed else None,
+        "settle_s": settings.settle_s if timed else None,
         "load_average_before": load_before,
         "load_average_after": machine.load_average(),
     }
     suite_record["cases"] = cases
     results["suites"][name] = suite_record
-    paths = report.write(results, out)  # after every suite: a late failure loses nothing
+    paths = report.write(results, out, SPECS)  # after every suite: a late failure loses nothing
   if args.readme is not None:
-    report.update_readme(args.readme, out)
+    readme.update_readme(args.readme, out, SPECS)
   for path in paths:
     print(path)
   return 0

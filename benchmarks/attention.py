@@ -30,6 +30,9 @@ import jax
 import numpy as np
 
 from benchmarks import competitors as comp
+from benchmarks import derive, plots
+from benchmarks.formatting import fmt_bytes, fmt_ratio, fmt_time
+from benchmarks.spec import Record, SuiteSpec
 from benchmarks.timing import Call, Case, Skipped, Suite, skipped
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
@@ -170,3 +173,72 @@ def memory_run(device: str, quick: bool, tick: Callable[[int], object] = lambda 
         "results": results,
     })
   return cases
+
+
+def memory_measure(device: str, quick: bool, tick: Callable[[int], object] = lambda n: None
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """The memory suite's record fields and its cases (see :class:`benchmarks.spec.SuiteSpec`)."""
+  fields = {"kind": "memory", "title": MEMORY_TITLE, "competitors": list(COMPETITORS),
+            "reference": "jax.nn", "notes": list(MEMORY_NOTES)}
+  return fields, memory_run(device, quick, tick)
+
+
+# ---------------------------------------------------------------- how the suites are reported
+
+
+def _attention_summary(suite: Record) -> list[str]:
+  out = []
+  for length in (2048, 8192):
+    case = f"causal L={length}"
+    mine = derive.record(suite, case, "jmat default")
+    if not mine:
+      continue
+    torch, jax_nn = derive.record(suite, case, "torch"), derive.record(suite, case, "jax.nn")
+    parts = [f"causal attention, L={length}: jmat default {fmt_time(mine['median_s'])}"]
+    if torch:
+      parts.append(f"{mine['median_s'] / torch['median_s']:.2f}× torch SDPA's time "
+                   f"({fmt_time(torch['median_s'])})")
+    if jax_nn:
+      parts.append(f"{fmt_ratio(mine['ratio_vs_jnp'])} faster than "
+                   f"jax.nn.dot_product_attention ({fmt_time(jax_nn['median_s'])})")
+    out.append(", ".join(parts) + ".")
+  return out
+
+
+def _attention_plot(suite: Record, plt):
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+  for ax, causal in zip(axes, (False, True), strict=True):
+    plots.lines(ax, suite, [c for c in suite["cases"] if c["info"]["causal"] == causal],
+                plots.length, lambda r: r["median_s"] * 1e3)
+    ax.set_xlabel("sequence length L")
+    ax.set_title("causal" if causal else "not causal")
+  axes[0].set_ylabel("forward time, ms (median)")
+  axes[0].legend(fontsize=7)
+  return fig
+
+
+def _memory_summary(suite: Record) -> list[str]:
+  longest = suite["cases"][-1]
+  mine = longest["results"]["jmat default"]
+  if mine["status"] != "ok":
+    return []
+  return [f"Attention forward+backward at {longest['name']}: jmat default peaks at "
+          f"{fmt_bytes(mine['peak_rss_bytes'])} of RSS (the whole process)."]
+
+
+def _memory_plot(suite: Record, plt):
+  fig, axes = plt.subplots(1, 1, figsize=(8, 4.2))
+  plots.lines(axes, suite, suite["cases"], plots.length, lambda r: r["peak_rss_bytes"] / 2**30)
+  axes.set_xlabel("sequence length L (causal)")
+  axes.set_ylabel("peak RSS of forward+backward, GB")
+  axes.legend(fontsize=7)
+  return fig
+
+
+ATTENTION_SPEC = SuiteSpec("attention", build=attention_suite, summary=_attention_summary,
+                           plot=_attention_plot, per_call=True)
+MEMORY_SPEC = SuiteSpec(
+    "memory", measure=memory_measure,
+    points=lambda quick: len(memory_lengths(quick)) * len(COMPETITORS),
+    summary=_memory_summary, plot=_memory_plot,
+)

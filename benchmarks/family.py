@@ -25,6 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import competitors as comp
+from benchmarks import derive
+from benchmarks.formatting import fmt_ratio, fmt_span
+from benchmarks.spec import Record, SuiteSpec
 from benchmarks.timing import Call, Case, Skipped, Suite
 
 COMPETITORS = ("jmat", "jnp", "jnp left-to-right", "numpy", "torch")
@@ -148,3 +151,32 @@ def family_suite(target: comp.Target, quick: bool) -> Suite:
       ),
   )
 
+
+
+# ---------------------------------------------------------------- how the suite is reported
+
+
+def _summary(suite: Record) -> list[str]:
+  out = []
+  chain = [c for c in suite["cases"] if c["name"].startswith("multi_dot")]
+  fused = [c["name"] for c in suite["cases"] if not c["name"].startswith("multi_dot")]
+  mine = chain and chain[0]["results"]["jmat"]
+  if mine and mine["status"] == "ok":
+    naive = chain[0]["results"]["jnp left-to-right"]
+    if naive["status"] == "ok":
+      faster = derive.paired_ratio(mine, naive)
+      out.append(
+          f"multi_dot: jmat runs at {fmt_ratio(mine['ratio_vs_jnp'])} the speed of "
+          f"jnp.linalg.multi_dot and {fmt_ratio(1 / faster if faster else None)} that of the "
+          "left-to-right jnp chain."
+      )
+  fused_ratios = derive.ratios(suite, "jmat", cases=fused)
+  if fused_ratios:
+    out.append(
+        f"addmm / baddbmm / linear: jmat runs at {fmt_span(fused_ratios)} the speed of the "
+        "equivalent jitted jnp expression."
+    )
+  return out
+
+
+FAMILY_SPEC = SuiteSpec("family", build=family_suite, summary=_summary, gemm=True)

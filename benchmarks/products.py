@@ -29,6 +29,9 @@ from jax import lax
 
 import jmat
 from benchmarks import competitors as comp
+from benchmarks import derive, plots
+from benchmarks.formatting import fmt_gflops, fmt_ratio, fmt_span
+from benchmarks.spec import Record, SuiteSpec
 from benchmarks.timing import Call, Case, Skipped, Suite
 
 COMPILED = ("jmat", "jnp", "jnp again", "lax", "einsum", "numpy", "torch")
@@ -202,3 +205,75 @@ def eager_suite(target: comp.Target, quick: bool) -> Suite:
           "The time is dispatch overhead: the arithmetic is a few dozen FLOPs.",
       ),
   )
+
+
+# ---------------------------------------------------------------- how the suites are reported
+
+
+def _products_summary(suite: Record) -> list[str]:
+  mine, control = derive.ratios(suite, "jmat"), derive.ratios(suite, "jnp again")
+  if not (mine and control):
+    return []
+  same = [c["info"].get("same_hlo_as_jnp") for c in suite["cases"]]
+  return [
+      f"Compiled products: jmat runs at {fmt_span(mine)} the speed of jax.jit(jnp.matmul) over "
+      f"all {len(mine)} cases; a second, identical jnp.matmul program (the A/A control) runs "
+      f"at {fmt_span(control)} in the same rounds, so differences of that size are noise. "
+      "jmat's optimized HLO is instruction for instruction jnp.matmul's on "
+      f"{sum(map(bool, same))} of the {len(same)} cases (checked in the run)."
+  ]
+
+
+def _products_plot(suite: Record, plt):
+  sweep = [c for c in suite["cases"] if c["name"].startswith("square")]
+  shaped = [c for c in suite["cases"] if not c["name"].startswith("square")]
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  plots.lines(axes[0], suite, sweep, lambda c: c["info"]["shapes"][0][0], lambda r: r["gflops"],
+              log_y=False)
+  axes[0].set_xlabel("n, for (n, n) @ (n, n)")
+  axes[0].set_ylabel("GFLOP/s (median)")
+  axes[0].set_title("square sweep")
+  plots.bars(axes[1], suite, shaped, per_call=False)
+  axes[1].set_title("issue shapes")
+  axes[0].legend(fontsize=7)
+  return fig
+
+
+def _eager_summary(suite: Record) -> list[str]:
+  mine = derive.ratios(suite, "jmat")
+  if not mine:
+    return []
+  return [f"Eager calls on tiny shapes: jmat runs at {fmt_span(mine)} the speed of jnp.matmul."]
+
+
+def _eager_plot(suite: Record, plt):
+  fig, axes = plt.subplots(1, 1, figsize=(8, 4.2))
+  plots.bars(axes, suite, suite["cases"], per_call=True)
+  axes.legend(fontsize=7)
+  axes.set_yscale("log")
+  return fig
+
+
+def _dtypes_summary(suite: Record) -> list[str]:
+  bf16 = [c for c in suite["cases"] if c["dtype"] == "bfloat16"]
+  if not bf16:
+    return []
+  r = bf16[0]["results"]
+  if r["jmat"]["status"] != "ok" or r["jnp"]["status"] != "ok":
+    return []
+  jax_best = max((r[n]["gflops"] for n in ("jmat", "jnp", "lax", "einsum")
+                  if r[n]["status"] == "ok"), default=None)
+  torch = (f"; torch {fmt_gflops(r['torch']['gflops'])} GFLOP/s through oneDNN against the best"
+           f" JAX {fmt_gflops(jax_best)}" if r["torch"]["status"] == "ok" and jax_best else "")
+  return [
+      f"bfloat16 GEMM: jmat {fmt_gflops(r['jmat']['gflops'])} GFLOP/s, "
+      f"{fmt_ratio(r['jmat']['ratio_vs_jnp'])} jnp.matmul (float32 accumulation compiles "
+      f"to a native bf16 GEMM){torch}."
+  ]
+
+
+PRODUCTS_SPEC = SuiteSpec("products", build=products_suite, summary=_products_summary,
+                          plot=_products_plot, gemm=True)
+EAGER_SPEC = SuiteSpec("eager", build=eager_suite, summary=_eager_summary, plot=_eager_plot,
+                       per_call=True, of_peak=False)
+DTYPES_SPEC = SuiteSpec("dtypes", build=dtypes_suite, summary=_dtypes_summary, gemm=True)

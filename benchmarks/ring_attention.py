@@ -21,7 +21,7 @@ temporaries) for the forward pass and for forward+backward, next to the
 formulas of ``docs/distributed.md``, and the bytes of the collectives read
 from the compiled HLO. ``--time`` also runs the forward passes (median
 of 5; the 8 "devices" share this machine's cores, so times compare the
-variants, not a real mesh).
+variants, not a real mesh; timed with :mod:`benchmarks.timing`, as every suite).
 
 Prints a Markdown table; ``--out`` writes the records as JSON:
 ``{"config": {...}, "points": [{"length", "variant", "pass", "argument_bytes",
@@ -37,9 +37,10 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
+
+from benchmarks import timing  # the standard library only: jax is not imported yet
 
 DEVICES = 8
 FLAG = f"--xla_force_host_platform_device_count={DEVICES}"
@@ -172,18 +173,20 @@ def _measure(lengths: Sequence[int], timed: bool) -> list[dict[str, Any]]:
   return points
 
 
-def _time(compiled, shape, sharding) -> float:
+# One call per sample, 5 rounds (the median is kept), as this benchmark always measured.
+_TIMING = timing.Settings(repeats=5, min_sample_s=0.0, min_repeats=5)
+
+
+def _time(compiled, shape, sharding) -> float | None:
+  """The median seconds of one forward call, by the shared harness (None if it failed)."""
   import jax
   import numpy as np
 
   x = jax.device_put(np.random.default_rng(0).standard_normal(shape, np.float32), sharding)
-  jax.block_until_ready(compiled(x, x, x))
-  times = []
-  for _ in range(5):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(x, x, x))
-    times.append(time.perf_counter() - start)
-  return sorted(times)[len(times) // 2]
+  record = timing.measure(
+      {"forward": lambda: jax.block_until_ready(compiled(x, x, x))}, _TIMING
+  )["forward"]
+  return record.get("median_s")
 
 
 def _mib(n: int | None) -> str:
