@@ -47,7 +47,8 @@ def _error(got: jax.Array, want: np.ndarray) -> float:
   error = 0.0
   for shard in got.addressable_shards:
     ours, theirs = np.asarray(shard.data, np.float64), want[shard.index]
-    np.testing.assert_allclose(ours, theirs, **tolerance(got.dtype))
+    tol = tolerance(got.dtype)
+    np.testing.assert_allclose(ours, theirs, rtol=tol["rtol"], atol=tol["atol"])
     error = max(error, float(np.max(np.abs(ours - theirs), initial=0.0)))
   return error
 
@@ -82,7 +83,8 @@ def run(process_id: int, num_processes: int, port: int) -> dict[str, float]:
 
     out, vjp = jax.vjp(ring, *placed)
     name = "causal" if is_causal else "full"
-    errors[f"ring {name} out"] = _error(out, attention_reference(q, k, v, is_causal=is_causal))
+    want_out = np.asarray(attention_reference(q, k, v, is_causal=is_causal))
+    errors[f"ring {name} out"] = _error(out, want_out)
     want = attention_reference_vjp(q, k, v, d_out, is_causal=is_causal)
     for label, got, grad in zip("qkv", vjp(cotangent), want, strict=True):
       errors[f"ring {name} d{label}"] = _error(got, grad)
@@ -98,7 +100,7 @@ def run(process_id: int, num_processes: int, port: int) -> dict[str, float]:
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
   parser.add_argument("--process-id", type=int, required=True)
   parser.add_argument("--num-processes", type=int, default=2)
   parser.add_argument("--port", type=int, required=True, help="the coordinator's, on localhost")
