@@ -5,13 +5,14 @@ operation, the shapes and what would be valid; ``jmat.explain`` to see how a
 result shape is derived.
 """
 
-from jmat import attention, linalg, parallel
+from jmat import attention, linalg, mods, parallel
 from jmat._src.attention import (
     attention_scores,
     init_multi_head_attention,
     multi_head_attention,
     scaled_dot_product_attention,
 )
+from jmat._src.block_mask import create_block_mask
 from jmat._src.checks import ShapeError
 from jmat._src.family import (
     addbmm,
@@ -27,6 +28,7 @@ from jmat._src.family import (
     tensordot,
     vdot,
 )
+from jmat._src.flex_attention import flex_attention
 from jmat._src.products import bmm, dot, matmul, mm, mv
 from jmat._src.shapes import explain, matmul_shape
 
@@ -43,8 +45,10 @@ __all__ = [
     "baddbmm",
     "bmm",
     "chain_matmul",
+    "create_block_mask",
     "dot",
     "explain",
+    "flex_attention",
     "init_multi_head_attention",
     "inner",
     "linalg",
@@ -52,6 +56,7 @@ __all__ = [
     "matmul",
     "matmul_shape",
     "mm",
+    "mods",
     "multi_dot",
     "multi_head_attention",
     "mv",

@@ -1,28 +1,53 @@
-"""Attention, as ``torch.nn.functional`` spells it: scores, scaled dot-product and multi-head.
+"""Attention, as torch spells it: scores, scaled dot-product, multi-head and flex attention.
 
-A thin namespace module (like ``torch.linalg``): everything lives in
-``jmat._src.attention``. The online-softmax functions are the building blocks
-of the blockwise implementation, exported for attention over device meshes.
+A thin namespace module (like ``torch.nn.attention``): everything lives in
+``jmat._src``. ``flex_attention`` with ``create_block_mask`` and the mask
+combinators is torch's ``torch.nn.attention.flex_attention``; ready-made
+mask_mods and score_mods are in :mod:`jmat.mods`. The online-softmax functions
+are the building blocks of every kernel, exported for attention over device
+meshes.
 """
 
 from jmat._src.attention import (
     attention_scores,
     init_multi_head_attention,
     multi_head_attention,
-    online_softmax_finish,
-    online_softmax_init,
-    online_softmax_update,
     scaled_dot_product_attention,
 )
+from jmat._src.block_mask import (
+    BlockMask,
+    and_masks,
+    create_block_mask,
+    create_mask,
+    noop_mask,
+    or_masks,
+)
+from jmat._src.flex_attention import flex_attention
 from jmat._src.interop import flax_attention_fn
+from jmat._src.online_softmax import (
+    online_softmax_finish,
+    online_softmax_fold,
+    online_softmax_init,
+    online_softmax_logsumexp,
+    online_softmax_update,
+)
 
 __all__ = [
+    "BlockMask",
+    "and_masks",
     "attention_scores",
+    "create_block_mask",
+    "create_mask",
     "flax_attention_fn",
+    "flex_attention",
     "init_multi_head_attention",
     "multi_head_attention",
+    "noop_mask",
     "online_softmax_finish",
+    "online_softmax_fold",
     "online_softmax_init",
+    "online_softmax_logsumexp",
     "online_softmax_update",
+    "or_masks",
     "scaled_dot_product_attention",
 ]

@@ -76,6 +76,8 @@ TOL = {
     np.float64: dict(atol=1e-12, rtol=1e-12),
     np.float32: dict(atol=2e-5, rtol=2e-5),
 }
+# Blocks of 16 queries and 8 keys, so small inputs span many blocks of the blockwise kernel.
+SMALL = (16, 8)
 
 
 # --- attention_scores -----------------------------------------------------------------------
@@ -178,7 +180,6 @@ MASK_CASES = {
 }
 
 
-@pytest.mark.usefixtures("small_blocks")
 @pytest.mark.parametrize("implementation", ["dense", "blockwise"])
 @pytest.mark.parametrize(
     "mask_kind, length, keys, causal",
@@ -191,25 +192,24 @@ def test_sdpa_matches_numpy(implementation, mask_kind, length, keys, causal):
   mask = allowed if allowed is not None else bias
   with jax.default_matmul_precision("highest"):
     got = jmat.scaled_dot_product_attention(
-        q, k, v, mask, is_causal=causal, implementation=implementation)
+        q, k, v, mask, is_causal=causal, implementation=implementation, block_size=SMALL)
   want, _ = np_attention(q, k, v, allowed, bias, causal)
   chex.assert_shape(got, (2, 3, length, 7))
   np.testing.assert_allclose(got, want, **TOL[np.float64])
 
 
-@pytest.mark.usefixtures("small_blocks")
 @pytest.mark.parametrize("implementation", ["dense", "blockwise"])
 def test_sdpa_grouped_query_heads_match_numpy(implementation):
   q, k, v = randn(2, 6, 13, 5), randn(1, 2, 21, 5), randn(1, 2, 21, 3)
   allowed = RNG.random((6, 13, 21)) > 0.3
   with jax.default_matmul_precision("highest"):
     got = jmat.scaled_dot_product_attention(
-        q, k, v, allowed, is_causal=True, enable_gqa=True, implementation=implementation)
+        q, k, v, allowed, is_causal=True, enable_gqa=True, implementation=implementation,
+        block_size=SMALL)
   want, _ = np_attention(q, k, v, allowed, causal=True, gqa=True)
   np.testing.assert_allclose(got, want, **TOL[np.float64])
 
 
-@pytest.mark.usefixtures("small_blocks")
 @pytest.mark.parametrize("implementation", ["dense", "blockwise"])
 @pytest.mark.parametrize("mask_kind", ["bool-rows-empty", "float-with-inf", "float-per-head"])
 def test_sdpa_gradients_match_numpy(implementation, mask_kind):
@@ -220,7 +220,7 @@ def test_sdpa_gradients_match_numpy(implementation, mask_kind):
 
   def loss(q, k, v, mask):
     out = jmat.scaled_dot_product_attention(q, k, v, mask, is_causal=True,
-                                            implementation=implementation)
+                                            implementation=implementation, block_size=SMALL)
     return jnp.sum(out * d_out)
 
   argnums = (0, 1, 2) if allowed is not None else (0, 1, 2, 3)
@@ -286,16 +286,15 @@ def test_sdpa_vmap_matches_numpy_per_item(implementation):
     np.testing.assert_allclose(got[i], want, **TOL[np.float64])
 
 
-def test_sdpa_does_not_retrace():
-  q = jnp.ones((2, 5, 4))
-
-  @chex.assert_max_traces(n=1)
-  def attend(q):
-    return jmat.scaled_dot_product_attention(q, q, q, is_causal=True)
-
-  f = jax.jit(attend)
-  for _ in range(3):
-    f(q)
+@pytest.mark.parametrize("implementation", ["dense", "blockwise"])
+def test_sdpa_does_not_retrace(implementation):
+  """jmat's own jitted function compiles once for repeated calls of one signature."""
+  sdpa = jmat.scaled_dot_product_attention
+  q = jnp.asarray(randn(2, 5, 4))
+  before = sdpa._cache_size()
+  for i in range(3):
+    sdpa(q + i, q, q, is_causal=True, implementation=implementation)
+  assert sdpa._cache_size() == before + 1
 
 
 # --- dropout ---------------------------------------------------------------------------------
@@ -362,14 +361,13 @@ def temp_bytes(implementation, length, heads=2, dim=16):
 
   def loss(q, k, v):
     out = jmat.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                            implementation=implementation)
+                                            implementation=implementation, block_size=SMALL)
     return jnp.sum(out)
 
   compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.usefixtures("small_blocks")
 def test_blockwise_memory_grows_linearly_dense_quadratically():
   blockwise = [temp_bytes("blockwise", n) for n in (512, 1024, 2048)]
   dense = [temp_bytes("dense", n) for n in (512, 1024)]
@@ -379,14 +377,13 @@ def test_blockwise_memory_grows_linearly_dense_quadratically():
   assert blockwise[-1] < dense[-1] / 4
 
 
-@pytest.mark.usefixtures("small_blocks")
 def test_blockwise_causal_never_touches_blocks_above_the_diagonal():
   # NaN values in the last key block (keys 40..47): a kernel that computed the blocks above
   # the diagonal would multiply them by 0 weights and get NaN (0 * NaN) in earlier rows.
   q, k, v = randn(2, 48, 4), randn(2, 48, 4), randn(2, 48, 3)
   v[:, 40:] = np.nan
   blockwise = jmat.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                implementation="blockwise")
+                                                implementation="blockwise", block_size=SMALL)
   dense = jmat.scaled_dot_product_attention(q, k, v, is_causal=True, implementation="dense")
   want, _ = np_attention(q[:, :32], k[:, :32], v[:, :32], causal=True)
   # Query blocks [0, 16) and [16, 32) end before key 40: their key loops stop earlier.

@@ -18,12 +18,6 @@ from jmat.attention import BlockMask, create_block_mask, or_masks
 
 RNG = np.random.default_rng(10)
 
-# Gradients of flex_attention with a score_mod or block mask fail to lower (bug reported to
-# the lead: the kernel's static Mods close over traced (b, h) index tables).
-GRAD_BUG = pytest.mark.xfail(
-    strict=True, raises=TypeError,
-    reason="bug: jax.grad of jmat.flex_attention with a score_mod or block_mask raises "
-           "'No constant handler for type: DynamicJaxprTracer'")
 
 # Per dtype: (rtol, atol) of out and lse against float64 numpy on the same (rounded) inputs.
 TOL = {
@@ -191,7 +185,6 @@ def test_batch_and_head_specific_masks_with_gqa(mask_b, mask_h, kv_heads):
   assert np.isneginf(want_lse).any() == (mask_h is not None)  # rows that see nothing
 
 
-@GRAD_BUG
 def test_fully_masked_rows_give_zero_output_minus_inf_lse_and_zero_gradient():
   q, k, v = randn(1, 2, 20, 4), randn(1, 2, 20, 4), randn(1, 2, 20, 3)
   # Query rows 0..9 see nothing; the others see every key.
@@ -412,7 +405,6 @@ def fwd_bwd_temp_bytes(length, window=32, dim=16):
   return grad.lower(x, x, x, block_mask).compile().memory_analysis().temp_size_in_bytes
 
 
-@GRAD_BUG
 def test_fwd_bwd_temporaries_grow_linearly_in_length_for_a_fixed_window():
   small, large = fwd_bwd_temp_bytes(512), fwd_bwd_temp_bytes(1024)
   assert large <= 2.3 * small, (small, large)

@@ -1,182 +1,33 @@
-"""Attention: scores = q @ k^T, softmax, scaled dot-product attention and multi-head attention.
+"""torch.nn.functional's attention: scores = q @ k^T, scaled dot-product and multi-head.
 
-The online softmax (Milakov & Gimelshein 2018; Rabe & Staats 2021; FlashAttention)
-is the one recurrence of the module: ``online_softmax_init``,
-``online_softmax_update`` and ``online_softmax_finish`` fold key/value blocks one
-at a time into a running ``(acc, row_max, row_sum)`` carry, so attention never
-needs the whole ``(L, S)`` score matrix. The blockwise implementation of
-:func:`scaled_dot_product_attention` is built on them, and so is ring attention
-over a device mesh.
+Two implementations of :func:`scaled_dot_product_attention`: dense (the whole
+``(L, S)`` score matrix, for short sequences, dropout and returned weights) and
+blockwise, a user of the block-sparse kernel (:mod:`jmat._src.block_sparse`)
+that flex attention and ring attention share: causal is a block map, dense
+masks are sliced per block, and memory stays O(L * E).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
 from typing import Literal, cast
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from jmat._src import checks
+from jmat._src import block_sparse, checks, online_softmax
 from jmat._src.family import linear
 from jmat._src.products import matmul, operands
 
-Carry = tuple[jax.Array, jax.Array, jax.Array]
 Implementation = Literal["dense", "blockwise"] | None
-
-
-def online_softmax_init(
-    lead_shape: Sequence[int], q_len: int, v_dim: int, *, dtype: DTypeLike = jnp.float32
-) -> Carry:
-  """The empty carry of the online softmax: no key seen yet.
-
-  Args:
-    lead_shape: the leading (batch, head, ...) dims of the queries, ``*lead``.
-    q_len: the number of queries ``Lq``.
-    v_dim: the size of a value vector ``Ev``.
-    dtype: the dtype the scores and sums are computed in: float32 (the
-      default, also for float16/bfloat16 inputs) or float64 for float64 inputs.
-
-  Returns:
-    ``(acc, row_max, row_sum)``, all of ``dtype``: ``acc`` zeros of shape
-    ``(*lead, q_len, v_dim)`` (the unnormalised weighted sum of values),
-    ``row_max`` ``-inf`` of shape ``(*lead, q_len)`` (the largest score seen per
-    query) and ``row_sum`` zeros of shape ``(*lead, q_len)`` (the sum of
-    ``exp(score - row_max)`` per query).
-
-  Example:
-    >>> acc, row_max, row_sum = jmat.attention.online_softmax_init((2,), 3, 5)
-    >>> acc.shape, row_max.shape, float(row_max[0, 0])
-    ((2, 3, 5), (2, 3), -inf)
-  """
-  lead = tuple(int(d) for d in lead_shape)
-  return (
-      jnp.zeros(lead + (q_len, v_dim), dtype),
-      jnp.full(lead + (q_len,), -jnp.inf, dtype),
-      jnp.zeros(lead + (q_len,), dtype),
-  )
-
-
-def online_softmax_update(
-    carry: Carry,
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    scale: float | jax.Array,
-    mask: jax.Array | None = None,
-    bias: jax.Array | None = None,
-) -> Carry:
-  """Folds one block of keys and values into the online-softmax carry.
-
-  With ``s = scale * q @ k^T + bias`` (masked entries at ``-inf``), the carry
-  after the update describes ``softmax`` over every key seen so far: the
-  running maximum grows to ``m' = max(m, max_j s_j)``, the old sums are rescaled
-  by ``exp(m - m')`` and the block adds ``p = exp(s - m')`` to ``row_sum`` and
-  ``p @ v`` to ``acc``. Scores and sums are computed in the carry's dtype
-  (float32 unless the carry was made float64), whatever the input dtype.
-
-  A row whose keys in this block are all masked leaves its carry unchanged
-  (no NaN: the maximum used for the exponentials is 0 while nothing was seen).
-  The maximum is a numerical shift that cancels in the result, so it is held
-  out of differentiation (``lax.stop_gradient``); plain JAX autodiff through
-  the update is exact.
-
-  Args:
-    carry: ``(acc, row_max, row_sum)`` from :func:`online_softmax_init` or an
-      earlier update.
-    q: queries, ``(*lead, Lq, E)``.
-    k: keys of this block, ``(*lead, Sk, E)`` (leading dims broadcast against
-      ``q``'s, e.g. size 1 for grouped-query heads).
-    v: values of this block, ``(*lead, Sk, Ev)``.
-    scale: the factor applied to ``q @ k^T``.
-    mask: optional boolean array broadcastable to ``(*lead, Lq, Sk)``;
-      ``True`` means the query may attend to the key.
-    bias: optional float array broadcastable to ``(*lead, Lq, Sk)``, added to
-      the scaled scores (``-inf`` entries act as a mask).
-
-  Returns:
-    The updated carry.
-
-  Example:
-    >>> q, k, v = jnp.ones((1, 4)), jnp.ones((3, 4)), jnp.arange(6.0).reshape(3, 2)
-    >>> carry = jmat.attention.online_softmax_init((), 1, 2)
-    >>> carry = jmat.attention.online_softmax_update(carry, q, k[:2], v[:2], scale=0.5)
-    >>> carry = jmat.attention.online_softmax_update(carry, q, k[2:], v[2:], scale=0.5)
-    >>> print(jmat.attention.online_softmax_finish(carry, jnp.float32))
-    [[2. 3.]]
-  """
-  acc, row_max, row_sum = carry
-  s = _block_scores(q, k, scale, bias, acc.dtype)
-  if mask is not None:
-    s = jnp.where(mask, s, -jnp.inf)
-  new_max = jax.lax.stop_gradient(jnp.maximum(row_max, jnp.max(s, axis=-1)))
-  # While a row has seen no key its maximum is -inf; shifting by 0 instead keeps
-  # exp(-inf - shift) = 0 rather than exp(-inf + inf) = NaN.
-  shift = jnp.where(jnp.isneginf(new_max), 0.0, new_max)
-  p = jnp.exp(s - shift[..., None])
-  rescale = jnp.exp(row_max - shift)
-  acc = acc * rescale[..., None] + _weighted_values(p, v, acc.dtype)
-  row_sum = row_sum * rescale + jnp.sum(p, axis=-1)
-  return acc, new_max, row_sum
-
-
-def online_softmax_finish(carry: Carry, dtype: DTypeLike) -> jax.Array:
-  """The attention output of a finished carry: ``acc / row_sum``, cast to ``dtype``.
-
-  Args:
-    carry: ``(acc, row_max, row_sum)`` after every key block was folded in.
-    dtype: the output dtype (usually the query's).
-
-  Returns:
-    Array of shape ``(*lead, Lq, Ev)``; rows that saw no unmasked key are 0
-    (torch's convention), not NaN.
-
-  Example:
-    >>> carry = jmat.attention.online_softmax_init((), 2, 3)
-    >>> print(jmat.attention.online_softmax_finish(carry, jnp.float32))
-    [[0. 0. 0.]
-     [0. 0. 0.]]
-  """
-  acc, _, row_sum = carry
-  seen = row_sum > 0
-  denominator = jnp.where(seen, row_sum, 1.0)
-  return jnp.where(seen[..., None], acc / denominator[..., None], 0.0).astype(dtype)
-
-
-def _block_scores(
-    q: jax.Array,
-    k: jax.Array,
-    scale: float | jax.Array,
-    bias: jax.Array | None,
-    dtype: DTypeLike,
-) -> jax.Array:
-  """``scale * q @ k^T (+ bias)`` in ``dtype`` (half inputs accumulate in float32)."""
-  s = jnp.einsum("...qe,...ke->...qk", q, k, preferred_element_type=dtype)
-  s = s * jnp.asarray(scale, dtype)
-  if bias is not None:
-    s = s + bias.astype(dtype)
-  return s
-
-
-def _weighted_values(p: jax.Array, v: jax.Array, dtype: DTypeLike) -> jax.Array:
-  """``p @ v`` in ``dtype``: the softmax numerators times the values."""
-  return jnp.einsum("...qk,...kv->...qv", p, v.astype(dtype), preferred_element_type=dtype)
 
 
 # --- scores ---------------------------------------------------------------------------------
 
 _NAMES = ("query", "key", "value")
-
-
-def _compute_dtype(dtype: DTypeLike) -> DTypeLike:
-  """Softmax arithmetic dtype: float64 for float64 inputs, float32 otherwise (as torch's CPU)."""
-  return jnp.float64 if np.dtype(dtype) == np.dtype(jnp.float64) else jnp.float32
 
 
 def _scores(query: jax.Array, key: jax.Array, scale: ArrayLike | None, dtype: DTypeLike):
@@ -264,7 +115,7 @@ def _dense(
     dropout_rng: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array]:
   """Attention with the whole ``(L, S)`` score matrix: returns (output, weights after dropout)."""
-  dtype = _compute_dtype(q.dtype)
+  dtype = online_softmax.compute_dtype(q.dtype)
   length, keys = q.shape[-2], k.shape[-2]
   scores = _scores(q, k[..., None, :, :], scale, dtype)
   if bias is not None:
@@ -283,220 +134,6 @@ def _dense(
   return out.astype(q.dtype), dropped
 
 
-def _pad_to(x: jax.Array, axis: int, size: int, value: ArrayLike = 0) -> jax.Array:
-  """Pads ``axis`` of ``x`` at the end to ``size``."""
-  extra = size - x.shape[axis]
-  if extra <= 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, extra)
-  return jnp.pad(x, widths, constant_values=value)
-
-
-def _pad_mask(x: jax.Array | None, rows: int, cols: int, value: ArrayLike) -> jax.Array | None:
-  """Pads a mask's last two axes to ``(rows, cols)``; a broadcast size-1 axis stays 1."""
-  if x is None:
-    return None
-  if x.shape[-2] != 1:
-    x = _pad_to(x, -2, rows, value)
-  return x if x.shape[-1] == 1 else _pad_to(x, -1, cols, value)
-
-
-def _block(x: jax.Array | None, axis: int, start: ArrayLike, size: int) -> jax.Array | None:
-  """The block ``[start, start + size)`` of ``axis``, unless that axis is a broadcast 1."""
-  if x is None or x.shape[axis] == 1:
-    return x
-  return lax.dynamic_slice_in_dim(x, start, size, axis)
-
-
-def _key_blocks(
-    i: jax.Array, block_q: int, block_k: int, length: int, keys: int, is_causal: bool
-) -> tuple[jax.Array, jax.Array]:
-  """Key blocks query block ``i`` needs: ``[0, full)`` wholly visible, ``[full, end)`` partly.
-
-  With ``is_causal`` the blocks above the diagonal are skipped: they are never computed.
-  """
-  if not is_causal:
-    return jnp.int32(keys // block_k), jnp.int32(-(-keys // block_k))
-  first_row = i * block_q
-  last_row = jnp.minimum(length, first_row + block_q) - 1
-  full = jnp.minimum((first_row + 1) // block_k, keys // block_k)
-  end = jnp.minimum(-(-keys // block_k), last_row // block_k + 1)
-  return full, end
-
-
-def _group_axis(q: jax.Array, k: jax.Array):
-  """For grouped queries ``(N, G, L, E)`` against ``(N, S, E)`` keys: (expand, reduce) of G.
-
-  ``expand`` gives key/value blocks the G axis (size 1, broadcast), ``reduce`` sums a
-  per-query-head gradient over G; both are the identity without a G axis.
-  """
-  if q.ndim == k.ndim:
-    return (lambda x: x), (lambda x: x)
-  return (lambda x: x[..., None, :, :]), (lambda x: jnp.sum(x, axis=-3))
-
-
-def _blockwise_forward(q, k, v, allowed, bias, scale, is_causal, block_q, block_k):
-  """Online-softmax attention over query blocks x key blocks; returns (output, logsumexp)."""
-  expand, _ = _group_axis(q, k)
-  length, keys, v_dim = q.shape[-2], k.shape[-2], v.shape[-1]
-  n_q, n_k = -(-length // block_q), -(-keys // block_k)
-  dtype = _compute_dtype(q.dtype)
-  q_p = _pad_to(q, -2, n_q * block_q)
-  if q.dtype == dtype:
-    # Scaling the (L, E) queries once instead of every (L, S) score block saves a pass over
-    # each block (as torch's math kernel, which scales q and k before the product).
-    q_p, scale = q_p * scale.astype(dtype), 1.0
-  k_p, v_p = _pad_to(k, -2, n_k * block_k), _pad_to(v, -2, n_k * block_k)
-  allowed = _pad_mask(allowed, n_q * block_q, n_k * block_k, True)
-  bias = _pad_mask(bias, n_q * block_q, n_k * block_k, 0)
-
-  # The rows of a query block are split into independent chains of online-softmax updates:
-  # XLA's CPU runtime can run independent ops concurrently, so the elementwise work of the
-  # chains (max, exp, sums: single-threaded per op) can use both cores of a 2-core machine
-  # (up to 1.3x faster forward, measured on one; the results do not depend on it).
-  chains = _CHAINS if block_q % (8 * _CHAINS) == 0 else 1
-  rows = block_q // chains
-
-  def query_block(i):
-    full, end = _key_blocks(i, block_q, block_k, length, keys, is_causal)
-    starts = [i * block_q + c * rows for c in range(chains)]
-    q_c = [lax.dynamic_slice_in_dim(q_p, start, rows, -2) for start in starts]
-    allowed_c = [_block(allowed, -2, start, rows) for start in starts]
-    bias_c = [_block(bias, -2, start, rows) for start in starts]
-
-    def fold(positional, j, carries):
-      k_j = expand(lax.dynamic_slice_in_dim(k_p, j * block_k, block_k, -2))
-      v_j = expand(lax.dynamic_slice_in_dim(v_p, j * block_k, block_k, -2))
-      updated = []
-      for c, carry in enumerate(carries):
-        mask = _block(allowed_c[c], -1, j * block_k, block_k)
-        if positional:
-          where = _positions_allowed(starts[c], rows, j * block_k, block_k, keys, is_causal)
-          mask = where if mask is None else mask & where
-        updated.append(online_softmax_update(
-            carry, q_c[c], k_j, v_j, scale=scale, mask=mask,
-            bias=_block(bias_c[c], -1, j * block_k, block_k)))
-      return tuple(updated)
-
-    carries = tuple(online_softmax_init(q.shape[:-2], rows, v_dim, dtype=dtype)
-                    for _ in range(chains))
-    carries = lax.fori_loop(0, full, functools.partial(fold, False), carries)
-    carries = lax.fori_loop(full, end, functools.partial(fold, True), carries)
-    out = jnp.concatenate([online_softmax_finish(c, q.dtype) for c in carries], axis=-2)
-    row_max = jnp.concatenate([c[1] for c in carries], axis=-1)
-    row_sum = jnp.concatenate([c[2] for c in carries], axis=-1)
-    logsumexp = jnp.where(row_sum > 0, row_max + jnp.log(row_sum), jnp.inf)
-    return out, logsumexp
-
-  out, logsumexp = lax.map(query_block, jnp.arange(n_q, dtype=jnp.int32))
-  out = jnp.moveaxis(out, 0, -3).reshape(q.shape[:-2] + (n_q * block_q, v_dim))
-  logsumexp = jnp.moveaxis(logsumexp, 0, -2).reshape(q.shape[:-2] + (n_q * block_q,))
-  return out[..., :length, :], logsumexp[..., :length]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _blockwise(q, k, v, allowed, bias, scale, is_causal, block_q, block_k):
-  """Blockwise attention, O(L * E) memory; its backward recomputes the score blocks."""
-  return _blockwise_forward(q, k, v, allowed, bias, scale, is_causal, block_q, block_k)[0]
-
-
-def _blockwise_fwd(q, k, v, allowed, bias, scale, is_causal, block_q, block_k):
-  out, logsumexp = _blockwise_forward(q, k, v, allowed, bias, scale, is_causal, block_q, block_k)
-  return out, (q, k, v, allowed, bias, scale, out, logsumexp)
-
-
-def _reduce_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Sums ``x`` over the axes where ``shape`` has a broadcast 1 (same rank)."""
-  axes = tuple(a for a, (n, m) in enumerate(zip(shape, x.shape, strict=True)) if n == 1 != m)
-  return jnp.sum(x, axis=axes, keepdims=True) if axes else x
-
-
-def _blockwise_bwd(is_causal, block_q, block_k, residuals, d_out):
-  """FlashAttention-2's backward: per key block, recompute p = exp(s - logsumexp) per query block.
-
-  The score blocks are never stored: memory stays O(L * E) (plus the gradient of
-  a float mask, which has the mask's own size).
-  """
-  q, k, v, allowed, bias, scale, out, logsumexp = residuals
-  expand, reduce = _group_axis(q, k)
-  length, keys, dim, v_dim = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
-  n_q, n_k = -(-length // block_q), -(-keys // block_k)
-  dtype = _compute_dtype(q.dtype)
-  scale = jnp.asarray(scale, dtype)
-  delta = jnp.sum(d_out.astype(dtype) * out.astype(dtype), axis=-1)
-  q_p, do_p = _pad_to(q, -2, n_q * block_q), _pad_to(d_out, -2, n_q * block_q)
-  lse_p, delta_p = _pad_to(logsumexp, -1, n_q * block_q, jnp.inf), _pad_to(delta, -1,
-                                                                             n_q * block_q)
-  k_p, v_p = _pad_to(k, -2, n_k * block_k), _pad_to(v, -2, n_k * block_k)
-  allowed_p = _pad_mask(allowed, n_q * block_q, n_k * block_k, True)
-  bias_p = _pad_mask(bias, n_q * block_q, n_k * block_k, 0)
-
-  def key_block(j, grads):
-    d_q, d_k, d_v, d_bias = grads
-    k_j = lax.dynamic_slice_in_dim(k_p, j * block_k, block_k, -2)
-    v_j = lax.dynamic_slice_in_dim(v_p, j * block_k, block_k, -2)
-    allowed_j, bias_j = _block(allowed_p, -1, j * block_k, block_k), _block(bias_p, -1,
-                                                                           j * block_k, block_k)
-
-    def query_block(i, acc):
-      d_q, d_k_j, d_v_j, d_bias = acc
-      rows = i * block_q
-      q_i = lax.dynamic_slice_in_dim(q_p, rows, block_q, -2)
-      do_i = lax.dynamic_slice_in_dim(do_p, rows, block_q, -2).astype(dtype)
-      lse_i = lax.dynamic_slice_in_dim(lse_p, rows, block_q, -1)
-      delta_i = lax.dynamic_slice_in_dim(delta_p, rows, block_q, -1)
-      bias_ij = _block(bias_j, -2, rows, block_q)
-      s = _block_scores(q_i, expand(k_j), scale, bias_ij, dtype)
-      mask = _positions_allowed(rows, block_q, j * block_k, block_k, keys, is_causal)
-      if allowed_j is not None:
-        mask = jnp.logical_and(mask, cast(jax.Array, _block(allowed_j, -2, rows, block_q)))
-      p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
-      d_v_j = d_v_j + reduce(jnp.einsum("...qk,...qv->...kv", p, do_i,
-                                        preferred_element_type=dtype))
-      d_p = jnp.einsum("...qv,...kv->...qk", do_i, expand(v_j).astype(dtype),
-                       preferred_element_type=dtype)
-      d_s = p * (d_p - delta_i[..., None])
-      d_q_i = jnp.einsum("...qk,...ke->...qe", d_s, expand(k_j).astype(dtype),
-                         preferred_element_type=dtype) * scale
-      d_q = lax.dynamic_update_slice_in_dim(
-          d_q, lax.dynamic_slice_in_dim(d_q, rows, block_q, -2) + d_q_i, rows, -2)
-      d_k_j = d_k_j + reduce(jnp.einsum("...qk,...qe->...ke", d_s, q_i.astype(dtype),
-                                        preferred_element_type=dtype)) * scale
-      if d_bias is not None:
-        d_b = _reduce_to(d_s, d_bias.shape[:-2] + (
-            block_q if d_bias.shape[-2] > 1 else 1, block_k if d_bias.shape[-1] > 1 else 1))
-        starts = [0] * (d_bias.ndim - 2) + [rows if d_bias.shape[-2] > 1 else 0,
-                                            j * block_k if d_bias.shape[-1] > 1 else 0]
-        d_bias = lax.dynamic_update_slice(
-            d_bias, lax.dynamic_slice(d_bias, starts, d_b.shape) + d_b, starts)
-      return d_q, d_k_j, d_v_j, d_bias
-
-    first = (j * block_k) // block_q if is_causal else 0
-    zeros_k = jnp.zeros(k.shape[:-2] + (block_k, dim), dtype)
-    zeros_v = jnp.zeros(k.shape[:-2] + (block_k, v_dim), dtype)
-    d_q, d_k_j, d_v_j, d_bias = lax.fori_loop(first, n_q, query_block,
-                                              (d_q, zeros_k, zeros_v, d_bias))
-    d_k = lax.dynamic_update_slice_in_dim(d_k, d_k_j, j * block_k, -2)
-    d_v = lax.dynamic_update_slice_in_dim(d_v, d_v_j, j * block_k, -2)
-    return d_q, d_k, d_v, d_bias
-
-  grads = (
-      jnp.zeros(q_p.shape, dtype),
-      jnp.zeros(k_p.shape, dtype),
-      jnp.zeros(v_p.shape, dtype),
-      None if bias_p is None else jnp.zeros(bias_p.shape, dtype),
-  )
-  d_q, d_k, d_v, d_bias = lax.fori_loop(0, n_k, key_block, grads)
-  if d_bias is not None and bias is not None:
-    d_bias = d_bias[tuple(slice(0, n) for n in bias.shape)].astype(bias.dtype)
-  return (d_q[..., :length, :].astype(q.dtype), d_k[..., :keys, :].astype(k.dtype),
-          d_v[..., :keys, :].astype(v.dtype), None, d_bias, None)
-
-
-_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
-
-
 # --- scaled_dot_product_attention -------------------------------------------------------------
 
 # implementation=None switches to the blockwise kernel once the (L, S) scores of all batch and
@@ -505,11 +142,6 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 # it blockwise is faster, forward and backward (1.2x at L=256, 2-4x from L=1024 on, where the
 # dense scores leave the caches), and its memory stays O(L * E). README: attention section.
 DENSE_MAX_SCORES = 1 << 18
-# Query and key block sizes of the blockwise kernel (tuned on a 2-core CPU, B=1, H=8, D=64).
-BLOCK_Q = 512
-BLOCK_K = 512
-# Independent update chains per query block (see _blockwise_forward).
-_CHAINS = 2
 
 
 def _block_size(n: int, block: int) -> int:
@@ -528,17 +160,13 @@ def _canonical_mask(mask: jax.Array, lead: tuple[int, ...], enable_gqa: bool,
   return mask.reshape(mask.shape[:-3] + split + mask.shape[-2:])
 
 
-def _flat_lead(x: jax.Array | None, lead: tuple[int, ...], grouped: bool) -> jax.Array | None:
-  """``(*lead, G, A, B)`` -> ``(N, [G,] A, B)``: one batch dim (1 if ``x`` broadcasts over all
-  of ``lead``), and no G axis unless queries are grouped."""
-  if x is None:
-    return None
+def _flat_lead(x: jax.Array, lead: tuple[int, ...]) -> jax.Array:
+  """``(*lead, G, A, B)`` -> ``(N, G, A, B)``: one batch dim (1 if ``x`` broadcasts over all
+  of ``lead``)."""
   head, rest = x.shape[:len(lead)], x.shape[len(lead):]
   if all(d == 1 for d in head):
-    x = x.reshape((1,) + rest)
-  else:
-    x = jnp.broadcast_to(x, lead + rest).reshape((math.prod(lead),) + rest)
-  return x if grouped else x[:, 0]
+    return x.reshape((1,) + rest)
+  return jnp.broadcast_to(x, lead + rest).reshape((math.prod(lead),) + rest)
 
 
 def _attention(
@@ -555,6 +183,7 @@ def _attention(
     dropout_rng: jax.Array | None,
     implementation: Implementation,
     need_weights: bool = False,
+    block_size: tuple[int, int] = (512, 512),
 ) -> tuple[jax.Array, jax.Array | None]:
   """Attention on checked inputs; masks broadcastable to ``(*lead, L, S)``.
 
@@ -593,20 +222,55 @@ def _attention(
     out, weights = _dense(q, k, v, allowed, bias, scale, is_causal, dropout_p, dropout_rng)
     weights = weights.reshape(lead + (length, keys)) if need_weights else None
   else:
-    # One flat batch dim N and no size-1 G axis: unit dims cost XLA layout copies of
-    # every score block.
-    grouped, kv_lead = q.shape[-3] > 1, k.shape[:-2]
-    flat = [_flat_lead(x, kv_lead, grouped) for x in (q, allowed, bias)]
+    # One flat batch dim: the kernel's (M=1, R=N, G, L, E) layout.
+    kv_lead = k.shape[:-2]
     batch = math.prod(kv_lead)
-    out = cast(jax.Array, _blockwise(
-        flat[0], k.reshape((batch,) + k.shape[-2:]), v.reshape((batch,) + v.shape[-2:]),
-        flat[1], flat[2], jnp.asarray(scale, _compute_dtype(q.dtype)), is_causal,
-        _block_size(length, BLOCK_Q), _block_size(keys, BLOCK_K)))
+    q, allowed, bias = (None if x is None else _flat_lead(x, kv_lead)[None]
+                        for x in (q, allowed, bias))
+    k = k.reshape((1, batch) + k.shape[-2:])
+    v = v.reshape((1, batch) + v.shape[-2:])
+    out = _blockwise(cast(jax.Array, q), k, v, allowed, bias, scale, is_causal, block_size)
   return out.reshape(lead + (length, v_dim)), weights
 
 
+def _blockwise(q, k, v, allowed, bias, scale, is_causal: bool,
+               block_size: tuple[int, int]) -> jax.Array:
+  """SDPA on the block-sparse kernel: causal is a block map, dense masks are sliced per block."""
+  length, keys = q.shape[-2], k.shape[-2]
+  block_q, block_k = (_block_size(n, b) for n, b in zip((length, keys), block_size, strict=False))
+  if is_causal:
+    blocks = block_sparse.causal_key_blocks(length, keys, block_q, block_k)
+    if allowed is not None:  # the dense mask applies in every block: none is full
+      blocks = blocks._replace(num=blocks.num + blocks.full_num,
+                               full_num=jnp.zeros_like(blocks.full_num))
+  else:
+    blocks = block_sparse.dense_key_blocks(length, keys, block_q, block_k,
+                                           masked=allowed is not None)
+  blocked = tuple(x for x in (allowed, bias) if x is not None)
+
+  def mask(m, q_pos, k_pos, operands):
+    del m
+    visible = operands[1][0] if allowed is not None else jnp.ones((), jnp.bool_)
+    if is_causal:
+      visible = visible & (k_pos[None, :] <= q_pos[:, None])
+    return visible
+
+  def add_bias(s, m, q_pos, k_pos, operands):
+    del m, q_pos, k_pos
+    return s + operands[1][-1]
+
+  mods = block_sparse.Mods(add_bias if bias is not None else None,
+                           mask if is_causal or allowed is not None else None)
+  out, _ = block_sparse.attend(
+      q, k, v, blocks, ((), blocked),
+      jnp.asarray(scale, online_softmax.compute_dtype(q.dtype)), mods=mods,
+      block_q=block_q, block_k=block_k)
+  return out
+
+
 @functools.partial(
-    jax.jit, static_argnames=("dropout_p", "is_causal", "enable_gqa", "implementation")
+    jax.jit,
+    static_argnames=("dropout_p", "is_causal", "enable_gqa", "implementation", "block_size"),
 )
 def scaled_dot_product_attention(
     query: ArrayLike,
@@ -620,6 +284,7 @@ def scaled_dot_product_attention(
     *,
     dropout_rng: jax.Array | None = None,
     implementation: Implementation = None,
+    block_size: int | tuple[int, int] = 512,
 ) -> jax.Array:
   """``softmax(query @ key^T * scale + mask) @ value``, as ``torch.nn.functional``'s SDPA.
 
@@ -645,11 +310,14 @@ def scaled_dot_product_attention(
       ``h // (query_heads // kv_heads)``, as torch's ``repeat_interleave``.
     dropout_rng: a ``jax.random.key``; the dropout pattern is a function of it.
     implementation: ``"dense"`` materialises the ``(L, S)`` scores;
-      ``"blockwise"`` folds blocks of 512 keys into blocks of 512 queries with the
+      ``"blockwise"`` folds key blocks into query blocks (``block_size``) with the
       online softmax, skips blocks a causal mask hides and recomputes blocks in
       its backward, so memory is O(L * E); ``None`` picks dense while all the
       scores hold at most ``DENSE_MAX_SCORES`` (2**18) elements, or when dropout
       is on, blockwise otherwise.
+    block_size: the blockwise implementation's query and key block sizes (an
+      int or a pair; 512 was fastest on a 2-core CPU at H=8, D=64). Shorter
+      sequences use one block rounded up to a multiple of 8.
 
   Returns:
     Array of shape ``(N..., L, Ev)`` and the query's dtype.
@@ -677,6 +345,7 @@ def scaled_dot_product_attention(
   lead = checks.check_attention_shapes(op, query.shape, key.shape, value.shape, enable_gqa)
   checks.check_dropout(op, dropout_p, dropout_rng is not None)
   checks.check_attention_implementation(op, implementation, dropout_p)
+  blocks = checks.check_block_size(op, block_size)
   length, keys = query.shape[-2], key.shape[-2]
   allowed = bias = None
   if attn_mask is not None:
@@ -690,7 +359,7 @@ def scaled_dot_product_attention(
   if scale is None:
     scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] else 1.0
   out, _ = _attention(query, key, value, lead, allowed, bias, scale, is_causal, enable_gqa,
-                      dropout_p, dropout_rng, implementation)
+                      dropout_p, dropout_rng, implementation, block_size=blocks)
   return out
 
 

@@ -801,3 +801,147 @@ def check_scores_shapes(op: str, query: Shape, key: Shape) -> Shape:
         "dims before (L, E) are aligned from the right and must be equal or 1",
     )
   return lead + (query[-2], key[-2])
+
+
+# --- flex attention (flex_attention, create_block_mask, mask/score mods) ---
+
+
+def check_mask_mods(op: str, mods: Sequence[object]) -> None:
+  """Refuses combinators (and_masks, or_masks) of anything but callables."""
+  for i, mod in enumerate(mods):
+    if not callable(mod):
+      raise TypeError(
+          f"jmat.{op}: argument {i} is {type(mod).__name__}, not a mask_mod; pass functions "
+          f"(b, h, q_idx, kv_idx) -> bool"
+      )
+
+
+def check_mod_result(
+    op: str, kind: str, names: Sequence[str], signature_ok: bool, result: object
+) -> None:
+  """Refuses a score_mod/mask_mod that does not take torch's arguments or return a scalar.
+
+  Args:
+    op: the public name of the operation.
+    kind: ``"score_mod"`` or ``"mask_mod"``.
+    names: the arguments it must accept, in order.
+    signature_ok: whether it accepts them.
+    result: ``jax.eval_shape`` of a call on scalars (a ShapeDtypeStruct).
+  """
+  wanted = "a bool scalar" if kind == "mask_mod" else "a floating-point scalar"
+  usage = f"{kind} must be a function ({', '.join(names)}) -> {wanted}, as in torch"
+  if not signature_ok:
+    raise TypeError(f"jmat.{op}: {kind} does not accept {len(names)} arguments; {usage}")
+  shape = getattr(result, "shape", None)
+  dtype = getattr(result, "dtype", None)
+  if shape != () or dtype is None:
+    raise TypeError(
+        f"jmat.{op}: {kind} returned {_result_phrase(result)} for scalar arguments; {usage} "
+        f"(it is applied to one entry at a time; jmat vmaps it over blocks)"
+    )
+  ok = dtype == np.bool_ if kind == "mask_mod" else jnp.issubdtype(dtype, jnp.floating)
+  if not ok:
+    raise TypeError(
+        f"jmat.{op}: {kind} returned a scalar of dtype {_dtype_name(np.dtype(dtype))}; {usage}"
+    )
+
+
+def _result_phrase(result: object) -> str:
+  shape = getattr(result, "shape", None)
+  if shape is None:
+    return f"a {type(result).__name__}"
+  return f"an array of shape {fmt_shape(shape)}"
+
+
+def check_mask_sizes(
+    op: str, batch: object, heads: object, q_len: object, kv_len: object
+) -> tuple[int, int, int, int]:
+  """Checks create_block_mask's ``B, H, Q_LEN, KV_LEN``; returns them with None as 1."""
+  sizes = []
+  for name, value, optional in (("B", batch, True), ("H", heads, True),
+                                ("Q_LEN", q_len, False), ("KV_LEN", kv_len, False)):
+    if value is None and optional:
+      sizes.append(1)
+      continue
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+      allowed = "a non-negative int or None (broadcast)" if optional else "a non-negative int"
+      raise ValueError(f"jmat.{op}: {name} must be {allowed}, got {value!r}")
+    sizes.append(max(int(value), 1) if optional else int(value))
+  return sizes[0], sizes[1], sizes[2], sizes[3]
+
+
+def check_block_size(op: str, block_size: object) -> tuple[int, int]:
+  """Checks ``BLOCK_SIZE``: a positive int or a pair of them; returns the pair."""
+  pair = block_size if isinstance(block_size, tuple | list) else (block_size, block_size)
+  if len(pair) != 2 or any(
+      isinstance(b, bool) or not isinstance(b, int | np.integer) or b < 1 for b in pair
+  ):
+    raise ValueError(
+        f"jmat.{op}: BLOCK_SIZE must be a positive int or a (query block, key block) pair "
+        f"of them, got {block_size!r}"
+    )
+  return int(pair[0]), int(pair[1])
+
+
+def check_flex_shapes(
+    op: str, query: Shape, key: Shape, value: Shape, enable_gqa: bool
+) -> None:
+  """Checks flex attention's ``(B, Hq, L, E)``, ``(B, Hkv, S, E)``, ``(B, Hkv, S, Ev)``."""
+  shapes = (query, key, value)
+  listed = _listed(_ATTENTION_NAMES, shapes)
+  if any(len(s) != 4 for s in shapes):
+    raise shape_error(
+        op, "query, key and value must be 4-D", listed,
+        "flex attention takes (batch, heads, length, embedding): (B, Hq, L, E), "
+        "(B, Hkv, S, E), (B, Hkv, S, Ev); add size-1 dims with x[None] for missing ones",
+    )
+  if not query[0] == key[0] == value[0]:
+    raise shape_error(op, "batch sizes (dim 0) differ", listed,
+                      "flex attention does not broadcast the batch: pass equal batch sizes")
+  if query[-1] != key[-1]:
+    raise shape_error(
+        op, f"query and key embedding sizes {query[-1]} and {key[-1]} differ", listed,
+        "scores are query @ key^T, so the last dims of query and key must be equal "
+        "(value's may differ)",
+    )
+  if key[1:3] != value[1:3]:
+    raise shape_error(op, "key and value heads or lengths differ", listed,
+                      "there must be one value per key: dims 1 and 2 of key and value match")
+  heads, kv_heads = query[1], key[1]
+  if heads == kv_heads:
+    return
+  if not enable_gqa:
+    hint = (" or pass enable_gqa=True for grouped-query attention"
+            if kv_heads and heads % kv_heads == 0 else "")
+    raise shape_error(op, f"query has {heads} heads and key/value {kv_heads}", listed,
+                      f"give them equal head counts (dim 1){hint}")
+  if kv_heads == 0 or heads % kv_heads:
+    raise shape_error(
+        op, f"the {kv_heads} key/value heads do not divide the {heads} query heads", listed,
+        "grouped-query attention shares each key/value head among query_heads / kv_heads "
+        "query heads",
+    )
+
+
+def check_block_mask_fits(
+    op: str, mask_shape: Sequence[int], query: Shape, key: Shape
+) -> None:
+  """Refuses a BlockMask built for other lengths, batch size or head count."""
+  batch, heads, q_len, kv_len = (int(d) for d in mask_shape)
+  wanted = (query[0], query[1], query[2], key[2])
+  problems = []
+  if (q_len, kv_len) != (query[2], key[2]):
+    problems.append(f"it was built for Q_LEN={q_len}, KV_LEN={kv_len}, the inputs have "
+                    f"L={query[2]}, S={key[2]}")
+  if batch not in (1, query[0]):
+    problems.append(f"it was built for B={batch}, the batch size is {query[0]}")
+  if heads not in (1, query[1]):
+    problems.append(f"it was built for H={heads}, query has {query[1]} heads")
+  if problems:
+    raise shape_error(
+        op, "the block_mask does not fit the inputs: " + "; ".join(problems),
+        f"block_mask has shape {fmt_shape(mask_shape)}, query has shape {fmt_shape(query)}, "
+        f"key has shape {fmt_shape(key)}",
+        f"build it with create_block_mask(mask_mod, {wanted[0]} or None, {wanted[1]} or None, "
+        f"{wanted[2]}, {wanted[3]})",
+    )

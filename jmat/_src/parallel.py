@@ -3,24 +3,24 @@
 The sequence is cut into ``n`` blocks, one per device along a mesh axis. Each
 device keeps its query block and the key/value blocks travel around the ring:
 at step ``t`` device ``i`` holds key/value block ``(i - t) mod n``, folds it into
-its online-softmax carry (:func:`jmat.attention.online_softmax_update`, the one
-recurrence that blockwise attention also uses) and passes it on to device
-``i + 1``. A block is folded in tiles of at most ``TILE_Q`` queries by ``TILE_K``
-keys, sliced in place, so a device holds its own blocks, one key/value block in
-flight and two tiles of scores: per-device memory is ``O((L / n) * E)`` plus a
-constant, however long the sequence grows.
+its online-softmax carry with the block-sparse kernel's forward loop (the one
+SDPA and flex attention use) and passes it on to device ``i + 1``. The kernel
+folds a block in tiles of ``block_size`` queries by keys, sliced in place, so a
+device holds its own blocks, one key/value block in flight and a tile of
+scores: per-device memory is ``O((L / n) * E)`` plus a constant, however long
+the sequence grows.
 
-The backward pass is a second trip around the ring (a ``jax.custom_vjp``): the
-forward pass keeps only its inputs, its output and the per-query log-sum-exp,
-and the key/value blocks travel again together with their gradient
-accumulators, so the backward pass is ``O(L / n)`` per device as well (plain
-autodiff through the ring would keep every block that passed by). The gradient
-of one tile is the vector-Jacobian product of the same online-softmax update,
-run from a carry whose maximum is the final log-sum-exp.
+The backward pass is a second trip around the ring (a ``jax.custom_vjp``) with
+the kernel's backward loop: the forward pass keeps only its inputs, its output
+and the per-query log-sum-exp, and the key/value blocks travel again together
+with their gradient accumulators, so the backward pass is ``O(L / n)`` per
+device as well (plain autodiff through the ring would keep every block that
+passed by).
 
-Causal blocks (and tiles) that no query of the device may see are skipped with
-``lax.cond``: the device computes nothing for them but still forwards them, so
-the ring keeps turning. (The causal work is unbalanced, device ``i`` computes
+Causality is the kernel's block map of each (query block, key/value block)
+pair, with the blocks' sequence offsets: tiles the mask hides are not listed,
+so a device computes nothing for them but still forwards its blocks and the
+ring keeps turning. (The causal work is unbalanced, device ``i`` computes
 ``i + 1`` blocks; a striped or zig-zag layout would even it out.)
 """
 
@@ -34,7 +34,7 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
-from jmat._src import attention, checks
+from jmat._src import block_sparse, checks, online_softmax
 
 _Blocks = tuple[jax.Array, ...]
 
@@ -63,11 +63,16 @@ def block_is_masked(
   return _hidden(query_block * q_len, key_block * k_len, q_len)
 
 
-# A device folds a key/value block into its carry in tiles of at most this many
-# queries and keys (the blockwise kernel's block sizes): the scores it holds at once
-# are (TILE_Q, TILE_K), not (L / n, S / n).
-TILE_Q = attention.BLOCK_Q
-TILE_K = attention.BLOCK_K
+def _hidden(first_query: int | jax.Array, first_key: int | jax.Array, queries: int):
+  """Whether the causal mask hides a whole tile: its first key comes after its last query."""
+  return first_key > first_query + queries - 1
+
+
+def _causal_mask(first_query: int | jax.Array, first_key: int | jax.Array, queries: int, keys: int):
+  """The ``(queries, keys)`` causal mask of a tile whose corner is at the given positions."""
+  rows = first_query + lax.broadcasted_iota(jnp.int32, (queries, keys), 0)
+  cols = first_key + lax.broadcasted_iota(jnp.int32, (queries, keys), 1)
+  return cols <= rows
 
 
 def _tile(n: int, limit: int) -> int:
@@ -84,35 +89,23 @@ def _tile(n: int, limit: int) -> int:
   return n
 
 
-def _rows(x: jax.Array, start: jax.Array, size: int, axis: int = -2) -> jax.Array:
-  """Rows ``start .. start + size`` of ``axis`` (a tile, sliced in place inside loops)."""
-  return lax.dynamic_slice_in_dim(x, start, size, axis % x.ndim)
+def _causal(m, q_pos, k_pos, operands):
+  del m, operands
+  return k_pos[None, :] <= q_pos[:, None]
 
 
-def _put_rows(x: jax.Array, rows: jax.Array, start: jax.Array, axis: int = -2) -> jax.Array:
-  """``x`` with rows ``start ..`` of ``axis`` replaced by ``rows`` (in place inside loops)."""
-  return lax.dynamic_update_slice_in_dim(x, rows, start, axis % x.ndim)
-
-
-def _hidden(first_query: int | jax.Array, first_key: int | jax.Array, queries: int):
-  """Whether the causal mask hides a whole tile: its first key comes after its last query."""
-  return first_key > first_query + queries - 1
-
-
-def _causal_mask(first_query: int | jax.Array, first_key: int | jax.Array, queries: int, keys: int):
-  """The ``(queries, keys)`` causal mask of a tile whose corner is at the given positions."""
-  rows = first_query + lax.broadcasted_iota(jnp.int32, (queries, keys), 0)
-  cols = first_key + lax.broadcasted_iota(jnp.int32, (queries, keys), 1)
-  return cols <= rows
-
-
-def _ring(n: int, axis_name: str, is_causal: bool, scale: float, manual_axes: tuple[str, ...]):
+def _ring(n: int, axis_name: str, is_causal: bool, scale: float, block_size: tuple[int, int],
+          manual_axes: tuple[str, ...]):
   """The per-device ring attention of ``shard_map`` (``n`` devices along ``axis_name``).
 
   ``manual_axes`` are the mesh axes the ``shard_map`` is manual over: the
-  operands vary over all of them, and so must the loop's carry.
+  operands vary over all of them, and so must the loop's carry. Each step is
+  one call of the block-sparse kernel's forward (or backward) loop on the
+  device's query block and the visiting key/value block, with the causal block
+  map of that pair: a pair the mask hides lists no block and costs nothing.
   """
   to_next = [(i, (i + 1) % n) for i in range(n)]
+  mods = block_sparse.Mods(mask=_causal if is_causal else None)
 
   def rotate(blocks: _Blocks) -> _Blocks:
     return tuple(lax.ppermute(x, axis_name, to_next) for x in blocks)
@@ -131,73 +124,48 @@ def _ring(n: int, axis_name: str, is_causal: bool, scale: float, manual_axes: tu
     (state, blocks), _ = lax.scan(body, (state, blocks), jnp.arange(1, n))
     return state, blocks
 
-  def unless_hidden(fold, state, first_query, first_key, queries, otherwise=None):
-    """``fold(state)``, or (computing nothing) ``otherwise(state)`` if the mask hides the tile."""
-    if not is_causal:
-      return fold(state)
-    hidden = _hidden(first_query, first_key, queries)
-    return lax.cond(hidden, otherwise or (lambda s: s), fold, state)
+  def as_kernel(x, grouped):
+    """A local ``(*lead, T, D)`` block as the kernel's ``(1, N, [1,] T, D)``."""
+    x = x.reshape((1, -1) + x.shape[-2:])
+    return x[:, :, None] if grouped else x
 
-  def tiles_of(q, k):
-    """Tile sizes and counts of one (query block, key/value block) pair."""
-    tq, tk = _tile(q.shape[-2], TILE_Q), _tile(k.shape[-2], TILE_K)
-    return tq, tk, q.shape[-2] // tq, k.shape[-2] // tk
+  def layout(q, k):
+    # Tiles divide the local lengths, so the blocks that travel need no padding.
+    q_len, k_len = q.shape[-2], k.shape[-2]
+    geo = block_sparse.Geometry(q_len, k_len, _tile(q_len, block_size[0]),
+                                _tile(k_len, block_size[1]))
+    return as_kernel(q, True), geo
 
-  def fold_block(carry, q, k, v, here, there):
-    """Folds key/value block ``there`` into the carry of query block ``here``, tile by tile."""
-    tq, tk, nq, nk = tiles_of(q, k)
-
-    axes = (-2, -1, -1)  # of acc, row_max, row_sum
-
-    def query_tile(a, carry):
-      first_query = here * q.shape[-2] + a * tq
-      q_tile = _rows(q, a * tq, tq)
-      tile = tuple(_rows(x, a * tq, tq, axis) for x, axis in zip(carry, axes, strict=True))
-
-      def key_tile(b, tile):
-        first_key = there * k.shape[-2] + b * tk
-        k_tile, v_tile = _rows(k, b * tk, tk), _rows(v, b * tk, tk)
-        mask = _causal_mask(first_query, first_key, tq, tk) if is_causal else None
-
-        def fold(tile):
-          return attention.online_softmax_update(
-              tile, q_tile, k_tile, v_tile, scale=scale, mask=mask
-          )
-
-        return unless_hidden(fold, tile, first_query, first_key, tq)
-
-      tile = lax.fori_loop(0, nk, key_tile, tile)
-      return tuple(
-          _put_rows(x, t, a * tq, axis) for x, t, axis in zip(carry, tile, axes, strict=True)
-      )
-
-    return lax.fori_loop(0, nq, query_tile, carry)
+  def key_blocks(geo, here, there):
+    offsets = {"q_offset": here * geo.q_len, "k_offset": there * geo.kv_len}
+    sizes = (geo.q_len, geo.kv_len, geo.block_q, geo.block_k)
+    if is_causal:
+      return block_sparse.causal_key_blocks(*sizes, **offsets), offsets
+    return block_sparse.dense_key_blocks(*sizes), offsets
 
   def forward(q, k, v):
     here = lax.axis_index(axis_name)
-    q_len, k_len = q.shape[-2], k.shape[-2]
+    q_k, geo = layout(q, k)
+    q_s, rest = block_sparse.prescale(q_k, jnp.asarray(scale, _dtype(q)))
 
     def fold(carry, k, v, there):
-      return fold_block(carry, q, k, v, here, there)
+      blocks, offsets = key_blocks(geo, here, there)
+      return block_sparse.forward_blocks(carry, q_s, as_kernel(k, False), as_kernel(v, False),
+                                         blocks, ((), ()), rest, mods=mods, geo=geo, **offsets)
 
-    empty = attention.online_softmax_init(
-        q.shape[:-2], q_len, v.shape[-1], dtype=attention._compute_dtype(q.dtype)
-    )
+    empty = online_softmax.online_softmax_init(q_k.shape[:3], q_k.shape[3], v.shape[-1],
+                                               dtype=_dtype(q))
     # Typed like the carry the folds return: varying over the manual mesh axes.
     empty = lax.pcast(empty, manual_axes, to="varying")
-    carry = unless_hidden(lambda c: fold(c, k, v, here), empty, here * q_len, here * k_len, q_len)
 
     def step(carry, kv, t):
-      there = (here - t) % n
-      first_query, first_key = here * q_len, there * k_len
-      k, v = kv
-      carry = unless_hidden(lambda c: fold(c, k, v, there), carry, first_query, first_key, q_len)
-      return carry, kv
+      return fold(carry, *kv, (here - t) % n), kv
 
-    carry, _ = scan_ring(step, carry, (k, v))
-    _, row_max, row_sum = carry
-    # Per query: the log of the softmax denominator, -inf where no key was visible.
-    return attention.online_softmax_finish(carry, q.dtype), row_max + jnp.log(row_sum)
+    # The blocks travel in their own (*lead, S / n, E) shape: only they cross devices.
+    carry, _ = scan_ring(step, fold(empty, k, v, here), (k, v))
+    out = online_softmax.online_softmax_finish(carry, q.dtype)[0, :, 0]
+    lse = online_softmax.online_softmax_logsumexp(carry)
+    return out.reshape(q.shape[:-1] + (v.shape[-1],)), lse
 
   @jax.custom_vjp
   def ring(q, k, v):
@@ -210,80 +178,44 @@ def _ring(n: int, axis_name: str, is_causal: bool, scale: float, manual_axes: tu
   def ring_bwd(residuals, d_out):
     q, k, v, out, lse = residuals
     here = lax.axis_index(axis_name)
-    q_len, k_len = q.shape[-2], k.shape[-2]
     dtype = lse.dtype
-    d_out = d_out.astype(dtype)
+    q_k, geo = layout(q, k)
+    q_s, rest = block_sparse.prescale(q_k, jnp.asarray(scale, dtype))
+    d_out_k, out_k = (as_kernel(x.astype(dtype), True) for x in (d_out, out))
     # d loss / d lse, summed over the output row: the softmax's "delta" term.
-    delta = jnp.sum(d_out * out.astype(dtype), axis=-1)
-
-    def tile_grads(q, k, v, lse, d_out, delta, mask):
-      # From (0, lse, 0) the update adds exactly P = exp(s - lse) @ v to acc and
-      # sum(P) to row_sum; the cotangents (d_out, 0, -delta) give the gradient of
-      # the whole softmax restricted to this tile.
-      def contribution(q, k, v):
-        start = (jnp.zeros_like(d_out), lse, jnp.zeros_like(lse))
-        return attention.online_softmax_update(start, q, k, v, scale=scale, mask=mask)
-
-      carry, vjp = jax.vjp(contribution, q, k, v)
-      grads = vjp((d_out, jnp.zeros_like(carry[1]), -delta))
-      return tuple(g.astype(dtype) for g in grads)
-
-    def add_block_grads(grads, k, v, there):
-      """Adds the gradients of key/value block ``there`` (query block ``here``), tile by tile."""
-      tq, tk, nq, nk = tiles_of(q, k)
-
-      def query_tile(a, grads):
-        dq, dk, dv = grads
-        first_query = here * q_len + a * tq
-        q_tile, d_out_tile = _rows(q, a * tq, tq), _rows(d_out, a * tq, tq)
-        lse_tile, delta_tile = _rows(lse, a * tq, tq, -1), _rows(delta, a * tq, tq, -1)
-
-        def key_tile(b, state):
-          dq_tile, dk, dv = state
-          first_key = there * k_len + b * tk
-          mask = _causal_mask(first_query, first_key, tq, tk) if is_causal else None
-          operands = (q_tile, _rows(k, b * tk, tk), _rows(v, b * tk, tk))
-
-          def tile(operands):
-            q_tile, k_tile, v_tile = operands
-            return tile_grads(q_tile, k_tile, v_tile, lse_tile, d_out_tile, delta_tile, mask)
-
-          def nothing(operands):
-            return tuple(jnp.zeros_like(x, dtype) for x in operands)
-
-          gq, gk, gv = unless_hidden(tile, operands, first_query, first_key, tq, nothing)
-          dk = _put_rows(dk, _rows(dk, b * tk, tk) + gk, b * tk)
-          dv = _put_rows(dv, _rows(dv, b * tk, tk) + gv, b * tk)
-          return dq_tile + gq, dk, dv
-
-        dq_tile, dk, dv = lax.fori_loop(0, nk, key_tile, (_rows(dq, a * tq, tq), dk, dv))
-        return _put_rows(dq, dq_tile, a * tq), dk, dv
-
-      return lax.fori_loop(0, nq, query_tile, grads)
+    delta = jnp.sum(d_out_k * out_k, axis=-1)
 
     def step(dq, blocks, t):
       k, v, dk, dv = blocks
-      there = (here - t) % n
+      key_table, offsets = key_blocks(geo, here, (here - t) % n)
+      dq, dk_k, dv_k, _ = block_sparse.backward_blocks(
+          (dq, as_kernel(dk, False), as_kernel(dv, False), []), q_s, as_kernel(k, False),
+          as_kernel(v, False), key_table, ((), ()), rest, d_out_k, lse, delta, mods=mods,
+          geo=geo, **offsets)
+      return dq, (k, v, dk_k.reshape(dk.shape), dv_k.reshape(dv.shape))
 
-      def fold(grads):
-        return add_block_grads(grads, k, v, there)
-
-      dq, dk, dv = unless_hidden(fold, (dq, dk, dv), here * q_len, there * k_len, q_len)
-      return dq, (k, v, dk, dv)
-
-    zeros = tuple(jnp.zeros_like(x, dtype) for x in (q, k, v))
+    zeros = tuple(jnp.zeros_like(x, dtype=dtype) for x in (q_k, k, v))
     dq, (_, _, dk, dv) = step(zeros[0], (k, v, *zeros[1:]), 0)
     # The key/value blocks travel together with their gradient accumulators; after
     # n - 1 moves each accumulator sits one device before its block's home.
     dq, (_, _, dk, dv) = scan_ring(step, dq, (k, v, dk, dv))
     dk, dv = rotate((dk, dv))
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    if rest is None:
+      dq = dq * jnp.asarray(scale, dtype)
+
+    return (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
 
   ring.defvjp(ring_fwd, ring_bwd)
   return ring
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "axis_name", "is_causal", "scale"))
+def _dtype(x: jax.Array):
+  return online_softmax.compute_dtype(x.dtype)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("mesh", "axis_name", "is_causal", "scale", "block_size")
+)
 def ring_attention(
     query: ArrayLike,
     key: ArrayLike,
@@ -294,6 +226,7 @@ def ring_attention(
     axis_name: str,
     is_causal: bool = False,
     scale: float | None = None,
+    block_size: int | tuple[int, int] = 512,
 ) -> jax.Array:
   """Scaled dot-product attention with the sequence sharded over a mesh axis (ring attention).
 
@@ -316,6 +249,9 @@ def ring_attention(
     axis_name: the mesh axis the sequence dimension is sharded over.
     is_causal: torch's top-left causal mask (query ``l`` sees key ``s`` iff ``s <= l``).
     scale: the factor of ``q @ k^T``; ``1 / sqrt(E)`` if ``None``.
+    block_size: the query and key block sizes (int or pair) each device's
+      key/value block is folded in: the scores a device holds at once are
+      ``block_size`` blocks, not ``(L / n, S / n)``.
 
   Returns:
     Array of shape ``(*lead, L, Ev)`` and the query's dtype, sharded like
@@ -324,7 +260,8 @@ def ring_attention(
   Raises:
     ShapeError: if the inputs are not attention operands of equal leading dims,
       or ``L`` or ``S`` is not divisible by the size of ``axis_name``.
-    ValueError: if ``axis_name`` is not an axis of ``mesh``.
+    ValueError: if ``axis_name`` is not an axis of ``mesh``, or ``block_size``
+      is not a positive int or pair.
     TypeError: if the dtypes differ or are not floating point.
 
   Example:
@@ -333,10 +270,12 @@ def ring_attention(
     >>> jmat.parallel.ring_attention(q, k, v, mesh=mesh, axis_name="seq", is_causal=True).shape
     (2, 4, 3)
   """
-  query, key, value = _checked("parallel.ring_attention", query, key, value, mesh, axis_name)
+  op = "parallel.ring_attention"
+  query, key, value = _checked(op, query, key, value, mesh, axis_name)
+  blocks = checks.check_block_size(op, block_size)
   factor = query.shape[-1] ** -0.5 if scale is None else float(scale)
-  ring = functools.partial(_ring, mesh.shape[axis_name], axis_name, is_causal, factor)
-  return _shard_sequence(ring, query, key, value, mesh, axis_name)
+  ring = functools.partial(_ring, mesh.shape[axis_name], axis_name, is_causal, factor, blocks)
+  return _shard_sequence(op, ring, query, key, value, mesh, axis_name)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "axis_name", "is_causal", "scale"))
@@ -366,7 +305,8 @@ def allgather_attention(
     >>> jmat.parallel.allgather_attention(q, k, v, mesh=mesh, axis_name="seq").shape
     (2, 4, 3)
   """
-  query, key, value = _checked("parallel.allgather_attention", query, key, value, mesh, axis_name)
+  op = "parallel.allgather_attention"
+  query, key, value = _checked(op, query, key, value, mesh, axis_name)
   factor = query.shape[-1] ** -0.5 if scale is None else float(scale)
 
   def local(q, k, v):
@@ -374,13 +314,13 @@ def allgather_attention(
     here = lax.axis_index(axis_name)
     q_len = q.shape[-2]
     mask = _causal_mask(here * q_len, 0, q_len, k.shape[-2]) if is_causal else None
-    empty = attention.online_softmax_init(
-        q.shape[:-2], q_len, v.shape[-1], dtype=attention._compute_dtype(q.dtype)
+    empty = online_softmax.online_softmax_init(
+        q.shape[:-2], q_len, v.shape[-1], dtype=_dtype(q)
     )
-    carry = attention.online_softmax_update(empty, q, k, v, scale=factor, mask=mask)
-    return attention.online_softmax_finish(carry, q.dtype)
+    carry = online_softmax.online_softmax_update(empty, q, k, v, scale=factor, mask=mask)
+    return online_softmax.online_softmax_finish(carry, q.dtype)
 
-  return _shard_sequence(lambda _: local, query, key, value, mesh, axis_name)
+  return _shard_sequence(op, lambda _: local, query, key, value, mesh, axis_name)
 
 
 def _checked(
@@ -400,9 +340,11 @@ def _checked(
   return query, key, value
 
 
-def _shard_sequence(make_local, query, key, value, mesh: Mesh, axis_name: str) -> jax.Array:
+def _shard_sequence(
+    op: str, make_local, query, key, value, mesh: Mesh, axis_name: str
+) -> jax.Array:
   """Runs ``make_local(manual_axes)(q, k, v)`` per device, dim -2 sharded over ``axis_name``."""
-  lead = _explicit_lead_spec(query, axis_name)
+  lead = _explicit_lead_spec(op, query, axis_name)
   spec = PartitionSpec(*lead, axis_name, None)
   if dict(zip(mesh.axis_names, mesh.axis_types, strict=True))[axis_name] == AxisType.Explicit:
     # An Explicit mesh types the operands' sharding: place them as the shard_map expects.
@@ -427,7 +369,7 @@ def _axis_names(spec: tuple) -> set[str]:
   return names
 
 
-def _explicit_lead_spec(query: jax.Array, axis_name: str) -> tuple:
+def _explicit_lead_spec(op: str, query: jax.Array, axis_name: str) -> tuple:
   """How the leading dims of ``query`` are sharded over Explicit mesh axes (``None`` for Auto).
 
   Under an Auto mesh the shard_map is manual over ``axis_name`` only and jit's
@@ -444,5 +386,5 @@ def _explicit_lead_spec(query: jax.Array, axis_name: str) -> tuple:
   }
   spec = tuple(sharding.spec) + (None,) * (query.ndim - len(sharding.spec))
   lead = tuple(e if _axis_names((e,)) <= explicit else None for e in spec[:-2])
-  checks.check_ring_lead_sharding("parallel.ring_attention", query.shape, lead, axis_name)
+  checks.check_ring_lead_sharding(op, query.shape, lead, axis_name)
   return lead

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 import jmat
 from benchmarks import ring_attention as ring_bench
-from jmat._src import attention
+from jmat._src import online_softmax
 
 if jax.device_count() < 8:
   if os.environ.get("JMAT_REQUIRE_8_DEVICES"):
@@ -258,10 +258,6 @@ def torch_attention_grads(q, k, v, d_out, *, is_causal=False, scale=None):
 TOL = {jnp.bfloat16: 5e-2, jnp.float32: 2e-5, jnp.float64: 1e-12}
 
 
-@pytest.mark.skipif(
-    not hasattr(jmat, "scaled_dot_product_attention"),
-    reason="jmat.scaled_dot_product_attention is not there yet",
-)
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_head_parallel_attention_needs_no_collectives(is_causal):
   rng = np.random.default_rng(5)
@@ -343,10 +339,6 @@ def test_ring_attention_custom_scale_matches_numpy():
   )
 
 
-@pytest.mark.skipif(
-    not hasattr(jmat, "scaled_dot_product_attention"),
-    reason="jmat.scaled_dot_product_attention is not there yet",
-)
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_ring_attention_equals_unsharded_sdpa(is_causal):
   m, _, (q, k, v), placed = _ring_inputs("2x4-data-seq", jnp.float64, seed=4)
@@ -434,24 +426,22 @@ def test_ring_attention_skips_exactly_the_fully_masked_causal_tiles(
   """Count the tiles each device folds in: those with at least one visible (query, key) pair."""
   n, seen = 8, []
   tq, tk = tile_q or q_len // n, tile_k or k_len // n
-  if tile_q:
-    monkeypatch.setattr(jmat._src.parallel, "TILE_Q", tile_q)
-    monkeypatch.setattr(jmat._src.parallel, "TILE_K", tile_k)
   m = mesh((n,), ("seq",))
   rng = np.random.default_rng(9)
   q, k, v = randn(rng, 1, q_len, 3), randn(rng, 1, k_len, 3), randn(rng, 1, k_len, 2)
-  # The first key of key tile j is unique (== j) and tells which tile is being folded.
-  k[0, ::tk, 0] = np.arange(k_len // tk)
-  update = attention.online_softmax_update
+  # The first value of key tile j is unique (== j) and tells which tile is being folded.
+  v[0, ::tk, 0] = np.arange(k_len // tk)
+  fold = online_softmax.online_softmax_fold
 
-  def counting_update(carry, q, k, v, **kw):
+  def counting_fold(carry, s, v):
     jax.debug.callback(
-        lambda i, j: seen.append((int(i), int(j))), jax.lax.axis_index("seq"), k[0, 0, 0]
+        lambda i, j: seen.append((int(i), int(j))), jax.lax.axis_index("seq"), v[0, 0, 0, 0]
     )
-    return update(carry, q, k, v, **kw)
+    return fold(carry, s, v)
 
-  monkeypatch.setattr(attention, "online_softmax_update", counting_update)
-  ring = _fresh_ring(mesh=m, axis_name="seq", is_causal=True)
+  monkeypatch.setattr(online_softmax, "online_softmax_fold", counting_fold)
+  blocks = {"block_size": (tile_q, tile_k)} if tile_q else {}
+  ring = _fresh_ring(mesh=m, axis_name="seq", is_causal=True, **blocks)
   jax.block_until_ready(ring(*(put(x, m, None, "seq") for x in (q, k, v))))
   visible = np.tril(np.ones((q_len, k_len), bool))
   tiles = visible.reshape(q_len // tq, tq, k_len // tk, tk).any(axis=(1, 3))
@@ -462,15 +452,13 @@ def test_ring_attention_skips_exactly_the_fully_masked_causal_tiles(
 
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize(("q_len", "k_len"), [(32, 48), (48, 32)])
-def test_ring_attention_in_tiles_matches_torch(monkeypatch, q_len, k_len, is_causal):
+def test_ring_attention_in_tiles_matches_torch(q_len, k_len, is_causal):
   """Blocks of 4 and 6 rows folded in tiles of 2 and 3: values and gradients still exact."""
-  monkeypatch.setattr(jmat._src.parallel, "TILE_Q", 2)
-  monkeypatch.setattr(jmat._src.parallel, "TILE_K", 3)
   m = mesh((8,), ("seq",))
   rng = np.random.default_rng(12)
   q, k, v = randn(rng, 2, q_len, 5), randn(rng, 2, k_len, 5), randn(rng, 2, k_len, 7)
   d_out = randn(rng, 2, q_len, 7)
-  ring = _fresh_ring(mesh=m, axis_name="seq", is_causal=is_causal)
+  ring = _fresh_ring(mesh=m, axis_name="seq", is_causal=is_causal, block_size=(2, 3))
   out, vjp = jax.vjp(ring, *(put(x, m, None, "seq") for x in (q, k, v)))
   grads = vjp(put(d_out, m, None, "seq"))
   np.testing.assert_allclose(
@@ -491,8 +479,6 @@ def test_ring_attention_memory_matches_the_formulas(monkeypatch, is_causal, leng
   """XLA's per-device memory_analysis against docs/distributed.md's formulas."""
   n, h, e = 8, 2, 8
   if tile:
-    monkeypatch.setattr(jmat._src.parallel, "TILE_Q", tile)
-    monkeypatch.setattr(jmat._src.parallel, "TILE_K", tile)
     monkeypatch.setattr(ring_bench, "_tile", lambda rows, limit=512: min(rows, tile))
   m = mesh((n,), ("seq",))
   arg = jax.ShapeDtypeStruct(
@@ -502,6 +488,8 @@ def test_ring_attention_memory_matches_the_formulas(monkeypatch, is_causal, leng
 
   def temp(fn):
     options = dict(mesh=m, axis_name="seq", is_causal=is_causal)
+    if tile and fn is jmat.parallel.ring_attention:
+      options["block_size"] = tile
     compiled = jax.jit(functools.partial(fn.__wrapped__, **options)).lower(arg, arg, arg).compile()
     stats = compiled.memory_analysis()
     assert stats.argument_size_in_bytes == 3 * h * (length // n) * e * 4

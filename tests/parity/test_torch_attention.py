@@ -88,7 +88,6 @@ def torch_sdpa(q, k, v, mask, causal, gqa, torch_dtype=torch.float64, grad=False
   return out, (tq, tk, tv, tm)
 
 
-@pytest.mark.usefixtures("small_blocks")
 @pytest.mark.parametrize("implementation", ["dense", "blockwise"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_sdpa_matches_torch_float64(case, implementation):
@@ -98,7 +97,7 @@ def test_sdpa_matches_torch_float64(case, implementation):
   with jax.default_matmul_precision("highest"):
     got = jmat.scaled_dot_product_attention(
         q, k, v, None if mask is None else jnp.asarray(mask), is_causal=causal,
-        enable_gqa=gqa, implementation=implementation)
+        enable_gqa=gqa, implementation=implementation, block_size=(16, 8))
   chex.assert_shape(got, tuple(want.shape))
   assert not np.isnan(got).any()
   np.testing.assert_allclose(got, as_numpy(want), **TOL[np.float64])
@@ -144,7 +143,6 @@ def test_attn_mask_and_is_causal_both_apply_as_torch_flash(mask_dtype):
     np.testing.assert_allclose(got, as_numpy(want), **TOL[np.float64])
 
 
-@pytest.mark.usefixtures("small_blocks")
 @pytest.mark.parametrize(
     "case, implementation",
     [("4d-causal-L>S", "blockwise"), ("bool-empty-rows", "dense"),
@@ -162,7 +160,7 @@ def test_sdpa_gradients_match_torch(case, implementation):
 
   def loss(q, k, v, mask):
     out = jmat.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, enable_gqa=gqa,
-                                            implementation=implementation)
+                                            implementation=implementation, block_size=(16, 8))
     return jnp.sum(out * d_out)
 
   argnums = (0, 1, 2, 3) if float_mask else (0, 1, 2)

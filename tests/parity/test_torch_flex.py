@@ -22,12 +22,6 @@ from jmat.attention import and_masks, create_block_mask, create_mask, or_masks
 RNG = np.random.default_rng(11)
 TOL = dict(rtol=1e-12, atol=1e-12)
 
-# Gradients of flex_attention with a score_mod or block mask fail to lower (bug reported to
-# the lead: the kernel's static Mods close over traced (b, h) index tables).
-GRAD_BUG = pytest.mark.xfail(
-    strict=True, raises=TypeError,
-    reason="bug: jax.grad of jmat.flex_attention with a score_mod or block_mask raises "
-           "'No constant handler for type: DynamicJaxprTracer'")
 
 
 def randn(*shape):
@@ -286,7 +280,6 @@ def check_gradients(q, k, v, captured, score_j, score_t, mask_j, mask_t, mask_bh
     np.testing.assert_allclose(g, leaf.grad.numpy(), rtol=1e-10, atol=1e-10, err_msg=name)
 
 
-@GRAD_BUG
 def test_gradients_of_qkv_and_relative_bias_table_gqa_bottom_right_causal():
   q, k, v = randn(2, 4, 37, 6), randn(2, 2, 45, 6), randn(2, 2, 45, 5)
   table = randn(4, 2 * 44 + 1)
@@ -307,7 +300,6 @@ def alibi_slopes_torch(slopes):
   return lambda s, b, h, q, kv: 2.0 * torch.tanh((s + slopes[h] * (kv - q)) / 2.0)
 
 
-@GRAD_BUG
 def test_gradients_of_learnable_alibi_slopes_batch_head_mask_with_empty_rows():
   # Per-batch document ids (an integer capture), per-head windows, rows that see nothing,
   # and a softcap over learnable ALiBi slopes.

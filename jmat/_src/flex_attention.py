@@ -1,0 +1,222 @@
+"""torch's ``flex_attention`` on jmat's block-sparse kernel.
+
+The user's scalar ``score_mod`` and the block mask's ``mask_mod`` are lifted to
+score blocks with ``jax.vmap``; the arrays they capture (a bias table, document
+ids, ALiBi slopes) are hoisted out of their closures into explicit operands of
+the kernel's ``custom_vjp`` (a ``jax.closure_convert`` that hoists every
+captured array), which is how their gradients come out.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from jmat._src import block_sparse, checks, online_softmax
+from jmat._src.block_mask import BlockMask, ScoreMod, checked_mod, lift
+from jmat._src.products import operands as as_operands
+
+_OP = "flex_attention"
+_NAMES = ("query", "key", "value")
+# The kernel's blocks when no block_mask is given (torch's default BLOCK_SIZE).
+_DEFAULT_BLOCK = 128
+
+
+def _hoist(fn: Callable, *examples) -> tuple[Callable, list[jax.Array]]:
+  """``fn`` with every array it captures made an explicit trailing argument.
+
+  Like ``jax.closure_convert``, which hoists only values that may carry a
+  tangent; here integer arrays (document ids) and concrete arrays are hoisted
+  too, so nothing traced is closed over inside the kernel's custom_vjp.
+  """
+  closed = jax.make_jaxpr(fn)(*examples)
+  n_args = len(examples)
+
+  def pure(*args):
+    return jax.core.eval_jaxpr(closed.jaxpr, list(args[n_args:]), *args[:n_args])[0]
+
+  return pure, list(closed.consts)
+
+
+def _layout(batch: int, heads: int, kv_heads: int, mask_batch: int, mask_heads: int):
+  """How (b, h) maps onto the kernel's ``(M, R, G)``: the row, shared and group axes.
+
+  Returns ``(m, r, g, b_of, h_of)``: sizes and the ``(M, R, G)`` int32 tables of
+  each entry's batch and query head.
+  """
+  group = heads // kv_heads
+  b = np.arange(batch)[:, None, None]
+  hkv = np.arange(kv_heads)[None, :, None]
+  g = np.arange(group)[None, None, :]
+  if mask_heads == 1:
+    # The mask is shared by the heads: a row computes all heads of a key/value head.
+    b_of = np.broadcast_to(b, (batch, kv_heads, group))
+    h_of = np.broadcast_to(hkv * group + g, (batch, kv_heads, group))
+    if mask_batch == 1:
+      b_of, h_of = b_of.reshape(1, batch * kv_heads, group), h_of.reshape(1, -1, group)
+  else:
+    # One mask per query head: key/value heads are repeated to the query heads.
+    b_of = np.broadcast_to(np.arange(batch)[:, None], (batch, heads))
+    h_of = np.broadcast_to(np.arange(heads)[None, :], (batch, heads))
+    if mask_batch == 1:
+      b_of, h_of = b_of.T[..., None], h_of.T[..., None]  # (H, B, 1)
+    else:
+      b_of, h_of = b_of.reshape(-1, 1, 1), h_of.reshape(-1, 1, 1)  # (B * H, 1, 1)
+  return b_of.astype(np.int32), h_of.astype(np.int32)
+
+
+def _to_kernel(x: jax.Array, mask_batch: int, mask_heads: int, group: int, is_query: bool):
+  """``(B, H, T, D)`` -> the kernel's ``(M, R, [G,] T, D)`` for the layout of :func:`_layout`."""
+  batch, heads, length, dim = x.shape
+  if mask_heads == 1:
+    if is_query:
+      x = x.reshape(batch, heads // group, group, length, dim)
+    return x.reshape((1, -1) + x.shape[2:]) if mask_batch == 1 else x
+  if not is_query:
+    x = jnp.repeat(x, group, axis=1)
+  x = jnp.swapaxes(x, 0, 1) if mask_batch == 1 else x.reshape((-1, 1) + x.shape[2:])
+  return x[:, :, None] if is_query else x
+
+
+def _from_kernel(x: jax.Array, batch: int, heads: int, mask_batch: int, mask_heads: int):
+  """The kernel's ``(M, R, G, L, ...)`` output back to ``(B, H, L, ...)``."""
+  tail = x.shape[3:]
+  if mask_heads == 1:
+    return x.reshape((batch, heads) + tail)
+  if mask_batch == 1:
+    return jnp.swapaxes(x[:, :, 0], 0, 1)
+  return x.reshape((batch, heads) + tail)
+
+
+@functools.partial(jax.jit, static_argnames=("score_mod", "enable_gqa", "return_lse"))
+def flex_attention(
+    query: ArrayLike,
+    key: ArrayLike,
+    value: ArrayLike,
+    score_mod: ScoreMod | None = None,
+    block_mask: BlockMask | None = None,
+    scale: ArrayLike | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """Attention with a user-defined score_mod and block-sparse mask, as torch's ``flex_attention``.
+
+  For every query ``l`` and key ``s`` of batch ``b`` and head ``h``::
+
+    score = scale * query[b, h, l] @ key[b, h_kv, s]
+    score = score_mod(score, b, h, l, s)                  # if given
+    score = -inf where not block_mask.mask_mod(b, h, l, s)  # if given
+    out[b, h, l] = softmax over s of score, @ value[b, h_kv]
+
+  Only the (query block, key block) pairs the ``block_mask`` lists are
+  computed, and its full blocks skip the mask: a sliding window or a packed
+  batch of documents costs what its allowed blocks cost. ``score_mod`` is a
+  scalar function written with ``jnp`` (as torch users write it with torch
+  ops); it may capture arrays (bias tables, slopes, document ids), and
+  gradients reach the float ones. The backward pass recomputes blocks, so
+  memory is O(L * E) for forward and backward.
+
+  Args:
+    query: ``(B, Hq, L, E)``.
+    key: ``(B, Hkv, S, E)``.
+    value: ``(B, Hkv, S, Ev)``.
+    score_mod: ``(score, b, h, q_idx, kv_idx) -> score`` on scalars (score in
+      float32, float64 for float64 inputs; indices int32).
+    block_mask: a :class:`BlockMask` from :func:`create_block_mask` for
+      ``(B or None, Hq or None, L, S)``; None attends to every key.
+    scale: factor of ``query @ key^T``; default ``1 / sqrt(E)``.
+    enable_gqa: grouped-query attention: query head ``h`` uses key/value head
+      ``h // (Hq // Hkv)``.
+    return_lse: also return the natural-log logsumexp of the scores.
+
+  Returns:
+    ``(B, Hq, L, Ev)`` in the query's dtype; with ``return_lse`` also
+    ``(B, Hq, L)`` in float32 (float64 for float64 inputs). A query that sees no
+    key gets output 0 and logsumexp ``-inf``, as torch.
+
+  Raises:
+    ShapeError: inputs that are not 4-D, sizes that disagree, head counts that
+      differ without ``enable_gqa``, a block_mask built for other sizes.
+    TypeError: dtypes that differ or are not floating; a score_mod or mask_mod
+      without torch's signature or not returning a scalar of the right kind.
+
+  Example:
+    >>> q = k = v = jnp.ones((1, 2, 300, 16))
+    >>> window = jmat.create_block_mask(jmat.mods.generate_sliding_window(64), None, None,
+    ...                                 300, 300)
+    >>> softcap = jmat.mods.generate_tanh_softcap(30.0)
+    >>> jmat.flex_attention(q, k, v, softcap, window).shape
+    (1, 2, 300, 16)
+  """
+  query, key, value = as_operands(_OP, query, key, value, names=_NAMES)
+  checks.check_attention_dtypes(_OP, [x.dtype for x in (query, key, value)], _NAMES)
+  checks.check_flex_shapes(_OP, query.shape, key.shape, value.shape, enable_gqa)
+  batch, heads, length, dim = query.shape
+  kv_heads, keys, v_dim = key.shape[1], key.shape[2], value.shape[3]
+  dtype = online_softmax.compute_dtype(query.dtype)
+  if block_mask is None:
+    block_q = max(1, min(_DEFAULT_BLOCK, length))
+    block_k = max(1, min(_DEFAULT_BLOCK, keys))
+    blocks = block_sparse.dense_key_blocks(length, keys, block_q, block_k)
+    mask_batch = mask_heads = 1
+    mask_mod = None
+  else:
+    checks.check_block_mask_fits(_OP, block_mask.shape, query.shape, key.shape)
+    block_q, block_k = block_mask.BLOCK_SIZE
+    blocks = block_mask.key_blocks()
+    mask_batch, mask_heads = block_mask.shape[:2]
+    mask_mod = checked_mod(_OP, "mask_mod", block_mask.mask_mod)
+  if score_mod is not None:
+    checked_mod(_OP, "score_mod", score_mod, dtype)
+  if scale is None:
+    scale = 1.0 / math.sqrt(dim) if dim else 1.0
+  if length == 0 or keys == 0:
+    out = jnp.zeros((batch, heads, length, v_dim), query.dtype)
+    lse = jnp.full((batch, heads, length), -jnp.inf, dtype)
+    return (out, lse) if return_lse else out
+
+  group = heads // kv_heads
+  b_of, h_of = _layout(batch, heads, kv_heads, mask_batch, mask_heads)
+  index = jax.ShapeDtypeStruct((), jnp.int32)
+  score_fn = mask_fn = None
+  score_consts: list[jax.Array] = []
+  mask_consts: list[jax.Array] = []
+  if score_mod is not None:
+    pure_score, score_consts = _hoist(score_mod, jax.ShapeDtypeStruct((), dtype),
+                                      index, index, index, index)
+
+    def score_fn(s, m, q_pos, k_pos, ops):
+      consts = ops[0][0]
+      lifted = lift(lambda *args: pure_score(*args, *consts), with_score=True)
+      return lifted(s, *b_of_m(m), q_pos, k_pos)
+
+  if mask_mod is not None:
+    pure_mask, mask_consts = _hoist(mask_mod, index, index, index, index)
+
+    def mask_fn(m, q_pos, k_pos, ops):
+      consts = ops[0][1]
+      lifted = lift(lambda *args: pure_mask(*args, *consts), with_score=False)
+      return lifted(*b_of_m(m), q_pos, k_pos)
+
+  def b_of_m(m):
+    # numpy tables made constants where they are used: a traced array must not be closed
+    # over by the functions the kernel's custom_vjp receives.
+    return jnp.asarray(b_of)[m], jnp.asarray(h_of)[m]
+
+  mods = block_sparse.Mods(score_fn, mask_fn)
+  q = _to_kernel(query, mask_batch, mask_heads, group, is_query=True)
+  k = _to_kernel(key, mask_batch, mask_heads, group, is_query=False)
+  v = _to_kernel(value, mask_batch, mask_heads, group, is_query=False)
+  out, lse = block_sparse.attend(
+      q, k, v, blocks, ((tuple(score_consts), tuple(mask_consts)), ()),
+      jnp.asarray(scale, dtype), mods=mods, block_q=block_q, block_k=block_k)
+  out = _from_kernel(out, batch, heads, mask_batch, mask_heads)
+  if not return_lse:
+    return out
+  return out, _from_kernel(lse, batch, heads, mask_batch, mask_heads)

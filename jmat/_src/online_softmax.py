@@ -1,0 +1,194 @@
+"""The online softmax: attention folded one block of keys at a time.
+
+The one recurrence of jmat's attention (Milakov & Gimelshein 2018; Rabe &
+Staats 2021; FlashAttention): :func:`online_softmax_init`,
+:func:`online_softmax_fold` (or :func:`online_softmax_update`, which also
+computes the scores) and :func:`online_softmax_finish` carry a running
+``(acc, row_max, row_sum)`` over key/value blocks, so attention never needs
+the whole ``(L, S)`` score matrix. The block-sparse kernel (SDPA, flex
+attention) and ring attention over a device mesh are built on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import DTypeLike
+
+Carry = tuple[jax.Array, jax.Array, jax.Array]
+
+
+def compute_dtype(dtype: DTypeLike) -> DTypeLike:
+  """The dtype scores and sums are computed in: float64 for float64 inputs, float32 otherwise.
+
+  As torch's CPU kernels: float16/bfloat16 attention accumulates in float32.
+  """
+  return jnp.float64 if np.dtype(dtype) == np.dtype(jnp.float64) else jnp.float32
+
+
+def online_softmax_init(
+    lead_shape: Sequence[int], q_len: int, v_dim: int, *, dtype: DTypeLike = jnp.float32
+) -> Carry:
+  """The empty carry of the online softmax: no key seen yet.
+
+  Args:
+    lead_shape: the leading (batch, head, ...) dims of the queries, ``*lead``.
+    q_len: the number of queries ``Lq``.
+    v_dim: the size of a value vector ``Ev``.
+    dtype: the dtype the scores and sums are computed in: float32 (the
+      default, also for float16/bfloat16 inputs) or float64 for float64 inputs.
+
+  Returns:
+    ``(acc, row_max, row_sum)``, all of ``dtype``: ``acc`` zeros of shape
+    ``(*lead, q_len, v_dim)`` (the unnormalised weighted sum of values),
+    ``row_max`` ``-inf`` of shape ``(*lead, q_len)`` (the largest score seen per
+    query) and ``row_sum`` zeros of shape ``(*lead, q_len)`` (the sum of
+    ``exp(score - row_max)`` per query).
+
+  Example:
+    >>> acc, row_max, row_sum = jmat.attention.online_softmax_init((2,), 3, 5)
+    >>> acc.shape, row_max.shape, float(row_max[0, 0])
+    ((2, 3, 5), (2, 3), -inf)
+  """
+  lead = tuple(int(d) for d in lead_shape)
+  return (
+      jnp.zeros(lead + (q_len, v_dim), dtype),
+      jnp.full(lead + (q_len,), -jnp.inf, dtype),
+      jnp.zeros(lead + (q_len,), dtype),
+  )
+
+
+def online_softmax_fold(carry: Carry, scores: jax.Array, v: jax.Array) -> Carry:
+  """Folds one block of finished scores and their values into the carry.
+
+  The running maximum grows to ``m' = max(m, max_j s_j)``, the old sums are
+  rescaled by ``exp(m - m')`` and the block adds ``p = exp(s - m')`` to
+  ``row_sum`` and ``p @ v`` to ``acc``. Masked entries are ``-inf`` in
+  ``scores``; a row whose entries are all ``-inf`` leaves its carry unchanged
+  (no NaN: the shift is 0 while nothing was seen). The maximum is a numerical
+  shift that cancels in the result, so it is held out of differentiation.
+
+  Args:
+    carry: ``(acc, row_max, row_sum)``.
+    scores: ``(*lead, Lq, Sk)`` in the carry's dtype, masked entries ``-inf``.
+    v: values of this block, ``(*lead, Sk, Ev)`` (leading dims broadcast
+      against the scores').
+
+  Returns:
+    The updated carry.
+
+  Example:
+    >>> carry = jmat.attention.online_softmax_init((), 1, 1)
+    >>> carry = jmat.attention.online_softmax_fold(carry, jnp.array([[0.0, -jnp.inf]]),
+    ...                                            jnp.array([[3.0], [5.0]]))
+    >>> print(jmat.attention.online_softmax_finish(carry, jnp.float32))
+    [[3.]]
+  """
+  acc, row_max, row_sum = carry
+  new_max = jax.lax.stop_gradient(jnp.maximum(row_max, jnp.max(scores, axis=-1)))
+  # While a row has seen no key its maximum is -inf; shifting by 0 instead keeps
+  # exp(-inf - shift) = 0 rather than exp(-inf + inf) = NaN.
+  shift = jnp.where(jnp.isneginf(new_max), 0.0, new_max)
+  p = jnp.exp(scores - shift[..., None])
+  rescale = jnp.exp(row_max - shift)
+  weighted = jnp.einsum("...qk,...kv->...qv", p, v.astype(acc.dtype),
+                        preferred_element_type=acc.dtype)
+  return acc * rescale[..., None] + weighted, new_max, row_sum * rescale + jnp.sum(p, axis=-1)
+
+
+def online_softmax_update(
+    carry: Carry,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float | jax.Array,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+) -> Carry:
+  """Folds one block of keys and values into the online-softmax carry.
+
+  Computes ``s = scale * q @ k^T + bias`` (masked entries at ``-inf``) in the
+  carry's dtype (float32 unless the carry was made float64, whatever the input
+  dtype) and folds it in with :func:`online_softmax_fold`. Plain JAX autodiff
+  through the update is exact.
+
+  Args:
+    carry: ``(acc, row_max, row_sum)`` from :func:`online_softmax_init` or an
+      earlier update.
+    q: queries, ``(*lead, Lq, E)``.
+    k: keys of this block, ``(*lead, Sk, E)`` (leading dims broadcast against
+      ``q``'s, e.g. size 1 for grouped-query heads).
+    v: values of this block, ``(*lead, Sk, Ev)``.
+    scale: the factor applied to ``q @ k^T``.
+    mask: optional boolean array broadcastable to ``(*lead, Lq, Sk)``;
+      ``True`` means the query may attend to the key.
+    bias: optional float array broadcastable to ``(*lead, Lq, Sk)``, added to
+      the scaled scores (``-inf`` entries act as a mask).
+
+  Returns:
+    The updated carry.
+
+  Example:
+    >>> q, k, v = jnp.ones((1, 4)), jnp.ones((3, 4)), jnp.arange(6.0).reshape(3, 2)
+    >>> carry = jmat.attention.online_softmax_init((), 1, 2)
+    >>> carry = jmat.attention.online_softmax_update(carry, q, k[:2], v[:2], scale=0.5)
+    >>> carry = jmat.attention.online_softmax_update(carry, q, k[2:], v[2:], scale=0.5)
+    >>> print(jmat.attention.online_softmax_finish(carry, jnp.float32))
+    [[2. 3.]]
+  """
+  dtype = carry[0].dtype
+  s = jnp.einsum("...qe,...ke->...qk", q, k, preferred_element_type=dtype)
+  s = s * jnp.asarray(scale, dtype)
+  if bias is not None:
+    s = s + bias.astype(dtype)
+  if mask is not None:
+    s = jnp.where(mask, s, -jnp.inf)
+  return online_softmax_fold(carry, s, v)
+
+
+def online_softmax_finish(carry: Carry, dtype: DTypeLike) -> jax.Array:
+  """The attention output of a finished carry: ``acc / row_sum``, cast to ``dtype``.
+
+  Args:
+    carry: ``(acc, row_max, row_sum)`` after every key block was folded in.
+    dtype: the output dtype (usually the query's).
+
+  Returns:
+    Array of shape ``(*lead, Lq, Ev)``; rows that saw no unmasked key are 0
+    (torch's convention), not NaN.
+
+  Example:
+    >>> carry = jmat.attention.online_softmax_init((), 2, 3)
+    >>> print(jmat.attention.online_softmax_finish(carry, jnp.float32))
+    [[0. 0. 0.]
+     [0. 0. 0.]]
+  """
+  acc, _, row_sum = carry
+  seen = row_sum > 0
+  denominator = jnp.where(seen, row_sum, 1.0)
+  return jnp.where(seen[..., None], acc / denominator[..., None], 0.0).astype(dtype)
+
+
+def online_softmax_logsumexp(carry: Carry) -> jax.Array:
+  """The natural-log ``logsumexp`` of every query's scores: ``row_max + log(row_sum)``.
+
+  Args:
+    carry: ``(acc, row_max, row_sum)`` after every key block was folded in.
+
+  Returns:
+    Array of shape ``(*lead, Lq)`` in the carry's dtype; ``-inf`` for a query
+    that saw no unmasked key (torch's flex_attention convention).
+
+  Example:
+    >>> carry = jmat.attention.online_softmax_init((), 1, 1)
+    >>> carry = jmat.attention.online_softmax_fold(carry, jnp.zeros((1, 4)), jnp.ones((4, 1)))
+    >>> print(jmat.attention.online_softmax_logsumexp(carry))  # log(4)
+    [1.3862944]
+  """
+  _, row_max, row_sum = carry
+  seen = row_sum > 0
+  return jnp.where(seen, row_max + jnp.log(jnp.where(seen, row_sum, 1.0)), -jnp.inf)
