@@ -264,7 +264,7 @@ def _blockwise(q, k, v, allowed, bias, scale, is_causal: bool,
   out, _ = block_sparse.attend(
       q, k, v, blocks, ((), blocked),
       jnp.asarray(scale, online_softmax.compute_dtype(q.dtype)), mods=mods,
-      block_q=block_q, block_k=block_k)
+      block_q=block_q, block_k=block_k, chains=2)
   return out
 
 

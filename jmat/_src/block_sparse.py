@@ -133,12 +133,20 @@ class Mods:
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
-  """Static sizes: true lengths (before padding) and block sizes."""
+  """Static sizes: true lengths (before padding), block sizes and update chains.
+
+  ``chains`` splits a query block's rows into that many independent chains of
+  online-softmax updates: XLA's CPU runtime runs independent ops concurrently,
+  so the elementwise work of the chains (max, exp, sums: single-threaded per
+  op) can use both cores of a 2-core machine (up to 1.3x faster forward,
+  measured on one; results do not depend on it).
+  """
 
   q_len: int
   kv_len: int
   block_q: int
   block_k: int
+  chains: int = 1
 
 
 def _row(x: jax.Array, m: jax.Array) -> jax.Array:
@@ -239,6 +247,8 @@ def forward_blocks(
   n_q = blocks.num.shape[1]
   bq, bk = geo.block_q, geo.block_k
   dtype = carry[0].dtype
+  chains = geo.chains if bq % (8 * geo.chains) == 0 else 1
+  rows = bq // chains
 
   def query_block(mi, carry):
     m, i = (jnp.asarray(x, jnp.int32) for x in divmod(mi, n_q))
@@ -247,18 +257,26 @@ def forward_blocks(
     q_pos = q_offset + row + lax.iota(jnp.int32, bq)
     axes = (-2, -1, -1)  # the rows of acc, row_max and row_sum
     tile = tuple(_rows(_row(x, m), row, bq, axis) for x, axis in zip(carry, axes, strict=True))
+    chain = [slice(c * rows, (c + 1) * rows) for c in range(chains)]
+    tiles = tuple(tuple(x[..., part, :] if axis == -2 else x[..., part]
+                        for x, axis in zip(tile, axes, strict=True)) for part in chain)
 
-    def fold(masked, j, tile):
+    def fold(masked, j, tiles):
       col = j * bk
       k_j, v_j = _rows(k_m, col, bk, -2), _rows(v_m, col, bk, -2)
       k_pos = k_offset + col + lax.iota(jnp.int32, bk)
-      ops = _operands_at(operands, m, row, col, geo)
-      s = _scores(q_i, k_j, scale, dtype, mods, m, q_pos, k_pos, ops)
-      if masked:
-        s = jnp.where(_allowed(mods, geo, col, m, q_pos, k_pos, ops), s, -jnp.inf)
-      return osm.online_softmax_fold(tile, s, v_j[:, None])
+      whole, sliced = _operands_at(operands, m, row, col, geo)
+      updated = []
+      for part, tile in zip(chain, tiles, strict=True):
+        ops = (whole, tuple(x if x.shape[-2] == 1 else x[..., part, :] for x in sliced))
+        s = _scores(q_i[..., part, :], k_j, scale, dtype, mods, m, q_pos[part], k_pos, ops)
+        if masked:
+          s = jnp.where(_allowed(mods, geo, col, m, q_pos[part], k_pos, ops), s, -jnp.inf)
+        updated.append(osm.online_softmax_fold(tile, s, v_j[:, None]))
+      return tuple(updated)
 
-    tile = _visit(blocks, m, i, fold, tile)
+    tiles = _visit(blocks, m, i, fold, tiles)
+    tile = tuple(jnp.concatenate([t[n] for t in tiles], axis=axes[n]) for n in range(3))
     return tuple(_put(x, t, m, row, axis) for x, t, axis in zip(carry, tile, axes, strict=True))
 
   return lax.fori_loop(0, blocks.num.shape[0] * n_q, query_block, carry)
@@ -474,6 +492,7 @@ def attend(
     mods: Mods,
     block_q: int,
     block_k: int,
+    chains: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
   """Block-sparse attention of ``q (M, R, G, L, E)`` over ``k, v (M, R, S, E|Ev)``.
 
@@ -481,10 +500,11 @@ def attend(
   its custom backward, and returns ``(out (M, R, G, L, Ev), lse (M, R, G, L))``
   with ``out`` in q's dtype and ``lse`` (natural log, ``-inf`` for a query that
   sees no key) in the compute dtype. ``blocks`` must list blocks of
-  ``(block_q, block_k)``; blocked operands are ``(M|1, R|1, G|1, L|1, S|1)``.
+  ``(block_q, block_k)``; blocked operands are ``(M|1, R|1, G|1, L|1, S|1)``;
+  ``chains``: see :class:`Geometry`.
   """
   length, keys = q.shape[-2], k.shape[-2]
-  geo = Geometry(length, keys, block_q, block_k)
+  geo = Geometry(length, keys, block_q, block_k, chains)
   lp, sp = -(-length // block_q) * block_q, -(-keys // block_k) * block_k
   whole, blocked = operands
   blocked = tuple(_pad(_pad(x, -2, lp, True), -1, sp, True) for x in blocked)
