@@ -109,11 +109,12 @@ def oracle_dtype(dtype) -> np.dtype:
 
 
 def attention_weights(
-    q, k, *, allowed=None, bias=None, scale=None, is_causal=False, enable_gqa=False
+    q, k, *, allowed=None, bias=None, score_fn=None, scale=None, is_causal=False,
+    enable_gqa=False,
 ) -> tuple[np.ndarray, np.ndarray]:
   """The softmax weights of attention in float64, and the per-query logsumexp of the scores.
 
-  ``softmax(scale * q @ k^T + bias)`` over the keys a query may see: those ``allowed``
+  ``softmax(score_fn(scale * q @ k^T + bias))`` over the keys a query may see: those ``allowed``
   (a bool mask, True = may attend), not after the query under ``is_causal`` (torch's
   top-left ``tril(ones(L, S))``) and not at a ``-inf`` score. A query that may see no
   key gets all-zero weights and logsumexp ``-inf``.
@@ -123,6 +124,10 @@ def attention_weights(
     k: ``(..., S, E)``; with ``enable_gqa`` its heads (dim -3) divide q's and are repeated.
     allowed: ``None`` or a bool array broadcastable to ``(..., L, S)``.
     bias: ``None`` or a float array broadcastable to ``(..., L, S)``, added to the scores.
+    score_fn: ``None`` or a numpy function ``score_fn(s, *index)`` returning new scores from
+      the scaled (and biased) float64 scores ``s`` and one broadcastable index array per dim
+      of ``s`` (for 4-D scores ``b, h, q_idx, kv_idx``: a torch-style ``score_mod`` written
+      for whole arrays); a ``-inf`` it returns masks that entry.
     scale: the factor of the scores; ``None`` is ``1 / sqrt(E)``.
     is_causal: apply the top-left causal mask.
     enable_gqa: grouped-query attention (key heads shared by groups of query heads).
@@ -138,6 +143,8 @@ def attention_weights(
   s = np.matmul(q, np.swapaxes(k, -1, -2)) * scale
   if bias is not None:
     s = s + np.asarray(bias, np.float64)
+  if score_fn is not None:
+    s = np.broadcast_to(score_fn(s, *np.ix_(*(np.arange(n) for n in s.shape))), s.shape)
   ok = np.broadcast_to(s != -np.inf, s.shape)
   if allowed is not None:
     ok = ok & np.asarray(allowed, bool)
@@ -153,12 +160,12 @@ def attention_weights(
 
 
 def attention_reference(
-    q, k, v, *, allowed=None, bias=None, scale=None, is_causal=False, enable_gqa=False,
-    return_lse=False,
+    q, k, v, *, allowed=None, bias=None, score_fn=None, scale=None, is_causal=False,
+    enable_gqa=False, return_lse=False,
 ):
   """The numpy float64 attention oracle: ``softmax(scale * q @ k^T + bias, masked) @ v``.
 
-  The masks, scale and grouped-query rules are those of :func:`attention_weights`; a
+  The masks, ``score_fn``, scale and grouped-query rules are those of :func:`attention_weights`; a
   query that may see no key gets output 0 (as torch's SDPA and flex attention give).
 
   Args:
@@ -167,6 +174,7 @@ def attention_reference(
     v: ``(..., S, Ev)``; with ``enable_gqa`` it has k's heads.
     allowed: ``None`` or a bool mask broadcastable to ``(..., L, S)``, True = may attend.
     bias: ``None`` or a float mask broadcastable to ``(..., L, S)``.
+    score_fn: ``None`` or a numpy score function, see :func:`attention_weights`.
     scale: ``None`` is ``1 / sqrt(E)``.
     is_causal: torch's top-left causal mask.
     enable_gqa: grouped-query attention.
@@ -176,7 +184,8 @@ def attention_reference(
     The output ``(..., L, Ev)`` in float64, or ``(output, lse (..., L))``.
   """
   w, lse = attention_weights(
-      q, k, allowed=allowed, bias=bias, scale=scale, is_causal=is_causal, enable_gqa=enable_gqa
+      q, k, allowed=allowed, bias=bias, score_fn=score_fn, scale=scale, is_causal=is_causal,
+      enable_gqa=enable_gqa,
   )
   v = np.asarray(v, np.float64)
   if enable_gqa:
@@ -185,13 +194,24 @@ def attention_reference(
   return (out, lse) if return_lse else out
 
 
+def sum_to_shape(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """Sums ``x`` down to ``shape``, which broadcasts to ``x.shape``: the gradient of a broadcast."""
+  x = x.sum(axis=tuple(range(x.ndim - len(shape))))
+  return x.sum(axis=tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1),
+               keepdims=True)
+
+
 def attention_reference_vjp(
     q, k, v, d_out, *, allowed=None, bias=None, scale=None, is_causal=False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """The gradients of ``sum(d_out * attention_reference(q, k, v, ...))`` for q, k, v, float64.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """The gradients of ``sum(d_out * attention_reference(q, k, v, ...))``, float64.
 
   Analytic: ``dS = W * (dW - rowsum(dW * W))`` with ``dW = d_out @ v^T``; masked
   entries have zero weight, so they get no gradient. No grouped-query heads.
+
+  Returns:
+    ``(d_q, d_k, d_v, d_scores)``; ``d_scores`` ``(..., L, S)`` is the gradient of a
+    float ``bias`` broadcast to the scores' shape (sum it down to the bias's shape).
   """
   q, k, v, d_out = (np.asarray(x, np.float64) for x in (q, k, v, d_out))
   scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -199,4 +219,5 @@ def attention_reference_vjp(
   d_v = np.matmul(np.swapaxes(w, -1, -2), d_out)
   d_w = np.matmul(d_out, np.swapaxes(v, -1, -2))
   d_s = w * (d_w - np.sum(d_w * w, axis=-1, keepdims=True))
-  return np.matmul(d_s, k) * scale, np.matmul(np.swapaxes(d_s, -1, -2), q) * scale, d_v
+  d_q = np.matmul(d_s, k) * scale
+  return d_q, np.matmul(np.swapaxes(d_s, -1, -2), q) * scale, d_v, d_s

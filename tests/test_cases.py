@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -61,9 +63,34 @@ def test_vjp_matches_torch_autograd(is_causal):
   q, k, v = (RNG.standard_normal((2, 5, 3)) for _ in range(3))
   d_out = RNG.standard_normal((2, 5, 3))
   bias = RNG.standard_normal((5, 5))
-  tensors = [torch.tensor(x, requires_grad=True) for x in (q, k, v)]
-  mask = torch.tensor(bias) + (torch.ones(5, 5).tril().log() if is_causal else 0)
-  (SDPA(*tensors, attn_mask=mask, scale=0.7) * torch.tensor(d_out)).sum().backward()
-  got = attention_reference_vjp(q, k, v, d_out, bias=bias, scale=0.7, is_causal=is_causal)
-  for ours, tensor in zip(got, tensors, strict=True):
+  tensors = [torch.tensor(x, requires_grad=True) for x in (q, k, v, bias)]
+  mask = tensors[3] + (torch.ones(5, 5).tril().log() if is_causal else 0)
+  (SDPA(*tensors[:3], attn_mask=mask, scale=0.7) * torch.tensor(d_out)).sum().backward()
+  d_q, d_k, d_v, d_s = attention_reference_vjp(
+      q, k, v, d_out, bias=bias, scale=0.7, is_causal=is_causal)
+  for ours, tensor in zip((d_q, d_k, d_v, d_s.sum(0)), tensors, strict=True):
     np.testing.assert_allclose(ours, tensor.grad.numpy(), **tolerance(np.float64))
+
+
+def test_score_fn_sees_torch_score_mod_indices():
+  """A numpy score function gets the (b, h, q_idx, kv_idx) grids of torch's flex score_mod."""
+  from torch.nn.attention import flex_attention as tf
+
+  q, k, v = (RNG.standard_normal((2, 3, n, 4)) for n in (5, 7, 7))
+  table = RNG.standard_normal((2, 3, 5, 7))
+
+  def score_np(s, b, h, q_idx, kv_idx):
+    return np.tanh(s / 2) * 2 + table[b, h, q_idx, kv_idx] + 0.1 * (kv_idx - q_idx) * h
+
+  def score_torch(s, b, h, q_idx, kv_idx):
+    # the index tensors are integers: float64 before scaling them, as numpy does
+    return torch.tanh(s / 2) * 2 + torch.tensor(table)[b, h, q_idx, kv_idx] + (
+        0.1 * ((kv_idx - q_idx) * h).double())
+
+  out, lse = attention_reference(q, k, v, score_fn=score_np, scale=0.6, return_lse=True)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # torch's eager flex_attention warns that it is slow
+    want_out, want_lse = tf.flex_attention(*(torch.tensor(x) for x in (q, k, v)),
+                                           score_mod=score_torch, scale=0.6, return_lse=True)
+  np.testing.assert_allclose(out, want_out.numpy(), **tolerance(np.float64))
+  np.testing.assert_allclose(lse, want_lse.numpy(), **tolerance(np.float64))

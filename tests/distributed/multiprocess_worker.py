@@ -86,7 +86,7 @@ def run(process_id: int, num_processes: int, port: int) -> dict[str, float]:
     want_out = np.asarray(attention_reference(q, k, v, is_causal=is_causal))
     errors[f"ring {name} out"] = _error(out, want_out)
     want = attention_reference_vjp(q, k, v, d_out, is_causal=is_causal)
-    for label, got, grad in zip("qkv", vjp(cotangent), want, strict=True):
+    for label, got, grad in zip("qkv", vjp(cotangent), want[:3], strict=True):
       errors[f"ring {name} d{label}"] = _error(got, grad)
 
   data = jax.make_mesh((devices,), ("data",), axis_types=(AxisType.Auto,))
