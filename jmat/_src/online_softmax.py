@@ -18,15 +18,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
+from jmat._src.products import accumulation_dtype
+
 Carry = tuple[jax.Array, jax.Array, jax.Array]
 
 
-def compute_dtype(dtype: DTypeLike) -> DTypeLike:
+def compute_dtype(dtype: DTypeLike) -> np.dtype:
   """The dtype scores and sums are computed in: float64 for float64 inputs, float32 otherwise.
 
-  As torch's CPU kernels: float16/bfloat16 attention accumulates in float32.
+  The products' accumulation dtype (float16/bfloat16 accumulate in float32, as
+  torch's CPU kernels), for the floating dtypes attention accepts.
   """
-  return jnp.float64 if np.dtype(dtype) == np.dtype(jnp.float64) else jnp.float32
+  return accumulation_dtype(dtype)
 
 
 def online_softmax_init(

@@ -31,10 +31,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
-from jmat._src import block_sparse, checks, online_softmax
+from jmat._src import block_sparse, checks, online_softmax, sharding
 
 _Blocks = tuple[jax.Array, ...]
 
@@ -346,11 +346,11 @@ def _shard_sequence(
   """Runs ``make_local(manual_axes)(q, k, v)`` per device, dim -2 sharded over ``axis_name``."""
   lead = _explicit_lead_spec(op, query, axis_name)
   spec = PartitionSpec(*lead, axis_name, None)
-  if dict(zip(mesh.axis_names, mesh.axis_types, strict=True))[axis_name] == AxisType.Explicit:
+  if axis_name in sharding.explicit_axes(mesh):
     # An Explicit mesh types the operands' sharding: place them as the shard_map expects.
-    sharding = NamedSharding(mesh, spec)
-    query, key, value = (jax.sharding.reshard(x, sharding) for x in (query, key, value))
-  manual_axes = (axis_name, *sorted(_axis_names(lead)))
+    placed = NamedSharding(mesh, spec)
+    query, key, value = (jax.sharding.reshard(x, placed) for x in (query, key, value))
+  manual_axes = (axis_name, *sorted(sharding.spec_axes(lead)))
   return jax.shard_map(
       make_local(manual_axes),
       mesh=mesh,
@@ -358,15 +358,6 @@ def _shard_sequence(
       out_specs=spec,
       axis_names=frozenset(manual_axes),
   )(query, key, value)
-
-
-def _axis_names(spec: tuple) -> set[str]:
-  """The mesh axes a partition spec shards over."""
-  names: set[str] = set()
-  for entry in spec:
-    if entry is not None:
-      names.update((entry,) if isinstance(entry, str) else entry)
-  return names
 
 
 def _explicit_lead_spec(op: str, query: jax.Array, axis_name: str) -> tuple:
@@ -378,13 +369,6 @@ def _explicit_lead_spec(op: str, query: jax.Array, axis_name: str) -> tuple:
   manual over those axes too: left automatic, they would be gathered and sliced
   again around the ring.
   """
-  sharding = jax.typeof(query).sharding
-  explicit = {
-      name
-      for name, kind in zip(sharding.mesh.axis_names, sharding.mesh.axis_types, strict=True)
-      if kind == AxisType.Explicit
-  }
-  spec = tuple(sharding.spec) + (None,) * (query.ndim - len(sharding.spec))
-  lead = tuple(e if _axis_names((e,)) <= explicit else None for e in spec[:-2])
+  lead = sharding.explicit_spec(query)[:-2]
   checks.check_ring_lead_sharding(op, query.shape, lead, axis_name)
   return lead
