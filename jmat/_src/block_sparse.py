@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -508,6 +508,7 @@ def attend(
   lp, sp = -(-length // block_q) * block_q, -(-keys // block_k) * block_k
   whole, blocked = operands
   blocked = tuple(_pad(_pad(x, -2, lp, True), -1, sp, True) for x in blocked)
-  out, lse = _attend(_pad(q, -2, lp), _pad(k, -2, sp), _pad(v, -2, sp), blocks,
-                     (whole, blocked), jnp.asarray(scale), mods, geo)
+  out, lse = cast(tuple[jax.Array, jax.Array], _attend(
+      _pad(q, -2, lp), _pad(k, -2, sp), _pad(v, -2, sp), blocks, (whole, blocked),
+      jnp.asarray(scale), mods, geo))
   return out[..., :length, :], lse[..., :length]

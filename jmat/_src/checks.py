@@ -872,7 +872,8 @@ def check_mask_sizes(
 
 def check_block_size(op: str, block_size: object) -> tuple[int, int]:
   """Checks ``BLOCK_SIZE``: a positive int or a pair of them; returns the pair."""
-  pair = block_size if isinstance(block_size, tuple | list) else (block_size, block_size)
+  pair: Sequence = block_size if isinstance(block_size, tuple | list) else (
+      block_size, block_size)
   if len(pair) != 2 or any(
       isinstance(b, bool) or not isinstance(b, int | np.integer) or b < 1 for b in pair
   ):
@@ -880,7 +881,7 @@ def check_block_size(op: str, block_size: object) -> tuple[int, int]:
         f"jmat.{op}: BLOCK_SIZE must be a positive int or a (query block, key block) pair "
         f"of them, got {block_size!r}"
     )
-  return int(pair[0]), int(pair[1])
+  return int(pair[0]), int(pair[1])  # type: ignore[arg-type]  (checked ints above)
 
 
 def check_flex_shapes(

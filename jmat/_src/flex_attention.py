@@ -16,6 +16,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import eval_jaxpr  # pyright: ignore[reportAttributeAccessIssue]
 from jax.typing import ArrayLike
 
 from jmat._src import block_sparse, checks, online_softmax
@@ -39,7 +40,7 @@ def _hoist(fn: Callable, *examples) -> tuple[Callable, list[jax.Array]]:
   n_args = len(examples)
 
   def pure(*args):
-    return jax.core.eval_jaxpr(closed.jaxpr, list(args[n_args:]), *args[:n_args])[0]
+    return eval_jaxpr(closed.jaxpr, list(args[n_args:]), *args[:n_args])[0]
 
   return pure, list(closed.consts)
 
@@ -184,25 +185,30 @@ def flex_attention(
   group = heads // kv_heads
   b_of, h_of = _layout(batch, heads, kv_heads, mask_batch, mask_heads)
   index = jax.ShapeDtypeStruct((), jnp.int32)
-  score_fn = mask_fn = None
+  score_fn: Callable[..., jax.Array] | None = None
+  mask_fn: Callable[..., jax.Array] | None = None
   score_consts: list[jax.Array] = []
   mask_consts: list[jax.Array] = []
   if score_mod is not None:
     pure_score, score_consts = _hoist(score_mod, jax.ShapeDtypeStruct((), dtype),
                                       index, index, index, index)
 
-    def score_fn(s, m, q_pos, k_pos, ops):
+    def lifted_score(s, m, q_pos, k_pos, ops):
       consts = ops[0][0]
       lifted = lift(lambda *args: pure_score(*args, *consts), with_score=True)
       return lifted(s, *b_of_m(m), q_pos, k_pos)
 
+    score_fn = lifted_score
+
   if mask_mod is not None:
     pure_mask, mask_consts = _hoist(mask_mod, index, index, index, index)
 
-    def mask_fn(m, q_pos, k_pos, ops):
+    def lifted_mask(m, q_pos, k_pos, ops):
       consts = ops[0][1]
       lifted = lift(lambda *args: pure_mask(*args, *consts), with_score=False)
       return lifted(*b_of_m(m), q_pos, k_pos)
+
+    mask_fn = lifted_mask
 
   def b_of_m(m):
     # numpy tables made constants where they are used: a traced array must not be closed

@@ -159,7 +159,8 @@ def _ring(n: int, axis_name: str, is_causal: bool, scale: float, block_size: tup
     empty = lax.pcast(empty, manual_axes, to="varying")
 
     def step(carry, kv, t):
-      return fold(carry, *kv, (here - t) % n), kv
+      k, v = kv
+      return fold(carry, k, v, (here - t) % n), kv
 
     # The blocks travel in their own (*lead, S / n, E) shape: only they cross devices.
     carry, _ = scan_ring(step, fold(empty, k, v, here), (k, v))
