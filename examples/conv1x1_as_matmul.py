@@ -54,7 +54,7 @@ def median_seconds(fns, *args, repeats: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
   parser.add_argument("--fast", action="store_true", help="a small size, few repeats")
   args = parser.parse_args(argv)
   n, c_in, c_out, hw = (2, 16, 32, 8) if args.fast else (16, 256, 256, 32)

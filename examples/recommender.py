@@ -54,7 +54,6 @@ def factorize(ratings: np.ndarray, seen: np.ndarray, steps: int, seed: int = 0):
   params = (0.1 * jax.random.normal(keys[0], (USERS, RANK), jnp.float32),
             0.1 * jax.random.normal(keys[1], (ITEMS, RANK), jnp.float32))
   optimizer = optax.adam(0.03)
-  ratings, seen = jnp.asarray(ratings), jnp.asarray(seen)
 
   def loss_fn(params, ratings, seen):
     users, items = params
@@ -70,7 +69,7 @@ def factorize(ratings: np.ndarray, seen: np.ndarray, steps: int, seed: int = 0):
 
   state, losses = optimizer.init(params), []
   for _ in range(steps):
-    params, state, loss = step(params, state, ratings, seen)
+    params, state, loss = step(params, state, jnp.asarray(ratings), jnp.asarray(seen))
     losses.append(loss)
   return params, [float(x) for x in jax.device_get(losses)]
 
@@ -83,7 +82,7 @@ def precision_at_k(predicted: np.ndarray, truth: np.ndarray, seen: np.ndarray) -
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
   parser.add_argument("--fast", action="store_true", help="fewer training steps")
   args = parser.parse_args(argv)
   truth, seen, ratings = synthetic()

@@ -33,13 +33,13 @@ EMBED, HEADS, MLP, DEPTH, CLASSES = 64, 4, 128, 3, 10
 
 def load(seed: int = 0):
   """Digits as ``(N, 16, 4)`` patch sequences in [0, 1], split 80/20, stratified."""
-  digits = load_digits()
-  images = digits.images.astype(np.float32) / 16.0  # pixel values are 0..16
-  n = images.shape[0]
+  pixels, labels = load_digits(return_X_y=True)
+  n = pixels.shape[0]
+  images = np.asarray(pixels, np.float32).reshape(n, 8, 8) / 16.0  # pixel values are 0..16
   patches = images.reshape(n, 8 // PATCH, PATCH, 8 // PATCH, PATCH).transpose(0, 1, 3, 2, 4)
   patches = patches.reshape(n, (8 // PATCH) ** 2, PATCH * PATCH)
-  return train_test_split(patches, digits.target, test_size=0.2, random_state=seed,
-                          stratify=digits.target)
+  split = train_test_split(patches, labels, test_size=0.2, random_state=seed, stratify=labels)
+  return [np.asarray(part) for part in split]
 
 
 def init(rng: jax.Array) -> dict:
@@ -139,7 +139,7 @@ def plot(history: dict, path: pathlib.Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
   parser.add_argument("--fast", action="store_true", help="a short run (the test suite's)")
   parser.add_argument("--epochs", type=int, default=None)
   parser.add_argument("--plot", type=pathlib.Path,
