@@ -1,0 +1,1 @@
+"""jmat's implementation; the public surface is ``jmat`` and its namespace modules."""
