@@ -286,6 +286,10 @@ def create_block_mask(
   one mask for every batch entry or head (it broadcasts). A block that holds
   positions past the lengths is never full, so those are masked.
 
+  With ``B`` or ``H`` None the block map is built for ``b = 0`` or ``h = 0``
+  while partial blocks evaluate ``mask_mod`` at the real ``b`` and ``h`` (as
+  torch's compiled kernel does): give ``B`` / ``H`` when the mask depends on them.
+
   It runs as a compiled function keyed on ``mask_mod``; a mask that depends on
   per-step data (document ids of a packed batch, a cache position) is best
   built inside your jitted step, where it is traced like any other code.

@@ -170,6 +170,8 @@ def flex_attention(
   else:
     checks.check_block_mask_fits(_OP, block_mask.shape, query.shape, key.shape)
     block_q, block_k = block_mask.BLOCK_SIZE
+    # One block covers a short side whole: no padding to BLOCK_SIZE (decoding: L = 1).
+    block_q, block_k = min(block_q, length), min(block_k, keys)
     blocks = block_mask.key_blocks()
     mask_batch, mask_heads = block_mask.shape[:2]
     mask_mod = checked_mod(_OP, "mask_mod", block_mask.mask_mod)
