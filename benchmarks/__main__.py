@@ -30,7 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 
-from benchmarks import attention, family, products  # noqa: E402
+from benchmarks import attention, family, flex, products  # noqa: E402
 from benchmarks.spec import SuiteSpec  # noqa: E402
 
 # Every suite, in the order they run and are reported: one line each.
@@ -41,6 +41,7 @@ SUITES: tuple[SuiteSpec, ...] = (
     family.FAMILY_SPEC,
     attention.ATTENTION_SPEC,
     attention.MEMORY_SPEC,
+    flex.FLEX_SPEC,
 )
 SPECS = {spec.name: spec for spec in SUITES}
 SUITE_NAMES = tuple(SPECS)

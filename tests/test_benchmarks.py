@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-SUITES = ("products", "eager", "dtypes", "family", "attention", "memory")
+SUITES = ("products", "eager", "dtypes", "family", "attention", "memory", "flex")
 TIMED = {
     "median_s": float, "min_s": float, "max_s": float, "samples": int, "calls_per_sample": int,
     "samples_s": list, "gflops": float, "ratio_vs_jnp": (float, type(None)),
@@ -30,6 +30,7 @@ COMPETITORS = {
     "family": ["jmat", "jnp", "jnp left-to-right", "numpy", "torch"],
     "attention": ["jmat default", "jmat dense", "jmat blockwise", "jax.nn", "torch"],
     "memory": ["jmat default", "jmat dense", "jmat blockwise", "jax.nn", "torch"],
+    "flex": ["jmat", "torch", "jax.nn"],
 }
 # Competitors that exist whatever else is installed or still being written.
 ALWAYS_RUN = {"jnp", "jnp again", "lax", "einsum", "numpy", "jax.nn"}
@@ -90,6 +91,15 @@ def test_every_case_holds_every_competitor_and_field(run, suite_name):
         assert len(record["samples_s"]) == record["samples"], where
       if name in ALWAYS_RUN:
         assert record["status"] == "ok", where
+
+
+def test_flex_records_the_peak_rss_of_a_fresh_forward_backward_process(run):
+  _, results = run
+  (case,) = [c for c in results["suites"]["flex"]["cases"] if "memory" in c["info"]]
+  memory = case["info"]["memory"]
+  assert memory["status"] == "ok", memory
+  for field, kind in MEMORY.items():
+    assert isinstance(memory[field], kind), f"{field} = {memory[field]!r}"
 
 
 @pytest.mark.parametrize("suite_name", ["products", "eager", "dtypes"])
