@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import pathlib
 import time
 
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--plot", type=pathlib.Path,
                       default=pathlib.Path(__file__).with_name("vit_digits.png"))
   args = parser.parse_args(argv)
-  epochs = args.epochs or (5 if args.fast else 40)
+  epochs = args.epochs or (5 if args.fast else 25)
   start = time.perf_counter()
   params, history = train(epochs)
   count = sum(x.size for x in jax.tree.leaves(params))
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
           f"train accuracy {history['train'][epoch - 1]:.4f}, "
           f"test accuracy {history['test'][epoch - 1]:.4f}")
   plot(history, args.plot)
-  print(f"plot: {args.plot}")
+  print(f"plot: {os.path.relpath(args.plot)}")
   print(f"test accuracy: {history['test'][-1]:.4f}")
 
 
