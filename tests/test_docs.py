@@ -22,5 +22,6 @@ def test_mkdocs_build_strict(tmp_path):
   assert '<span class="gp">&gt;&gt;&gt; </span>' in products
   attention = (site / "attention" / "index.html").read_text()
   assert 'id="jmat.attention.flax_attention_fn"' in attention
+  assert 'id="jmat.flex_attention"' in (site / "flex" / "index.html").read_text()
   for page in ("porting", "family", "distributed", "benchmarks", "examples"):
     assert (site / page / "index.html").exists()
