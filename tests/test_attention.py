@@ -1,10 +1,10 @@
 """jmat attention against numpy float64: values, gradients, jit/vmap, structure and memory.
 
-The torch-oracle tests (semantics, refusals shared with torch, multi-head attention with
+The oracle is tests/cases.py's numpy float64 attention; the online softmax is tested in
+tests/test_online_softmax.py and the block-sparse kernel in tests/test_block_sparse.py. The
+torch-oracle tests (semantics, refusals shared with torch, multi-head attention with
 torch weights) are in tests/parity/test_torch_attention.py.
 """
-
-import math
 
 import chex
 import jax
@@ -15,6 +15,13 @@ from absl.testing import parameterized
 
 import jmat
 from jmat._src import attention as attention_src
+from tests.cases import (
+  attention_reference,
+  attention_reference_vjp,
+  attention_weights,
+  sum_to_shape,
+  tolerance,
+)
 
 RNG = np.random.default_rng(20261123)
 
@@ -23,59 +30,6 @@ def randn(*shape: int) -> np.ndarray:
   return RNG.standard_normal(shape)
 
 
-# --- the numpy float64 oracle ---------------------------------------------------------------
-
-
-def np_attention(q, k, v, allowed=None, bias=None, causal=False, scale=None, gqa=False):
-  """softmax(q k^T * scale + bias, masked) @ v in float64, rows with no key -> 0.
-
-  Returns (output, weights).
-  """
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  if gqa:
-    k = np.repeat(k, q.shape[-3] // k.shape[-3], axis=-3)
-    v = np.repeat(v, q.shape[-3] // v.shape[-3], axis=-3)
-  length, keys = q.shape[-2], k.shape[-2]
-  scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-  s = np.matmul(q, np.swapaxes(k, -1, -2)) * scale
-  if bias is not None:
-    s = s + np.asarray(bias, np.float64)
-  ok = np.ones(s.shape, bool)
-  if allowed is not None:
-    ok = ok & allowed
-  if causal:
-    ok = ok & np.tril(np.ones((length, keys), bool))
-  ok = ok & np.isfinite(s)
-  s = np.where(ok, s, -np.inf)
-  row_max = np.max(np.where(ok, s, -np.inf), axis=-1, keepdims=True) if keys else s[..., :1]
-  p = np.where(ok, np.exp(s - np.where(np.isfinite(row_max), row_max, 0)), 0.0)
-  total = p.sum(-1, keepdims=True)
-  w = p / np.where(total > 0, total, 1)
-  return np.matmul(w, v), w
-
-
-def np_attention_grads(q, k, v, d_out, allowed=None, bias=None, causal=False):
-  """Analytic gradients of np_attention for q, k, v and the float mask (no GQA)."""
-  scale = 1 / math.sqrt(q.shape[-1])
-  _, w = np_attention(q, k, v, allowed, bias, causal)
-  d_v = np.matmul(np.swapaxes(w, -1, -2), d_out)
-  d_w = np.matmul(d_out, np.swapaxes(v, -1, -2))
-  d_s = w * (d_w - np.sum(d_w * w, axis=-1, keepdims=True))
-  d_q = np.matmul(d_s, k) * scale
-  d_k = np.matmul(np.swapaxes(d_s, -1, -2), q) * scale
-  return d_q, d_k, d_v, d_s
-
-
-def reduce_to(x, shape):
-  """Sums a broadcast gradient back to ``shape``."""
-  x = x.sum(axis=tuple(range(x.ndim - len(shape))))
-  return x.sum(axis=tuple(i for i, n in enumerate(shape) if n == 1), keepdims=True)
-
-
-TOL = {
-    np.float64: dict(atol=1e-12, rtol=1e-12),
-    np.float32: dict(atol=2e-5, rtol=2e-5),
-}
 # Blocks of 16 queries and 8 keys, so small inputs span many blocks of the blockwise kernel.
 SMALL = (16, 8)
 
@@ -96,7 +50,7 @@ class AttentionScoresTest(chex.TestCase):
       got = self.variant(jmat.attention_scores)(q, k, scale=0.5)
     want = np.matmul(q, np.swapaxes(k, -1, -2)) * 0.5
     chex.assert_shape(got, want.shape)
-    np.testing.assert_allclose(got, want, **TOL[np.float64])
+    np.testing.assert_allclose(got, want, **tolerance(np.float64))
 
 
 def test_attention_scores_is_one_dot_general():
@@ -112,57 +66,6 @@ def test_attention_scores_errors():
     jmat.attention_scores(jnp.ones((5, 4)), jnp.ones((4,)))
   with pytest.raises(jmat.ShapeError, match=r"do not broadcast.*\(2, 5, 4\).*\(3, 7, 4\)"):
     jmat.attention_scores(jnp.ones((2, 5, 4)), jnp.ones((3, 7, 4)))
-
-
-# --- the online softmax (the contract ring attention builds on) ------------------------------
-
-
-def test_online_softmax_folds_blocks_into_softmax_attention():
-  q, k, v = randn(2, 5, 4), randn(2, 11, 4), randn(2, 11, 3)
-  allowed = RNG.random((5, 11)) > 0.4
-  allowed[1] = False  # a row with no key
-  allowed[2, :6] = False  # a row whose first blocks are all masked
-  bias = randn(5, 11)
-  carry = jmat.attention.online_softmax_init((2,), 5, 3, dtype=jnp.float64)
-  for start in range(0, 11, 4):
-    block = slice(start, start + 4)
-    carry = jmat.attention.online_softmax_update(
-        carry, q, k[:, block], v[:, block], scale=0.3, mask=allowed[:, block],
-        bias=bias[:, block])
-  got = jmat.attention.online_softmax_finish(carry, jnp.float64)
-  want, _ = np_attention(q, k, v, allowed, bias, scale=0.3)
-  assert not np.isnan(got).any()
-  np.testing.assert_allclose(got, want, **TOL[np.float64])
-  np.testing.assert_array_equal(got[:, 1], 0.0)
-
-
-def test_online_softmax_is_differentiable_by_autodiff():
-  q, k, v = randn(5, 4), randn(9, 4), randn(9, 3)
-  allowed = RNG.random((5, 9)) > 0.3
-  allowed[0] = False
-  d_out = randn(5, 3)
-
-  def loss(q, k, v):
-    carry = jmat.attention.online_softmax_init((), 5, 3, dtype=jnp.float64)
-    for start in range(0, 9, 3):
-      block = slice(start, start + 3)
-      carry = jmat.attention.online_softmax_update(
-          carry, q, k[block], v[block], scale=0.5, mask=allowed[:, block])
-    return jnp.sum(jmat.attention.online_softmax_finish(carry, jnp.float64) * d_out)
-
-  got = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-  # np_attention_grads uses scale 1/sqrt(E) = 0.5 for E = 4.
-  want = np_attention_grads(q, k, v, d_out, allowed)[:3]
-  for g, w in zip(got, want, strict=True):
-    assert not np.isnan(g).any()
-    np.testing.assert_allclose(g, w, **TOL[np.float64])
-
-
-def test_online_softmax_init_defaults_to_float32():
-  acc, row_max, row_sum = jmat.attention.online_softmax_init((2, 3), 5, 7)
-  chex.assert_shape([acc, row_max, row_sum], [(2, 3, 5, 7), (2, 3, 5), (2, 3, 5)])
-  assert {x.dtype for x in (acc, row_max, row_sum)} == {jnp.dtype(jnp.float32)}
-  assert np.all(np.isneginf(row_max)) and not np.any(row_sum)
 
 
 # --- dense and blockwise against numpy -------------------------------------------------------
@@ -193,9 +96,9 @@ def test_sdpa_matches_numpy(implementation, mask_kind, length, keys, causal):
   with jax.default_matmul_precision("highest"):
     got = jmat.scaled_dot_product_attention(
         q, k, v, mask, is_causal=causal, implementation=implementation, block_size=SMALL)
-  want, _ = np_attention(q, k, v, allowed, bias, causal)
+  want = attention_reference(q, k, v, allowed=allowed, bias=bias, is_causal=causal)
   chex.assert_shape(got, (2, 3, length, 7))
-  np.testing.assert_allclose(got, want, **TOL[np.float64])
+  np.testing.assert_allclose(got, want, **tolerance(np.float64))
 
 
 @pytest.mark.parametrize("implementation", ["dense", "blockwise"])
@@ -206,8 +109,8 @@ def test_sdpa_grouped_query_heads_match_numpy(implementation):
     got = jmat.scaled_dot_product_attention(
         q, k, v, allowed, is_causal=True, enable_gqa=True, implementation=implementation,
         block_size=SMALL)
-  want, _ = np_attention(q, k, v, allowed, causal=True, gqa=True)
-  np.testing.assert_allclose(got, want, **TOL[np.float64])
+  want = attention_reference(q, k, v, allowed=allowed, is_causal=True, enable_gqa=True)
+  np.testing.assert_allclose(got, want, **tolerance(np.float64))
 
 
 @pytest.mark.parametrize("implementation", ["dense", "blockwise"])
@@ -226,11 +129,12 @@ def test_sdpa_gradients_match_numpy(implementation, mask_kind):
   argnums = (0, 1, 2) if allowed is not None else (0, 1, 2, 3)
   with jax.default_matmul_precision("highest"):
     got = jax.grad(loss, argnums=argnums)(q, k, v, mask)
-  d_q, d_k, d_v, d_s = np_attention_grads(q, k, v, d_out, allowed, bias, causal=True)
-  want = (d_q, d_k, d_v) if allowed is not None else (d_q, d_k, d_v, reduce_to(d_s, bias.shape))
+  d_q, d_k, d_v, d_s = attention_reference_vjp(q, k, v, d_out, allowed=allowed, bias=bias,
+                                               is_causal=True)
+  want = (d_q, d_k, d_v) if allowed is not None else (d_q, d_k, d_v, sum_to_shape(d_s, bias.shape))
   for g, w in zip(got, want, strict=True):
     assert not np.isnan(g).any()
-    np.testing.assert_allclose(g, w, **TOL[np.float64])
+    np.testing.assert_allclose(g, w, **tolerance(np.float64))
 
 
 @pytest.mark.parametrize("implementation", ["dense", "blockwise"])
@@ -242,9 +146,9 @@ def test_sdpa_low_rank_and_empty_inputs(implementation, rank, sizes):
     with jax.default_matmul_precision("highest"):
       got = jmat.scaled_dot_product_attention(q, k, v, is_causal=True,
                                               implementation=implementation)
-    want, _ = np_attention(q, k, v, causal=True)
+    want = attention_reference(q, k, v, is_causal=True)
     chex.assert_shape(got, lead + (length, 2))
-    np.testing.assert_allclose(got, want, **TOL[np.float64])
+    np.testing.assert_allclose(got, want, **tolerance(np.float64))
 
 
 @pytest.mark.parametrize("implementation", ["dense", "blockwise"])
@@ -253,8 +157,8 @@ def test_sdpa_float32_and_custom_scale(implementation):
   with jax.default_matmul_precision("highest"):
     got = jmat.scaled_dot_product_attention(q, k, v, scale=0.2, implementation=implementation)
   assert got.dtype == jnp.float32
-  want, _ = np_attention(q, k, v, scale=0.2)
-  np.testing.assert_allclose(got, want, **TOL[np.float32])
+  want = attention_reference(q, k, v, scale=0.2)
+  np.testing.assert_allclose(got, want, **tolerance(np.float32))
 
 
 def test_sdpa_works_with_x64_off():
@@ -264,7 +168,8 @@ def test_sdpa_works_with_x64_off():
       got = jmat.scaled_dot_product_attention(q, q, q, is_causal=True,
                                               implementation=implementation)
       assert got.dtype == jnp.float32
-      np.testing.assert_allclose(got, np_attention(q, q, q, causal=True)[0], **TOL[np.float32])
+      want = attention_reference(q, q, q, is_causal=True)
+      np.testing.assert_allclose(got, want, **tolerance(np.float32))
 
 
 # --- jit, vmap, retracing --------------------------------------------------------------------
@@ -282,8 +187,8 @@ def test_sdpa_vmap_matches_numpy_per_item(implementation):
   with jax.default_matmul_precision("highest"):
     got = jax.jit(jax.vmap(one))(q, k, v, allowed)
   for i in range(4):
-    want, _ = np_attention(q[i], k[i], v[i], allowed[i], causal=True)
-    np.testing.assert_allclose(got[i], want, **TOL[np.float64])
+    want = attention_reference(q[i], k[i], v[i], allowed=allowed[i], is_causal=True)
+    np.testing.assert_allclose(got[i], want, **tolerance(np.float64))
 
 
 @pytest.mark.parametrize("implementation", ["dense", "blockwise"])
@@ -310,7 +215,7 @@ def test_dropout_zeroes_or_rescales_each_weight_and_is_deterministic():
     other = jmat.scaled_dot_product_attention(q, k, eye, dropout_p=0.4,
                                               dropout_rng=jax.random.key(8))
     none = jmat.scaled_dot_product_attention(q, k, eye, dropout_p=1.0, dropout_rng=rng)
-  _, w = np_attention(q, k, eye)
+  w, _ = attention_weights(q, k)
   kept = np.isclose(got, w / 0.6, rtol=1e-12, atol=0)
   dropped = got == 0
   assert np.all(kept | dropped) and kept.any() and dropped.any()
@@ -385,7 +290,7 @@ def test_blockwise_causal_never_touches_blocks_above_the_diagonal():
   blockwise = jmat.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                 implementation="blockwise", block_size=SMALL)
   dense = jmat.scaled_dot_product_attention(q, k, v, is_causal=True, implementation="dense")
-  want, _ = np_attention(q[:, :32], k[:, :32], v[:, :32], causal=True)
+  want = attention_reference(q[:, :32], k[:, :32], v[:, :32], is_causal=True)
   # Query blocks [0, 16) and [16, 32) end before key 40: their key loops stop earlier.
-  np.testing.assert_allclose(blockwise[:, :32], want, **TOL[np.float64])
+  np.testing.assert_allclose(blockwise[:, :32], want, **tolerance(np.float64))
   assert np.isnan(dense[:, :32]).all()  # the dense kernel does touch every block

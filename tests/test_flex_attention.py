@@ -1,7 +1,7 @@
 """jmat.flex_attention against a dense float64 numpy oracle; jit, vmap, refusals, memory.
 
-The oracle below applies a numpy score function and a numpy boolean mask to the whole
-(L, S) score grid; masks and score mods are written in numpy here, independently of
+The oracle (tests/cases.py's) applies a numpy score function and a numpy boolean mask to the
+whole (L, S) score grid; masks and score mods are written in numpy here, independently of
 jmat.mods. torch's own flex_attention is the oracle in tests/parity/test_torch_flex.py.
 """
 
@@ -15,17 +15,11 @@ import pytest
 
 import jmat
 from jmat.attention import BlockMask, create_block_mask, or_masks
+from tests.cases import attention_reference, tolerance
 
 RNG = np.random.default_rng(10)
 
 
-# Per dtype: (rtol, atol) of out and lse against float64 numpy on the same (rounded) inputs.
-TOL = {
-    jnp.float16: dict(rtol=1e-2, atol=1e-2),
-    jnp.bfloat16: dict(rtol=4e-2, atol=4e-2),
-    jnp.float32: dict(rtol=2e-5, atol=2e-5),
-    jnp.float64: dict(rtol=1e-12, atol=1e-12),
-}
 LSE_DTYPE = {jnp.float16: jnp.float32, jnp.bfloat16: jnp.float32, jnp.float32: jnp.float32,
              jnp.float64: jnp.float64}
 
@@ -46,28 +40,13 @@ def np_mask(mask, b, h, q_len, kv_len):
 
 
 def flex_reference(q, k, v, score=None, allowed=None, scale=None):
-  """Dense float64 flex attention: ``(out, lse)``; a query that sees no key gets 0 and -inf.
+  """tests/cases.py's float64 oracle as flex attention runs: ``(out, lse)``, GQA allowed.
 
-  ``score(s, b, h, q_idx, kv_idx)`` is a numpy function on broadcast index grids;
-  ``allowed`` a bool array broadcasting to ``(B, Hq, L, S)``; GQA repeats key heads.
+  ``score(s, b, h, q_idx, kv_idx)`` is a numpy score function on broadcast index grids;
+  ``allowed`` a bool array broadcasting to ``(B, Hq, L, S)``.
   """
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  batch, heads, q_len, dim = q.shape
-  group = heads // k.shape[1]
-  k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-  s = q @ np.swapaxes(k, -1, -2) * (1 / np.sqrt(dim) if scale is None else scale)
-  if score is not None:
-    s = score(s, *grid(batch, heads, q_len, k.shape[2]))
-  if allowed is not None:
-    s = np.where(allowed, s, -np.inf)
-  top = s.max(axis=-1, keepdims=True, initial=-np.inf)
-  top = np.where(np.isfinite(top), top, 0.0)
-  p = np.exp(s - top)
-  total = p.sum(axis=-1, keepdims=True)
-  seen = total > 0
-  out = np.where(seen, (p @ v) / np.where(seen, total, 1.0), 0.0)
-  lse = np.where(seen, np.log(np.where(seen, total, 1.0)) + top, -np.inf)[..., 0]
-  return out, lse
+  return attention_reference(q, k, v, allowed=allowed, score_fn=score, scale=scale,
+                             enable_gqa=True, return_lse=True)
 
 
 def as_f64(x):
@@ -115,8 +94,8 @@ def check_values(dtype, variant=lambda f: f):
   chex.assert_shape([out, lse], [(b, h, q_len, 5), (b, h, q_len)])
   want_out, want_lse = flex_reference(as_f64(q), as_f64(k), as_f64(v), softcap_np,
                                       np_mask(mask_n, None, None, q_len, kv_len))
-  np.testing.assert_allclose(as_f64(out), want_out, **TOL[dtype])
-  np.testing.assert_allclose(as_f64(lse), want_lse, **TOL[dtype])
+  np.testing.assert_allclose(as_f64(out), want_out, **tolerance(dtype))
+  np.testing.assert_allclose(as_f64(lse), want_lse, **tolerance(dtype))
 
 
 class FlexValuesTest(chex.TestCase):
@@ -136,8 +115,8 @@ def test_without_mask_or_mod_is_softmax_attention_with_scale():
   with jax.default_matmul_precision("highest"):
     out, lse = jmat.flex_attention(q, k, v, scale=0.3, return_lse=True)
   want_out, want_lse = flex_reference(q, k, v, scale=0.3)
-  np.testing.assert_allclose(out, want_out, **TOL[jnp.float64])
-  np.testing.assert_allclose(lse, want_lse, **TOL[jnp.float64])
+  np.testing.assert_allclose(out, want_out, **tolerance(jnp.float64))
+  np.testing.assert_allclose(lse, want_lse, **tolerance(jnp.float64))
 
 
 def test_no_keys_gives_zeros_and_minus_inf():
@@ -180,8 +159,8 @@ def test_batch_and_head_specific_masks_with_gqa(mask_b, mask_h, kv_heads):
                                    enable_gqa=kv_heads != h, return_lse=True)
   want_out, want_lse = flex_reference(q, k, v, per_bh_score_np,
                                       np_mask(mask, mask_b, mask_h, q_len, kv_len))
-  np.testing.assert_allclose(out, want_out, **TOL[jnp.float64])
-  np.testing.assert_allclose(lse, want_lse, **TOL[jnp.float64])
+  np.testing.assert_allclose(out, want_out, **tolerance(jnp.float64))
+  np.testing.assert_allclose(lse, want_lse, **tolerance(jnp.float64))
   assert np.isneginf(want_lse).any() == (mask_h is not None)  # rows that see nothing
 
 
@@ -199,7 +178,7 @@ def test_fully_masked_rows_give_zero_output_minus_inf_lse_and_zero_gradient():
   np.testing.assert_array_equal(out[:, :, :10], 0.0)
   np.testing.assert_array_equal(lse[:, :, :10], -np.inf)
   want_out, _ = flex_reference(q[:, :, 10:], k, v)
-  np.testing.assert_allclose(out[:, :, 10:], want_out, **TOL[jnp.float64])
+  np.testing.assert_allclose(out[:, :, 10:], want_out, **tolerance(jnp.float64))
   for g in (dq, dk, dv):
     assert np.isfinite(g).all()
   np.testing.assert_array_equal(dq[:, :, :10], 0.0)
@@ -216,7 +195,7 @@ def test_empty_blocks_are_never_read():
   out = jmat.flex_attention(q, k, v, block_mask=block_mask)
   want, _ = flex_reference(q[..., :32, :], k[..., :32, :], v[..., :32, :],
                            allowed=np_mask(mask_n, None, None, 32, 32))
-  np.testing.assert_allclose(out[..., :32, :], want, **TOL[jnp.float64])
+  np.testing.assert_allclose(out[..., :32, :], want, **tolerance(jnp.float64))
 
 
 # --- score_mods that capture arrays ------------------------------------------------------------
@@ -243,8 +222,8 @@ def test_score_and_mask_mods_capturing_float_and_int_arrays():
   allowed = (per_batch[bi, qi] == per_batch[bi, ki]) & (qi >= ki)
   want_out, want_lse = flex_reference(
       q, k, v, lambda s, b, h, q, kv: s + slopes[h] * (kv - q) / 10, allowed)
-  np.testing.assert_allclose(out, want_out, **TOL[jnp.float64])
-  np.testing.assert_allclose(lse, want_lse, **TOL[jnp.float64])
+  np.testing.assert_allclose(out, want_out, **tolerance(jnp.float64))
+  np.testing.assert_allclose(lse, want_lse, **tolerance(jnp.float64))
 
 
 # --- jit with a BlockMask argument, vmap -------------------------------------------------------
@@ -280,7 +259,7 @@ def test_jit_takes_block_masks_as_data_without_retracing():
   assert jmat.flex_attention._cache_size() == after_first
   for out, block_mask in zip(outs, (causal, banded), strict=True):
     want, _ = flex_reference(q, k, v, allowed=expand_block_mask(block_mask, mask_n))
-    np.testing.assert_allclose(out, want, **TOL[jnp.float64])
+    np.testing.assert_allclose(out, want, **tolerance(jnp.float64))
   assert not np.allclose(outs[0], outs[1])
 
 
@@ -301,7 +280,7 @@ def test_block_mask_built_inside_a_jitted_step_from_traced_document_ids():
       out = step(q, k, v, ids)
     qi, ki = np.ix_(np.arange(length), np.arange(length))
     want, _ = flex_reference(q, k, v, allowed=(ids[qi] == ids[ki]) & (qi >= ki))
-    np.testing.assert_allclose(out, want, **TOL[jnp.float64])
+    np.testing.assert_allclose(out, want, **tolerance(jnp.float64))
 
 
 def test_vmap_over_an_extra_batch_axis():
@@ -317,8 +296,8 @@ def test_vmap_over_an_extra_batch_axis():
   allowed = np_mask(mask_n, None, None, 19, 26)
   for i in range(3):
     want_out, want_lse = flex_reference(q[i], k[i], v[i], softcap_np, allowed)
-    np.testing.assert_allclose(out[i], want_out, **TOL[jnp.float64])
-    np.testing.assert_allclose(lse[i], want_lse, **TOL[jnp.float64])
+    np.testing.assert_allclose(out[i], want_out, **tolerance(jnp.float64))
+    np.testing.assert_allclose(lse[i], want_lse, **tolerance(jnp.float64))
 
 
 # --- refusals ---------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ conftest), so they run in a child pytest process with 8 simulated CPU devices.
 
 from __future__ import annotations
 
-import math
 import os
 import pathlib
 import subprocess
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 import jmat
+from tests.cases import attention_reference, tolerance
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -45,14 +45,6 @@ def test_eight_device_suite_passes_in_its_own_process():
   assert " passed" in result.stdout and " failed" not in result.stdout, report
 
 
-def _numpy_attention(q, k, v, is_causal):
-  s = np.einsum("...qe,...ke->...qk", q, k) / math.sqrt(q.shape[-1])
-  if is_causal:
-    s = np.where(np.tril(np.ones(s.shape[-2:], bool)), s, -np.inf)
-  p = np.exp(s - s.max(-1, keepdims=True))
-  return (p / p.sum(-1, keepdims=True)) @ v
-
-
 @pytest.mark.parametrize("fn", [jmat.parallel.ring_attention, jmat.parallel.allgather_attention])
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_one_device_ring_is_plain_attention(fn, is_causal):
@@ -61,7 +53,8 @@ def test_one_device_ring_is_plain_attention(fn, is_causal):
   v = rng.standard_normal((3, 13, 2))
   mesh = jax.make_mesh((1,), ("seq",))
   out = fn(q, k, v, mesh=mesh, axis_name="seq", is_causal=is_causal)
-  np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, is_causal), rtol=1e-12)
+  want = attention_reference(q, k, v, is_causal=is_causal)
+  np.testing.assert_allclose(np.asarray(out), want, **tolerance(np.float64))
 
 
 MESH = jax.make_mesh((1,), ("seq",))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import math
 import os
 import re
 
@@ -25,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 import jmat
 from benchmarks import ring_attention as ring_bench
 from jmat._src import online_softmax
+from tests.cases import attention_reference, attention_reference_vjp, tolerance
 
 if jax.device_count() < 8:
   if os.environ.get("JMAT_REQUIRE_8_DEVICES"):
@@ -134,7 +134,7 @@ def test_sharded_product_values_and_collectives(case):
   with jax.default_matmul_precision("highest"):
     got = jax.jit(fn)(*placed)
     assert collectives(fn, *placed) == collections.Counter(expected)
-  np.testing.assert_allclose(np.asarray(got), oracle(*arrays), rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(np.asarray(got), oracle(*arrays), **tolerance(np.float64))
 
 
 @pytest.mark.parametrize("op", ["bmm", "matmul"])
@@ -149,7 +149,7 @@ def test_batch_sharded_product_keeps_its_sharding_on_explicit_mesh(op):
     out = jax.jit(fn)(a_s, b_s)
     assert collectives(fn, a_s, b_s) == collections.Counter()
   assert out.sharding.spec == P(("data", "model"), None, None)
-  np.testing.assert_allclose(np.asarray(out), a @ b, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(np.asarray(out), a @ b, **tolerance(np.float64))
 
 
 # (op, [(shape, spec)], out_sharding): the contracted dim is sharded over "model", so on
@@ -195,7 +195,7 @@ def test_out_sharding_resolves_a_sharded_contraction_on_explicit_axes(op, operan
       ours = collectives(functools.partial(fn, out_sharding=out_sharding), *placed)
       theirs = collectives(functools.partial(jnp.matmul, out_sharding=out_sharding), *placed)
       assert ours == theirs
-  np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(np.asarray(out), expected, **tolerance(np.float64))
 
 
 def test_out_sharding_on_auto_axes_is_refused_with_advice():
@@ -228,22 +228,11 @@ def test_tensor_parallel_linear_pair_needs_exactly_one_all_reduce():
     got = jax.jit(_tensor_parallel_mlp)(*placed)
     assert collectives(_tensor_parallel_mlp, *placed) == collections.Counter({"all-reduce": 1})
   expected = np.maximum(x @ w1.T + b1, 0) @ w2.T + b2
-  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(np.asarray(got), expected, **tolerance(np.float64))
 
 
 # ---------------------------------------------------------------------------
-# Attention oracles.
-
-
-def numpy_attention(q, k, v, *, is_causal=False, scale=None):
-  """Softmax attention in float64, torch's top-left causal mask."""
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-  s = scale * np.einsum("...qe,...ke->...qk", q, k)
-  if is_causal:
-    s = np.where(np.tril(np.ones(s.shape[-2:], bool)), s, -np.inf)
-  p = np.exp(s - s.max(-1, keepdims=True))
-  return (p / p.sum(-1, keepdims=True)) @ v
+# Attention: tests/cases.py's numpy oracle for values, torch's autograd for gradients.
 
 
 def torch_attention_grads(q, k, v, d_out, *, is_causal=False, scale=None):
@@ -253,9 +242,6 @@ def torch_attention_grads(q, k, v, d_out, *, is_causal=False, scale=None):
   out = sdpa(tq, tk, tv, is_causal=is_causal, scale=scale)
   (out * torch.tensor(np.asarray(d_out, np.float64))).sum().backward()
   return tuple(t.grad.numpy() for t in (tq, tk, tv))
-
-
-TOL = {jnp.bfloat16: 5e-2, jnp.float32: 2e-5, jnp.float64: 1e-12}
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
@@ -270,7 +256,7 @@ def test_head_parallel_attention_needs_no_collectives(is_causal):
     assert collectives(sdpa, *placed) == collections.Counter()
   assert got.sharding.spec[:2] == ("data", "heads")
   np.testing.assert_allclose(
-      np.asarray(got), numpy_attention(q, k, v, is_causal=is_causal), rtol=1e-12, atol=1e-12
+      np.asarray(got), attention_reference(q, k, v, is_causal=is_causal), **tolerance(np.float64)
   )
 
 
@@ -320,38 +306,39 @@ def test_ring_attention_values_gradients_and_sharding(case, is_causal, dtype):
   with jax.set_mesh(m), jax.default_matmul_precision("highest"):
     out, vjp = jax.vjp(ring, *placed)
     grads = vjp(put(d_out.astype(dtype), m, *spec))
-  tol = TOL[dtype]
+  tol = tolerance(dtype)
   assert out.dtype == dtype and out.shape == q.shape[:-1] + (7,)
   assert out.sharding.spec == P(*spec)
-  np.testing.assert_allclose(np.asarray(out), numpy_attention(q, k, v, is_causal=is_causal),
-                             rtol=tol, atol=tol)
+  np.testing.assert_allclose(np.asarray(out), attention_reference(q, k, v, is_causal=is_causal),
+                             **tol)
   expected = torch_attention_grads(q, k, v, d_out, is_causal=is_causal)
   for name, got, want, placed_x in zip("qkv", grads, expected, placed, strict=True):
     assert got.sharding.spec == placed_x.sharding.spec, name
-    np.testing.assert_allclose(np.asarray(got), want, rtol=tol, atol=tol, err_msg=f"d{name}")
+    np.testing.assert_allclose(np.asarray(got), want, **tol, err_msg=f"d{name}")
 
 
 def test_ring_attention_custom_scale_matches_numpy():
   m, _, (q, k, v), placed = _ring_inputs("8-ring", jnp.float64, seed=2)
   out = jmat.parallel.ring_attention(*placed, mesh=m, axis_name="seq", is_causal=True, scale=0.3)
-  np.testing.assert_allclose(
-      np.asarray(out), numpy_attention(q, k, v, is_causal=True, scale=0.3), rtol=1e-12, atol=1e-12
-  )
+  want = attention_reference(q, k, v, is_causal=True, scale=0.3)
+  np.testing.assert_allclose(np.asarray(out), want, **tolerance(np.float64))
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_ring_attention_equals_unsharded_sdpa(is_causal):
+def test_ring_attention_value_and_gradients_of_a_loss_match_numpy(is_causal):
   m, _, (q, k, v), placed = _ring_inputs("2x4-data-seq", jnp.float64, seed=4)
   ring = ring_over_seq(m, is_causal)
-  sdpa = functools.partial(jmat.scaled_dot_product_attention, is_causal=is_causal)
 
-  def loss(fn, *xs):
-    return jnp.sum(jnp.sin(fn(*xs)))
+  def loss(*xs):
+    return jnp.sum(jnp.sin(ring(*xs)))
 
-  got = jax.value_and_grad(functools.partial(loss, ring), argnums=(0, 1, 2))(*placed)
-  want = jax.value_and_grad(functools.partial(loss, sdpa), argnums=(0, 1, 2))(q, k, v)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-12, atol=1e-12)
+  value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(*placed)
+  out = attention_reference(q, k, v, is_causal=is_causal)
+  # d sum(sin(out)) / d out = cos(out)
+  want = attention_reference_vjp(q, k, v, np.cos(out), is_causal=is_causal)[:3]
+  np.testing.assert_allclose(value, np.sum(np.sin(out)), **tolerance(np.float64))
+  for got, expected in zip(grads, want, strict=True):
+    np.testing.assert_allclose(np.asarray(got), expected, **tolerance(np.float64))
 
 
 @pytest.mark.parametrize("fn", [jmat.parallel.ring_attention, jmat.parallel.allgather_attention])
@@ -382,7 +369,7 @@ def test_allgather_attention_matches_numpy():
   out = jmat.parallel.allgather_attention(*placed, mesh=m, axis_name="seq", is_causal=True)
   assert out.sharding.spec == P(*spec)
   np.testing.assert_allclose(
-      np.asarray(out), numpy_attention(q, k, v, is_causal=True), rtol=1e-12, atol=1e-12
+      np.asarray(out), attention_reference(q, k, v, is_causal=True), **tolerance(np.float64)
   )
 
 
@@ -462,11 +449,11 @@ def test_ring_attention_in_tiles_matches_torch(q_len, k_len, is_causal):
   out, vjp = jax.vjp(ring, *(put(x, m, None, "seq") for x in (q, k, v)))
   grads = vjp(put(d_out, m, None, "seq"))
   np.testing.assert_allclose(
-      np.asarray(out), numpy_attention(q, k, v, is_causal=is_causal), rtol=1e-12, atol=1e-12
+      np.asarray(out), attention_reference(q, k, v, is_causal=is_causal), **tolerance(np.float64)
   )
   expected = torch_attention_grads(q, k, v, d_out, is_causal=is_causal)
   for name, got, want in zip("qkv", grads, expected, strict=True):
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12, err_msg=f"d{name}")
+    np.testing.assert_allclose(np.asarray(got), want, **tolerance(np.float64), err_msg=f"d{name}")
 
 
 # ---------------------------------------------------------------------------

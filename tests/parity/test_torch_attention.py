@@ -1,7 +1,7 @@
 """jmat attention against torch 2.13 (CPU): SDPA semantics, refusals and gradients; MHA weights.
 
 torch decides shapes, masks, causal alignment, GQA, fully-masked rows, dtypes and which
-inputs are refused; values are compared at per-dtype tolerances.
+inputs are refused; values are compared at tests/cases.py's per-dtype tolerances.
 """
 
 import importlib.util
@@ -16,15 +16,10 @@ import torch
 import torch.nn.functional as F
 
 import jmat
+from tests.cases import tolerance
 
 RNG = np.random.default_rng(5)
 
-TOL = {
-    np.float64: dict(atol=1e-12, rtol=1e-12),
-    np.float32: dict(atol=3e-6, rtol=3e-5),
-    "bfloat16": dict(atol=3e-2, rtol=3e-2),
-    np.float16: dict(atol=4e-3, rtol=4e-3),
-}
 DTYPES = {
     np.float64: (torch.float64, jnp.float64),
     np.float32: (torch.float32, jnp.float32),
@@ -100,7 +95,7 @@ def test_sdpa_matches_torch_float64(case, implementation):
         enable_gqa=gqa, implementation=implementation, block_size=(16, 8))
   chex.assert_shape(got, tuple(want.shape))
   assert not np.isnan(got).any()
-  np.testing.assert_allclose(got, as_numpy(want), **TOL[np.float64])
+  np.testing.assert_allclose(got, as_numpy(want), **tolerance(np.float64))
 
 
 @pytest.mark.parametrize("implementation", ["dense", "blockwise"])
@@ -115,7 +110,7 @@ def test_sdpa_matches_torch_in_low_precision(dtype, implementation):
   with jax.default_matmul_precision("highest"):
     got = jmat.scaled_dot_product_attention(*args, implementation=implementation)
   assert got.dtype == jax_dtype
-  np.testing.assert_allclose(np.asarray(got, np.float64), as_numpy(want), **TOL[dtype])
+  np.testing.assert_allclose(np.asarray(got, np.float64), as_numpy(want), **tolerance(jax_dtype))
 
 
 def test_float32_mask_with_half_query_is_accepted_as_torch():
@@ -125,7 +120,7 @@ def test_float32_mask_with_half_query_is_accepted_as_torch():
                                         attn_mask=torch.tensor(mask))
   got = jmat.scaled_dot_product_attention(*(jnp.asarray(q, jnp.float16) for _ in range(3)),
                                           jnp.asarray(mask))
-  np.testing.assert_allclose(np.asarray(got, np.float64), as_numpy(want), **TOL[np.float16])
+  np.testing.assert_allclose(np.asarray(got, np.float64), as_numpy(want), **tolerance(np.float16))
 
 
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float64])
@@ -140,7 +135,7 @@ def test_attn_mask_and_is_causal_both_apply_as_torch_flash(mask_dtype):
     with jax.default_matmul_precision("highest"):
       got = jmat.scaled_dot_product_attention(q, k, v, jnp.asarray(mask), is_causal=True,
                                               implementation=implementation)
-    np.testing.assert_allclose(got, as_numpy(want), **TOL[np.float64])
+    np.testing.assert_allclose(got, as_numpy(want), **tolerance(np.float64))
 
 
 @pytest.mark.parametrize(
@@ -168,7 +163,7 @@ def test_sdpa_gradients_match_torch(case, implementation):
     got = jax.grad(loss, argnums=argnums)(q, k, v, None if mask is None else jnp.asarray(mask))
   for g, t in zip(got, tensors, strict=False):
     assert not np.isnan(g).any()
-    np.testing.assert_allclose(g, as_numpy(t.grad), **TOL[np.float64])
+    np.testing.assert_allclose(g, as_numpy(t.grad), **tolerance(np.float64))
 
 
 # --- refusals: torch refuses, jmat refuses with a message naming the op and the shapes ---------
@@ -289,10 +284,10 @@ def test_multi_head_attention_matches_torch(case, need_weights, average):
     assert empty.any()
     want, _ = module(*(torch.tensor(x) for x in (query, key, value)), need_weights=False,
                      **torch_options)
-  np.testing.assert_allclose(got, as_numpy(want), **TOL[np.float64])
+  np.testing.assert_allclose(got, as_numpy(want), **tolerance(np.float64))
   if need_weights:
     chex.assert_shape(got_w, tuple(want_w.shape))
-    np.testing.assert_allclose(got_w, as_numpy(want_w), **TOL[np.float64])
+    np.testing.assert_allclose(got_w, as_numpy(want_w), **tolerance(np.float64))
   else:
     assert got_w is None and want_w is None
 
@@ -304,8 +299,8 @@ def test_multi_head_attention_unbatched_float32_matches_torch():
   with jax.default_matmul_precision("highest"):
     got, got_w = jmat.multi_head_attention(params, x, x, x, num_heads=2, need_weights=True)
   assert got.dtype == jnp.float32
-  np.testing.assert_allclose(got, as_numpy(want), **TOL[np.float32])
-  np.testing.assert_allclose(got_w, as_numpy(want_w), **TOL[np.float32])
+  np.testing.assert_allclose(got, as_numpy(want), **tolerance(np.float32))
+  np.testing.assert_allclose(got_w, as_numpy(want_w), **tolerance(np.float32))
 
 
 def test_multi_head_attention_gradients_match_torch():
@@ -320,9 +315,9 @@ def test_multi_head_attention_gradients_match_torch():
 
   with jax.default_matmul_precision("highest"):
     d_params, d_x = jax.grad(loss, argnums=(0, 1))(params, x)
-  np.testing.assert_allclose(d_x, as_numpy(tx.grad), **TOL[np.float64])
+  np.testing.assert_allclose(d_x, as_numpy(tx.grad), **tolerance(np.float64))
   for name, p in module.named_parameters():
-    np.testing.assert_allclose(d_params[name], as_numpy(p.grad), **TOL[np.float64])
+    np.testing.assert_allclose(d_params[name], as_numpy(p.grad), **tolerance(np.float64))
 
 
 def test_multi_head_attention_refusals():
@@ -408,12 +403,12 @@ def test_example_encoder_block_matches_torch_encoder_layer(activation):
                                 activation=activation)
   # torch's fast path leaves padded positions' outputs unspecified: compare the real tokens.
   np.testing.assert_allclose(np.asarray(got)[~padding], as_numpy(want)[~padding],
-                             **TOL[np.float64])
+                             **tolerance(np.float64))
   causal = torch.nn.Transformer.generate_square_subsequent_mask(7, dtype=torch.float64)
   want = layer(torch.tensor(x), src_mask=causal, is_causal=True)
   with jax.default_matmul_precision("highest"):
     got = example.encoder_block(params, x, num_heads=3, is_causal=True, activation=activation)
-  np.testing.assert_allclose(got, as_numpy(want), **TOL[np.float64])
+  np.testing.assert_allclose(got, as_numpy(want), **tolerance(np.float64))
 
 
 def test_example_runs(capsys):
