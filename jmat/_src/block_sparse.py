@@ -61,7 +61,11 @@ class KeyBlocks(NamedTuple):
 
 
 def key_blocks_from_dense(partial: jax.Array, full: jax.Array) -> KeyBlocks:
-  """A :class:`KeyBlocks` table from boolean ``(M, n_q, n_k)`` partial and full block maps."""
+  """A :class:`KeyBlocks` table from boolean ``(M, n_q, n_k)`` partial and full block maps.
+
+  A block holding padding keys (past the true key length) must not be marked
+  full: the kernel checks key bounds only in partial blocks.
+  """
 
   def listed(which):
     order = jnp.argsort(jnp.logical_not(which), axis=-1, stable=True)
@@ -500,7 +504,9 @@ def attend(
   its custom backward, and returns ``(out (M, R, G, L, Ev), lse (M, R, G, L))``
   with ``out`` in q's dtype and ``lse`` (natural log, ``-inf`` for a query that
   sees no key) in the compute dtype. ``blocks`` must list blocks of
-  ``(block_q, block_k)``; blocked operands are ``(M|1, R|1, G|1, L|1, S|1)``;
+  ``(block_q, block_k)`` and never mark full a block that holds padding keys
+  (bounds are checked in partial blocks only); blocked operands are
+  ``(M|1, R|1, G|1, L|1, S|1)``;
   ``chains``: see :class:`Geometry`.
   """
   length, keys = q.shape[-2], k.shape[-2]
