@@ -19,8 +19,9 @@ flax_attention = jax.jit(nnx.dot_product_attention, static_argnames=("is_causal"
 TOLERANCE = {jnp.float64: 1e-12, jnp.float32: 2e-6, jnp.float16: 4e-3, jnp.bfloat16: 3e-2}
 
 
+# Inputs are made with numpy: every eager jnp op would compile a program of its own.
 def _normal(seed, shape, dtype=jnp.float32):
-  return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
 
 
 def _qkv(batch, q_len, kv_len, heads, dim, dtype=jnp.float32, kv_heads=None):
@@ -37,11 +38,11 @@ def _close(actual, expected, dtype):
 
 
 def _padding_mask(batch, q_len, kv_len, dtype):
-  """flax's make_attention_mask of key-padding lengths; every query keeps at least one key."""
-  n = int(np.prod(batch))
-  keep = jnp.arange(kv_len) < (kv_len - jnp.arange(n) % kv_len)[:, None]
-  mask = nnx.make_attention_mask(jnp.ones((n, q_len), bool), keep, dtype=dtype)
-  return mask.reshape(batch + mask.shape[1:])
+  """A key-padding mask as flax's make_attention_mask makes it, ``batch + (1, q_len, kv_len)``;
+  every query keeps at least one key."""
+  lengths = kv_len - np.arange(int(np.prod(batch))) % kv_len
+  keep = np.arange(kv_len) < lengths.reshape(batch + (1, 1, 1))
+  return jnp.asarray(np.broadcast_to(keep, batch + (1, q_len, kv_len)), dtype)
 
 
 # (batch, q_len, kv_len, heads, kv_heads, dim, masking): prime-like sizes, grouped-query heads,
@@ -66,7 +67,7 @@ def test_equals_flax_dot_product_attention(batch, q_len, kv_len, heads, kv_heads
     options["mask"] = _padding_mask(batch, q_len, kv_len,
                                     jnp.bool_ if masking == "bool" else jnp.float32)
   elif masking == "causal":
-    options["mask"] = nnx.make_causal_mask(jnp.ones(batch + (kv_len,)))[..., :q_len, :]
+    options["mask"] = jnp.asarray(np.tril(np.ones((q_len, kv_len), np.float32)))
   elif masking == "is_causal":
     options["is_causal"] = True
   elif masking == "bias":
@@ -113,7 +114,9 @@ def test_inside_jitted_cross_attention_with_padding():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.int32])
 def test_fully_masked_query_gives_zero_where_flax_gives_the_mean(dtype):
   q, k, v = _qkv((2,), 3, 5, 2, 4)
-  mask = jnp.ones((2, 2, 3, 5), dtype).at[:, :, 1].set(jnp.zeros((), dtype))  # query 1: no key
+  mask = np.ones((2, 2, 3, 5))
+  mask[:, :, 1] = 0  # query 1 may attend to no key
+  mask = jnp.asarray(mask, dtype)
   out = flax_attention_fn(q, k, v, mask=mask)
   np.testing.assert_array_equal(np.asarray(out[:, 1]), np.zeros((2, 2, 4)))
   flax_out = nnx.dot_product_attention(q, k, v, mask=mask.astype(bool))
