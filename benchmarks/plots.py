@@ -36,7 +36,9 @@ def bars(ax, suite: Mapping[str, Any], cases: list[Mapping[str, Any]], per_call:
         ys.append(r["gflops"])
         lo.append(ys[-1] - case["flops"] / r["max_s"] / 1e9)
         hi.append(case["flops"] / r["min_s"] / 1e9 - ys[-1])
-    ax.bar(xs, ys, width, yerr=[lo, hi], label=name, capsize=2)
+    # The recorded figures are rounded, so a range end can sit a hair inside the median.
+    ax.bar(xs, ys, width, yerr=[[max(e, 0.0) for e in lo], [max(e, 0.0) for e in hi]],
+           label=name, capsize=2)
   ax.set_xticks(range(len(cases)), [c["name"] for c in cases], rotation=20, ha="right",
                 fontsize=7)
   ax.set_ylabel("µs per call (lower is better)" if per_call else "GFLOP/s")
