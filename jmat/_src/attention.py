@@ -237,7 +237,7 @@ def _blockwise(q, k, v, allowed, bias, scale, is_causal: bool,
                block_size: tuple[int, int]) -> jax.Array:
   """SDPA on the block-sparse kernel: causal is a block map, dense masks are sliced per block."""
   length, keys = q.shape[-2], k.shape[-2]
-  block_q, block_k = (_block_size(n, b) for n, b in zip((length, keys), block_size, strict=False))
+  block_q, block_k = (_block_size(n, b) for n, b in zip((length, keys), block_size, strict=True))
   if is_causal:
     blocks = block_sparse.causal_key_blocks(length, keys, block_q, block_k)
     if allowed is not None:  # the dense mask applies in every block: none is full
