@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
-import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +31,7 @@ from benchmarks import competitors as comp
 from benchmarks import derive, plots
 from benchmarks.formatting import fmt_bytes, fmt_ratio, fmt_time
 from benchmarks.spec import Record, SuiteSpec
-from benchmarks.timing import Call, Case, Skipped, Suite, skipped
+from benchmarks.timing import Call, Case, Skipped, Suite, skipped, subprocess_record
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
 JMAT_IMPLEMENTATIONS = {"jmat default": None, "jmat dense": "dense", "jmat blockwise": "blockwise"}
@@ -138,15 +136,7 @@ def memory_point(competitor: str, length: int, device: str) -> dict[str, Any]:
       ",".join(map(str, (BATCH, HEADS, length, HEAD_DIM))),
       "--device", device, "--limit", str(MEMORY_LIMIT_BYTES),
   ]
-  try:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=MEMORY_TIMEOUT_S)
-  except subprocess.TimeoutExpired:
-    return {"status": "failed", "reason": f"no result within {MEMORY_TIMEOUT_S} s"}
-  lines = done.stdout.strip().splitlines()
-  if done.returncode != 0 or not lines:
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"status": "failed", "reason": f"exit code {done.returncode}: {tail[:300]}"}
-  return json.loads(lines[-1])
+  return subprocess_record(command, MEMORY_TIMEOUT_S)
 
 
 def memory_run(device: str, quick: bool, tick: Callable[[int], object] = lambda n: None

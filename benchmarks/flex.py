@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -43,7 +42,7 @@ from benchmarks import competitors as comp
 from benchmarks import derive, plots
 from benchmarks.formatting import fmt_bytes, fmt_span, fmt_time
 from benchmarks.spec import Record, SuiteSpec
-from benchmarks.timing import Call, Case, Skipped, Suite, failed, skipped
+from benchmarks.timing import Call, Case, Skipped, Suite, failed, skipped, subprocess_record
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
 COMPETITORS = ("jmat", "torch", "jax.nn")
@@ -311,15 +310,7 @@ def memory_point(length: int, device: str) -> dict[str, Any]:
   """Peak RSS of one causal-documents forward+backward in a fresh ``python -m benchmarks.flex``."""
   command = [sys.executable, "-m", "benchmarks.flex", str(length), "--device", device,
              "--limit", str(MEMORY_LIMIT_BYTES)]
-  try:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=MEMORY_TIMEOUT_S)
-  except subprocess.TimeoutExpired:
-    return {"status": "failed", "reason": f"no result within {MEMORY_TIMEOUT_S} s"}
-  lines = done.stdout.strip().splitlines()
-  if done.returncode != 0 or not lines:
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"status": "failed", "reason": f"exit code {done.returncode}: {tail[:300]}"}
-  return json.loads(lines[-1])
+  return subprocess_record(command, MEMORY_TIMEOUT_S)
 
 
 def _memory(length: int, device: str, limit: int) -> dict[str, Any]:

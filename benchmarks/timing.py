@@ -14,11 +14,13 @@ result is ready; a figure is the median of the samples with their min and max.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import statistics
+import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 # One seeded generator for the whole run: every round of every case gets its own
@@ -187,3 +189,20 @@ class Suite:
   reference: str
   cases: tuple[Case, ...]
   notes: tuple[str, ...] = ()
+
+
+def subprocess_record(command: Sequence[str], timeout_s: float) -> dict[str, Any]:
+  """Runs ``command`` (a fresh process that prints its record as its last JSON line).
+
+  Returns that record, or a failed one naming the time-out or the exit code and the
+  last line of stderr: one point that fails does not end a run.
+  """
+  try:
+    done = subprocess.run(list(command), capture_output=True, text=True, timeout=timeout_s)
+  except subprocess.TimeoutExpired:
+    return {"status": "failed", "reason": f"no result within {timeout_s} s"}
+  lines = done.stdout.strip().splitlines()
+  if done.returncode != 0 or not lines:
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"status": "failed", "reason": f"exit code {done.returncode}: {tail[:300]}"}
+  return json.loads(lines[-1])
