@@ -185,6 +185,13 @@ def _operands_at(operands: Operands, m, row: jax.Array, col: jax.Array, geo: Geo
   return whole, sliced
 
 
+def _key_block(k_m: jax.Array, v_m: jax.Array, j, geo: Geometry, k_offset):
+  """Key block ``j`` of one table row: ``(first column, keys, values, key positions)``."""
+  col = j * geo.block_k
+  k_j, v_j = _rows(k_m, col, geo.block_k, -2), _rows(v_m, col, geo.block_k, -2)
+  return col, k_j, v_j, k_offset + col + lax.iota(jnp.int32, geo.block_k)
+
+
 def _scores(q_i, k_j, scale, dtype, mods: Mods, m, q_pos, k_pos, ops) -> jax.Array:
   """One score block ``(R, G, bq, bk)``: ``q_i @ k_j^T`` (times ``scale``), then ``Mods.score``."""
   s = jnp.einsum("rgqe,rke->rgqk", q_i, k_j, preferred_element_type=dtype)
@@ -249,7 +256,7 @@ def forward_blocks(
     The updated carry.
   """
   n_q = blocks.num.shape[1]
-  bq, bk = geo.block_q, geo.block_k
+  bq = geo.block_q
   dtype = carry[0].dtype
   chains = geo.chains if bq % (8 * geo.chains) == 0 else 1
   rows = bq // chains
@@ -266,9 +273,7 @@ def forward_blocks(
                         for x, axis in zip(tile, axes, strict=True)) for part in chain)
 
     def fold(masked, j, tiles):
-      col = j * bk
-      k_j, v_j = _rows(k_m, col, bk, -2), _rows(v_m, col, bk, -2)
-      k_pos = k_offset + col + lax.iota(jnp.int32, bk)
+      col, k_j, v_j, k_pos = _key_block(k_m, v_m, j, geo, k_offset)
       whole, sliced = _operands_at(operands, m, row, col, geo)
       updated = []
       for part, tile in zip(chain, tiles, strict=True):
@@ -352,10 +357,11 @@ def backward_blocks(
     The updated ``grads``.
   """
   n_q = blocks.num.shape[1]
-  bq, bk = geo.block_q, geo.block_k
+  bq = geo.block_q
   dtype = d_out.dtype
   whole, blocked = operands
   whole_float = _float_leaves(whole)
+  whole_f, whole_o = _split(whole, whole_float)
   blocked_float = [jnp.issubdtype(x.dtype, jnp.inexact) for x in blocked]
   # Rows that saw no key have lse = -inf: an lse of +inf makes their p exactly 0.
   lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
@@ -372,10 +378,7 @@ def backward_blocks(
 
     def fold(masked, j, state):
       dq_i, dk, dv, d_ops = state
-      col = j * bk
-      k_j, v_j = _rows(k_m, col, bk, -2), _rows(v_m, col, bk, -2)
-      k_pos = k_offset + col + lax.iota(jnp.int32, bk)
-      whole_f, whole_o = _split(whole, whole_float)
+      col, k_j, v_j, k_pos = _key_block(k_m, v_m, j, geo, k_offset)
       _, sliced = _operands_at(operands, m, row, col, geo)
       sliced_f, sliced_o = _split(list(sliced), blocked_float)
 
@@ -387,8 +390,7 @@ def backward_blocks(
       s, vjp = jax.vjp(scores, q_i, k_j, whole_f, sliced_f)
       p = jnp.exp(s - lse_i)
       if masked:
-        ops = (whole, tuple(_merge(list(sliced), blocked_float, sliced_f, sliced_o)))
-        p = jnp.where(_allowed(mods, geo, col, m, q_pos, k_pos, ops), p, 0.0)
+        p = jnp.where(_allowed(mods, geo, col, m, q_pos, k_pos, (whole, sliced)), p, 0.0)
       dv_j = jnp.einsum("rgqk,rgqv->rkv", p, do_i, preferred_element_type=dtype)
       dp = jnp.einsum("rgqv,rkv->rgqk", do_i, v_j.astype(dtype), preferred_element_type=dtype)
       dq_b, dk_j, d_whole, d_sliced = vjp(p * (dp - delta_i))
