@@ -388,9 +388,13 @@ def backward_blocks(
         return _scores(q_i, k_j, scale, dtype, mods, m, q_pos, k_pos, ops)
 
       s, vjp = jax.vjp(scores, q_i, k_j, whole_f, sliced_f)
-      p = jnp.exp(s - lse_i)
       if masked:
-        p = jnp.where(_allowed(mods, geo, col, m, q_pos, k_pos, (whole, sliced)), p, 0.0)
+        # Masked before the exponent, as in the forward pass: exp(-inf - lse) is 0, so the
+        # masked probabilities carry no gradient and nothing is selected again afterwards
+        # (a select-then-multiply fusion of this loop crashes XLA:CPU's float64 AVX-512
+        # code generation in jaxlib 0.10.2; README, known issues).
+        s = jnp.where(_allowed(mods, geo, col, m, q_pos, k_pos, (whole, sliced)), s, -jnp.inf)
+      p = jnp.exp(s - lse_i)
       dv_j = jnp.einsum("rgqk,rgqv->rkv", p, do_i, preferred_element_type=dtype)
       dp = jnp.einsum("rgqv,rkv->rgqk", do_i, v_j.astype(dtype), preferred_element_type=dtype)
       dq_b, dk_j, d_whole, d_sliced = vjp(p * (dp - delta_i))
@@ -419,6 +423,31 @@ def prescale(q: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array | Non
   if q.dtype == dtype:
     return q * scale.astype(dtype), None
   return q, scale
+
+
+def backward_queries(q: jax.Array, scale: jax.Array) -> jax.Array:
+  """The queries the backward pass differentiates: ``q * scale`` in the compute dtype.
+
+  Scaled once, whatever the input dtype (the forward pass scales half-precision
+  score blocks instead), so the score block's gradient with respect to them is
+  ``dS @ k`` without the factor: :func:`scale_gradients` turns it into the
+  gradients of ``q`` and of ``scale``.
+  """
+  dtype = osm.compute_dtype(q.dtype)
+  return q.astype(dtype) * scale.astype(dtype)
+
+
+def scale_gradients(dq_scaled: jax.Array, q: jax.Array,
+                    scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(dq, d_scale)`` from the gradient with respect to the queries of :func:`backward_queries`.
+
+  Scores are ``s = (q * scale) @ k^T``, so ``dq = scale * dq_scaled`` and
+  ``d_scale = sum(q * dq_scaled)`` (a sum over this call's queries: callers
+  that split the queries over devices add the parts up).
+  """
+  dtype = dq_scaled.dtype
+  d_scale = jnp.sum(dq_scaled * q.astype(dtype))
+  return dq_scaled * scale.astype(dtype), d_scale.astype(scale.dtype)
 
 
 def _pad(x: jax.Array, axis: int, size: int, broadcast: bool = False) -> jax.Array:
@@ -463,16 +492,15 @@ def _attend_bwd(mods: Mods, geo: Geometry, residuals, cotangents):
   dtype = lse.dtype
   d_out = d_out.astype(dtype)
   delta = jnp.sum(d_out * out.astype(dtype), axis=-1) - d_lse.astype(dtype)
-  q_s, rest = prescale(q, scale)
   whole, blocked = operands
   floats = [x for x in jax.tree.leaves(whole) + list(blocked)
             if jnp.issubdtype(x.dtype, jnp.inexact)]
   grads = (jnp.zeros(q.shape, dtype), jnp.zeros(k.shape, dtype), jnp.zeros(v.shape, dtype),
            [jnp.zeros(x.shape, dtype) for x in floats])
   dq, dk, dv, d_floats = backward_blocks(
-      grads, q_s, k, v, blocks, operands, rest, d_out, lse, delta, mods=mods, geo=geo)
-  if rest is None:
-    dq = dq * scale.astype(dtype)
+      grads, backward_queries(q, scale), k, v, blocks, operands, None, d_out, lse, delta,
+      mods=mods, geo=geo)
+  dq, d_scale = scale_gradients(dq, q, scale)
   d_floats = iter(d_floats)
 
   def cotangent(x):
@@ -481,7 +509,7 @@ def _attend_bwd(mods: Mods, geo: Geometry, residuals, cotangents):
 
   d_operands = (jax.tree.map(cotangent, whole), tuple(cotangent(x) for x in blocked))
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
-          jax.tree.map(_zero_cotangent, blocks), d_operands, jnp.zeros_like(scale))
+          jax.tree.map(_zero_cotangent, blocks), d_operands, d_scale)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)

@@ -27,6 +27,7 @@ ring keeps turning. (The causal work is unbalanced, device ``i`` computes
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -94,7 +95,7 @@ def _causal(m, q_pos, k_pos, operands):
   return k_pos[None, :] <= q_pos[:, None]
 
 
-def _ring(n: int, axis_name: str, is_causal: bool, scale: float, block_size: tuple[int, int],
+def _ring(n: int, axis_name: str, is_causal: bool, block_size: tuple[int, int],
           manual_axes: tuple[str, ...]):
   """The per-device ring attention of ``shard_map`` (``n`` devices along ``axis_name``).
 
@@ -126,7 +127,7 @@ def _ring(n: int, axis_name: str, is_causal: bool, scale: float, block_size: tup
 
   def as_kernel(x, grouped):
     """A local ``(*lead, T, D)`` block as the kernel's ``(1, N, [1,] T, D)``."""
-    x = x.reshape((1, -1) + x.shape[-2:])
+    x = x.reshape((1, math.prod(x.shape[:-2])) + x.shape[-2:])
     return x[:, :, None] if grouped else x
 
   def layout(q, k):
@@ -143,10 +144,10 @@ def _ring(n: int, axis_name: str, is_causal: bool, scale: float, block_size: tup
       return block_sparse.causal_key_blocks(*sizes, **offsets), offsets
     return block_sparse.dense_key_blocks(*sizes), offsets
 
-  def forward(q, k, v):
+  def forward(q, k, v, scale):
     here = lax.axis_index(axis_name)
     q_k, geo = layout(q, k)
-    q_s, rest = block_sparse.prescale(q_k, jnp.asarray(scale, _dtype(q)))
+    q_s, rest = block_sparse.prescale(q_k, scale)
 
     def fold(carry, k, v, there):
       blocks, offsets = key_blocks(geo, here, there)
@@ -169,19 +170,19 @@ def _ring(n: int, axis_name: str, is_causal: bool, scale: float, block_size: tup
     return out.reshape(q.shape[:-1] + (v.shape[-1],)), lse
 
   @jax.custom_vjp
-  def ring(q, k, v):
-    return forward(q, k, v)[0]
+  def ring(q, k, v, scale):
+    return forward(q, k, v, scale)[0]
 
-  def ring_fwd(q, k, v):
-    out, lse = forward(q, k, v)
-    return out, (q, k, v, out, lse)
+  def ring_fwd(q, k, v, scale):
+    out, lse = forward(q, k, v, scale)
+    return out, (q, k, v, scale, out, lse)
 
   def ring_bwd(residuals, d_out):
-    q, k, v, out, lse = residuals
+    q, k, v, scale, out, lse = residuals
     here = lax.axis_index(axis_name)
     dtype = lse.dtype
     q_k, geo = layout(q, k)
-    q_s, rest = block_sparse.prescale(q_k, jnp.asarray(scale, dtype))
+    q_s = block_sparse.backward_queries(q_k, scale)
     d_out_k, out_k = (as_kernel(x.astype(dtype), True) for x in (d_out, out))
     # d loss / d lse, summed over the output row: the softmax's "delta" term.
     delta = jnp.sum(d_out_k * out_k, axis=-1)
@@ -191,7 +192,7 @@ def _ring(n: int, axis_name: str, is_causal: bool, scale: float, block_size: tup
       key_table, offsets = key_blocks(geo, here, (here - t) % n)
       dq, dk_k, dv_k, _ = block_sparse.backward_blocks(
           (dq, as_kernel(dk, False), as_kernel(dv, False), []), q_s, as_kernel(k, False),
-          as_kernel(v, False), key_table, ((), ()), rest, d_out_k, lse, delta, mods=mods,
+          as_kernel(v, False), key_table, ((), ()), None, d_out_k, lse, delta, mods=mods,
           geo=geo, **offsets)
       return dq, (k, v, dk_k.reshape(dk.shape), dv_k.reshape(dv.shape))
 
@@ -201,10 +202,11 @@ def _ring(n: int, axis_name: str, is_causal: bool, scale: float, block_size: tup
     # n - 1 moves each accumulator sits one device before its block's home.
     dq, (_, _, dk, dv) = scan_ring(step, dq, (k, v, dk, dv))
     dk, dv = rotate((dk, dv))
-    if rest is None:
-      dq = dq * jnp.asarray(scale, dtype)
-
-    return (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
+    dq, d_scale = block_sparse.scale_gradients(dq, q_k, scale)
+    # scale is the same on every device: its gradient is the sum of every device's part.
+    d_scale = lax.psum(d_scale, manual_axes)
+    return (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+            d_scale)
 
   ring.defvjp(ring_fwd, ring_bwd)
   return ring
@@ -215,7 +217,7 @@ def _dtype(x: jax.Array):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("mesh", "axis_name", "is_causal", "scale", "block_size")
+    jax.jit, static_argnames=("mesh", "axis_name", "is_causal", "block_size")
 )
 def ring_attention(
     query: ArrayLike,
@@ -226,7 +228,7 @@ def ring_attention(
     mesh: Mesh,
     axis_name: str,
     is_causal: bool = False,
-    scale: float | None = None,
+    scale: ArrayLike | None = None,
     block_size: int | tuple[int, int] = 512,
 ) -> jax.Array:
   """Scaled dot-product attention with the sequence sharded over a mesh axis (ring attention).
@@ -249,7 +251,8 @@ def ring_attention(
     mesh: the device mesh.
     axis_name: the mesh axis the sequence dimension is sharded over.
     is_causal: torch's top-left causal mask (query ``l`` sees key ``s`` iff ``s <= l``).
-    scale: the factor of ``q @ k^T``; ``1 / sqrt(E)`` if ``None``.
+    scale: the factor of ``q @ k^T`` (a number or a 0-d array, differentiable);
+      ``1 / sqrt(E)`` if ``None``.
     block_size: the query and key block sizes (int or pair) each device's
       key/value block is folded in: the scores a device holds at once are
       ``block_size`` blocks, not ``(L / n, S / n)``.
@@ -274,12 +277,12 @@ def ring_attention(
   op = "parallel.ring_attention"
   query, key, value = _checked(op, query, key, value, mesh, axis_name)
   blocks = checks.check_block_size(op, block_size)
-  factor = query.shape[-1] ** -0.5 if scale is None else float(scale)
-  ring = functools.partial(_ring, mesh.shape[axis_name], axis_name, is_causal, factor, blocks)
-  return _shard_sequence(op, ring, query, key, value, mesh, axis_name)
+  factor = online_softmax.attention_scale(op, scale, query.shape[-1], _dtype(query))
+  ring = functools.partial(_ring, mesh.shape[axis_name], axis_name, is_causal, blocks)
+  return _shard_sequence(op, ring, query, key, value, factor, mesh, axis_name)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "axis_name", "is_causal", "scale"))
+@functools.partial(jax.jit, static_argnames=("mesh", "axis_name", "is_causal"))
 def allgather_attention(
     query: ArrayLike,
     key: ArrayLike,
@@ -289,7 +292,7 @@ def allgather_attention(
     mesh: Mesh,
     axis_name: str,
     is_causal: bool = False,
-    scale: float | None = None,
+    scale: ArrayLike | None = None,
 ) -> jax.Array:
   """The simple alternative to :func:`ring_attention`: every device gathers all keys and values.
 
@@ -308,9 +311,9 @@ def allgather_attention(
   """
   op = "parallel.allgather_attention"
   query, key, value = _checked(op, query, key, value, mesh, axis_name)
-  factor = query.shape[-1] ** -0.5 if scale is None else float(scale)
+  factor = online_softmax.attention_scale(op, scale, query.shape[-1], _dtype(query))
 
-  def local(q, k, v):
+  def local(q, k, v, scale):
     k, v = (lax.all_gather(x, axis_name, axis=x.ndim - 2, tiled=True) for x in (k, v))
     here = lax.axis_index(axis_name)
     q_len = q.shape[-2]
@@ -318,10 +321,10 @@ def allgather_attention(
     empty = online_softmax.online_softmax_init(
         q.shape[:-2], q_len, v.shape[-1], dtype=_dtype(q)
     )
-    carry = online_softmax.online_softmax_update(empty, q, k, v, scale=factor, mask=mask)
+    carry = online_softmax.online_softmax_update(empty, q, k, v, scale=scale, mask=mask)
     return online_softmax.online_softmax_finish(carry, q.dtype)
 
-  return _shard_sequence(op, lambda _: local, query, key, value, mesh, axis_name)
+  return _shard_sequence(op, lambda _: local, query, key, value, factor, mesh, axis_name)
 
 
 def _checked(
@@ -342,23 +345,25 @@ def _checked(
 
 
 def _shard_sequence(
-    op: str, make_local, query, key, value, mesh: Mesh, axis_name: str
+    op: str, make_local, query, key, value, scale, mesh: Mesh, axis_name: str
 ) -> jax.Array:
-  """Runs ``make_local(manual_axes)(q, k, v)`` per device, dim -2 sharded over ``axis_name``."""
+  """Runs ``make_local(manual_axes)(q, k, v, scale)`` per device, dim -2 sharded over
+  ``axis_name`` and ``scale`` replicated."""
   lead = _explicit_lead_spec(op, query, axis_name)
   spec = PartitionSpec(*lead, axis_name, None)
   if axis_name in sharding.explicit_axes(mesh):
     # An Explicit mesh types the operands' sharding: place them as the shard_map expects.
     placed = NamedSharding(mesh, spec)
     query, key, value = (jax.sharding.reshard(x, placed) for x in (query, key, value))
+    scale = jax.sharding.reshard(scale, NamedSharding(mesh, PartitionSpec()))
   manual_axes = (axis_name, *sorted(sharding.spec_axes(lead)))
   return jax.shard_map(
       make_local(manual_axes),
       mesh=mesh,
-      in_specs=(spec, spec, spec),
+      in_specs=(spec, spec, spec, PartitionSpec()),
       out_specs=spec,
       axis_names=frozenset(manual_axes),
-  )(query, key, value)
+  )(query, key, value, scale)
 
 
 def _explicit_lead_spec(op: str, query: jax.Array, axis_name: str) -> tuple:
