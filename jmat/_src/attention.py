@@ -70,6 +70,8 @@ def attention_scores(
   """
   query, key = operands("attention_scores", query, key, names=_NAMES[:2])
   checks.check_scores_shapes("attention_scores", query.shape, key.shape)
+  if scale is not None:
+    checks.check_attention_scale("attention_scores", scale)
   return _scores(query, key, scale, query.dtype)
 
 
@@ -263,7 +265,7 @@ def _blockwise(q, k, v, allowed, bias, scale, is_causal: bool,
                            mask if is_causal or allowed is not None else None)
   out, _ = block_sparse.attend(
       q, k, v, blocks, ((), blocked),
-      jnp.asarray(scale, online_softmax.compute_dtype(q.dtype)), mods=mods,
+      scale, mods=mods,
       block_q=block_q, block_k=block_k, chains=2)
   return out
 
@@ -305,7 +307,8 @@ def scaled_dot_product_attention(
     dropout_p: probability of dropping an attention weight (the rest are scaled
       by ``1 / (1 - dropout_p)``); needs ``dropout_rng``.
     is_causal: apply the causal mask.
-    scale: factor for the scores; default ``1 / sqrt(E)``.
+    scale: factor for the scores (a number or a 0-d array, differentiable); default
+      ``1 / sqrt(E)``.
     enable_gqa: grouped-query attention: query head ``h`` uses key/value head
       ``h // (query_heads // kv_heads)``, as torch's ``repeat_interleave``.
     dropout_rng: a ``jax.random.key``; the dropout pattern is a function of it.
@@ -356,8 +359,8 @@ def scaled_dot_product_attention(
       allowed = attn_mask
     else:
       bias = attn_mask
-  if scale is None:
-    scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] else 1.0
+  scale = online_softmax.attention_scale(op, scale, query.shape[-1],
+                                         online_softmax.compute_dtype(query.dtype))
   out, _ = _attention(query, key, value, lead, allowed, bias, scale, is_causal, enable_gqa,
                       dropout_p, dropout_rng, implementation, block_size=blocks)
   return out
@@ -536,7 +539,8 @@ def multi_head_attention(
     bias = _combine(bias, mask_bias, jnp.add)
   out, weights = _attention(
       heads(query, w_q, b_q), heads(key, w_k, b_k), heads(value, w_v, b_v),
-      (batch, num_heads), allowed, bias, 1.0 / math.sqrt(head_dim) if head_dim else 1.0,
+      (batch, num_heads), allowed, bias,
+      online_softmax.attention_scale(op, None, head_dim, online_softmax.compute_dtype(query.dtype)),
       is_causal, False, dropout_p, dropout_rng, None, need_weights)
   out = jnp.swapaxes(out, 1, 2).reshape(batch, length, embed)
   out = linear(out, weights_in["out_proj.weight"], weights_in["out_proj.bias"])

@@ -588,6 +588,30 @@ def _broadcast_or_none(shapes: Sequence[Shape]) -> Shape | None:
     return None
 
 
+def check_attention_scale(op: str, scale: object) -> None:
+  """Refuses an attention ``scale`` that is not a real scalar (a number or a 0-d array)."""
+  dtype = getattr(scale, "dtype", None)
+  if dtype is None:
+    if isinstance(scale, bool) or not isinstance(scale, int | float | np.number):
+      raise TypeError(
+          f"jmat.{op}: scale must be a real number or a 0-d float array, got "
+          f"{type(scale).__name__} {scale!r}"
+      )
+    dtype = np.asarray(scale).dtype
+  if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+    raise TypeError(
+        f"jmat.{op}: scale has dtype {_dtype_name(np.dtype(dtype))}; it must be a real "
+        f"number (e.g. a float32 scalar), the factor of query @ key^T"
+    )
+  shape = tuple(np.shape(scale))
+  if shape:
+    raise shape_error(
+        op, "scale is not a scalar", f"scale has shape {fmt_shape(shape)}",
+        "pass one factor for every score (a Python float or a 0-d array); for a factor "
+        "per head, scale the queries: query * s[:, None, None]",
+    )
+
+
 def check_attention_dtypes(op: str, dtypes: Sequence[np.dtype], names: Sequence[str]) -> None:
   """Refuses attention inputs of different dtypes or of a non-floating dtype (as torch)."""
   check_dtypes(op, dtypes, names)

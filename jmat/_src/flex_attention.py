@@ -10,13 +10,12 @@ captured array), which is how their gradients come out.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
-from jax.core import eval_jaxpr  # pyright: ignore[reportAttributeAccessIssue]
 from jax.typing import ArrayLike
 
 from jmat._src import block_sparse, checks, online_softmax
@@ -40,7 +39,9 @@ def _hoist(fn: Callable, *examples) -> tuple[Callable, list[jax.Array]]:
   n_args = len(examples)
 
   def pure(*args):
-    return eval_jaxpr(closed.jaxpr, list(args[n_args:]), *args[:n_args])[0]
+    # The same jaxpr closed over the values passed in place of its constants.
+    with_consts = jax.extend.core.ClosedJaxpr(closed.jaxpr, list(args[n_args:]))
+    return jax.extend.core.jaxpr_as_fun(with_consts)(*args[:n_args])[0]
 
   return pure, list(closed.consts)
 
@@ -78,10 +79,13 @@ def _to_kernel(x: jax.Array, mask_batch: int, mask_heads: int, group: int, is_qu
   if mask_heads == 1:
     if is_query:
       x = x.reshape(batch, heads // group, group, length, dim)
-    return x.reshape((1, -1) + x.shape[2:]) if mask_batch == 1 else x
+    return x.reshape((1, x.shape[0] * x.shape[1]) + x.shape[2:]) if mask_batch == 1 else x
   if not is_query:
     x = jnp.repeat(x, group, axis=1)
-  x = jnp.swapaxes(x, 0, 1) if mask_batch == 1 else x.reshape((-1, 1) + x.shape[2:])
+  if mask_batch == 1:
+    x = jnp.swapaxes(x, 0, 1)
+  else:
+    x = x.reshape((x.shape[0] * x.shape[1], 1) + x.shape[2:])
   return x[:, :, None] if is_query else x
 
 
@@ -131,7 +135,8 @@ def flex_attention(
       float32, float64 for float64 inputs; indices int32).
     block_mask: a :class:`BlockMask` from :func:`create_block_mask` for
       ``(B or None, Hq or None, L, S)``; None attends to every key.
-    scale: factor of ``query @ key^T``; default ``1 / sqrt(E)``.
+    scale: factor of ``query @ key^T`` (a number or a 0-d array, differentiable);
+      default ``1 / sqrt(E)``.
     enable_gqa: grouped-query attention: query head ``h`` uses key/value head
       ``h // (Hq // Hkv)``.
     return_lse: also return the natural-log logsumexp of the scores.
@@ -177,8 +182,7 @@ def flex_attention(
     mask_mod = checked_mod(_OP, "mask_mod", block_mask.mask_mod)
   if score_mod is not None:
     checked_mod(_OP, "score_mod", score_mod, dtype)
-  if scale is None:
-    scale = 1.0 / math.sqrt(dim) if dim else 1.0
+  scale = online_softmax.attention_scale(_OP, scale, dim, dtype)
   if length == 0 or keys == 0:
     out = jnp.zeros((batch, heads, length, v_dim), query.dtype)
     lse = jnp.full((batch, heads, length), -jnp.inf, dtype)
@@ -223,7 +227,7 @@ def flex_attention(
   v = _to_kernel(value, mask_batch, mask_heads, group, is_query=False)
   out, lse = block_sparse.attend(
       q, k, v, blocks, ((tuple(score_consts), tuple(mask_consts)), ()),
-      jnp.asarray(scale, dtype), mods=mods, block_q=block_q, block_k=block_k)
+      scale, mods=mods, block_q=block_q, block_k=block_k)
   out = _from_kernel(out, batch, heads, mask_batch, mask_heads)
   if not return_lse:
     return out

@@ -16,8 +16,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.typing import DTypeLike
+from jax.typing import ArrayLike, DTypeLike
 
+from jmat._src import checks
 from jmat._src.products import accumulation_dtype
 
 Carry = tuple[jax.Array, jax.Array, jax.Array]
@@ -30,6 +31,34 @@ def compute_dtype(dtype: DTypeLike) -> np.dtype:
   torch's CPU kernels), for the floating dtypes attention accepts.
   """
   return accumulation_dtype(dtype)
+
+
+def attention_scale(op: str, scale: ArrayLike | None, head_dim: int,
+                    dtype: DTypeLike) -> jax.Array:
+  """The factor of ``q @ k^T``: ``scale`` as a scalar array of ``dtype``, or the default.
+
+  The one home of the default, ``1 / sqrt(E)`` (torch's), and ``1`` for ``E = 0``
+  (the scores are all 0 then, whatever the factor: SDPA's convention). A given
+  ``scale`` may be a traced array: every attention function differentiates it.
+
+  Args:
+    op: the public name of the operation, for the error messages.
+    scale: a real scalar (Python number or 0-d array), or None for the default.
+    head_dim: ``E``, the size of a query vector.
+    dtype: the compute dtype of the scores.
+
+  Raises:
+    TypeError: a complex, boolean or non-numeric ``scale``.
+    ShapeError: a ``scale`` that is not a scalar.
+
+  Example:
+    >>> print(jmat.attention.attention_scale("sdpa", None, 16, jnp.float32))
+    0.25
+  """
+  if scale is None:
+    return jnp.asarray(1.0 / np.sqrt(head_dim) if head_dim else 1.0, dtype)
+  checks.check_attention_scale(op, scale)
+  return jnp.asarray(scale).astype(dtype)
 
 
 def online_softmax_init(
