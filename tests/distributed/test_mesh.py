@@ -317,11 +317,25 @@ def test_ring_attention_values_gradients_and_sharding(case, is_causal, dtype):
     np.testing.assert_allclose(np.asarray(got), want, **tol, err_msg=f"d{name}")
 
 
-def test_ring_attention_custom_scale_matches_numpy():
-  m, _, (q, k, v), placed = _ring_inputs("8-ring", jnp.float64, seed=2)
-  out = jmat.parallel.ring_attention(*placed, mesh=m, axis_name="seq", is_causal=True, scale=0.3)
-  want = attention_reference(q, k, v, is_causal=True, scale=0.3)
-  np.testing.assert_allclose(np.asarray(out), want, **tolerance(np.float64))
+@pytest.mark.parametrize("fn", [jmat.parallel.ring_attention, jmat.parallel.allgather_attention])
+@pytest.mark.parametrize("case", ["8-ring", "2x4-data-seq"])
+def test_traced_scale_value_and_gradient_sum_every_devices_part(fn, case):
+  m, spec, (q, k, v), placed = _ring_inputs(case, jnp.float64, seed=2)
+  d_out = np.random.default_rng(3).standard_normal(q.shape[:-1] + (7,))
+
+  def attend(scale):
+    return fn(*placed, mesh=m, axis_name="seq", is_causal=True, scale=scale)
+
+  with jax.default_matmul_precision("highest"):
+    out, vjp = jax.vjp(attend, jnp.float64(0.3))
+    (d_scale,) = vjp(put(d_out, m, *spec))
+  np.testing.assert_allclose(np.asarray(out), attention_reference(q, k, v, is_causal=True,
+                                                                  scale=0.3),
+                             **tolerance(np.float64))
+  # The scores are scale * q @ k^T: d scale = sum(d scores * q @ k^T), over every device's queries.
+  d_scores = attention_reference_vjp(q, k, v, d_out, is_causal=True, scale=0.3)[3]
+  want = np.sum(d_scores * np.matmul(q, np.swapaxes(k, -1, -2)))
+  np.testing.assert_allclose(d_scale, want, **tolerance(np.float64))
 
 
 @pytest.mark.parametrize("is_causal", [False, True])

@@ -19,6 +19,7 @@ from torch.nn.attention import flex_attention as tf
 import jmat
 from jmat.attention import and_masks, create_block_mask, create_mask, or_masks
 from tests.cases import tolerance
+from tests.torch_oracle import dense_attention
 
 RNG = np.random.default_rng(11)
 
@@ -233,28 +234,6 @@ def test_refuses_what_torch_refuses(case):
 # --- gradients against dense torch autograd ----------------------------------------------------
 
 
-def dense_torch(q, k, v, score, allowed, gqa):
-  """Dense attention with torch autograd: ``(out, lse)``; rows that see nothing get 0, -inf."""
-  if gqa:
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-  s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-  if score is not None:
-    b, h, lq, lk = (torch.arange(n).view([-1 if i == d else 1 for i in range(4)])
-                    for d, n in enumerate(s.shape))
-    s = score(s, b, h, lq, lk)
-  s = s.masked_fill(~allowed, -torch.inf)
-  top = s.detach().amax(dim=-1, keepdim=True)
-  top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-  p = torch.exp(s - top)
-  total = p.sum(dim=-1, keepdim=True)
-  seen = total > 0
-  safe = torch.where(seen, total, torch.ones_like(total))
-  out = (p @ v) / safe
-  lse = torch.where(seen, torch.log(safe) + top, -torch.inf)[..., 0]
-  return out, lse
-
-
 def check_gradients(q, k, v, captured, score_j, score_t, mask_j, mask_t, mask_bh, gqa):
   """Gradients of ``sum(out * w) + sum(finite lse * u)`` for q, k, v and the captured array."""
   q_len, kv_len = q.shape[2], k.shape[2]
@@ -270,7 +249,7 @@ def check_gradients(q, k, v, captured, score_j, score_t, mask_j, mask_t, mask_bh
     got = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, captured)
   leaves = [torch.tensor(x, requires_grad=True) for x in (q, k, v, captured)]
   allowed = tf.create_mask(mask_t, *mask_bh, q_len, kv_len, device="cpu")
-  out, lse = dense_torch(*leaves[:3], score_t(leaves[3]), allowed, gqa)
+  out, lse = dense_attention(*leaves[:3], score=score_t(leaves[3]), allowed=allowed, gqa=gqa)
   total = (out * torch.tensor(w)).sum() + (
       torch.where(torch.isfinite(lse), lse, 0.0) * torch.tensor(u)).sum()
   total.backward()
