@@ -172,7 +172,7 @@ def test_unused_flax_keywords_are_accepted():
 
 @pytest.mark.parametrize("shapes, message", [
     (((5, 2, 4), (5, 2, 4), (5, 4)), "must be at least 3-D"),
-    (((2, 5, 2, 4), (2, 5, 2, 3), (2, 5, 2, 4)), "head_dim sizes 4 and 3 differ"),
+    (((2, 5, 2, 4), (2, 5, 2, 3), (2, 5, 2, 4)), "embedding sizes 4 and 3 differ"),
     (((2, 5, 2, 4), (2, 5, 2, 4), (2, 6, 2, 4)), "key and value lengths 5 and 6 differ"),
     (((2, 5, 6, 4), (2, 5, 4, 4), (2, 5, 4, 4)), "the 4 heads of key do not divide the 6"),
     (((2, 5, 2, 4), (3, 5, 2, 4), (3, 5, 2, 4)), "the batch dims do not broadcast"),

@@ -639,17 +639,9 @@ def check_attention_shapes(
         op, "query, key and value must be at least 2-D", listed,
         "the last two dims are (sequence, embedding): (..., L, E), (..., S, E), (..., S, Ev)",
     )
-  if query[-1] != key[-1]:
-    raise shape_error(
-        op, f"query and key embedding sizes {query[-1]} and {key[-1]} differ", listed,
-        "scores are query @ key^T, so the last dims of query and key must be equal "
-        "(value's may differ)",
-    )
-  if key[-2] != value[-2]:
-    raise shape_error(
-        op, f"key and value lengths {key[-2]} and {value[-2]} differ", listed,
-        "there must be one value per key (dim -2)",
-    )
+  _check_sizes_agree(op, shapes, -2, listed,
+                     "scores are query @ key^T, so the last dims of query and key must be equal "
+                     "(value's may differ)", "there must be one value per key (dim -2)")
   if enable_gqa:
     if min(len(s) for s in shapes) < 3:
       raise shape_error(
@@ -657,15 +649,7 @@ def check_attention_shapes(
           "use (..., heads, L, E) inputs, or enable_gqa=False",
       )
     heads = query[-3]
-    for name, shape in zip(_ATTENTION_NAMES[1:], shapes[1:], strict=True):
-      if shape[-3] == 0 or heads % shape[-3]:
-        raise shape_error(
-            op,
-            f"the {shape[-3]} heads of {name} do not divide the {heads} heads of query",
-            listed,
-            "grouped-query attention shares each key/value head among query_heads / kv_heads "
-            "query heads: the number of key and value heads (dim -3) must divide query's",
-        )
+    _check_kv_heads(op, shapes, -3, listed, "")
     lead = _broadcast_or_none([s[:-3] for s in shapes])
     if lead is not None:
       return lead + (heads,)
@@ -706,12 +690,68 @@ def check_attention_mask(
   check_expand(op, "attn_mask", mask, target, what="the scores (N..., L, S)")
 
 
+def _check_sizes_agree(op: str, shapes: Sequence[Shape], length_dim: int, listed: str,
+                       size_advice: str, length_advice: str) -> None:
+  """Refuses query/key embedding sizes or key/value lengths (at ``length_dim``) that differ."""
+  query, key, value = shapes
+  if query[-1] != key[-1]:
+    raise shape_error(
+        op, f"query and key embedding sizes {query[-1]} and {key[-1]} differ", listed,
+        size_advice)
+  if key[length_dim] != value[length_dim]:
+    raise shape_error(
+        op, f"key and value lengths {key[length_dim]} and {value[length_dim]} differ", listed,
+        length_advice)
+
+
+def _check_kv_heads(op: str, shapes: Sequence[Shape], heads_dim: int, listed: str,
+                    layout: str) -> None:
+  """Refuses key/value head counts (at ``heads_dim``) that do not divide query's."""
+  heads = shapes[0][heads_dim]
+  for name, shape in zip(_ATTENTION_NAMES[1:], shapes[1:], strict=True):
+    if shape[heads_dim] == 0 or heads % shape[heads_dim]:
+      raise shape_error(
+          op,
+          f"the {shape[heads_dim]} heads of {name} do not divide the {heads} heads of query",
+          listed,
+          f"{layout}grouped-query attention shares each key/value head among query_heads / "
+          f"kv_heads query heads: the number of key and value heads (dim {heads_dim}) must "
+          f"divide query's",
+      )
+
+
+def check_flax_attention_shapes(op: str, query: Shape, key: Shape, value: Shape) -> Shape:
+  """Checks flax's ``(batch..., length, heads, head_dim)`` attention inputs.
+
+  Returns:
+    The scores' shape ``(batch..., heads, q_length, kv_length)``.
+  """
+  shapes = (query, key, value)
+  listed = _listed(_ATTENTION_NAMES, shapes)
+  layout = "flax's layout is (batch..., length, heads, head_dim); "
+  if min(len(s) for s in shapes) < 3:
+    raise shape_error(op, "query, key and value must be at least 3-D", listed, layout[:-2])
+  _check_sizes_agree(op, shapes, -3, listed,
+                     f"{layout}scores are query @ key^T per head, so their last dims must be "
+                     f"equal", f"{layout}there must be one value per key (dim -3)")
+  _check_kv_heads(op, shapes, -2, listed, layout)
+  batch = _broadcast_or_none([s[:-3] for s in shapes])
+  if batch is None:
+    raise shape_error(
+        op, "the batch dims do not broadcast", listed,
+        f"{layout}the dims before (length, heads, head_dim) must be equal or 1")
+  return batch + (query[-2], query[-3], key[-3])
+
+
+def check_probability(op: str, name: str, p: object) -> None:
+  """Refuses a probability (``dropout_p``, flax's ``dropout_rate``) outside [0, 1]."""
+  if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
+    raise ValueError(f"jmat.{op}: {name} must be a Python float in [0, 1], got {p!r}")
+
+
 def check_dropout(op: str, dropout_p: float, has_rng: bool) -> None:
   """Refuses a dropout probability outside [0, 1], or dropout without a random key."""
-  if not isinstance(dropout_p, int | float) or not 0.0 <= dropout_p <= 1.0:
-    raise ValueError(
-        f"jmat.{op}: dropout_p must be a Python float in [0, 1], got {dropout_p!r}"
-    )
+  check_probability(op, "dropout_p", dropout_p)
   if dropout_p > 0.0 and not has_rng:
     raise ValueError(
         f"jmat.{op}: dropout_p={dropout_p} needs an explicit random key: pass "

@@ -49,8 +49,8 @@ def _hoist(fn: Callable, *examples) -> tuple[Callable, list[jax.Array]]:
 def _layout(batch: int, heads: int, kv_heads: int, mask_batch: int, mask_heads: int):
   """How (b, h) maps onto the kernel's ``(M, R, G)``: the row, shared and group axes.
 
-  Returns ``(m, r, g, b_of, h_of)``: sizes and the ``(M, R, G)`` int32 tables of
-  each entry's batch and query head.
+  Returns ``(b_of, h_of)``: the ``(M, R, G)`` int32 tables of each kernel
+  entry's batch and query head.
   """
   group = heads // kv_heads
   b = np.arange(batch)[:, None, None]
@@ -91,12 +91,9 @@ def _to_kernel(x: jax.Array, mask_batch: int, mask_heads: int, group: int, is_qu
 
 def _from_kernel(x: jax.Array, batch: int, heads: int, mask_batch: int, mask_heads: int):
   """The kernel's ``(M, R, G, L, ...)`` output back to ``(B, H, L, ...)``."""
-  tail = x.shape[3:]
-  if mask_heads == 1:
-    return x.reshape((batch, heads) + tail)
-  if mask_batch == 1:
+  if mask_heads != 1 and mask_batch == 1:
     return jnp.swapaxes(x[:, :, 0], 0, 1)
-  return x.reshape((batch, heads) + tail)
+  return x.reshape((batch, heads) + x.shape[3:])
 
 
 @functools.partial(jax.jit, static_argnames=("score_mod", "enable_gqa", "return_lse"))

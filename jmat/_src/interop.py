@@ -10,12 +10,11 @@ and out, turns flax's mask (nonzero = may attend) and bias into an
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
@@ -26,43 +25,6 @@ from jmat._src.products import operands
 _OP = "attention.flax_attention_fn"
 _NAMES = ("query", "key", "value")
 _SCORES = "the scores (batch..., heads, q_length, kv_length)"
-
-
-def _listed(shapes: Sequence[tuple[int, ...]]) -> str:
-  return ", ".join(
-      f"{name} has shape {checks.fmt_shape(s)}" for name, s in zip(_NAMES, shapes, strict=True))
-
-
-def _check_layout(query: tuple[int, ...], key: tuple[int, ...],
-                  value: tuple[int, ...]) -> tuple[int, ...]:
-  """Checks BTNH inputs; returns the scores' shape ``(batch..., heads, q_length, kv_length)``."""
-  shapes = (query, key, value)
-  listed = _listed(shapes)
-  layout = "flax's layout is (batch..., length, heads, head_dim)"
-  if min(len(s) for s in shapes) < 3:
-    raise checks.shape_error(_OP, "query, key and value must be at least 3-D", listed, layout)
-  if query[-1] != key[-1]:
-    raise checks.shape_error(
-        _OP, f"query and key head_dim sizes {query[-1]} and {key[-1]} differ", listed,
-        f"{layout}; scores are query @ key^T per head, so their last dims must be equal")
-  if key[-3] != value[-3]:
-    raise checks.shape_error(
-        _OP, f"key and value lengths {key[-3]} and {value[-3]} differ", listed,
-        f"{layout}; there must be one value per key (dim -3)")
-  heads = query[-2]
-  for name, shape in zip(_NAMES[1:], shapes[1:], strict=True):
-    if shape[-2] == 0 or heads % shape[-2]:
-      raise checks.shape_error(
-          _OP, f"the {shape[-2]} heads of {name} do not divide the {heads} heads of query",
-          listed, f"{layout}; grouped-query attention needs key and value heads (dim -2) "
-          f"dividing query's")
-  try:
-    batch = tuple(int(d) for d in np.broadcast_shapes(*(s[:-3] for s in shapes)))
-  except ValueError:
-    raise checks.shape_error(
-        _OP, "the batch dims do not broadcast", listed,
-        f"{layout}; the dims before (length, heads, head_dim) must be equal or 1") from None
-  return batch + (heads, query[-3], key[-3])
 
 
 def _matmul_precision(precision: Any) -> str | None:
@@ -192,11 +154,10 @@ def flax_attention_fn(
     query, key, value = (jnp.asarray(x, dtype) for x in (query, key, value))
   query, key, value = operands(_OP, query, key, value, names=_NAMES)
   checks.check_attention_dtypes(_OP, [x.dtype for x in (query, key, value)], _NAMES)
-  target = _check_layout(query.shape, key.shape, value.shape)
+  target = checks.check_flax_attention_shapes(_OP, query.shape, key.shape, value.shape)
   dropout_on = not deterministic and dropout_rate != 0.0
   if dropout_on:
-    if not isinstance(dropout_rate, int | float) or not 0.0 <= dropout_rate <= 1.0:
-      raise ValueError(f"jmat.{_OP}: dropout_rate must be a float in [0, 1], got {dropout_rate!r}")
+    checks.check_probability(_OP, "dropout_rate", dropout_rate)
     if dropout_rng is None:
       raise ValueError(
           f"jmat.{_OP}: dropout_rate={dropout_rate} with deterministic=False needs "

@@ -52,8 +52,10 @@ def attention_scale(op: str, scale: ArrayLike | None, head_dim: int,
     ShapeError: a ``scale`` that is not a scalar.
 
   Example:
-    >>> print(jmat.attention.attention_scale("sdpa", None, 16, jnp.float32))
-    0.25
+    >>> from jmat._src.online_softmax import attention_scale
+    >>> print(attention_scale("sdpa", None, 16, jnp.float32), attention_scale("sdpa", None, 0,
+    ...                                                                     jnp.float32))
+    0.25 1.0
   """
   if scale is None:
     return jnp.asarray(1.0 / np.sqrt(head_dim) if head_dim else 1.0, dtype)
