@@ -52,10 +52,10 @@ _BITS = {"pred": 8, "bf16": 16}
 
 
 def _tile(n: int, limit: int = 512) -> int:
-  """jmat.parallel's tile for ``n`` rows (``jmat._src.parallel._tile`` with the default limit)."""
-  if n <= limit:
-    return n
-  return next((d for d in range(limit, limit // 8, -1) if n % d == 0), n)
+  """jmat.parallel's tile for ``n`` rows, with its default limit."""
+  from jmat._src import block_sparse  # imports jax: not before the device flags are set
+
+  return block_sparse.block_for(n, limit, dividing=True)
 
 
 def formulas(h: int, q_len: int, k_len: int, e: int, ev: int, devices: int, itemsize: int,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jmat._src import block_sparse
+from jmat._src.kernels import xla
 from tests.cases import attention_reference, attention_reference_vjp, sum_to_shape, tolerance
 
 RNG = np.random.default_rng(20261125)
@@ -113,21 +114,21 @@ M, R, G, L, S, E, EV = 2, 2, 3, 37, 29, 5, 4
 BLOCK_Q, BLOCK_K = 16, 8  # chains=2 splits a query block of 16 into two chains of 8 rows
 
 
-def scaled_blocked_and_whole(s, m, q_pos, k_pos, operands):
+def scaled_blocked_and_whole(s, m, r, g, q_pos, k_pos, operands):
   """``temp * s + bias + slopes[g] * (k_pos - q_pos)``: a blocked bias, a whole (slopes, temp)."""
-  del m
+  del m, r
   (slopes, temp), (_, bias) = operands
   relative = (k_pos[None, :] - q_pos[:, None]).astype(s.dtype)
-  return temp * s + bias + slopes[None, :, None, None] * relative
+  return temp * s + bias + slopes[g][None, :, None, None] * relative
 
 
-def blocked_mask(m, q_pos, k_pos, operands):
-  del m, q_pos, k_pos
-  return operands[1][0]
+def blocked_mask(m, r, g, q_pos, k_pos, operands):
+  del m, r, g, q_pos, k_pos
+  return operands.blocked[0]
 
 
-def causal(m, q_pos, k_pos, operands):
-  del m, operands
+def causal(m, r, g, q_pos, k_pos, operands):
+  del m, r, g, operands
   return k_pos[None, :] <= q_pos[:, None]
 
 
@@ -152,9 +153,9 @@ def test_attend_with_blocked_and_whole_operands_matches_numpy(bias_shape, chains
   mods = block_sparse.Mods(scaled_blocked_and_whole, blocked_mask)
 
   def attend(q, k, v, slopes, temp, bias):
-    return block_sparse.attend(q, k, v, blocks, ((slopes, temp), (jnp.asarray(allowed), bias)),
-                               jnp.asarray(scale), mods=mods, block_q=BLOCK_Q,
-                               block_k=BLOCK_K, chains=chains)
+    operands = block_sparse.Operands((slopes, temp), (jnp.asarray(allowed), bias))
+    return xla.attend(q, k, v, blocks, operands, jnp.asarray(scale), mods=mods,
+                      block_q=BLOCK_Q, block_k=BLOCK_K, chains=chains)
 
   @jax.jit
   def values_and_grads(*inputs):
@@ -192,9 +193,9 @@ def test_attend_over_causal_key_blocks_matches_numpy(q_len, kv_len, chains):
   k, v = randn(1, R, kv_len, E).astype(np.float32), randn(1, R, kv_len, EV).astype(np.float32)
   blocks = block_sparse.causal_key_blocks(q_len, kv_len, BLOCK_Q, BLOCK_K)
   with jax.default_matmul_precision("highest"):
-    out, lse = block_sparse.attend(q, k, v, blocks, ((), ()), jnp.asarray(0.4, jnp.float32),
-                                   mods=block_sparse.Mods(mask=causal), block_q=BLOCK_Q,
-                                   block_k=BLOCK_K, chains=chains)
+    out, lse = xla.attend(q, k, v, blocks, block_sparse.Operands(),
+                          jnp.asarray(0.4, jnp.float32), mods=block_sparse.Mods(mask=causal),
+                          block_q=BLOCK_Q, block_k=BLOCK_K, chains=chains)
   want_out, want_lse = attention_reference(q, k[:, :, None], v[:, :, None], scale=0.4,
                                            is_causal=True, return_lse=True)
   assert out.dtype == jnp.float32 and lse.dtype == jnp.float32

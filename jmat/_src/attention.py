@@ -20,6 +20,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from jmat._src import block_sparse, checks, online_softmax
 from jmat._src.family import linear
+from jmat._src.kernels import xla
 from jmat._src.products import matmul, operands
 
 Implementation = Literal["dense", "blockwise"] | None
@@ -92,7 +93,7 @@ def _positions_allowed(
   q_pos = q_start + lax.broadcasted_iota(jnp.int32, (q_len, k_len), 0)
   k_pos = k_start + lax.broadcasted_iota(jnp.int32, (q_len, k_len), 1)
   allowed = jnp.less(k_pos, keys)
-  return jnp.logical_and(allowed, k_pos <= q_pos) if is_causal else allowed
+  return jnp.logical_and(allowed, block_sparse.causal(q_pos, k_pos)) if is_causal else allowed
 
 
 def _softmax_weights(scores: jax.Array, allowed: jax.Array | None) -> jax.Array:
@@ -144,11 +145,6 @@ def _dense(
 # it blockwise is faster, forward and backward (1.2x at L=256, 2-4x from L=1024 on, where the
 # dense scores leave the caches), and its memory stays O(L * E). README: attention section.
 DENSE_MAX_SCORES = 1 << 18
-
-
-def _block_size(n: int, block: int) -> int:
-  """The block for a sequence of ``n``: ``block``, or ``n`` rounded up to 8 when shorter."""
-  return max(8, min(block, -(-n // 8) * 8))
 
 
 def _canonical_mask(mask: jax.Array, lead: tuple[int, ...], enable_gqa: bool,
@@ -239,7 +235,8 @@ def _blockwise(q, k, v, allowed, bias, scale, is_causal: bool,
                block_size: tuple[int, int]) -> jax.Array:
   """SDPA on the block-sparse kernel: causal is a block map, dense masks are sliced per block."""
   length, keys = q.shape[-2], k.shape[-2]
-  block_q, block_k = (_block_size(n, b) for n, b in zip((length, keys), block_size, strict=True))
+  block_q, block_k = (block_sparse.block_for(n, b)
+                      for n, b in zip((length, keys), block_size, strict=True))
   if is_causal:
     blocks = block_sparse.causal_key_blocks(length, keys, block_q, block_k)
     if allowed is not None:  # the dense mask applies in every block: none is full
@@ -248,25 +245,25 @@ def _blockwise(q, k, v, allowed, bias, scale, is_causal: bool,
   else:
     blocks = block_sparse.dense_key_blocks(length, keys, block_q, block_k,
                                            masked=allowed is not None)
+  # The blocked operands: the bool mask first if there is one, the float mask last.
   blocked = tuple(x for x in (allowed, bias) if x is not None)
+  allowed_at, bias_at = 0, len(blocked) - 1
 
-  def mask(m, q_pos, k_pos, operands):
-    del m
-    visible = operands[1][0] if allowed is not None else jnp.ones((), jnp.bool_)
+  def mask(m, r, g, q_pos, k_pos, operands):
+    del m, r, g
+    visible = operands.blocked[allowed_at] if allowed is not None else jnp.ones((), jnp.bool_)
     if is_causal:
-      visible = visible & (k_pos[None, :] <= q_pos[:, None])
+      visible = visible & block_sparse.causal(q_pos[:, None], k_pos[None, :])
     return visible
 
-  def add_bias(s, m, q_pos, k_pos, operands):
-    del m, q_pos, k_pos
-    return s + operands[1][-1]
+  def add_bias(s, m, r, g, q_pos, k_pos, operands):
+    del m, r, g, q_pos, k_pos
+    return s + operands.blocked[bias_at]
 
   mods = block_sparse.Mods(add_bias if bias is not None else None,
                            mask if is_causal or allowed is not None else None)
-  out, _ = block_sparse.attend(
-      q, k, v, blocks, ((), blocked),
-      scale, mods=mods,
-      block_q=block_q, block_k=block_k, chains=2)
+  out, _ = xla.attend(q, k, v, blocks, block_sparse.Operands((), blocked), scale, mods=mods,
+                      block_q=block_q, block_k=block_k, chains=2)
   return out
 
 
@@ -320,7 +317,7 @@ def scaled_dot_product_attention(
       is on, blockwise otherwise.
     block_size: the blockwise implementation's query and key block sizes (an
       int or a pair; 512 was fastest on a 2-core CPU at H=8, D=64). Shorter
-      sequences use one block rounded up to a multiple of 8.
+      sequences are one block of their own length.
 
   Returns:
     Array of shape ``(N..., L, Ev)`` and the query's dtype.

@@ -1,43 +1,84 @@
-"""The block-sparse attention kernel that SDPA, flex attention and ring attention share.
+"""The block-sparse attention kernel's interface, shared by SDPA, flex and ring attention.
 
 Queries are cut into blocks of ``block_q`` rows and keys into blocks of
 ``block_k``. A :class:`KeyBlocks` table lists, per query block, the key blocks
 it visits: *full* ones (every pair allowed: no mask is evaluated) and
 *partial* ones (the mask is evaluated per entry). Blocks in neither list are
-never computed. For each query block the kernel folds its listed key blocks
-into an online softmax (:mod:`jmat._src.online_softmax`) with dynamic trip
-counts, so the work is proportional to the non-empty blocks.
+never computed, so the work is proportional to the non-empty blocks.
 
 Scores may be rewritten per block (``Mods.score``, e.g. a vmapped torch-style
 ``score_mod``) and masked per block (``Mods.mask``). What those functions read
-besides positions comes in ``operands = (whole, blocked)``: ``whole`` is any
-pytree the mods receive as it is (e.g. a bias table a ``score_mod`` captured),
-``blocked`` a tuple of 5-D arrays ``(M|1, R|1, G|1, L|1, S|1)`` that the kernel
-slices to the current block (e.g. SDPA's dense masks). The backward pass
-(FlashAttention-2's, in a ``jax.custom_vjp``) recomputes every block, so memory
-stays O(L * E), and gives the gradients of q, k, v and of the float operands.
+besides positions comes in :class:`Operands`: ``whole`` is any pytree the mods
+receive as it is (e.g. a bias table a ``score_mod`` captured), ``blocked`` a
+tuple of 5-D arrays ``(M|1, R|1, G|1, L|1, S|1)`` that the kernel slices to the
+current block (e.g. SDPA's dense masks). Every backend (``jmat._src.kernels``:
+``xla``, the CPU default; ``triton`` for GPUs; ``mosaic`` for TPUs) takes the
+same tables, mods and operands and gives the same ``(out, lse)`` and the
+gradients of q, k, v, the scale and the float operands.
 
 Layout: ``q (M, R, G, L, E)``, ``k (M, R, S, E)``, ``v (M, R, S, Ev)``. ``M``
 indexes the rows of the block table (one per distinct block mask), ``R`` the
-batch/head rows that share it and are computed together, ``G`` the query heads
-that share one key/value head (grouped-query attention; 1 otherwise).
+batch/head rows that share it, ``G`` the query heads that share one key/value
+head (grouped-query attention; 1 otherwise).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from jmat._src import online_softmax as osm
 
-Operands = tuple[Any, tuple[jax.Array, ...]]
+
+def ceil_div(a: int, b: int) -> int:
+  """``ceil(a / b)`` for positive ``b``: the number of blocks of ``b`` that cover ``a``."""
+  return -(-a // b)
+
+
+def causal(q_pos, k_pos):
+  """torch's causal rule: a key is visible when its position is at most the query's.
+
+  The top-left-aligned ``tril(ones(L, S))`` of SDPA's ``is_causal`` for
+  positions counted from 0; the block tables, SDPA's masks, ring attention and
+  the ready ``jmat.mods.causal_mask`` all use this one rule. Broadcasts.
+  """
+  return k_pos <= q_pos
+
+
+def block_for(n: int, block: int, *, dividing: bool = False) -> int:
+  """The block size for a side of ``n`` rows, at most ``block``.
+
+  A side no longer than ``block`` is one block of exactly ``n`` rows (no
+  padding: decoding with ``L = 1`` computes one row, not ``block``). A longer
+  side is cut into blocks of ``block`` (the last one padded), or, with
+  ``dividing`` (ring attention, whose blocks travel without padding), of the
+  largest divisor of ``n`` in ``(block / 8, block]``; ``n`` has none (a large
+  prime, say), it stays one block: tiny tiles would cost more than they save.
+  """
+  n = max(n, 1)
+  if n <= block or not dividing:
+    return min(n, block)
+  for size in range(block, block // 8, -1):
+    if n % size == 0:
+      return size
+  return n
+
+
+class Operands(NamedTuple):
+  """What the mods read besides positions (every leaf an input of the kernel's custom_vjp).
+
+  Attributes:
+    whole: any pytree, passed to the mods as it is (captured tables, document ids).
+    blocked: 5-D arrays ``(M|1, R|1, G|1, L|1, S|1)``, sliced to the current block.
+  """
+
+  whole: Any = ()
+  blocked: tuple[jax.Array, ...] = ()
 
 
 class KeyBlocks(NamedTuple):
@@ -93,12 +134,13 @@ def causal_key_blocks(
   diagonal are full; a block holding padding keys (past ``kv_len``) never is,
   so the bound check runs there. Blocks above the diagonal are not listed.
   """
-  n_q, n_k = -(-q_len // block_q), -(-kv_len // block_k)
+  n_q, n_k = ceil_div(q_len, block_q), ceil_div(kv_len, block_k)
   i = jnp.arange(n_q, dtype=jnp.int32)
   first_q = q_offset + i * block_q
   last_q = q_offset + jnp.minimum((i + 1) * block_q, q_len) - 1
-  # Key block j is full iff its last key k_offset + (j + 1) * block_k - 1 <= first_q,
-  # and visible at all iff its first key k_offset + j * block_k <= last_q.
+  # By the causal rule, key block j is full iff its last key k_offset + (j + 1) * block_k - 1
+  # is visible from first_q, and visible at all iff its first key k_offset + j * block_k is
+  # visible from last_q.
   full = jnp.clip((first_q - k_offset + 1) // block_k, 0, kv_len // block_k)
   end = jnp.clip((last_q - k_offset) // block_k + 1, 0, n_k)
   partial = jnp.maximum(end - full, 0)
@@ -112,7 +154,7 @@ def dense_key_blocks(q_len: int, kv_len: int, block_q: int, block_k: int,
   Full, except a block holding padding keys; with ``masked`` all are partial
   (a dense mask must be evaluated in every block).
   """
-  n_q, n_k = -(-q_len // block_q), -(-kv_len // block_k)
+  n_q, n_k = ceil_div(q_len, block_q), ceil_div(kv_len, block_k)
   full = 0 if masked else kv_len // block_k
   return KeyBlocks(jnp.full((1, n_q), n_k - full, jnp.int32), None,
                    jnp.full((1, n_q), full, jnp.int32), None)
@@ -122,13 +164,20 @@ def dense_key_blocks(q_len: int, kv_len: int, block_q: int, block_k: int,
 class Mods:
   """How the kernel rewrites and masks a block of scores (static: part of the jit cache key).
 
+  A backend calls them on a tile of ``R'`` rows and ``G'`` heads: all of them
+  (the xla backend) or one row and one or all heads (the Pallas kernels), so
+  the functions index what they read by ``r`` and ``g``, never by position in
+  the tile, and capture no array (every array they read is an operand).
+
   Attributes:
-    score: ``score(s, m, q_pos, k_pos, operands) -> s`` with ``s`` of shape
-      ``(R, G, bq, bk)`` (already scaled), ``m`` the block table row, ``q_pos``
-      ``(bq,)`` and ``k_pos`` ``(bk,)`` int32 positions, ``operands`` the
-      ``(whole, blocked)`` pair with ``blocked`` sliced to the block.
-    mask: ``mask(m, q_pos, k_pos, operands)`` -> bool broadcastable to
-      ``(R, G, bq, bk)``, True = may attend. Evaluated only in partial blocks.
+    score: ``score(s, m, r, g, q_pos, k_pos, operands) -> s`` with ``s`` of
+      shape ``(R', G', bq, bk)`` (already scaled), ``m`` the block table row
+      (int32 scalar), ``r (R',)`` and ``g (G',)`` int32 the tile's rows and
+      heads within their group, ``q_pos (bq,)`` and ``k_pos (bk,)`` int32
+      positions, ``operands`` an :class:`Operands` with ``blocked`` sliced to
+      the tile.
+    mask: ``mask(m, r, g, q_pos, k_pos, operands)`` -> bool broadcastable to
+      ``(R', G', bq, bk)``, True = may attend. Evaluated only in partial blocks.
   """
 
   score: Callable[..., jax.Array] | None = None
@@ -137,292 +186,12 @@ class Mods:
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
-  """Static sizes: true lengths (before padding), block sizes and update chains.
-
-  ``chains`` splits a query block's rows into that many independent chains of
-  online-softmax updates: XLA's CPU runtime runs independent ops concurrently,
-  so the elementwise work of the chains (max, exp, sums: single-threaded per
-  op) can use both cores of a 2-core machine (up to 1.3x faster forward,
-  measured on one; results do not depend on it).
-  """
+  """Static sizes: true lengths (before padding) and block sizes."""
 
   q_len: int
   kv_len: int
   block_q: int
   block_k: int
-  chains: int = 1
-
-
-def _row(x: jax.Array, m: jax.Array) -> jax.Array:
-  """``x[m]`` (``x[0]`` if that dim is a broadcast 1)."""
-  return x[0] if x.shape[0] == 1 else lax.dynamic_index_in_dim(x, m, 0, keepdims=False)
-
-
-def _rows(x: jax.Array, start: jax.Array | int, size: int, axis: int) -> jax.Array:
-  """``size`` entries of ``axis`` from ``start`` (the whole axis if it is a broadcast 1)."""
-  if x.shape[axis] == 1:
-    return x
-  return lax.dynamic_slice_in_dim(x, start, size, axis % x.ndim)
-
-
-def _put(x: jax.Array, part: jax.Array, m, start, axis: int, add: bool = False) -> jax.Array:
-  """``x[m]`` with ``part`` written (or added) from ``start`` along ``axis`` (in place in loops)."""
-  starts = [m] + [0] * (x.ndim - 1)
-  starts[axis % x.ndim] = start
-  starts = [jnp.asarray(s, jnp.int32) for s in starts]
-  part = part[None]
-  if add:
-    part = part + lax.dynamic_slice(x, starts, part.shape)
-  return lax.dynamic_update_slice(x, part.astype(x.dtype), starts)
-
-
-def _operands_at(operands: Operands, m, row: jax.Array, col: jax.Array, geo: Geometry):
-  """The operands the mods of block ``(m, rows from row, keys from col)`` see."""
-  whole, blocked = operands
-  sliced = tuple(
-      _rows(_rows(_row(x, m), row, geo.block_q, -2), col, geo.block_k, -1) for x in blocked
-  )
-  return whole, sliced
-
-
-def _key_block(k_m: jax.Array, v_m: jax.Array, j, geo: Geometry, k_offset):
-  """Key block ``j`` of one table row: ``(first column, keys, values, key positions)``."""
-  col = j * geo.block_k
-  k_j, v_j = _rows(k_m, col, geo.block_k, -2), _rows(v_m, col, geo.block_k, -2)
-  return col, k_j, v_j, k_offset + col + lax.iota(jnp.int32, geo.block_k)
-
-
-def _scores(q_i, k_j, scale, dtype, mods: Mods, m, q_pos, k_pos, ops) -> jax.Array:
-  """One score block ``(R, G, bq, bk)``: ``q_i @ k_j^T`` (times ``scale``), then ``Mods.score``."""
-  s = jnp.einsum("rgqe,rke->rgqk", q_i, k_j, preferred_element_type=dtype)
-  if scale is not None:
-    s = s * scale.astype(dtype)
-  if mods.score is not None:
-    s = mods.score(s, m, q_pos, k_pos, ops).astype(dtype)
-  return s
-
-
-def _allowed(mods: Mods, geo: Geometry, col, m, q_pos, k_pos, ops) -> jax.Array:
-  """Which entries of a partial block may attend: in bounds and allowed by ``Mods.mask``."""
-  allowed = (col + lax.iota(jnp.int32, geo.block_k) < geo.kv_len)[None, None, None, :]
-  if mods.mask is not None:
-    allowed = allowed & mods.mask(m, q_pos, k_pos, ops)
-  return allowed
-
-
-def _visit(blocks: KeyBlocks, m, i, body, state):
-  """Runs ``state = body(masked, j, state)`` over the full, then the partial key blocks."""
-
-  def loop(masked, num, indices, first, state):
-    def step(t, s):
-      return body(masked, first + t if indices is None else indices[m, i, t], s)
-
-    return lax.fori_loop(0, num[m, i], step, state)
-
-  state = loop(False, blocks.full_num, blocks.full_indices, 0, state)
-  return loop(True, blocks.num, blocks.indices, blocks.full_num[m, i], state)
-
-
-def forward_blocks(
-    carry: osm.Carry,
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    blocks: KeyBlocks,
-    operands: Operands,
-    scale: jax.Array | None,
-    *,
-    mods: Mods,
-    geo: Geometry,
-    q_offset: int | jax.Array = 0,
-    k_offset: int | jax.Array = 0,
-) -> osm.Carry:
-  """Folds every listed key block into the online-softmax carry of its query block.
-
-  Args:
-    carry: ``(acc (M, R, G, Lp, Ev), row_max (M, R, G, Lp), row_sum)``.
-    q: ``(M, R, G, Lp, E)`` with ``Lp`` a multiple of ``block_q``.
-    k: ``(M, R, Sp, E)`` with ``Sp`` a multiple of ``block_k``.
-    v: ``(M, R, Sp, Ev)``.
-    blocks: the key blocks per query block.
-    operands: ``(whole, blocked)`` for the mods.
-    scale: multiplies ``q @ k^T``; None if ``q`` is already scaled.
-    mods: the score and mask functions.
-    geo: true lengths and block sizes.
-    q_offset: the position of query row 0 (ring attention's block offset).
-    k_offset: the position of key row 0.
-
-  Returns:
-    The updated carry.
-  """
-  n_q = blocks.num.shape[1]
-  bq = geo.block_q
-  dtype = carry[0].dtype
-  chains = geo.chains if bq % (8 * geo.chains) == 0 else 1
-  rows = bq // chains
-
-  def query_block(mi, carry):
-    m, i = (jnp.asarray(x, jnp.int32) for x in divmod(mi, n_q))
-    row = i * bq
-    q_i, k_m, v_m = _rows(_row(q, m), row, bq, -2), _row(k, m), _row(v, m)
-    q_pos = q_offset + row + lax.iota(jnp.int32, bq)
-    axes = (-2, -1, -1)  # the rows of acc, row_max and row_sum
-    tile = tuple(_rows(_row(x, m), row, bq, axis) for x, axis in zip(carry, axes, strict=True))
-    chain = [slice(c * rows, (c + 1) * rows) for c in range(chains)]
-    tiles = tuple(tuple(x[..., part, :] if axis == -2 else x[..., part]
-                        for x, axis in zip(tile, axes, strict=True)) for part in chain)
-
-    def fold(masked, j, tiles):
-      col, k_j, v_j, k_pos = _key_block(k_m, v_m, j, geo, k_offset)
-      whole, sliced = _operands_at(operands, m, row, col, geo)
-      updated = []
-      for part, tile in zip(chain, tiles, strict=True):
-        ops = (whole, tuple(x if x.shape[-2] == 1 else x[..., part, :] for x in sliced))
-        s = _scores(q_i[..., part, :], k_j, scale, dtype, mods, m, q_pos[part], k_pos, ops)
-        if masked:
-          s = jnp.where(_allowed(mods, geo, col, m, q_pos[part], k_pos, ops), s, -jnp.inf)
-        updated.append(osm.online_softmax_fold(tile, s, v_j[:, None]))
-      return tuple(updated)
-
-    tiles = _visit(blocks, m, i, fold, tiles)
-    tile = tuple(jnp.concatenate([t[n] for t in tiles], axis=axes[n]) for n in range(3))
-    return tuple(_put(x, t, m, row, axis) for x, t, axis in zip(carry, tile, axes, strict=True))
-
-  return lax.fori_loop(0, blocks.num.shape[0] * n_q, query_block, carry)
-
-
-def _float_leaves(tree) -> list[bool]:
-  return [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in jax.tree.leaves(tree)]
-
-
-def _split(tree, which: list[bool]):
-  leaves = jax.tree.leaves(tree)
-  floats = [x for x, f in zip(leaves, which, strict=True) if f]
-  return floats, [x for x, f in zip(leaves, which, strict=True) if not f]
-
-
-def _merge(tree, which: list[bool], floats, others):
-  floats, others = iter(floats), iter(others)
-  leaves = [next(floats) if f else next(others) for f in which]
-  return jax.tree.unflatten(jax.tree.structure(tree), leaves)
-
-
-def _add_block(acc: jax.Array, block: jax.Array, m, row, col) -> jax.Array:
-  """Adds a block's gradient into a blocked operand's accumulator (summing broadcast dims)."""
-  block = block.reshape((1,) + block.shape) if block.ndim == acc.ndim - 1 else block
-  axes = tuple(a for a in range(acc.ndim) if acc.shape[a] == 1 and block.shape[a] != 1)
-  block = jnp.sum(block, axis=axes, keepdims=True) if axes else block
-  starts = [jnp.asarray(s, jnp.int32) for s in (
-      m if acc.shape[0] > 1 else 0, 0, 0, row if acc.shape[3] > 1 else 0,
-      col if acc.shape[4] > 1 else 0)]
-  current = lax.dynamic_slice(acc, starts, block.shape)
-  return lax.dynamic_update_slice(acc, current + block.astype(acc.dtype), starts)
-
-
-def backward_blocks(
-    grads: tuple[jax.Array, jax.Array, jax.Array, list[jax.Array]],
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    blocks: KeyBlocks,
-    operands: Operands,
-    scale: jax.Array | None,
-    d_out: jax.Array,
-    lse: jax.Array,
-    delta: jax.Array,
-    *,
-    mods: Mods,
-    geo: Geometry,
-    q_offset: int | jax.Array = 0,
-    k_offset: int | jax.Array = 0,
-):
-  """Adds the gradients of every listed block: FlashAttention-2's backward, block by block.
-
-  ``p = exp(s - lse)`` is recomputed per block; ``ds = p * (dp - delta)`` with
-  ``dp = d_out @ v^T`` and ``delta = rowsum(d_out * out) - d_lse``; the score
-  block's vector-Jacobian product (through ``Mods.score``) gives the gradients
-  of ``q``, ``k`` and of the float operands.
-
-  Args:
-    grads: ``(dq, dk, dv, d_operands)`` accumulators: ``dq`` like ``q``, ``dk``
-      and ``dv`` like ``k`` and ``v`` (compute dtype), ``d_operands`` a list of
-      the float operand leaves' accumulators (whole leaves, then blocked ones).
-    q, k, v, blocks, operands, scale: as :func:`forward_blocks`.
-    d_out: ``(M, R, G, Lp, Ev)`` output cotangent, compute dtype.
-    lse: ``(M, R, G, Lp)`` logsumexp of the forward pass (``-inf`` where nothing was seen).
-    delta: ``(M, R, G, Lp)``.
-    mods, geo, q_offset, k_offset: as :func:`forward_blocks`.
-
-  Returns:
-    The updated ``grads``.
-  """
-  n_q = blocks.num.shape[1]
-  bq = geo.block_q
-  dtype = d_out.dtype
-  whole, blocked = operands
-  whole_float = _float_leaves(whole)
-  whole_f, whole_o = _split(whole, whole_float)
-  blocked_float = [jnp.issubdtype(x.dtype, jnp.inexact) for x in blocked]
-  # Rows that saw no key have lse = -inf: an lse of +inf makes their p exactly 0.
-  lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
-
-  def query_block(mi, grads):
-    dq, dk, dv, d_ops = grads
-    m, i = (jnp.asarray(x, jnp.int32) for x in divmod(mi, n_q))
-    row = i * bq
-    q_i = _rows(_row(q, m), row, bq, -2)
-    do_i = _rows(_row(d_out, m), row, bq, -2)
-    lse_i, delta_i = (_rows(_row(x, m), row, bq, -1)[..., None] for x in (lse, delta))
-    q_pos = q_offset + row + lax.iota(jnp.int32, bq)
-    k_m, v_m = _row(k, m), _row(v, m)
-
-    def fold(masked, j, state):
-      dq_i, dk, dv, d_ops = state
-      col, k_j, v_j, k_pos = _key_block(k_m, v_m, j, geo, k_offset)
-      _, sliced = _operands_at(operands, m, row, col, geo)
-      sliced_f, sliced_o = _split(list(sliced), blocked_float)
-
-      def scores(q_i, k_j, whole_f, sliced_f):
-        ops = (_merge(whole, whole_float, whole_f, whole_o),
-               tuple(_merge(list(sliced), blocked_float, sliced_f, sliced_o)))
-        return _scores(q_i, k_j, scale, dtype, mods, m, q_pos, k_pos, ops)
-
-      s, vjp = jax.vjp(scores, q_i, k_j, whole_f, sliced_f)
-      if masked:
-        # Masked before the exponent, as in the forward pass: exp(-inf - lse) is 0, so the
-        # masked probabilities carry no gradient and nothing is selected again afterwards
-        # (a select-then-multiply fusion of this loop crashes XLA:CPU's float64 AVX-512
-        # code generation in jaxlib 0.10.2; README, known issues).
-        s = jnp.where(_allowed(mods, geo, col, m, q_pos, k_pos, (whole, sliced)), s, -jnp.inf)
-      p = jnp.exp(s - lse_i)
-      dv_j = jnp.einsum("rgqk,rgqv->rkv", p, do_i, preferred_element_type=dtype)
-      dp = jnp.einsum("rgqv,rkv->rgqk", do_i, v_j.astype(dtype), preferred_element_type=dtype)
-      dq_b, dk_j, d_whole, d_sliced = vjp(p * (dp - delta_i))
-      dk = _put(dk, dk_j.astype(dtype), m, col, -2, add=True)
-      dv = _put(dv, dv_j, m, col, -2, add=True)
-      n_whole = len(d_whole)
-      d_ops = [a + g.astype(a.dtype) for a, g in zip(d_ops[:n_whole], d_whole, strict=True)] + [
-          _add_block(a, g, m, row, col) for a, g in zip(d_ops[n_whole:], d_sliced, strict=True)]
-      return dq_i + dq_b.astype(dtype), dk, dv, d_ops
-
-    dq_i = jnp.zeros_like(q_i, dtype=dtype)
-    dq_i, dk, dv, d_ops = _visit(blocks, m, i, fold, (dq_i, dk, dv, d_ops))
-    return _put(dq, dq_i, m, row, -2, add=True), dk, dv, d_ops
-
-  return lax.fori_loop(0, blocks.num.shape[0] * n_q, query_block, grads)
-
-
-def prescale(q: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-  """``(q * scale, None)`` when ``q`` is in its compute dtype, else ``(q, scale)``.
-
-  Scaling the ``(L, E)`` queries once instead of every ``(L, S)`` score block
-  saves a pass over each block (as torch's math kernel, which scales q before
-  the product); half-precision queries keep their dtype and are scaled per block.
-  """
-  dtype = osm.compute_dtype(q.dtype)
-  if q.dtype == dtype:
-    return q * scale.astype(dtype), None
-  return q, scale
 
 
 def backward_queries(q: jax.Array, scale: jax.Array) -> jax.Array:
@@ -450,7 +219,7 @@ def scale_gradients(dq_scaled: jax.Array, q: jax.Array,
   return dq_scaled * scale.astype(dtype), d_scale.astype(scale.dtype)
 
 
-def _pad(x: jax.Array, axis: int, size: int, broadcast: bool = False) -> jax.Array:
+def pad(x: jax.Array, axis: int, size: int, broadcast: bool = False) -> jax.Array:
   """Pads ``axis`` of ``x`` with zeros at the end to ``size`` (with ``broadcast``, a 1 stays 1)."""
   extra = size - x.shape[axis]
   if extra <= 0 or (broadcast and x.shape[axis] == 1):
@@ -460,91 +229,9 @@ def _pad(x: jax.Array, axis: int, size: int, broadcast: bool = False) -> jax.Arr
   return jnp.pad(x, widths)
 
 
-def _zero_cotangent(x):
+def zero_cotangent(x):
   """A zero cotangent of ``x``: float0 for integer and boolean arrays."""
   x = jnp.asarray(x)
   if jnp.issubdtype(x.dtype, jnp.inexact):
     return jnp.zeros_like(x)
   return np.zeros(x.shape, jax.dtypes.float0)
-
-
-def _forward(q, k, v, blocks, operands, scale, mods: Mods, geo: Geometry):
-  dtype = osm.compute_dtype(q.dtype)
-  q_s, rest = prescale(q, scale)
-  carry = osm.online_softmax_init(q.shape[:3], q.shape[3], v.shape[-1], dtype=dtype)
-  carry = forward_blocks(carry, q_s, k, v, blocks, operands, rest, mods=mods, geo=geo)
-  return osm.online_softmax_finish(carry, q.dtype), osm.online_softmax_logsumexp(carry)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _attend(q, k, v, blocks, operands, scale, mods: Mods, geo: Geometry):
-  return _forward(q, k, v, blocks, operands, scale, mods, geo)
-
-
-def _attend_fwd(q, k, v, blocks, operands, scale, mods, geo):
-  out, lse = _forward(q, k, v, blocks, operands, scale, mods, geo)
-  return (out, lse), (q, k, v, blocks, operands, scale, out, lse)
-
-
-def _attend_bwd(mods: Mods, geo: Geometry, residuals, cotangents):
-  q, k, v, blocks, operands, scale, out, lse = residuals
-  d_out, d_lse = cotangents
-  dtype = lse.dtype
-  d_out = d_out.astype(dtype)
-  delta = jnp.sum(d_out * out.astype(dtype), axis=-1) - d_lse.astype(dtype)
-  whole, blocked = operands
-  floats = [x for x in jax.tree.leaves(whole) + list(blocked)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  grads = (jnp.zeros(q.shape, dtype), jnp.zeros(k.shape, dtype), jnp.zeros(v.shape, dtype),
-           [jnp.zeros(x.shape, dtype) for x in floats])
-  dq, dk, dv, d_floats = backward_blocks(
-      grads, backward_queries(q, scale), k, v, blocks, operands, None, d_out, lse, delta,
-      mods=mods, geo=geo)
-  dq, d_scale = scale_gradients(dq, q, scale)
-  d_floats = iter(d_floats)
-
-  def cotangent(x):
-    return next(d_floats).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else (
-        _zero_cotangent(x))
-
-  d_operands = (jax.tree.map(cotangent, whole), tuple(cotangent(x) for x in blocked))
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
-          jax.tree.map(_zero_cotangent, blocks), d_operands, d_scale)
-
-
-_attend.defvjp(_attend_fwd, _attend_bwd)
-
-
-def attend(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    blocks: KeyBlocks,
-    operands: Operands,
-    scale: jax.Array,
-    *,
-    mods: Mods,
-    block_q: int,
-    block_k: int,
-    chains: int = 1,
-) -> tuple[jax.Array, jax.Array]:
-  """Block-sparse attention of ``q (M, R, G, L, E)`` over ``k, v (M, R, S, E|Ev)``.
-
-  Pads L and S to whole blocks (padding keys are masked), runs the kernel and
-  its custom backward, and returns ``(out (M, R, G, L, Ev), lse (M, R, G, L))``
-  with ``out`` in q's dtype and ``lse`` (natural log, ``-inf`` for a query that
-  sees no key) in the compute dtype. ``blocks`` must list blocks of
-  ``(block_q, block_k)`` and never mark full a block that holds padding keys
-  (bounds are checked in partial blocks only); blocked operands are
-  ``(M|1, R|1, G|1, L|1, S|1)``;
-  ``chains``: see :class:`Geometry`.
-  """
-  length, keys = q.shape[-2], k.shape[-2]
-  geo = Geometry(length, keys, block_q, block_k, chains)
-  lp, sp = -(-length // block_q) * block_q, -(-keys // block_k) * block_k
-  whole, blocked = operands
-  blocked = tuple(_pad(_pad(x, -2, lp, True), -1, sp, True) for x in blocked)
-  out, lse = cast(tuple[jax.Array, jax.Array], _attend(
-      _pad(q, -2, lp), _pad(k, -2, sp), _pad(v, -2, sp), blocks, (whole, blocked),
-      jnp.asarray(scale), mods, geo))
-  return out[..., :length, :], lse[..., :length]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.extend
@@ -20,6 +21,7 @@ from jax.typing import ArrayLike
 
 from jmat._src import block_sparse, checks, online_softmax
 from jmat._src.block_mask import BlockMask, ScoreMod, checked_mod, lift
+from jmat._src.kernels import xla
 from jmat._src.products import operands as as_operands
 
 _OP = "flex_attention"
@@ -71,6 +73,28 @@ def _layout(batch: int, heads: int, kv_heads: int, mask_batch: int, mask_heads: 
     else:
       b_of, h_of = b_of.reshape(-1, 1, 1), h_of.reshape(-1, 1, 1)  # (B * H, 1, 1)
   return b_of.astype(np.int32), h_of.astype(np.int32)
+
+
+class _Captured(NamedTuple):
+  """What flex's mods read (the kernel's whole operands): every array an explicit input.
+
+  Attributes:
+    score_consts: the arrays the score_mod captured, in the order its jaxpr takes them.
+    mask_consts: the arrays the mask_mod captured.
+    b_of: ``(M, R, G)`` int32, the batch index of every kernel entry.
+    h_of: ``(M, R, G)`` int32, its query head.
+  """
+
+  score_consts: tuple[jax.Array, ...]
+  mask_consts: tuple[jax.Array, ...]
+  b_of: jax.Array
+  h_of: jax.Array
+
+
+def _batch_and_head(captured: _Captured, m, r, g) -> tuple[jax.Array, jax.Array]:
+  """The ``(R', G')`` batch and head indices of a kernel tile's rows ``r`` and heads ``g``."""
+  rows = (r[:, None], g[None, :])
+  return captured.b_of[m][rows], captured.h_of[m][rows]
 
 
 def _to_kernel(x: jax.Array, mask_batch: int, mask_heads: int, group: int, is_query: bool):
@@ -164,16 +188,14 @@ def flex_attention(
   kv_heads, keys, v_dim = key.shape[1], key.shape[2], value.shape[3]
   dtype = online_softmax.compute_dtype(query.dtype)
   if block_mask is None:
-    block_q = max(1, min(_DEFAULT_BLOCK, length))
-    block_k = max(1, min(_DEFAULT_BLOCK, keys))
+    block_q, block_k = (block_sparse.block_for(n, _DEFAULT_BLOCK) for n in (length, keys))
     blocks = block_sparse.dense_key_blocks(length, keys, block_q, block_k)
     mask_batch = mask_heads = 1
     mask_mod = None
   else:
     checks.check_block_mask_fits(_OP, block_mask.shape, query.shape, key.shape)
-    block_q, block_k = block_mask.BLOCK_SIZE
-    # One block covers a short side whole: no padding to BLOCK_SIZE (decoding: L = 1).
-    block_q, block_k = min(block_q, length), min(block_k, keys)
+    block_q, block_k = (block_sparse.block_for(n, b)
+                        for n, b in zip((length, keys), block_mask.BLOCK_SIZE, strict=True))
     blocks = block_mask.key_blocks()
     mask_batch, mask_heads = block_mask.shape[:2]
     mask_mod = checked_mod(_OP, "mask_mod", block_mask.mask_mod)
@@ -196,35 +218,31 @@ def flex_attention(
     pure_score, score_consts = _hoist(score_mod, jax.ShapeDtypeStruct((), dtype),
                                       index, index, index, index)
 
-    def lifted_score(s, m, q_pos, k_pos, ops):
-      consts = ops[0][0]
+    def lifted_score(s, m, r, g, q_pos, k_pos, ops):
+      consts = ops.whole.score_consts
       lifted = lift(lambda *args: pure_score(*args, *consts), with_score=True)
-      return lifted(s, *b_of_m(m), q_pos, k_pos)
+      return lifted(s, *_batch_and_head(ops.whole, m, r, g), q_pos, k_pos)
 
     score_fn = lifted_score
 
   if mask_mod is not None:
     pure_mask, mask_consts = _hoist(mask_mod, index, index, index, index)
 
-    def lifted_mask(m, q_pos, k_pos, ops):
-      consts = ops[0][1]
+    def lifted_mask(m, r, g, q_pos, k_pos, ops):
+      consts = ops.whole.mask_consts
       lifted = lift(lambda *args: pure_mask(*args, *consts), with_score=False)
-      return lifted(*b_of_m(m), q_pos, k_pos)
+      return lifted(*_batch_and_head(ops.whole, m, r, g), q_pos, k_pos)
 
     mask_fn = lifted_mask
-
-  def b_of_m(m):
-    # numpy tables made constants where they are used: a traced array must not be closed
-    # over by the functions the kernel's custom_vjp receives.
-    return jnp.asarray(b_of)[m], jnp.asarray(h_of)[m]
 
   mods = block_sparse.Mods(score_fn, mask_fn)
   q = _to_kernel(query, mask_batch, mask_heads, group, is_query=True)
   k = _to_kernel(key, mask_batch, mask_heads, group, is_query=False)
   v = _to_kernel(value, mask_batch, mask_heads, group, is_query=False)
-  out, lse = block_sparse.attend(
-      q, k, v, blocks, ((tuple(score_consts), tuple(mask_consts)), ()),
-      scale, mods=mods, block_q=block_q, block_k=block_k)
+  whole = _Captured(tuple(score_consts), tuple(mask_consts), jnp.asarray(b_of),
+                    jnp.asarray(h_of))
+  out, lse = xla.attend(q, k, v, blocks, block_sparse.Operands(whole), scale, mods=mods,
+                        block_q=block_q, block_k=block_k)
   out = _from_kernel(out, batch, heads, mask_batch, mask_heads)
   if not return_lse:
     return out

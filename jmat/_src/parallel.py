@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
 from jmat._src import block_sparse, checks, online_softmax, sharding
+from jmat._src.kernels import xla
 
 _Blocks = tuple[jax.Array, ...]
 
@@ -65,34 +66,21 @@ def block_is_masked(
 
 
 def _hidden(first_query: int | jax.Array, first_key: int | jax.Array, queries: int):
-  """Whether the causal mask hides a whole tile: its first key comes after its last query."""
-  return first_key > first_query + queries - 1
+  """Whether the causal mask hides a whole tile: its last query sees not even its first key."""
+  visible = block_sparse.causal(first_query + queries - 1, first_key)
+  return not visible if isinstance(visible, bool) else jnp.logical_not(visible)
 
 
 def _causal_mask(first_query: int | jax.Array, first_key: int | jax.Array, queries: int, keys: int):
   """The ``(queries, keys)`` causal mask of a tile whose corner is at the given positions."""
   rows = first_query + lax.broadcasted_iota(jnp.int32, (queries, keys), 0)
   cols = first_key + lax.broadcasted_iota(jnp.int32, (queries, keys), 1)
-  return cols <= rows
+  return block_sparse.causal(rows, cols)
 
 
-def _tile(n: int, limit: int) -> int:
-  """The tile for ``n`` rows: ``n`` itself up to ``limit``, else its largest divisor up to it.
-
-  A length with no divisor in ``(limit / 8, limit]`` (a large prime, say) is not
-  tiled: tiny tiles would cost more than the scores they save.
-  """
-  if n <= limit:
-    return n
-  for size in range(limit, limit // 8, -1):
-    if n % size == 0:
-      return size
-  return n
-
-
-def _causal(m, q_pos, k_pos, operands):
-  del m, operands
-  return k_pos[None, :] <= q_pos[:, None]
+def _causal(m, r, g, q_pos, k_pos, operands):
+  del m, r, g, operands
+  return block_sparse.causal(q_pos[:, None], k_pos[None, :])
 
 
 def _ring(n: int, axis_name: str, is_causal: bool, block_size: tuple[int, int],
@@ -133,8 +121,9 @@ def _ring(n: int, axis_name: str, is_causal: bool, block_size: tuple[int, int],
   def layout(q, k):
     # Tiles divide the local lengths, so the blocks that travel need no padding.
     q_len, k_len = q.shape[-2], k.shape[-2]
-    geo = block_sparse.Geometry(q_len, k_len, _tile(q_len, block_size[0]),
-                                _tile(k_len, block_size[1]))
+    geo = block_sparse.Geometry(q_len, k_len,
+                                block_sparse.block_for(q_len, block_size[0], dividing=True),
+                                block_sparse.block_for(k_len, block_size[1], dividing=True))
     return as_kernel(q, True), geo
 
   def key_blocks(geo, here, there):
@@ -147,12 +136,12 @@ def _ring(n: int, axis_name: str, is_causal: bool, block_size: tuple[int, int],
   def forward(q, k, v, scale):
     here = lax.axis_index(axis_name)
     q_k, geo = layout(q, k)
-    q_s, rest = block_sparse.prescale(q_k, scale)
+    q_s, rest = xla.prescale(q_k, scale)
 
     def fold(carry, k, v, there):
       blocks, offsets = key_blocks(geo, here, there)
-      return block_sparse.forward_blocks(carry, q_s, as_kernel(k, False), as_kernel(v, False),
-                                         blocks, ((), ()), rest, mods=mods, geo=geo, **offsets)
+      return xla.forward_blocks(carry, q_s, as_kernel(k, False), as_kernel(v, False), blocks,
+                                block_sparse.Operands(), rest, mods=mods, geo=geo, **offsets)
 
     empty = online_softmax.online_softmax_init(q_k.shape[:3], q_k.shape[3], v.shape[-1],
                                                dtype=_dtype(q))
@@ -190,10 +179,10 @@ def _ring(n: int, axis_name: str, is_causal: bool, block_size: tuple[int, int],
     def step(dq, blocks, t):
       k, v, dk, dv = blocks
       key_table, offsets = key_blocks(geo, here, (here - t) % n)
-      dq, dk_k, dv_k, _ = block_sparse.backward_blocks(
+      dq, dk_k, dv_k, _ = xla.backward_blocks(
           (dq, as_kernel(dk, False), as_kernel(dv, False), []), q_s, as_kernel(k, False),
-          as_kernel(v, False), key_table, ((), ()), None, d_out_k, lse, delta, mods=mods,
-          geo=geo, **offsets)
+          as_kernel(v, False), key_table, block_sparse.Operands(), None, d_out_k, lse, delta,
+          mods=mods, geo=geo, **offsets)
       return dq, (k, v, dk_k.reshape(dk.shape), dv_k.reshape(dv.shape))
 
     zeros = tuple(jnp.zeros_like(x, dtype=dtype) for x in (q_k, k, v))
