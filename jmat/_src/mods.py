@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jmat._src.block_mask import MaskMod, ScoreMod
+from jmat._src.block_sparse import causal
 
 
 def causal_mask(b: Any, h: Any, q_idx: ArrayLike, kv_idx: ArrayLike) -> jax.Array:
@@ -28,7 +29,7 @@ def causal_mask(b: Any, h: Any, q_idx: ArrayLike, kv_idx: ArrayLike) -> jax.Arra
      [1 1 0]]
   """
   del b, h
-  return jnp.asarray(q_idx) >= jnp.asarray(kv_idx)
+  return causal(jnp.asarray(q_idx), jnp.asarray(kv_idx))
 
 
 def generate_causal_offset(offset: ArrayLike) -> MaskMod:
@@ -48,7 +49,7 @@ def generate_causal_offset(offset: ArrayLike) -> MaskMod:
 
   def causal_offset(b, h, q_idx, kv_idx):
     del b, h
-    return q_idx + offset >= kv_idx
+    return causal(q_idx + offset, kv_idx)
 
   return causal_offset
 
@@ -71,7 +72,7 @@ def generate_sliding_window(window_size: int) -> MaskMod:
 
   def sliding_window(b, h, q_idx, kv_idx):
     del b, h
-    return (q_idx >= kv_idx) & (q_idx - kv_idx <= window_size)
+    return causal(q_idx, kv_idx) & (q_idx - kv_idx <= window_size)
 
   return sliding_window
 
@@ -138,7 +139,7 @@ def generate_prefix_lm_mask(prefix_length: ArrayLike) -> MaskMod:
 
   def prefix_lm(b, h, q_idx, kv_idx):
     del b, h
-    return (kv_idx < prefix_length) | (q_idx >= kv_idx)
+    return (kv_idx < prefix_length) | causal(q_idx, kv_idx)
 
   return prefix_lm
 
