@@ -194,6 +194,42 @@ class Geometry:
   block_k: int
 
 
+def _static(default: Any = dataclasses.MISSING) -> Any:
+  return dataclasses.field(default=default, metadata={"static": True})
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Call:
+  """One call of the kernel, as every backend receives it (a pytree: static fields are aux data).
+
+  Attributes:
+    q: ``(M, R, G, L, E)`` queries.
+    k: ``(M, R, S, E)`` keys.
+    v: ``(M, R, S, Ev)`` values.
+    blocks: the key blocks of every query block, in blocks of ``(block_q, block_k)``.
+    operands: what the mods read.
+    scale: the factor of ``q @ k^T``, a scalar array of the compute dtype (differentiable).
+    mods: the score and mask functions.
+    block_q: rows of a query block (of the tables).
+    block_k: keys of a key block.
+    needs_max: the caller also wants every query's largest score (flex's ``max_scores``).
+    chains: the xla backend's CPU chains (see ``kernels.xla.forward_blocks``).
+  """
+
+  q: jax.Array
+  k: jax.Array
+  v: jax.Array
+  blocks: KeyBlocks
+  operands: Operands
+  scale: jax.Array
+  mods: Mods = _static()
+  block_q: int = _static()
+  block_k: int = _static()
+  needs_max: bool = _static(False)
+  chains: int = _static(1)
+
+
 def backward_queries(q: jax.Array, scale: jax.Array) -> jax.Array:
   """The queries the backward pass differentiates: ``q * scale`` in the compute dtype.
 

@@ -22,6 +22,7 @@ from jax import lax
 
 from jmat._src import online_softmax as osm
 from jmat._src.block_sparse import (
+    Call,
     Geometry,
     KeyBlocks,
     Mods,
@@ -338,7 +339,7 @@ def _forward(q, k, v, blocks, operands, scale, mods: Mods, geo: Geometry, chains
   carry = osm.online_softmax_init(q.shape[:3], q.shape[3], v.shape[-1], dtype=dtype)
   carry = forward_blocks(carry, q_s, k, v, blocks, operands, rest, mods=mods, geo=geo,
                          chains=chains)
-  return osm.online_softmax_finish(carry, q.dtype), osm.online_softmax_logsumexp(carry)
+  return osm.online_softmax_finish(carry, q.dtype), osm.online_softmax_logsumexp(carry), carry[1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
@@ -347,14 +348,14 @@ def _attend(q, k, v, blocks, operands, scale, mods: Mods, geo: Geometry, chains:
 
 
 def _attend_fwd(q, k, v, blocks, operands, scale, mods, geo, chains):
-  out, lse = _forward(q, k, v, blocks, operands, scale, mods, geo, chains)
-  return (out, lse), (q, k, v, blocks, operands, scale, out, lse)
+  out, lse, row_max = _forward(q, k, v, blocks, operands, scale, mods, geo, chains)
+  return (out, lse, row_max), (q, k, v, blocks, operands, scale, out, lse)
 
 
 def _attend_bwd(mods: Mods, geo: Geometry, chains: int, residuals, cotangents):
   del chains  # the backward pass has no chains
   q, k, v, blocks, operands, scale, out, lse = residuals
-  d_out, d_lse = cotangents
+  d_out, d_lse, _ = cotangents  # the row maxima are returned without gradient
   dtype = lse.dtype
   d_out = d_out.astype(dtype)
   delta = jnp.sum(d_out * out.astype(dtype), axis=-1) - d_lse.astype(dtype)
@@ -394,7 +395,8 @@ def attend(
     block_q: int,
     block_k: int,
     chains: int = 1,
-) -> tuple[jax.Array, jax.Array]:
+    with_max: bool = False,
+) -> tuple[jax.Array, ...]:
   """Block-sparse attention of ``q (M, R, G, L, E)`` over ``k, v (M, R, S, E|Ev)``.
 
   Pads L and S to whole blocks (padding keys are masked), runs the kernel and
@@ -404,13 +406,24 @@ def attend(
   ``(block_q, block_k)`` and never mark full a block that holds padding keys
   (bounds are checked in partial blocks only); blocked operands are
   ``(M|1, R|1, G|1, L|1, S|1)``;
-  ``chains``: see :func:`forward_blocks`.
+  ``chains``: see :func:`forward_blocks`. With ``with_max`` also every
+  query's largest score ``(M, R, G, L)`` (``-inf`` where it saw no key; no
+  gradient flows through it, as torch's ``max_scores``).
   """
   length, keys = q.shape[-2], k.shape[-2]
   geo = Geometry(length, keys, block_q, block_k)
   lp, sp = ceil_div(length, block_q) * block_q, ceil_div(keys, block_k) * block_k
   blocked = tuple(pad(pad(x, -2, lp, True), -1, sp, True) for x in operands.blocked)
-  out, lse = cast(tuple[jax.Array, jax.Array], _attend(
+  out, lse, row_max = cast(tuple[jax.Array, jax.Array, jax.Array], _attend(
       pad(q, -2, lp), pad(k, -2, sp), pad(v, -2, sp), blocks, Operands(operands.whole, blocked),
       jnp.asarray(scale), mods, geo, chains))
+  if with_max:
+    return out[..., :length, :], lse[..., :length], lax.stop_gradient(row_max[..., :length])
   return out[..., :length, :], lse[..., :length]
+
+
+def run(call: Call):
+  """:func:`attend` on a :class:`~jmat._src.block_sparse.Call`: ``(out, lse[, max])``."""
+  return attend(call.q, call.k, call.v, call.blocks, call.operands, call.scale, mods=call.mods,
+                block_q=call.block_q, block_k=call.block_k, chains=call.chains,
+                with_max=call.needs_max)

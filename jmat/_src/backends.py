@@ -1,0 +1,124 @@
+"""Which backend of the block-sparse kernel runs a call, and why: the one dispatch point.
+
+Three backends implement :mod:`jmat._src.block_sparse`'s interface: ``XLA``
+(:mod:`jmat._src.kernels.xla`, nested loops: the CPU kernel, and the fallback
+everywhere), ``TRITON`` (a Pallas Triton kernel for GPUs) and ``MOSAIC`` (a
+Pallas Mosaic kernel for TPUs). ``AUTO`` decides where the platform is known,
+at lowering (``jax.lax.platform_dependent``), so one jitted function serves
+CPU, GPU and TPU and exports for all of them: the fused kernel of the platform
+when everything the call needs runs inside it, XLA otherwise. Asking for a
+Pallas backend that cannot run a call is an error naming what prevents it,
+never a silent fallback. ``INTERPRET`` runs a Pallas kernel in Pallas
+interpret mode on any platform (how the tests run them on a CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+
+from jmat._src import block_sparse, checks
+from jmat._src.kernels import xla
+
+BACKENDS = ("AUTO", "XLA", "TRITON", "MOSAIC")
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+# The Pallas kernel of each accelerator platform; every other platform runs XLA.
+_FUSED = {"cuda": "TRITON", "tpu": "MOSAIC"}
+_MODULES = {"TRITON": "jmat._src.kernels.triton", "MOSAIC": "jmat._src.kernels.mosaic"}
+# torch 2.13's kernel_options block-size keys that mean what they mean in jmat: forward query
+# and key blocks (BLOCK_M, BLOCK_N), backward ones (the dk/dv pass's BLOCK_M1/BLOCK_N1 and the
+# dq pass's BLOCK_M2/BLOCK_N2), any of them with a fwd_ or bwd_ prefix.
+_BLOCK_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
+_TRITON_KEYS = ("num_warps", "num_stages")
+OPTION_KEYS = ("BACKEND", "INTERPRET", *_BLOCK_KEYS,
+               *(f"{p}_{k}" for p in ("fwd", "bwd") for k in _BLOCK_KEYS), *_TRITON_KEYS)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+  """A checked ``kernel_options`` dict (static: part of the jit cache key).
+
+  Attributes:
+    backend: one of :data:`BACKENDS`.
+    interpret: run a Pallas kernel in Pallas interpret mode.
+    blocks: the block-size keys given, as sorted ``(key, value)`` pairs.
+    triton: ``num_warps`` / ``num_stages`` given, as sorted pairs.
+  """
+
+  backend: str = "AUTO"
+  interpret: bool = False
+  blocks: tuple[tuple[str, int], ...] = ()
+  triton: tuple[tuple[str, int], ...] = ()
+
+
+def kernel_options(op: str, options: Mapping[str, Any] | None) -> KernelOptions:
+  """Checks torch's ``kernel_options`` dict; refuses unknown keys or values, listing the valid."""
+  options = dict(options or {})
+  checks.check_kernel_options(op, options, OPTION_KEYS, BACKENDS)
+  blocks = tuple(sorted((k, int(v)) for k, v in options.items() if "BLOCK_" in k))
+  triton = tuple(sorted((k, int(v)) for k, v in options.items() if k in _TRITON_KEYS))
+  return KernelOptions(options.get("BACKEND", "AUTO"), bool(options.get("INTERPRET", False)),
+                       blocks, triton)
+
+
+class Choice(NamedTuple):
+  """The backend a call gets on a platform, and why."""
+
+  backend: str
+  reason: str
+
+
+def _module(backend: str):
+  return xla if backend == "XLA" else importlib.import_module(_MODULES[backend])
+
+
+def _unsupported(backend: str, call: block_sparse.Call) -> str | None:
+  """Why ``backend`` cannot run ``call`` in its kernel, or None."""
+  if backend == "XLA":
+    return None
+  if call.needs_max:
+    return "max_scores (return_aux) is computed by the XLA backend only"
+  return _module(backend).unsupported(call)
+
+
+def choose(call: block_sparse.Call, platform: str, options: KernelOptions) -> Choice:
+  """The backend ``call`` gets when lowered for ``platform`` under ``options``, and why."""
+  if options.backend != "AUTO":
+    reason = _unsupported(options.backend, call)
+    if reason is not None:
+      return Choice(options.backend, f"refused: {reason}")
+    return Choice(options.backend, "asked for with kernel_options BACKEND")
+  fused = _FUSED.get(platform)
+  if fused is None:
+    return Choice("XLA", f"{platform}: the XLA loops are the kernel for this platform")
+  reason = _unsupported(fused, call)
+  if reason is None:
+    return Choice(fused, f"{platform}: everything the call needs runs in the {fused} kernel")
+  return Choice("XLA", f"{platform}: {fused} cannot run it ({reason})")
+
+
+def attend(op: str, call: block_sparse.Call, options: KernelOptions):
+  """Runs ``call`` on the backend ``options`` ask for, or on each platform's choice (AUTO)."""
+  if options.backend != "AUTO":
+    reason = _unsupported(options.backend, call)
+    if reason is not None:
+      checks.refuse_backend(op, options.backend, reason)
+    return _run(options.backend, call, options)
+
+  def branch(backend):
+    return lambda call: _run(backend, call, options)
+
+  per_platform = {platform: branch(choose(call, platform, options).backend)
+                  for platform in _FUSED}
+  return jax.lax.platform_dependent(call, default=branch("XLA"), **per_platform)
+
+
+def _run(backend: str, call: block_sparse.Call, options: KernelOptions):
+  if backend == "XLA":
+    return xla.run(call)
+  return _module(backend).run(call, blocks=dict(options.blocks), interpret=options.interpret,
+                              **dict(options.triton))
