@@ -194,12 +194,12 @@ def test_sdpa_vmap_matches_numpy_per_item(implementation):
 @pytest.mark.parametrize("implementation", ["dense", "blockwise"])
 def test_sdpa_does_not_retrace(implementation):
   """jmat's own jitted function compiles once for repeated calls of one signature."""
-  sdpa = jmat.scaled_dot_product_attention
   q = jnp.asarray(randn(2, 5, 4))
-  before = sdpa._cache_size()
+  # The public function checks kernel_options, then calls its jitted body.
+  before = attention_src._sdpa._cache_size()
   for i in range(3):
-    sdpa(q + i, q, q, is_causal=True, implementation=implementation)
-  assert sdpa._cache_size() == before + 1
+    jmat.scaled_dot_product_attention(q + i, q, q, is_causal=True, implementation=implementation)
+  assert attention_src._sdpa._cache_size() == before + 1
 
 
 # --- dropout ---------------------------------------------------------------------------------

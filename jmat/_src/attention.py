@@ -9,26 +9,27 @@ masks are sliced per block, and memory stays O(L * E).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from jmat._src import block_sparse, checks, online_softmax
+from jmat._src import backends, block_sparse, checks, online_softmax
 from jmat._src.family import linear
-from jmat._src.kernels import xla
 from jmat._src.products import matmul, operands
 
-Implementation = Literal["dense", "blockwise"] | None
+Implementation = Literal["dense", "blockwise", "pallas", "cudnn"] | None
 
 
 # --- scores ---------------------------------------------------------------------------------
 
 _NAMES = ("query", "key", "value")
+_SDPA = "scaled_dot_product_attention"
 
 
 def _scores(query: jax.Array, key: jax.Array, scale: ArrayLike | None, dtype: DTypeLike):
@@ -182,6 +183,7 @@ def _attention(
     implementation: Implementation,
     need_weights: bool = False,
     block_size: tuple[int, int] = (512, 512),
+    options: backends.KernelOptions = backends.DEFAULT,
 ) -> tuple[jax.Array, jax.Array | None]:
   """Attention on checked inputs; masks broadcastable to ``(*lead, L, S)``.
 
@@ -227,13 +229,62 @@ def _attention(
                         for x in (q, allowed, bias))
     k = k.reshape((1, batch) + k.shape[-2:])
     v = v.reshape((1, batch) + v.shape[-2:])
-    out = _blockwise(cast(jax.Array, q), k, v, allowed, bias, scale, is_causal, block_size)
+    call = _blockwise(cast(jax.Array, q), k, v, allowed, bias, scale, is_causal, block_size)
+    override = None
+    if implementation == "cudnn" or (implementation is None and options.backend == "AUTO"):
+      override = _cudnn_or(call, allowed, bias, is_causal, required=implementation == "cudnn")
+    if implementation == "pallas":
+      options = dataclasses.replace(options, backend="PALLAS")
+    out = backends.attend(_SDPA, call, options, override=override)[0]
   return out.reshape(lead + (length, v_dim)), weights
 
 
+def _cudnn_reason(call: block_sparse.Call, allowed, bias, is_causal: bool) -> str | None:
+  """Why ``jax.nn.dot_product_attention(implementation="cudnn")`` cannot run ``call``, or None."""
+  length, keys, dim = call.q.shape[-2], call.k.shape[-2], call.q.shape[-1]
+  if call.q.dtype not in (jnp.float16, jnp.bfloat16):
+    return f"cuDNN takes float16 or bfloat16, the inputs are {call.q.dtype}"
+  if allowed is not None or bias is not None:
+    return "jmat hands cuDNN causal or unmasked attention only, not an attn_mask"
+  if is_causal and length != keys:
+    return f"cuDNN's causal mask is not torch's top-left one when L ({length}) != S ({keys})"
+  if dim % 8 or dim > 128 or call.v.shape[-1] != dim:
+    return f"cuDNN needs E = Ev, a multiple of 8 up to 128 (E = {dim}, Ev = {call.v.shape[-1]})"
+  return None
+
+
+def _cudnn_or(call: block_sparse.Call, allowed, bias, is_causal: bool, *, required: bool):
+  """The platform branches that run cuDNN: on cuda when it can (``required``: everywhere, or
+  refused with the reason); None when it cannot."""
+  reason = _cudnn_reason(call, allowed, bias, is_causal)
+  if reason is not None:
+    if required:
+      checks.refuse_backend(_SDPA, "cudnn", reason)
+    return None
+
+  def cudnn(call: block_sparse.Call):
+    # (1, N, G, L, E) -> jax.nn's (N, L, heads, E): the G query heads share one key/value head.
+    q = jnp.swapaxes(call.q[0], 1, 2)
+    k, v = (x[0][:, :, None, :] for x in (call.k, call.v))
+    # The scale goes into the queries: cuDNN takes it as a static attribute, jmat's may be traced.
+    q = (q * call.scale).astype(q.dtype)
+    out = jax.nn.dot_product_attention(q, k, v, scale=1.0, is_causal=is_causal,
+                                       implementation="cudnn")
+    return (jnp.swapaxes(out, 1, 2)[None],)
+
+  if required:
+    return {platform: cudnn for platform in backends.PLATFORMS}
+  try:  # cuDNN absent (a CPU machine lowering for cuda): jax says so at trace time
+    jax.eval_shape(cudnn, call)
+  except RuntimeError:
+    return None
+  return {"cuda": cudnn}
+
+
 def _blockwise(q, k, v, allowed, bias, scale, is_causal: bool,
-               block_size: tuple[int, int]) -> jax.Array:
-  """SDPA on the block-sparse kernel: causal is a block map, dense masks are sliced per block."""
+               block_size: tuple[int, int]) -> block_sparse.Call:
+  """SDPA as a call of the block-sparse kernel: causal is a block map, dense masks are sliced
+  per block."""
   length, keys = q.shape[-2], k.shape[-2]
   block_q, block_k = (block_sparse.block_for(n, b)
                       for n, b in zip((length, keys), block_size, strict=True))
@@ -262,15 +313,10 @@ def _blockwise(q, k, v, allowed, bias, scale, is_causal: bool,
 
   mods = block_sparse.Mods(add_bias if bias is not None else None,
                            mask if is_causal or allowed is not None else None)
-  out, _ = xla.attend(q, k, v, blocks, block_sparse.Operands((), blocked), scale, mods=mods,
-                      block_q=block_q, block_k=block_k, chains=2)
-  return out
+  return block_sparse.Call(q, k, v, blocks, block_sparse.Operands((), blocked), scale,
+                           mods=mods, block_q=block_q, block_k=block_k, chains=2)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("dropout_p", "is_causal", "enable_gqa", "implementation", "block_size"),
-)
 def scaled_dot_product_attention(
     query: ArrayLike,
     key: ArrayLike,
@@ -284,6 +330,7 @@ def scaled_dot_product_attention(
     dropout_rng: jax.Array | None = None,
     implementation: Implementation = None,
     block_size: int | tuple[int, int] = 512,
+    kernel_options: dict[str, Any] | None = None,
 ) -> jax.Array:
   """``softmax(query @ key^T * scale + mask) @ value``, as ``torch.nn.functional``'s SDPA.
 
@@ -312,12 +359,21 @@ def scaled_dot_product_attention(
     implementation: ``"dense"`` materialises the ``(L, S)`` scores;
       ``"blockwise"`` folds key blocks into query blocks (``block_size``) with the
       online softmax, skips blocks a causal mask hides and recomputes blocks in
-      its backward, so memory is O(L * E); ``None`` picks dense while all the
-      scores hold at most ``DENSE_MAX_SCORES`` (2**18) elements, or when dropout
-      is on, blockwise otherwise.
+      its backward, so memory is O(L * E), on the XLA loops on CPU and the
+      fused Pallas kernel on a GPU or TPU (``kernel_options`` says which);
+      ``"pallas"`` is blockwise on the Pallas kernel of the platform (Triton on
+      GPUs, Mosaic on TPUs; the Triton kernel in interpret mode elsewhere);
+      ``"cudnn"`` is ``jax.nn.dot_product_attention(implementation="cudnn")``
+      (float16/bfloat16, causal or no mask, ``E = Ev`` a multiple of 8 up to
+      128; refused otherwise). ``None`` picks dense while all the scores hold at
+      most ``DENSE_MAX_SCORES`` (2**18) elements, or when dropout is on;
+      blockwise otherwise, with cuDNN on a GPU where it can run the call.
     block_size: the blockwise implementation's query and key block sizes (an
       int or a pair; 512 was fastest on a 2-core CPU at H=8, D=64). Shorter
       sequences are one block of their own length.
+    kernel_options: the blockwise kernel's backend, as flex_attention's
+      (``{"BACKEND": "AUTO" | "XLA" | "TRITON" | "MOSAIC", "INTERPRET": bool,
+      ...}``).
 
   Returns:
     Array of shape ``(N..., L, Ev)`` and the query's dtype.
@@ -339,6 +395,20 @@ def scaled_dot_product_attention(
     >>> print(jmat.scaled_dot_product_attention(q, k, v, jnp.array([[False, True]])))
     [[20.]]
   """
+  return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+               dropout_rng=dropout_rng, implementation=implementation, block_size=block_size,
+               options=backends.kernel_options(_SDPA, kernel_options))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("dropout_p", "is_causal", "enable_gqa", "implementation", "block_size",
+                     "options"),
+)
+def _sdpa(query, key, value, attn_mask, dropout_p: float, is_causal: bool, scale,
+          enable_gqa: bool, *, dropout_rng, implementation: Implementation,
+          block_size: int | tuple[int, int], options: backends.KernelOptions) -> jax.Array:
+  """:func:`scaled_dot_product_attention` with checked ``kernel_options``, jitted."""
   op = "scaled_dot_product_attention"
   query, key, value = operands(op, query, key, value, names=_NAMES)
   checks.check_attention_dtypes(op, [x.dtype for x in (query, key, value)], _NAMES)
@@ -359,7 +429,8 @@ def scaled_dot_product_attention(
   scale = online_softmax.attention_scale(op, scale, query.shape[-1],
                                          online_softmax.compute_dtype(query.dtype))
   out, _ = _attention(query, key, value, lead, allowed, bias, scale, is_causal, enable_gqa,
-                      dropout_p, dropout_rng, implementation, block_size=blocks)
+                      dropout_p, dropout_rng, implementation, block_size=blocks,
+                      options=options)
   return out
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -53,6 +53,9 @@ class KernelOptions:
   interpret: bool = False
   blocks: tuple[tuple[str, int], ...] = ()
   triton: tuple[tuple[str, int], ...] = ()
+
+
+DEFAULT = KernelOptions()
 
 
 def kernel_options(op: str, options: Mapping[str, Any] | None) -> KernelOptions:
@@ -101,20 +104,37 @@ def choose(call: block_sparse.Call, platform: str, options: KernelOptions) -> Ch
   return Choice("XLA", f"{platform}: {fused} cannot run it ({reason})")
 
 
-def attend(op: str, call: block_sparse.Call, options: KernelOptions):
-  """Runs ``call`` on the backend ``options`` ask for, or on each platform's choice (AUTO)."""
+def attend(op: str, call: block_sparse.Call, options: KernelOptions, *,
+           override: Mapping[str, Callable[[block_sparse.Call], tuple]] | None = None):
+  """Runs ``call`` on the backend ``options`` ask for, or on each platform's choice (AUTO).
+
+  ``override`` maps a platform to a function that runs the call there instead
+  (SDPA's cuDNN). ``options.backend == "PALLAS"`` (SDPA's ``implementation="pallas"``)
+  is the Pallas kernel of each platform: Triton on GPUs, Mosaic on TPUs, and the
+  Triton kernel in interpret mode elsewhere.
+  """
+  if options.backend == "PALLAS":
+    fused = dict(_FUSED)
+    for backend in fused.values():
+      reason = _unsupported(backend, call)
+      if reason is not None:
+        checks.refuse_backend(op, backend, reason)
+    per_platform = {p: _branch(b, options) for p, b in fused.items()}
+    interpreted = dataclasses.replace(options, interpret=True)
+    return jax.lax.platform_dependent(call, default=_branch("TRITON", interpreted),
+                                      **{**per_platform, **(override or {})})
   if options.backend != "AUTO":
     reason = _unsupported(options.backend, call)
     if reason is not None:
       checks.refuse_backend(op, options.backend, reason)
     return _run(options.backend, call, options)
+  per_platform = {p: _branch(choose(call, p, options).backend, options) for p in _FUSED}
+  return jax.lax.platform_dependent(call, default=_branch("XLA", options),
+                                    **{**per_platform, **(override or {})})
 
-  def branch(backend):
-    return lambda call: _run(backend, call, options)
 
-  per_platform = {platform: branch(choose(call, platform, options).backend)
-                  for platform in _FUSED}
-  return jax.lax.platform_dependent(call, default=branch("XLA"), **per_platform)
+def _branch(backend: str, options: KernelOptions):
+  return lambda call: _run(backend, call, options)
 
 
 def _run(backend: str, call: block_sparse.Call, options: KernelOptions):

@@ -762,14 +762,14 @@ def check_dropout(op: str, dropout_p: float, has_rng: bool) -> None:
 
 def check_attention_implementation(op: str, implementation: object, dropout_p: float) -> None:
   """Refuses an unknown ``implementation``, and dropout in the blockwise one."""
-  if implementation not in (None, "dense", "blockwise"):
+  if implementation not in (None, "dense", "blockwise", "pallas", "cudnn"):
     raise ValueError(
-        f"jmat.{op}: implementation must be None (pick by size), 'dense' or 'blockwise', "
-        f"got {implementation!r}"
+        f"jmat.{op}: implementation must be None (pick by size), 'dense', 'blockwise', "
+        f"'pallas' or 'cudnn', got {implementation!r}"
     )
-  if implementation == "blockwise" and dropout_p > 0.0:
+  if implementation not in (None, "dense") and dropout_p > 0.0:
     raise ValueError(
-        f"jmat.{op}: implementation='blockwise' does not support dropout "
+        f"jmat.{op}: implementation={implementation!r} does not support dropout "
         f"(dropout_p={dropout_p}); use implementation='dense' or None"
     )
 
@@ -1010,3 +1010,63 @@ def check_block_mask_fits(
         f"build it with create_block_mask(mask_mod, {wanted[0]} or None, {wanted[1]} or None, "
         f"{wanted[2]}, {wanted[3]})",
     )
+
+
+# --- kernel backends (flex_attention's kernel_options, SDPA's implementation) ---
+
+
+def check_kernel_options(op: str, options: dict, keys: Sequence[str],
+                         backends: Sequence[str]) -> None:
+  """Refuses an unknown ``kernel_options`` key or value, listing the valid ones."""
+  unknown = sorted(str(k) for k in options if k not in keys)
+  if unknown:
+    raise ValueError(
+        f"jmat.{op}: unknown kernel_options key(s) {unknown}; the valid keys are "
+        f"{', '.join(keys)}")
+  backend = options.get("BACKEND", "AUTO")
+  if backend not in backends:
+    raise ValueError(
+        f"jmat.{op}: kernel_options BACKEND={backend!r} is not a backend; use one of "
+        f"{', '.join(repr(b) for b in backends)}")
+  interpret = options.get("INTERPRET", False)
+  if not isinstance(interpret, bool):
+    raise ValueError(
+        f"jmat.{op}: kernel_options INTERPRET={interpret!r} must be True or False")
+  for key, value in options.items():
+    if key not in ("BACKEND", "INTERPRET") and (
+        isinstance(value, bool) or not isinstance(value, int) or value < 1):
+      raise ValueError(
+          f"jmat.{op}: kernel_options {key}={value!r} must be a positive int")
+
+
+def refuse_backend(op: str, backend: str, reason: str) -> None:
+  """Refuses a backend asked for by name that cannot run the call: never a silent fallback."""
+  raise ValueError(
+      f"jmat.{op}: the {backend} backend cannot run this call: {reason}; use "
+      f"kernel_options={{'BACKEND': 'AUTO'}} (which runs it on the XLA backend there) or "
+      f"'XLA'")
+
+
+def check_flex_aux(op: str, return_lse: bool, return_aux: object):
+  """The auxiliary outputs asked for, as an ``AuxRequest``; refuses both ways at once (torch)."""
+  from jmat._src.flex_attention import AuxRequest
+
+  if return_aux is None:
+    return AuxRequest(lse=bool(return_lse))
+  if return_lse:
+    raise ValueError(
+        f"jmat.{op}: return_lse and return_aux both given; return_lse is deprecated (torch "
+        f"2.13): pass return_aux=AuxRequest(lse=True) alone")
+  if not isinstance(return_aux, AuxRequest):
+    raise TypeError(
+        f"jmat.{op}: return_aux must be a jmat.attention.AuxRequest(lse=..., max_scores=...), "
+        f"got {type(return_aux).__name__}")
+  return return_aux
+
+
+def check_platform(op: str, platform: object, platforms: Sequence[str]) -> None:
+  """Refuses a platform name jax does not lower for."""
+  if platform not in platforms:
+    raise ValueError(
+        f"jmat.{op}: platform={platform!r} is not one jax lowers for; use one of "
+        f"{', '.join(repr(p) for p in platforms)}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.extend
@@ -19,9 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jmat._src import block_sparse, checks, online_softmax
+from jmat._src import backends, block_sparse, checks, online_softmax
 from jmat._src.block_mask import BlockMask, ScoreMod, checked_mod, lift
-from jmat._src.kernels import xla
 from jmat._src.products import operands as as_operands
 
 _OP = "flex_attention"
@@ -120,7 +119,26 @@ def _from_kernel(x: jax.Array, batch: int, heads: int, mask_batch: int, mask_hea
   return x.reshape((batch, heads) + x.shape[3:])
 
 
-@functools.partial(jax.jit, static_argnames=("score_mod", "enable_gqa", "return_lse"))
+class AuxRequest(NamedTuple):
+  """Which auxiliary outputs :func:`flex_attention` returns (torch 2.13's ``AuxRequest``).
+
+  Attributes:
+    lse: the natural-log logsumexp of every query's scores.
+    max_scores: every query's largest score (after score_mod and the mask;
+      ``-inf`` where it sees no key). Like torch's, it carries no gradient.
+  """
+
+  lse: bool = False
+  max_scores: bool = False
+
+
+class AuxOutput(NamedTuple):
+  """The auxiliary outputs of :func:`flex_attention`: a field is None when not requested."""
+
+  lse: jax.Array | None = None
+  max_scores: jax.Array | None = None
+
+
 def flex_attention(
     query: ArrayLike,
     key: ArrayLike,
@@ -130,7 +148,10 @@ def flex_attention(
     scale: ArrayLike | None = None,
     enable_gqa: bool = False,
     return_lse: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+    kernel_options: dict[str, Any] | None = None,
+    *,
+    return_aux: AuxRequest | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array] | tuple[jax.Array, AuxOutput]:
   """Attention with a user-defined score_mod and block-sparse mask, as torch's ``flex_attention``.
 
   For every query ``l`` and key ``s`` of batch ``b`` and head ``h``::
@@ -160,18 +181,33 @@ def flex_attention(
       default ``1 / sqrt(E)``.
     enable_gqa: grouped-query attention: query head ``h`` uses key/value head
       ``h // (Hq // Hkv)``.
-    return_lse: also return the natural-log logsumexp of the scores.
+    return_lse: also return the natural-log logsumexp of the scores (torch
+      deprecates it for ``return_aux``).
+    kernel_options: torch's dict. ``"BACKEND"``: ``"AUTO"`` (default: the fused
+      Pallas kernel of a GPU or TPU when everything the call needs runs in it,
+      the XLA loops otherwise and on CPU), ``"XLA"``, ``"TRITON"`` (the Pallas
+      GPU kernel) or ``"MOSAIC"`` (the Pallas TPU kernel); ``"INTERPRET": True``
+      runs a Pallas kernel in Pallas interpret mode on any platform; torch's
+      block-size keys (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_M1`` ... ``BLOCK_N2``,
+      with ``fwd_``/``bwd_`` prefixes) and ``num_warps``/``num_stages`` tune the
+      Pallas kernels. :func:`flex_attention_backend` says which backend a call
+      gets on a platform, and why.
+    return_aux: an :class:`AuxRequest`: also return an :class:`AuxOutput`.
 
   Returns:
     ``(B, Hq, L, Ev)`` in the query's dtype; with ``return_lse`` also
-    ``(B, Hq, L)`` in float32 (float64 for float64 inputs). A query that sees no
-    key gets output 0 and logsumexp ``-inf``, as torch.
+    ``(B, Hq, L)`` in float32 (float64 for float64 inputs); with ``return_aux``
+    ``(out, AuxOutput(lse, max_scores))``. A query that sees no key gets output
+    0 and logsumexp ``-inf``, as torch.
 
   Raises:
     ShapeError: inputs that are not 4-D, sizes that disagree, head counts that
       differ without ``enable_gqa``, a block_mask built for other sizes.
     TypeError: dtypes that differ or are not floating; a score_mod or mask_mod
       without torch's signature or not returning a scalar of the right kind.
+    ValueError: an unknown kernel_options key or value (the valid ones are
+      listed), a Pallas backend that cannot run the call (the reason is named),
+      both return_lse and return_aux.
 
   Example:
     >>> q = k = v = jnp.ones((1, 2, 300, 16))
@@ -180,6 +216,39 @@ def flex_attention(
     >>> softcap = jmat.mods.generate_tanh_softcap(30.0)
     >>> jmat.flex_attention(q, k, v, softcap, window).shape
     (1, 2, 300, 16)
+  """
+  options = backends.kernel_options(_OP, kernel_options)
+  aux = checks.check_flex_aux(_OP, return_lse, return_aux)
+  out, lse, max_scores = _flex_attention(query, key, value, score_mod, block_mask, scale,
+                                         enable_gqa, options, aux)
+  if return_aux is not None:
+    return out, AuxOutput(lse if aux.lse else None, max_scores if aux.max_scores else None)
+  return (out, lse) if return_lse else out
+
+
+@functools.partial(jax.jit, static_argnames=("score_mod", "enable_gqa", "options", "aux"))
+def _flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa: bool,
+                    options: backends.KernelOptions, aux: AuxRequest):
+  """:func:`flex_attention` on checked options: ``(out, lse, max_scores or None)``."""
+  call, back = _flex_call(query, key, value, score_mod, block_mask, scale, enable_gqa,
+                          aux.max_scores)
+  if call is None:  # no query or no key: nothing to compute
+    shape, dtype = back
+    out = jnp.zeros(shape, dtype)
+    lse = jnp.full(shape[:-1], -jnp.inf, online_softmax.compute_dtype(dtype))
+    return out, lse, (lse if aux.max_scores else None)
+  results = [back(x) for x in backends.attend(_OP, call, options)]
+  return results[0], results[1], (results[2] if aux.max_scores else None)
+
+
+def _flex_call(query, key, value, score_mod, block_mask, scale, enable_gqa: bool,
+               needs_max: bool):
+  """Checks flex's inputs and builds the kernel's call.
+
+  Returns:
+    ``(call, back)``: ``back`` maps a kernel output ``(M, R, G, L, ...)`` to
+    ``(B, H, L, ...)``; or ``(None, (output shape, output dtype))`` when a
+    length is 0.
   """
   query, key, value = as_operands(_OP, query, key, value, names=_NAMES)
   checks.check_attention_dtypes(_OP, [x.dtype for x in (query, key, value)], _NAMES)
@@ -203,9 +272,7 @@ def flex_attention(
     checked_mod(_OP, "score_mod", score_mod, dtype)
   scale = online_softmax.attention_scale(_OP, scale, dim, dtype)
   if length == 0 or keys == 0:
-    out = jnp.zeros((batch, heads, length, v_dim), query.dtype)
-    lse = jnp.full((batch, heads, length), -jnp.inf, dtype)
-    return (out, lse) if return_lse else out
+    return None, ((batch, heads, length, v_dim), query.dtype)
 
   group = heads // kv_heads
   b_of, h_of = _layout(batch, heads, kv_heads, mask_batch, mask_heads)
@@ -241,9 +308,57 @@ def flex_attention(
   v = _to_kernel(value, mask_batch, mask_heads, group, is_query=False)
   whole = _Captured(tuple(score_consts), tuple(mask_consts), jnp.asarray(b_of),
                     jnp.asarray(h_of))
-  out, lse = xla.attend(q, k, v, blocks, block_sparse.Operands(whole), scale, mods=mods,
-                        block_q=block_q, block_k=block_k)
-  out = _from_kernel(out, batch, heads, mask_batch, mask_heads)
-  if not return_lse:
-    return out
-  return out, _from_kernel(lse, batch, heads, mask_batch, mask_heads)
+  call = block_sparse.Call(q, k, v, blocks, block_sparse.Operands(whole), scale, mods=mods,
+                           block_q=block_q, block_k=block_k, needs_max=needs_max)
+  return call, functools.partial(_from_kernel, batch=batch, heads=heads, mask_batch=mask_batch,
+                                 mask_heads=mask_heads)
+
+
+def flex_attention_backend(
+    query: ArrayLike,
+    key: ArrayLike,
+    value: ArrayLike,
+    score_mod: ScoreMod | None = None,
+    block_mask: BlockMask | None = None,
+    scale: ArrayLike | None = None,
+    enable_gqa: bool = False,
+    kernel_options: dict[str, Any] | None = None,
+    *,
+    platform: str,
+    return_aux: AuxRequest | None = None,
+) -> backends.Choice:
+  """Which kernel backend :func:`flex_attention` runs a call on for ``platform``, and why.
+
+  Takes :func:`flex_attention`'s arguments (arrays or ``jax.ShapeDtypeStruct``;
+  nothing is computed) and a platform as jax names it: ``"cpu"``, ``"cuda"``,
+  ``"rocm"`` or ``"tpu"``. With ``BACKEND`` ``"AUTO"`` a GPU or TPU gets its
+  fused Pallas kernel when everything the call needs runs inside it, XLA
+  otherwise (the reason says what kept it out); every other platform gets XLA.
+
+  Returns:
+    ``Choice(backend, reason)``: ``backend`` is ``"XLA"``, ``"TRITON"`` or
+    ``"MOSAIC"``; for a backend asked for by name that cannot run the call the
+    reason starts with ``"refused"`` (:func:`flex_attention` raises then).
+
+  Example:
+    >>> q = jax.ShapeDtypeStruct((1, 8, 4096, 128), jnp.bfloat16)
+    >>> causal = jmat.create_block_mask(jmat.mods.causal_mask, None, None, 4096, 4096)
+    >>> jmat.attention.flex_attention_backend(q, q, q, block_mask=causal, platform="cpu")
+    Choice(backend='XLA', reason='cpu: the XLA loops are the kernel for this platform')
+    >>> jmat.attention.flex_attention_backend(q, q, q, block_mask=causal,
+    ...                                       platform="cuda").backend
+    'TRITON'
+  """
+  checks.check_platform(_OP, platform, backends.PLATFORMS)
+  options = backends.kernel_options(_OP, kernel_options)
+  aux = checks.check_flex_aux(_OP, False, return_aux)
+  found: list[backends.Choice] = []
+
+  def trace(query, key, value, block_mask, scale):
+    call, _ = _flex_call(query, key, value, score_mod, block_mask, scale, enable_gqa,
+                         aux.max_scores)
+    found.append(backends.Choice("XLA", "nothing to compute: a length is 0") if call is None
+                 else backends.choose(call, platform, options))
+
+  jax.eval_shape(trace, query, key, value, block_mask, scale)
+  return found[0]
