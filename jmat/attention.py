@@ -22,7 +22,12 @@ from jmat._src.block_mask import (
     noop_mask,
     or_masks,
 )
-from jmat._src.flex_attention import flex_attention
+from jmat._src.flex_attention import (
+    AuxOutput,
+    AuxRequest,
+    flex_attention,
+    flex_attention_backend,
+)
 from jmat._src.interop import flax_attention_fn
 from jmat._src.online_softmax import (
     online_softmax_finish,
@@ -33,6 +38,8 @@ from jmat._src.online_softmax import (
 )
 
 __all__ = [
+    "AuxOutput",
+    "AuxRequest",
     "BlockMask",
     "and_masks",
     "attention_scores",
@@ -40,6 +47,7 @@ __all__ = [
     "create_mask",
     "flax_attention_fn",
     "flex_attention",
+    "flex_attention_backend",
     "init_multi_head_attention",
     "multi_head_attention",
     "noop_mask",
