@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer  # pyright: ignore[reportAttributeAccessIssue]
+from jax.typing import ArrayLike
 
 from jmat._src import block_sparse, checks
 
@@ -173,21 +176,91 @@ def _create_mask(mask_mod: MaskMod, b: int, h: int, q_len: int, kv_len: int) -> 
   return _dense_mask(mask_mod, *(jnp.arange(n, dtype=jnp.int32) for n in (b, h, q_len, kv_len)))
 
 
+def _sliced_mask_mod_error(b: jax.Array, h: jax.Array, q_idx: jax.Array,
+                           kv_idx: jax.Array) -> jax.Array:
+  """The mask_mod of a sliced :class:`BlockMask`: it refuses to run, as torch's.
+
+  A slice renumbers batch entries, heads or query blocks, so the original
+  mask_mod would be evaluated at the wrong positions.
+  """
+  del b, h, q_idx, kv_idx
+  raise checks.sliced_mask_mod_error()
+
+
+@jax.jit
+def _marked(num: jax.Array, indices: jax.Array) -> jax.Array:
+  """The 0/1 int32 block map ``(..., n_q, n_k)`` of one ``(counts, indices)`` table pair.
+
+  Entries past a row's count (filler) and indices outside ``0 .. n_k - 1`` mark nothing.
+  """
+  n_k = indices.shape[-1]
+  listed = (jnp.arange(n_k) < num[..., None]) & (indices >= 0) & (indices < n_k)
+  # Unlisted entries write into a spare column that is cut off, so every write to a kept
+  # position writes 1: repeated indices (filler of zeros, as torch users write) are harmless.
+  at = jnp.where(listed, indices, n_k)
+  dense = jnp.zeros(indices.shape[:-1] + (n_k + 1,), jnp.int32)
+  return jnp.put_along_axis(dense, at, 1, axis=-1, inplace=False)[..., :n_k]
+
+
+def _axis_index(op: str, axis: int, item: Any, table_shape: tuple[int, ...]) -> Any:
+  """One entry of ``block_mask[...]`` as a slice or a 1-D index array: the dim is always kept."""
+  if isinstance(item, slice):
+    return item
+  if isinstance(item, int | np.integer):
+    checks.check_block_positions(op, axis, np.asarray([item]), table_shape)
+    start = int(item) % table_shape[axis]
+    return slice(start, start + 1)
+  if isinstance(item, list | tuple):
+    item = np.asarray(item) if len(item) else np.zeros((0,), np.int32)
+  dtype = getattr(item, "dtype", None)
+  traced = isinstance(item, Tracer)
+  if dtype is None or np.ndim(item) > 1 or (traced and dtype == np.bool_):
+    raise checks.block_mask_index_type_error(op, axis, item)
+  if dtype == np.bool_:
+    checks.check_boolean_index(op, axis, int(np.size(item)), table_shape)
+    return np.flatnonzero(np.asarray(item))
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise checks.block_mask_index_type_error(op, axis, item)
+  if not traced:
+    checks.check_block_positions(op, axis, np.asarray(item).reshape(-1), table_shape)
+  return jnp.reshape(item, (-1,))
+
+
+@jax.jit
+def _key_major(num, indices, full_num, full_indices) -> tuple:
+  """torch's key-major ``(q_num_blocks, q_indices, full_q_num_blocks, full_q_indices)``.
+
+  The query blocks of each key block, listed ascending, then the others (torch's
+  ``_transpose_ordered``); the full pair is None where ``full_num`` is.
+  """
+  partial = jnp.swapaxes(_marked(num, indices), -1, -2) > 0
+  full = jnp.zeros_like(partial) if full_num is None else (
+      jnp.swapaxes(_marked(full_num, full_indices), -1, -2) > 0)
+  tables = block_sparse.key_blocks_from_dense(partial, full)
+  return tuple(tables) if full_num is not None else (tables.num, tables.indices, None, None)
+
+
 @jax.tree_util.register_pytree_node_class
 class BlockMask:
   """Which (query block, key block) pairs flex attention computes: torch's ``BlockMask``.
 
-  Built by :func:`create_block_mask`. Per ``(b, h, query block)`` it holds the
+  Built by :func:`create_block_mask` or, from tables of block indices, by
+  :meth:`from_kv_blocks`; sliced by batch entry, head or query block with
+  ``block_mask[b, h, q_blocks]``. Per ``(b, h, query block)`` it holds the
   *partial* key blocks (the mask is evaluated inside them) and the *full* ones
   (every pair allowed: no mask evaluated); every other block is skipped. A
   ``BlockMask`` is a pytree: pass it to a jitted function as an argument. Its
   ``mask_mod``, block size and lengths are static (part of the jit cache key).
 
+  jmat keeps only torch's query-major tables (the kernel's backward pass needs no
+  key-major copy); :meth:`as_tuple` computes torch's key-major ``q_*`` tables.
+
   Attributes:
     kv_num_blocks: ``(B, H, n_q)`` int32, partial key blocks per query block.
     kv_indices: ``(B, H, n_q, n_k)`` int32, their indices (first ``kv_num_blocks``).
-    full_kv_num_blocks: ``(B, H, n_q)`` int32, full key blocks per query block.
-    full_kv_indices: ``(B, H, n_q, n_k)`` int32, their indices.
+    full_kv_num_blocks: ``(B, H, n_q)`` int32, full key blocks per query block;
+      None for a mask from :meth:`from_kv_blocks` without full blocks (as torch).
+    full_kv_indices: ``(B, H, n_q, n_k)`` int32, their indices; or None.
     BLOCK_SIZE: ``(query block, key block)`` sizes.
     mask_mod: the mask_mod the partial blocks evaluate.
     seq_lengths: ``(Q_LEN, KV_LEN)``.
@@ -195,7 +268,7 @@ class BlockMask:
 
   def __init__(self, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
                BLOCK_SIZE: tuple[int, int], mask_mod: MaskMod,  # noqa: N803
-               seq_lengths: tuple[int, int]):
+               seq_lengths: tuple[int, int], *, _built_for_kv_len: int | None = None):
     self.kv_num_blocks = kv_num_blocks
     self.kv_indices = kv_indices
     self.full_kv_num_blocks = full_kv_num_blocks
@@ -203,15 +276,93 @@ class BlockMask:
     self.BLOCK_SIZE = BLOCK_SIZE  # noqa: N815 (torch's attribute name)
     self.mask_mod = mask_mod
     self.seq_lengths = seq_lengths
+    # The KV_LEN create_block_mask built the tables for: each block listed once, no full block
+    # holding keys past KV_LEN. None (from_kv_blocks): the kernel's tables are rebuilt.
+    self._built_for_kv_len = _built_for_kv_len
 
   def tree_flatten(self):
     children = (self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks,
                 self.full_kv_indices)
-    return children, (self.BLOCK_SIZE, self.mask_mod, self.seq_lengths)
+    return children, (self.BLOCK_SIZE, self.mask_mod, self.seq_lengths, self._built_for_kv_len)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    return cls(*children, *aux)
+    block_size, mask_mod, seq_lengths, built_for_kv_len = aux
+    num, indices, full_num, full_indices = children
+    return cls(num, indices, full_num, full_indices, block_size, mask_mod, seq_lengths,
+               _built_for_kv_len=built_for_kv_len)
+
+  @classmethod
+  def from_kv_blocks(
+      cls,
+      kv_num_blocks: ArrayLike,
+      kv_indices: ArrayLike,
+      full_kv_num_blocks: ArrayLike | None = None,
+      full_kv_indices: ArrayLike | None = None,
+      BLOCK_SIZE: int | tuple[int, int] = 128,  # noqa: N803 (torch's argument names)
+      mask_mod: MaskMod | None = None,
+      seq_lengths: tuple[int, int] | None = None,
+  ) -> BlockMask:
+    """A BlockMask straight from block tables (torch's ``BlockMask.from_kv_blocks``).
+
+    For every ``(b, h, query block i)`` the first ``kv_num_blocks[b, h, i]``
+    entries of ``kv_indices[b, h, i]`` are the partial key blocks (``mask_mod``
+    is evaluated there) and the first ``full_kv_num_blocks[b, h, i]`` of
+    ``full_kv_indices[b, h, i]`` the full ones (every pair allowed); the entries
+    after them are filler (any values). Indices are key blocks ``0 .. n_k - 1``,
+    in any order; the tables are kept as given (int32). As in torch, a full block
+    should be one where ``mask_mod`` allows every pair: jmat's kernel checks key
+    bounds only where it evaluates ``mask_mod``, so in a full block that holds
+    keys past ``KV_LEN`` it evaluates ``mask_mod`` too. Works under ``jax.jit``
+    (shapes are static; the tables may be traced).
+
+    Args:
+      kv_num_blocks: ``(B, H, n_q)`` integer counts of partial key blocks.
+      kv_indices: ``(B, H, n_q, n_k)`` integer indices of the partial key blocks.
+      full_kv_num_blocks: ``(B, H, n_q)`` counts of full key blocks, or None
+        (no full blocks; given together with ``full_kv_indices``).
+      full_kv_indices: ``(B, H, n_q, n_k)`` indices of the full key blocks, or None.
+      BLOCK_SIZE: block size, or ``(query block, key block)``.
+      mask_mod: the mask_mod of the partial blocks; None: torch's ``noop_mask``
+        (every pair of a listed block allowed).
+      seq_lengths: ``(Q_LEN, KV_LEN)``; None: the lengths the tables cover,
+        ``(n_q * BLOCK_SIZE[0], n_k * BLOCK_SIZE[1])`` (torch's default).
+
+    Returns:
+      The BlockMask.
+
+    Raises:
+      ShapeError: tables that are not ``(B, H, n_q)`` counts and ``(B, H, n_q,
+        n_k)`` indices, or full tables of other shapes.
+      TypeError: tables of a non-integer dtype; a ``mask_mod`` without torch's
+        signature or not returning a bool scalar.
+      ValueError: only one of the full tables; a bad ``BLOCK_SIZE`` or ``seq_lengths``.
+
+    Example:
+      >>> causal = jmat.attention.BlockMask.from_kv_blocks(
+      ...     jnp.array([[[1, 1]]]), jnp.array([[[[0, 1], [1, 0]]]]),
+      ...     jnp.array([[[0, 1]]]), jnp.array([[[[0, 1], [0, 1]]]]),
+      ...     BLOCK_SIZE=64, mask_mod=lambda b, h, q, kv: q >= kv)
+      >>> causal.shape
+      (1, 1, 128, 128)
+      >>> print(causal.to_string())
+      ░·
+      █░
+    """
+    op = "BlockMask.from_kv_blocks"
+    tables = [None if x is None else jnp.asarray(x) for x in (
+        kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)]
+    checks.check_block_tables(op, [None if x is None else x.shape for x in tables],
+                              [None if x is None else x.dtype for x in tables])
+    block_q, block_k = checks.check_block_size(op, BLOCK_SIZE)
+    n_q, n_k = tables[1].shape[2:]  # pyright: ignore[reportOptionalMemberAccess] (checked)
+    lengths = ((n_q * block_q, n_k * block_k) if seq_lengths is None
+               else checks.check_seq_lengths(op, seq_lengths))
+    mask_mod = noop_mask if mask_mod is None else checked_mod(op, "mask_mod", mask_mod)
+    num, indices, full_num, full_indices = (None if x is None else x.astype(jnp.int32)
+                                            for x in tables)
+    return cls(num, indices, full_num, full_indices, BLOCK_SIZE=(block_q, block_k),
+               mask_mod=mask_mod, seq_lengths=lengths)
 
   @property
   def shape(self) -> tuple[int, int, int, int]:
@@ -219,23 +370,155 @@ class BlockMask:
     b, h = self.kv_num_blocks.shape[:2]
     return (int(b), int(h), *self.seq_lengths)
 
-  def key_blocks(self) -> block_sparse.KeyBlocks:
-    """The kernel's table: ``(B * H, n_q, ...)`` rows, batch-major."""
-    rows = self.kv_num_blocks.shape[0] * self.kv_num_blocks.shape[1]
-    flat = [x.reshape((rows,) + x.shape[2:]) for x in self.tree_flatten()[0]]
-    return block_sparse.KeyBlocks(*flat)
+  def numel(self) -> int:
+    """The number of ``(b, h, query, key)`` entries of :attr:`shape` (torch's ``numel``).
+
+    Example:
+      >>> jmat.create_block_mask(lambda b, h, q, kv: q >= kv, 2, None, 300, 77).numel()
+      46200
+    """
+    return math.prod(self.shape)
+
+  def __getitem__(self, index: Any) -> BlockMask:
+    """The mask of some batch entries, heads or query blocks: torch's ``block_mask[b, h, q]``.
+
+    Indexes the tables' first three dims (batch, head, query block). An int
+    keeps its dim, as in torch (``block_mask[0]`` has batch size 1); so does a
+    0-D array, which may be traced: a jitted decoding step slices
+    ``block_mask[:, :, i // BLOCK_SIZE[0]]`` at its traced position ``i``.
+    ``BLOCK_SIZE`` and ``seq_lengths`` are kept and, as in torch, ``mask_mod``
+    is reset to one that refuses to run (so does :func:`flex_attention` with
+    it): the slice renumbers batch entries, heads or query blocks, so give it
+    the original ``mask_mod`` shifted to them, and for query blocks the lengths
+    they cover, with :meth:`from_kv_blocks` (or, as torch users do, by setting
+    ``mask_mod`` and ``seq_lengths`` of the new slice).
+
+    Args:
+      index: up to three entries, for batch, head and query block: ints,
+        slices, 0-D or 1-D integer arrays, (concrete) boolean arrays.
+
+    Returns:
+      The sliced BlockMask.
+
+    Raises:
+      IndexError: more than three entries, a position out of range, two 1-D
+        index arrays (torch pairs them up into one dim, which a BlockMask cannot
+        hold).
+      TypeError: ``None``, ``...``, a bool, a float index or a traced boolean array.
+
+    Example:
+      >>> causal = jmat.create_block_mask(lambda b, h, q, kv: q >= kv, 2, None, 300, 300)
+      >>> causal[1].shape, causal[:, :, 2].kv_num_blocks.shape
+      ((1, 1, 300, 300), (2, 1, 1))
+      >>> print(causal[:, :, 1:].to_string())
+      █░·
+      ██░
+    """
+    op = "BlockMask.__getitem__"
+    table_shape = tuple(int(d) for d in self.kv_indices.shape)
+    items = checks.check_block_mask_index(op, index, table_shape)
+    tables = list(self.tree_flatten()[0])
+    for axis, item in enumerate(items):
+      where = (slice(None),) * axis + (_axis_index(op, axis, item, table_shape),)
+      tables = [None if x is None else x[where] for x in tables]
+    return BlockMask(*tables, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=_sliced_mask_mod_error,
+                     seq_lengths=self.seq_lengths, _built_for_kv_len=self._built_for_kv_len)
+
+  def as_tuple(self, flatten: bool = True) -> tuple[Any, ...]:
+    """torch's ``BlockMask.as_tuple``: lengths, every table, block sizes and ``mask_mod``.
+
+    In torch's order: ``Q_LEN, KV_LEN, kv_num_blocks, kv_indices,
+    full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices,
+    full_q_num_blocks, full_q_indices, dq_write_order, dq_write_order_full,
+    dq_kv_order, dq_kv_order_spt, Q_BLOCK_SIZE, KV_BLOCK_SIZE, mask_mod``; with
+    ``flatten=False`` the lengths and the block sizes are one pair each. jmat
+    stores no key-major tables: the ``q_*`` ones (``(B, H, n_k)`` counts and
+    ``(B, H, n_k, n_q)`` query-block indices, listed ascending, then the others)
+    are computed here from the kv tables, as torch computes them; the full ones
+    are None where ``full_kv_*`` are. The ``dq_*`` entries (metadata of torch's
+    optional deterministic backward) are None: jmat's backward needs none.
+
+    Args:
+      flatten: whether the lengths and block sizes are given as two entries each.
+
+    Returns:
+      A tuple of 17 entries (15 without ``flatten``).
+
+    Example:
+      >>> mask = jmat.create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 256, 256)
+      >>> fields = mask.as_tuple()
+      >>> len(fields), fields[:2], fields[14:16]
+      (17, (256, 256), (128, 128))
+      >>> fields[7][0, 0].tolist(), fields[8][0, 0].tolist()  # q_indices, full_q_num_blocks
+      ([[0, 1], [1, 0]], [1, 0])
+    """
+    kv_major = _key_major(self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks,
+                          self.full_kv_indices)
+    lengths = tuple(self.seq_lengths) if flatten else (tuple(self.seq_lengths),)
+    block_size = tuple(self.BLOCK_SIZE) if flatten else (tuple(self.BLOCK_SIZE),)
+    return (*lengths, self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks,
+            self.full_kv_indices, *kv_major, None, None, None, None, *block_size, self.mask_mod)
+
+  def to(self, device: Any) -> BlockMask:
+    """The mask on ``device`` (torch's ``BlockMask.to``), accepted for porting.
+
+    A ``jax.Device`` or ``jax.sharding.Sharding`` moves the tables there with
+    ``jax.device_put``; anything else (torch's ``"cpu"``, ``"cuda:0"``) returns
+    the mask itself, as :func:`create_block_mask` ignores its ``device``: JAX
+    places arrays itself.
+
+    Args:
+      device: a ``jax.Device``, a ``jax.sharding.Sharding`` or a torch device name.
+
+    Returns:
+      The mask, with its tables on ``device`` where that is a JAX device or sharding.
+
+    Example:
+      >>> mask = jmat.create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 256, 256)
+      >>> mask.to("cuda") is mask
+      True
+      >>> mask.to(jax.devices("cpu")[0]).kv_indices.devices() == {jax.devices("cpu")[0]}
+      True
+    """
+    if not isinstance(device, jax.Device | jax.sharding.Sharding):
+      return self
+    children, aux = self.tree_flatten()
+    return self.tree_unflatten(aux, jax.device_put(children, device))
+
+  def key_blocks(self, op: str = "flex_attention") -> block_sparse.KeyBlocks:
+    """The kernel's table for ``seq_lengths``: ``(B * H, n_q, ...)`` rows, batch-major.
+
+    create_block_mask's tables (and slices of them) are used as built. Others
+    (:meth:`from_kv_blocks`, changed ``seq_lengths``) are rebuilt from the block
+    map cropped or padded to the blocks ``seq_lengths`` spans: each block listed
+    once, and a full block holding keys past ``KV_LEN`` made partial, since the
+    kernel checks key bounds in partial blocks only (torch's kernel masks keys
+    past ``KV_LEN`` in every block).
+    """
+    checks.check_block_mask_rows(op, self.kv_indices.shape, self.seq_lengths, self.BLOCK_SIZE)
+    (q_len, kv_len), (block_q, block_k) = self.seq_lengths, self.BLOCK_SIZE
+    n_q, n_k = -(-q_len // block_q), -(-kv_len // block_k)
+    batch, heads = self.kv_num_blocks.shape[:2]
+    rows = batch * heads
+    if (self.kv_indices.shape[2:] == (n_q, n_k) and self._built_for_kv_len == kv_len
+        and self.full_kv_num_blocks is not None):
+      return block_sparse.KeyBlocks(*(x.reshape((rows,) + x.shape[2:])
+                                      for x in self.tree_flatten()[0]))
+    dense = self.to_dense()[:, :, :n_q, :n_k]
+    dense = jnp.pad(dense, [(0, 0)] * 3 + [(0, n_k - dense.shape[-1])])
+    full = dense == 2
+    if kv_len and kv_len % min(block_k, kv_len):  # the last key block holds padding keys
+      full = full.at[..., -1].set(False)
+    partial = (dense > 0) & ~full
+    return block_sparse.key_blocks_from_dense(partial.reshape(rows, n_q, n_k),
+                                              full.reshape(rows, n_q, n_k))
 
   def to_dense(self) -> jax.Array:
     """The block map ``(B, H, n_q, n_k)`` int32: 0 skipped, 1 partial, 2 full."""
-    n_k = self.kv_indices.shape[-1]
-
-    def marked(num, indices):
-      listed = (jnp.arange(n_k) < num[..., None]).astype(jnp.int32)
-      return jnp.put_along_axis(jnp.zeros(indices.shape, jnp.int32), indices, listed, axis=-1,
-                                inplace=False)
-
-    return (marked(self.kv_num_blocks, self.kv_indices)
-            + 2 * marked(self.full_kv_num_blocks, self.full_kv_indices))
+    dense = _marked(self.kv_num_blocks, self.kv_indices)
+    if self.full_kv_num_blocks is None:
+      return dense
+    return jnp.maximum(dense, 2 * _marked(self.full_kv_num_blocks, self.full_kv_indices))
 
   def sparsity(self) -> float:
     """Percent of (query block, key block) pairs with no allowed entry (never computed).
@@ -245,9 +528,8 @@ class BlockMask:
       >>> causal.sparsity()  # 6 of the 16 blocks of a 4 x 4 grid lie above the diagonal
       37.5
     """
-    computed = np.asarray(self.kv_num_blocks) + np.asarray(self.full_kv_num_blocks)
-    total = computed.size * self.kv_indices.shape[-1]
-    return float(100.0 * (1.0 - computed.sum() / total)) if total else 0.0
+    dense = np.asarray(self.to_dense())
+    return float(100.0 * (1.0 - np.count_nonzero(dense) / dense.size)) if dense.size else 0.0
 
   def to_string(self, grid: int = 32) -> str:
     """A picture of the block map of ``(b, h) = (0, 0)``: ``█`` full, ``░`` partial, ``·`` skipped.
@@ -322,7 +604,7 @@ def create_block_mask(
   checked_mod(op, "mask_mod", mask_mod)
   arrays = _block_maps(mask_mod, b, h, q_len, kv_len, block_q, block_k)
   return BlockMask(*arrays, BLOCK_SIZE=(block_q, block_k), mask_mod=mask_mod,
-                   seq_lengths=(q_len, kv_len))
+                   seq_lengths=(q_len, kv_len), _built_for_kv_len=kv_len)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))

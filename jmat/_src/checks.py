@@ -1070,3 +1070,149 @@ def check_platform(op: str, platform: object, platforms: Sequence[str]) -> None:
     raise ValueError(
         f"jmat.{op}: platform={platform!r} is not one jax lowers for; use one of "
         f"{', '.join(repr(p) for p in platforms)}")
+
+
+# --- BlockMask tables and indexing (BlockMask.from_kv_blocks, block_mask[...]) ----------------
+
+_TABLE_NAMES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+_MASK_AXES = ("batch", "head", "query block")
+
+
+def check_block_tables(
+    op: str, shapes: Sequence[Shape | None], dtypes: Sequence[np.dtype | None]
+) -> None:
+  """Checks torch's block tables ``kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices``.
+
+  ``(B, H, n_q)`` counts and ``(B, H, n_q, n_k)`` indices of integer dtype; the
+  full pair is given together (or not at all) with the shapes of the partial pair.
+  """
+  given = [(n, s) for n, s in zip(_TABLE_NAMES, shapes, strict=True) if s is not None]
+  listed = _listed([n for n, _ in given], [s for _, s in given])
+  if (shapes[2] is None) != (shapes[3] is None):
+    missing = _TABLE_NAMES[2] if shapes[2] is None else _TABLE_NAMES[3]
+    raise ValueError(
+        f"jmat.{op}: full_kv_num_blocks and full_kv_indices go together, but {missing} is "
+        f"None: {listed}; pass both (the full blocks, where mask_mod is not evaluated) or "
+        f"neither"
+    )
+  counts, indices = shapes[0], shapes[1]
+  if counts is None or indices is None or len(counts) != 3 or len(indices) != 4:
+    raise shape_error(
+        op, "kv_num_blocks must be 3-D (B, H, n_q) and kv_indices 4-D (B, H, n_q, n_k)",
+        listed, "as create_block_mask's tables; add size-1 dims for a mask shared by the "
+        "batch or the heads (kv_num_blocks[None, None], kv_indices[None, None])",
+    )
+  if tuple(counts) != tuple(indices[:3]):
+    raise shape_error(op, "kv_num_blocks must have the shape of kv_indices without its last "
+                      "dim (one count per row of indices)", listed)
+  if shapes[2] is not None and (tuple(shapes[2]) != tuple(counts)
+                                or tuple(shapes[3] or ()) != tuple(indices)):
+    raise shape_error(op, "the full tables must have the shapes of kv_num_blocks and "
+                      "kv_indices (both list key blocks of the same grid)", listed)
+  for name, dtype in zip(_TABLE_NAMES, dtypes, strict=True):
+    if dtype is not None and not (jnp.issubdtype(dtype, jnp.integer)
+                                  and not jnp.issubdtype(dtype, jnp.bool_)):
+      raise TypeError(
+          f"jmat.{op}: {name} has dtype {_dtype_name(np.dtype(dtype))}; block tables hold "
+          f"block counts and block indices: pass integer arrays (int32, as "
+          f"create_block_mask's)"
+      )
+
+
+def check_seq_lengths(op: str, seq_lengths: object) -> tuple[int, int]:
+  """Checks a BlockMask's ``seq_lengths``: a ``(Q_LEN, KV_LEN)`` pair of non-negative ints."""
+  pair = seq_lengths if isinstance(seq_lengths, tuple | list) else ()
+  if len(pair) != 2 or any(
+      isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0 for n in pair
+  ):
+    raise ValueError(
+        f"jmat.{op}: seq_lengths must be a (Q_LEN, KV_LEN) pair of non-negative ints (or "
+        f"None: the lengths the tables cover), got {seq_lengths!r}"
+    )
+  return int(pair[0]), int(pair[1])
+
+
+def check_block_mask_index(op: str, index: object, table_shape: Shape) -> tuple:
+  """Checks ``block_mask[index]``: at most 3 entries (batch, head, query block); returns them.
+
+  An entry is an int, a slice or an index array; torch combines two index arrays
+  into one dim, which a BlockMask cannot hold, so at most one may be 1-D.
+  """
+  items: tuple = index if isinstance(index, tuple) else (index,)
+  where = f"the tables have shape {fmt_shape(table_shape)} (B, H, n_q, n_k)"
+  usage = ("index as block_mask[b], block_mask[:, h] or block_mask[:, :, q_blocks] with ints, "
+           "slices or index arrays")
+  if len(items) > 3:
+    raise IndexError(f"jmat.{op}: {len(items)} indices for the 3 indexable dims (batch, head, "
+                     f"query block): {where}; {usage}")
+  for axis, item in enumerate(items):
+    if item is None or item is Ellipsis or isinstance(item, bool):
+      raise TypeError(f"jmat.{op}: the {_MASK_AXES[axis]} index is {item!r}: {where}; {usage}")
+  if sum(np.ndim(item) == 1 for item in items if not isinstance(item, slice)) > 1:
+    raise IndexError(
+        f"jmat.{op}: more than one 1-D index array: {where}; torch pairs them up into one dim, "
+        f"which a BlockMask cannot hold: index one dim at a time "
+        f"(block_mask[bs][:, hs])"
+    )
+  return items
+
+
+def block_mask_index_type_error(op: str, axis: int, item: object) -> TypeError:
+  """The error for a ``block_mask[...]`` entry that is no int, slice or integer index array."""
+  dtype = getattr(item, "dtype", None)
+  what = f"a {type(item).__name__}" if dtype is None else (
+      f"an array of dtype {dtype} and shape {fmt_shape(getattr(item, 'shape', ()))}")
+  return TypeError(
+      f"jmat.{op}: the {_MASK_AXES[axis]} index is {what}; index a BlockMask with ints, slices, "
+      f"0-D or 1-D integer arrays or (concrete) 1-D boolean arrays of the dim's size"
+  )
+
+
+def check_block_positions(op: str, axis: int, positions: np.ndarray, table_shape: Shape) -> None:
+  """Refuses concrete ``block_mask[...]`` positions outside ``-size .. size - 1``."""
+  size = int(table_shape[axis])
+  bad = positions[(positions < -size) | (positions >= size)]
+  if bad.size:
+    raise IndexError(
+        f"jmat.{op}: {_MASK_AXES[axis]} index {int(bad[0])} is out of range for size {size}: "
+        f"the tables have shape {fmt_shape(table_shape)} (B, H, n_q, n_k); valid positions "
+        f"are -{size} .. {size - 1}"
+    )
+
+
+def check_block_mask_rows(
+    op: str, table_shape: Shape, seq_lengths: tuple[int, int], block_size: tuple[int, int]
+) -> None:
+  """Refuses tables with fewer query-block rows than ``seq_lengths`` spans."""
+  needed = -(-seq_lengths[0] // block_size[0])
+  if table_shape[2] < needed:
+    raise shape_error(
+        op, f"the block_mask's tables have {table_shape[2]} query-block rows, its seq_lengths "
+        f"{seq_lengths} at BLOCK_SIZE {block_size} span {needed}",
+        f"kv_indices has shape {fmt_shape(table_shape)}",
+        "slice as many query blocks as the queries span (block_mask[:, :, i:i + n]) and set "
+        "seq_lengths to the queries they cover",
+    )
+
+
+def sliced_mask_mod_error() -> RuntimeError:
+  """The error of calling the mask_mod of a sliced BlockMask (torch's, with jmat's remedy)."""
+  return RuntimeError(
+      "jmat.BlockMask: Cannot use mask_mod from a sliced BlockMask: block_mask[...] renumbers "
+      "the batch entries, heads or query blocks, so (as torch) it resets mask_mod; give the "
+      "slice the original mask's mask_mod with the slice's offsets, e.g. "
+      "BlockMask.from_kv_blocks(s.kv_num_blocks, s.kv_indices, s.full_kv_num_blocks, "
+      "s.full_kv_indices, BLOCK_SIZE=s.BLOCK_SIZE, seq_lengths=(L, S), mask_mod=lambda b, h, "
+      "q, kv: base.mask_mod(b, h, q + offset, kv))"
+  )
+
+
+def check_boolean_index(op: str, axis: int, length: int, table_shape: Shape) -> None:
+  """Refuses a boolean ``block_mask[...]`` index whose length is not the dim's size."""
+  size = int(table_shape[axis])
+  if length != size:
+    raise IndexError(
+        f"jmat.{op}: the {_MASK_AXES[axis]} index is a boolean array of length {length}, the "
+        f"dim has size {size}: the tables have shape {fmt_shape(table_shape)} (B, H, n_q, n_k); "
+        f"a boolean index picks entries of the dim, one flag per entry"
+    )
