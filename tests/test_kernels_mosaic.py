@@ -287,8 +287,9 @@ def kernel_values_and_grads(case: Case, problem: Problem, blocks, d_out, d_lse,
   return out, lse, dict(zip(names, grads, strict=True))
 
 
-# Every case in the HLO interpreter; the richest also in the TPU interpreter, which fills fresh
-# buffers with NaN and writes an output block back when the grid leaves it, as the TPU does.
+# Every case in the HLO interpreter; the richest also in the TPU interpreter, which copies blocks
+# in and out as the grid moves (as the TPU does), fills fresh buffers with NaN and refuses an
+# output block revisited after the grid left it.
 RUNS = [(name, True) for name in CASES] + [("softcap_alibi_biases", pltpu.InterpretParams())]
 
 
