@@ -1,0 +1,916 @@
+"""The Pallas Triton (GPU) backend of the block-sparse attention kernel.
+
+A drop-in for :func:`jmat._src.block_sparse.attend`: the same block tables,
+mods and operands in, the same ``(out, lse)`` and gradients out, computed by
+three Pallas kernels that lower to Triton (``pl.pallas_call`` with
+``plgpu.CompilerParams``):
+
+* forward: one program per (query tile, table row ``m``, row ``r``). It holds
+  the queries of all ``G`` heads that share a key/value head, stacked into one
+  ``(G * tq, E)`` tile, so every key/value tile it loads serves all of them;
+  it reads its block lists from the table refs and folds the listed key blocks
+  into an online softmax (:mod:`jmat._src.online_softmax`) with dynamic trip
+  counts, so the work is proportional to the listed blocks.
+* dq pass: the same programs recompute each block (FlashAttention-2's
+  backward). They also give the gradient of ``scale`` (per-program partial
+  sums, added outside) and of the float operands (added in place with
+  ``jax.ref.addupdate``, atomic on the GPU: a broadcast blocked operand or a
+  gathered table entry receives from many programs).
+* dk/dv pass: one program per (key tile, ``m``, ``r``) over a key-major copy
+  of the table (:func:`key_major_blocks`), so dk and dv need no atomics.
+
+Triton tiles are powers of two: L and S are padded to whole table blocks, a
+table block to a power of two, E and Ev to powers of two of at least 16 (the
+smallest ``tl.dot``), G to a power of two (the extra heads have zero queries,
+show the mods the last real head's index, and are dropped). A table block may be longer than
+a tile (it is then cut into tiles, each inheriting the block's full/partial
+kind); see :class:`BlockSizes`.
+
+The mods run inside the kernel on ``(1, G, tq, tk)`` score tiles. Whole
+operands stay in memory: a gather a mod makes from one (``slopes[h]``,
+``document_id[q_idx]``, ``table[h, kv_idx - q_idx + D]``: what a vmapped
+torch-style mod does with a captured array) becomes a load of just the
+gathered entries (Triton has no gather, but its loads take tensors of
+pointers); see :class:`_ModRunner`. What Triton cannot lower is reported by
+:func:`unsupported`, which lowers the kernels for CUDA to find out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, cast
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+from jax.extend import core as jax_core
+from jax.extend.core import primitives as jax_primitives
+from jax.ref import addupdate
+
+from jmat._src import online_softmax as osm
+from jmat._src.block_sparse import (
+  KeyBlocks,
+  Mods,
+  Operands,
+  _pad,
+  _zero_cotangent,
+  key_blocks_from_dense,
+)
+
+_NAME = "jmat block-sparse attention (triton)"
+# Every dimension of a Triton dot is at least 16, and every tile a power of two.
+_MIN_DOT = 16
+# A padded head dim past this makes tiles that overflow a streaming multiprocessor's registers
+# and shared memory (FlashAttention's limit too).
+_MAX_HEAD_DIM = 256
+_TILES = ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv", "block_k_dkv")
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+def _is_pow2(n: int) -> bool:
+  return n > 0 and n & (n - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """The tiles and launch parameters of the Triton kernels (defaults for NVIDIA GPUs).
+
+  A tile is at most one table block: a longer table block is cut into tiles
+  (so callers may build tables with any power-of-two blocks; ``block_q`` and
+  ``block_k`` here are good table blocks too). Query tiles count the rows of
+  all ``G`` stacked heads: ``block_q=128`` with ``G = 4`` is 32 query
+  positions per head (at least ``16 // G``, so decoding with GQA wastes no
+  rows).
+
+  Attributes:
+    block_q: query rows of a forward program (all heads of a group together).
+    block_k: keys per step of the forward pass.
+    block_q_dq: query rows of a dq-pass program.
+    block_k_dq: keys per step of the dq pass.
+    block_q_dkv: query rows per step of the dk/dv pass.
+    block_k_dkv: keys of a dk/dv-pass program.
+    num_warps: warps per program; None is 4 for padded head dims up to 64, 8 above.
+    num_stages: software-pipelining stages of the loops over blocks.
+
+  Raises:
+    ValueError: a tile that is not a power of two of at least 16.
+  """
+
+  block_q: int = 128
+  block_k: int = 64
+  block_q_dq: int = 64
+  block_k_dq: int = 64
+  block_q_dkv: int = 64
+  block_k_dkv: int = 64
+  num_warps: int | None = None
+  num_stages: int = 2
+
+  def __post_init__(self):
+    for name in _TILES:
+      size = getattr(self, name)
+      if not (isinstance(size, int) and _is_pow2(size) and size >= _MIN_DOT):
+        raise ValueError(
+            f"{_NAME}: BlockSizes.{name}={size!r} is not a Triton tile; valid tiles are powers "
+            f"of two from {_MIN_DOT}: 16, 32, 64, 128, 256")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+  """Static sizes of a call: true lengths, groups, padded head dims, table blocks as tiled.
+
+  ``block_q``/``block_k`` are the table's blocks as the kernel covers them (a
+  power of two; a single block covering a whole axis may be shortened to the
+  power of two above that axis' length). ``bound_full``: the kernel's key
+  block outgrew the caller's, so full blocks may hold padding keys and check
+  key bounds too.
+  """
+
+  q_len: int
+  kv_len: int
+  groups: int
+  groups_p: int
+  head_p: int
+  v_head_p: int
+  block_q: int
+  block_k: int
+  n_q: int
+  n_k: int
+  bound_full: bool
+
+  @property
+  def q_pad(self) -> int:
+    return self.n_q * self.block_q
+
+  @property
+  def kv_pad(self) -> int:
+    return self.n_k * self.block_k
+
+  def tiles(self, rows: int, keys: int) -> tuple[int, int]:
+    """``(query positions per head, keys)`` of a tile of ``rows`` stacked rows and ``keys`` keys."""
+    return min(max(rows // self.groups_p, 1), self.block_q), min(keys, self.block_k)
+
+
+def _kernel_block(name: str, block: int, length: int, least: int) -> int | str:
+  """The power-of-two block covering a table block of ``block``, or why there is none."""
+  if block >= length:  # one block covers the axis: any tile as long as the axis will do
+    return _next_pow2(max(length, least))
+  if _is_pow2(block) and block >= _MIN_DOT:
+    return block
+  return (f"{_NAME}: {name}={block} cannot be tiled for a length of {length}: Triton tiles are "
+          f"powers of two, so a table block must be 16, 32, 64, 128, ... or cover the whole "
+          f"length (>= {length})")
+
+
+def _geometry(q_shape, k_shape, v_shape, block_q: int, block_k: int) -> _Geometry | str:
+  """The geometry of a call, or the reason the kernel cannot tile it."""
+  groups, q_len, head = q_shape[-3:]
+  kv_len, v_head = k_shape[-2], v_shape[-1]
+  groups_p = _next_pow2(groups)
+  head_p, v_head_p = (max(_next_pow2(d), _MIN_DOT) for d in (head, v_head))
+  if max(head_p, v_head_p) > _MAX_HEAD_DIM:
+    return (f"{_NAME}: head dims E={head}, Ev={v_head} pad to {head_p}, {v_head_p}; the kernel's "
+            f"tiles hold at most {_MAX_HEAD_DIM}")
+  kernel_q = _kernel_block("block_q", block_q, q_len, max(_MIN_DOT // groups_p, 1))
+  kernel_k = _kernel_block("block_k", block_k, kv_len, _MIN_DOT)
+  if isinstance(kernel_q, str):
+    return kernel_q
+  if isinstance(kernel_k, str):
+    return kernel_k
+  return _Geometry(q_len, kv_len, groups, groups_p, head_p, v_head_p, kernel_q, kernel_k,
+                   -(-q_len // block_q), -(-kv_len // block_k),
+                   bound_full=kernel_k != block_k and kernel_k > kv_len)
+
+
+# --- the mods inside a kernel ----------------------------------------------------------------
+
+
+class _Leaf(NamedTuple):
+  """A whole operand leaf that a mod reads, still in its ref."""
+
+  index: int
+
+
+class _Columns(NamedTuple):
+  """Index columns a ``concatenate`` would join, kept apart for the gather that reads them.
+
+  jnp indexing with several index arrays concatenates them into one index
+  array; Triton joins two tensors at most, and the load needs them apart anyway.
+  """
+
+  columns: tuple[jax.Array, ...]
+
+
+class _Gather(NamedTuple):
+  """A gather from a float whole leaf: the entries read (``where``) and the values read."""
+
+  leaf: int
+  where: tuple[jax.Array, ...]
+  inside: jax.Array | None  # fill-mode gathers: which entries were in bounds
+  value: jax.Array
+
+
+_CALLS = (jax_primitives.jit_p, jax_primitives.closed_call_p, jax_primitives.custom_jvp_call_p,
+          jax_primitives.custom_vjp_call_p)
+
+
+def _fill_value(dtype: np.dtype, fill: Any) -> Any:
+  """What an out-of-bounds entry of a fill-mode gather reads (``lax.gather``'s defaults)."""
+  if fill is not None:
+    return fill
+  if jnp.issubdtype(dtype, jnp.inexact):
+    return np.nan
+  if dtype == np.bool_:
+    return True
+  info = jnp.iinfo(dtype)
+  return info.min if jnp.issubdtype(dtype, jnp.signedinteger) else info.max
+
+
+class _ModRunner:
+  """Evaluates a mod inside a kernel with the whole operands left in their refs.
+
+  The mod is traced to a jaxpr and replayed equation by equation: a gather
+  from a whole leaf becomes a load of the gathered entries; any other use of a
+  whole leaf loads it whole (a Triton load of a power-of-two size). Gathers
+  from and whole loads of ``trainable`` leaves are recorded (``gathers``,
+  ``loaded``); a runner made with ``replay=(gathered values, loaded values)``
+  takes those values from there instead of memory, so that they can be inputs
+  of a ``jax.vjp`` whose cotangents are added to the leaves' gradients.
+
+  A runner holds values of the trace it ran in: make one per loop body.
+  """
+
+  def __init__(self, refs: Sequence[Any], trainable: Sequence[bool] | None = None,
+               replay: tuple[Sequence[jax.Array], dict[int, jax.Array]] | None = None):
+    self.refs = refs
+    self.trainable = [False] * len(refs) if trainable is None else list(trainable)
+    self.gathers: list[_Gather] = []
+    self.loaded: dict[int, jax.Array] = {}
+    self._replay = None if replay is None else (iter(replay[0]), replay[1])
+
+  def __call__(self, fn: Callable[..., Any], args: tuple, whole_tree: Any,
+               blocked: tuple[jax.Array, ...]) -> jax.Array:
+    """``fn(*args, (whole, blocked))`` with ``whole`` the leaves of ``whole_tree`` in their refs."""
+    avals = [jax.ShapeDtypeStruct(ref.shape, ref.dtype) for ref in self.refs]
+    whole = jax.tree.unflatten(whole_tree, avals)
+
+    def pure(args, whole, blocked):
+      return fn(*args, (whole, blocked))
+
+    closed = jax.make_jaxpr(pure)(args, whole, blocked)
+    leaves = [_Leaf(i) for i in range(len(self.refs))]
+    (out,) = self._eval(closed.jaxpr, closed.consts, jax.tree.leaves(args) + leaves + list(blocked))
+    return self._value(out)
+
+  def _eval(self, jaxpr, consts, args) -> list[Any]:
+    env: dict[Any, Any] = {}
+
+    def read(atom):
+      return atom.val if isinstance(atom, jax_core.Literal) else env[atom]
+
+    env.update(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+    for eqn in jaxpr.eqns:
+      env.update(zip(eqn.outvars, self._eqn(eqn, [read(x) for x in eqn.invars]), strict=True))
+    return [read(x) for x in jaxpr.outvars]
+
+  def _eqn(self, eqn, ins: list[Any]) -> list[Any]:
+    prim = eqn.primitive
+    if prim is jax_primitives.gather_p and isinstance(ins[0], _Leaf):
+      return [self._gather(ins[0].index, self._columns(ins[1]), eqn.params,
+                           eqn.outvars[0].aval.shape)]
+    rank = len(eqn.outvars[0].aval.shape) if eqn.outvars else 0
+    if (prim is jax_primitives.concatenate_p and eqn.params["dimension"] == rank - 1
+        and all(isinstance(x, jax.Array) and x.ndim == rank and x.shape[-1] == 1 for x in ins)):
+      return [_Columns(tuple(ins))]
+    if prim in _CALLS and any(isinstance(x, _Leaf | _Columns) for x in ins):
+      inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+      return self._eval(inner.jaxpr, inner.consts, ins)
+    bound = prim.get_bind_params(eqn.params)  # (subfuns, params) in older jax versions
+    subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
+    out = prim.bind(*subfuns, *(self._value(x) for x in ins), **params)
+    return out if prim.multiple_results else [out]
+
+  def _value(self, x: Any) -> Any:
+    if isinstance(x, _Columns):
+      return lax.concatenate(x.columns, x.columns[0].ndim - 1)
+    if isinstance(x, _Leaf):
+      if x.index not in self.loaded:
+        replayed = self._replay is not None and self.trainable[x.index]
+        self.loaded[x.index] = (cast(Any, self._replay)[1][x.index] if replayed
+                                else self.refs[x.index][...])
+      return self.loaded[x.index]
+    return x
+
+  def _columns(self, indices: Any) -> list[jax.Array]:
+    if isinstance(indices, _Columns):
+      return [c.reshape(c.shape[:-1]) for c in indices.columns]
+    indices = self._value(indices)
+    if indices.shape[-1] == 1:
+      return [indices.reshape(indices.shape[:-1])]
+    return [lax.index_in_dim(indices, p, -1, keepdims=False) for p in range(indices.shape[-1])]
+
+  def _gather(self, leaf: int, columns: list[jax.Array], params: dict[str, Any],
+              out_shape: tuple[int, ...]) -> jax.Array:
+    """``lax.gather(whole leaf, indices)`` as a load of one entry per output element."""
+    dims, sizes, ref = params["dimension_numbers"], params["slice_sizes"], self.refs[leaf]
+    batch = [d for d in range(len(out_shape)) if d not in dims.offset_dims]
+    offsets = iter(dims.offset_dims)
+    fill = params["mode"] == lax.GatherScatterMode.FILL_OR_DROP
+    where, inside = [], None
+    for d, size in enumerate(ref.shape):
+      if d in dims.operand_batching_dims:
+        axis = batch[dims.start_indices_batching_dims[dims.operand_batching_dims.index(d)]]
+        where.append(lax.broadcasted_iota(jnp.int32, out_shape, axis))
+        continue
+      start = jnp.zeros(out_shape, jnp.int32)
+      if d in dims.start_index_map:
+        column = columns[dims.start_index_map.index(d)].astype(jnp.int32)
+        column = lax.broadcast_in_dim(column, out_shape, batch)
+        last = size - sizes[d]
+        if fill:
+          ok = (column >= 0) & (column <= last)
+          inside = ok if inside is None else inside & ok
+        start = jnp.minimum(jnp.maximum(column, 0), last)  # clip mode; fill mode masks below
+      if d not in dims.collapsed_slice_dims:
+        start = start + lax.broadcasted_iota(jnp.int32, out_shape, next(offsets))
+      where.append(start)
+    if self._replay is not None and self.trainable[leaf]:
+      return next(self._replay[0])
+    value = ref[tuple(where)]
+    if inside is not None:
+      value = jnp.where(inside, value, jnp.asarray(_fill_value(value.dtype, params["fill_value"]),
+                                                   value.dtype))
+    if self.trainable[leaf]:
+      self.gathers.append(_Gather(leaf, tuple(where), inside, value))
+    return value
+
+
+# --- tiles -------------------------------------------------------------------------------------
+
+
+class _At(NamedTuple):
+  """Where a tile is: table row, batch/head row, first query row and first key (int32 scalars)."""
+
+  m: jax.Array
+  r: jax.Array
+  row: jax.Array
+  col: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tiling:
+  """What a kernel knows statically: the geometry, its tile ``(tq, tk)`` and the mods."""
+
+  geo: _Geometry
+  tq: int
+  tk: int
+  mods: Mods
+
+  @property
+  def rows(self) -> int:
+    return self.geo.groups_p * self.tq
+
+  def positions(self, at: _At) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(r (1,), g (Gp,), q_pos (tq,), k_pos (tk,))`` as the mods receive them."""
+    geo = self.geo
+    # The padding heads read the mods' tables as the last real head (in bounds on the device).
+    g = jnp.minimum(lax.iota(jnp.int32, geo.groups_p), geo.groups - 1)
+    return (jnp.full((1,), at.r, jnp.int32), g, at.row + lax.iota(jnp.int32, self.tq),
+            at.col + lax.iota(jnp.int32, self.tk))
+
+  def blocked_index(self, shape: tuple[int, ...], at: _At) -> tuple[Any, ...]:
+    """The indexer of a blocked operand ``(M|1, R|1, Gp|1, Lp|1, Sp|1)`` at a tile."""
+    return (at.m if shape[0] > 1 else 0, pl.ds(at.r if shape[1] > 1 else 0, 1),
+            pl.ds(0, shape[2]), pl.ds(at.row, self.tq) if shape[3] > 1 else pl.ds(0, 1),
+            pl.ds(at.col, self.tk) if shape[4] > 1 else pl.ds(0, 1))
+
+  def blocked(self, refs: Sequence[Any], at: _At) -> tuple[jax.Array, ...]:
+    """The blocked operands' tiles ``(1, Gp|1, tq|1, tk|1)``."""
+    return tuple(ref[self.blocked_index(ref.shape, at)] for ref in refs)
+
+  def scored(self, s: jax.Array, at: _At, whole_tree: Any, blocked: tuple[jax.Array, ...],
+             runner: _ModRunner) -> jax.Array:
+    """``Mods.score`` of the scaled scores ``s (Gp * tq, tk)``, in the same layout."""
+    if self.mods.score is None:
+      return s
+    s4 = s.reshape(1, self.geo.groups_p, self.tq, self.tk)
+    r, g, q_pos, k_pos = self.positions(at)
+    out = runner(self.mods.score, (s4, at.m, r, g, q_pos, k_pos), whole_tree, blocked)
+    return jnp.broadcast_to(out.astype(s.dtype), s4.shape).reshape(s.shape)
+
+  def allowed(self, masked: bool, at: _At, whole_tree: Any, blocked: tuple[jax.Array, ...],
+              runner: _ModRunner) -> jax.Array | None:
+    """Which entries of a tile ``(Gp * tq, tk)`` may attend; None for all of them.
+
+    Partial blocks check key bounds and ``Mods.mask``; full blocks check
+    nothing unless the kernel's key block outgrew the caller's.
+    """
+    if not (masked or self.geo.bound_full):
+      return None
+    r, g, q_pos, k_pos = self.positions(at)
+    ok = jnp.broadcast_to((k_pos < self.geo.kv_len)[None, :], (self.rows, self.tk))
+    if masked and self.mods.mask is not None:
+      mask = runner(self.mods.mask, (at.m, r, g, q_pos, k_pos), whole_tree, blocked)
+      shape = (1, self.geo.groups_p, self.tq, self.tk)
+      ok = ok & jnp.broadcast_to(mask, shape).reshape(ok.shape)
+    return ok
+
+  def kept(self, ok: jax.Array | None, at: _At) -> jax.Array:
+    """``ok`` on the real rows only: padding heads and queries get no gradient (nor NaN)."""
+    _, g, q_pos, _ = self.positions(at)
+    real = (lax.iota(jnp.int32, self.geo.groups_p) < self.geo.groups)[:, None] & (
+        q_pos < self.geo.q_len)[None, :]
+    real = jnp.broadcast_to(real.reshape(self.rows, 1), (self.rows, self.tk))
+    return real if ok is None else real & ok
+
+
+def _products(q: jax.Array, k: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(q @ k^T, scale * q @ k^T)`` in the compute dtype (``scale``'s)."""
+  s = lax.dot_general(q, k.astype(q.dtype), (((1,), (1,)), ((), ())),
+                      preferred_element_type=scale.dtype)
+  return s, s * scale
+
+
+def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int] = (1, 0)) -> jax.Array:
+  """A 2-D product in ``a``'s dtype (the compute dtype), contracting ``a``'s and ``b``'s dims."""
+  return lax.dot_general(a, b.astype(a.dtype), (((contract[0],), (contract[1],)), ((), ())),
+                         preferred_element_type=a.dtype)
+
+
+def _visit(blocks: KeyBlocks, m: jax.Array, i: jax.Array, per_block: int,
+           body: Callable[[bool, jax.Array, Any], Any], carry: Any) -> Any:
+  """Runs ``carry = body(masked, tile, carry)`` over the tiles of block ``i``'s listed blocks.
+
+  ``blocks`` holds refs; the full blocks come first, then the partial ones
+  (``masked``); each listed block is ``per_block`` tiles (``tile`` counts tiles).
+  """
+
+  def listed(masked, num, indices, first, carry):
+    def block(t, carry):
+      j = first + t if indices is None else indices[m, i, t]
+      if per_block == 1:
+        return body(masked, j, carry)
+      return lax.fori_loop(0, per_block, lambda u, c: body(masked, j * per_block + u, c), carry)
+
+    return lax.fori_loop(0, num[m, i], block, carry)
+
+  carry = listed(False, blocks.full_num, blocks.full_indices, 0, carry)
+  return listed(True, blocks.num, blocks.indices, blocks.full_num[m, i], carry)
+
+
+def _inexact(x) -> bool:
+  return bool(jnp.issubdtype(x.dtype, jnp.inexact))
+
+
+def _operand_refs(operands) -> tuple[list[Any], Any, Sequence[Any]]:
+  """``(whole leaves' refs, whole's tree structure, blocked refs)`` of a kernel's operands."""
+  whole, blocked = operands
+  return *jax.tree.flatten(whole), blocked
+
+
+def _program() -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(tile, m, r)``: the tile axis first, so programs sharing keys and values run together."""
+  return pl.program_id(0), pl.program_id(1), pl.program_id(2)
+
+
+# --- kernels -----------------------------------------------------------------------------------
+
+
+def _forward_kernel(tiling: _Tiling, blocks, scale_ref, q_ref, k_ref, v_ref, operands, out_ref,
+                    lse_ref):
+  geo, tq, tk = tiling.geo, tiling.tq, tiling.tk
+  tile, m, r = _program()
+  whole_refs, whole_tree, blocked_refs = _operand_refs(operands)
+  scale = scale_ref[...]
+  q = q_ref[...].reshape(tiling.rows, geo.head_p)
+  row = pl.multiple_of(tile * tq, tq)
+
+  def fold(masked, key_tile, carry):
+    col = pl.multiple_of(key_tile * tk, tk)
+    at = _At(m, r, row, col)
+    runner = _ModRunner(whole_refs)
+    blocked = tiling.blocked(blocked_refs, at)
+    _, s = _products(q, k_ref[pl.ds(col, tk), :], scale)
+    s = tiling.scored(s, at, whole_tree, blocked, runner)
+    ok = tiling.allowed(masked, at, whole_tree, blocked, runner)
+    if ok is not None:
+      s = jnp.where(ok, s, -jnp.inf)
+    return osm.online_softmax_fold(carry, s, v_ref[pl.ds(col, tk), :])
+
+  carry = osm.online_softmax_init((), tiling.rows, geo.v_head_p, dtype=scale.dtype)
+  carry = _visit(blocks, m, tile // (geo.block_q // tq), geo.block_k // tk, fold, carry)
+  out_ref[...] = osm.online_softmax_finish(carry, out_ref.dtype).reshape(out_ref.shape)
+  lse_ref[...] = osm.online_softmax_logsumexp(carry).reshape(lse_ref.shape)
+
+
+class _TileGrads(NamedTuple):
+  """One tile of the backward pass: probabilities, score cotangents, operand cotangents."""
+
+  s0: jax.Array  # q @ k^T, unscaled: what scale multiplies
+  p: jax.Array  # softmax probabilities, 0 where masked or padding
+  d_s1: jax.Array  # cotangent of the scaled scores (before Mods.score)
+  d_blocked: list[jax.Array]  # of the float blocked tiles
+  gathers: list[_Gather]  # what the mods gathered from float whole leaves
+  d_gathered: list[jax.Array]
+  d_loaded: dict[int, jax.Array]  # of the float whole leaves the mods read whole
+
+
+def _tile_grads(tiling: _Tiling, masked: bool, at: _At, q, k, v, scale, d_out, lse, delta,
+                operands, operand_grads: bool) -> _TileGrads:
+  """FlashAttention-2's backward of one tile: ``p = exp(s - lse)``, ``ds = p * (dp - delta)``.
+
+  ``ds`` goes back through ``Mods.score`` with ``jax.vjp``; with
+  ``operand_grads``, what the mods read from the float operands (blocked
+  tiles, gathered or whole-read whole leaves) is a vjp input too, so their
+  cotangents come out.
+  """
+  whole_refs, whole_tree, blocked_refs = operands
+  blocked = tiling.blocked(blocked_refs, at)
+  trainable = [operand_grads and _inexact(ref) for ref in whole_refs]
+  is_float = [operand_grads and _inexact(x) for x in blocked]
+  s0, s1 = _products(q, k, scale)
+  keep = tiling.kept(tiling.allowed(masked, at, whole_tree, blocked, _ModRunner(whole_refs)), at)
+  # A first run records what the mods read from the float whole leaves; the vjp replays it.
+  record = _ModRunner(whole_refs, trainable)
+  if any(trainable):
+    tiling.scored(s1, at, whole_tree, blocked, record)
+  floats = [x for x, f in zip(blocked, is_float, strict=True) if f]
+  loaded = {i: x for i, x in record.loaded.items() if trainable[i]}
+
+  def scores(s1, floats, gathered, loaded):
+    merged = iter(floats)
+    tiles = tuple(next(merged) if f else x for x, f in zip(blocked, is_float, strict=True))
+    runner = _ModRunner(whole_refs, trainable, replay=(gathered, loaded))
+    return tiling.scored(s1, at, whole_tree, tiles, runner)
+
+  s2, vjp = jax.vjp(scores, s1, floats, [g.value for g in record.gathers], loaded)
+  p = jnp.where(keep, jnp.exp(s2 - lse), 0.0)
+  d_s1, d_blocked, d_gathered, d_loaded = vjp(p * (_dot(d_out, v, (1, 1)) - delta))
+  return _TileGrads(s0, p, jnp.where(keep, d_s1, 0.0), d_blocked, record.gathers, d_gathered,
+                    d_loaded)
+
+
+def _dq_kernel(tiling: _Tiling, blocks, scale_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+               delta_ref, operands, _zeros, dq_ref, d_scale_ref, d_whole_refs, d_blocked_refs):
+  geo, tq, tk = tiling.geo, tiling.tq, tiling.tk
+  tile, m, r = _program()
+  operands = _operand_refs(operands)
+  d_whole = dict(zip([i for i, ref in enumerate(operands[0]) if _inexact(ref)], d_whole_refs,
+                     strict=True))
+  scale = scale_ref[...]
+  q = q_ref[...].reshape(tiling.rows, geo.head_p)
+  d_out = do_ref[...].reshape(tiling.rows, geo.v_head_p)
+  lse, delta = (x[...].reshape(tiling.rows, 1) for x in (lse_ref, delta_ref))
+  row = pl.multiple_of(tile * tq, tq)
+
+  def step(masked, key_tile, carry):
+    dq, d_scale = carry
+    col = pl.multiple_of(key_tile * tk, tk)
+    at = _At(m, r, row, col)
+    k = k_ref[pl.ds(col, tk), :]
+    grads = _tile_grads(tiling, masked, at, q, k, v_ref[pl.ds(col, tk), :], scale, d_out, lse,
+                        delta, operands, operand_grads=True)
+    # Tiles of other programs add into the same entries (broadcast dims, shared table entries).
+    for ref, d in zip(d_blocked_refs, grads.d_blocked, strict=True):
+      addupdate(ref, tiling.blocked_index(ref.shape, at), d.astype(ref.dtype))
+    for g, d in zip(grads.gathers, grads.d_gathered, strict=True):
+      d = d if g.inside is None else jnp.where(g.inside, d, 0)
+      addupdate(d_whole[g.leaf], g.where, d.astype(scale.dtype))
+    for i, d in grads.d_loaded.items():
+      ref = d_whole[i]
+      addupdate(ref, tuple(slice(None) for _ in ref.shape), d.reshape(ref.shape).astype(ref.dtype))
+    return dq + _dot(grads.d_s1, k), d_scale + jnp.sum(grads.d_s1 * grads.s0)
+
+  carry = (jnp.zeros((tiling.rows, geo.head_p), scale.dtype), jnp.zeros((), scale.dtype))
+  dq, d_scale = _visit(blocks, m, tile // (geo.block_q // tq), geo.block_k // tk, step, carry)
+  dq_ref[...] = (dq * scale).reshape(dq_ref.shape)
+  d_scale_ref[...] = d_scale
+
+
+def _dkv_kernel(tiling: _Tiling, blocks, scale_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                delta_ref, operands, dk_ref, dv_ref):
+  geo, tq, tk = tiling.geo, tiling.tq, tiling.tk
+  tile, m, r = _program()
+  operands = _operand_refs(operands)
+  scale = scale_ref[...]
+  k, v = k_ref[...], v_ref[...]
+  col = pl.multiple_of(tile * tk, tk)
+
+  def step(masked, query_tile, carry):
+    dk, dv = carry
+    row = pl.multiple_of(query_tile * tq, tq)
+    rows = pl.ds(row, tq)
+    q = q_ref[:, rows, :].reshape(tiling.rows, geo.head_p)
+    d_out = do_ref[:, rows, :].reshape(tiling.rows, geo.v_head_p)
+    lse, delta = (x[:, rows].reshape(tiling.rows, 1) for x in (lse_ref, delta_ref))
+    grads = _tile_grads(tiling, masked, _At(m, r, row, col), q, k, v, scale, d_out, lse,
+                        delta, operands, operand_grads=False)  # the dq pass gives those
+    return dk + _dot(grads.d_s1, q, (0, 0)), dv + _dot(grads.p, d_out, (0, 0))
+
+  carry = (jnp.zeros((tk, geo.head_p), scale.dtype), jnp.zeros((tk, geo.v_head_p), scale.dtype))
+  dk, dv = _visit(blocks, m, tile // (geo.block_k // tk), geo.block_q // tq, step, carry)
+  dk_ref[...] = dk * scale
+  dv_ref[...] = dv
+
+
+# --- calls -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """The static part of a call (a ``custom_vjp`` non-differentiable argument)."""
+
+  geo: _Geometry
+  sizes: BlockSizes
+  mods: Mods
+  interpret: bool
+
+  def tiling(self, rows: int, keys: int) -> _Tiling:
+    return _Tiling(self.geo, *self.geo.tiles(rows, keys), self.mods)
+
+  def params(self) -> plgpu.CompilerParams:
+    warps = self.sizes.num_warps
+    if warps is None:
+      warps = 4 if max(self.geo.head_p, self.geo.v_head_p) <= 64 else 8
+    return plgpu.CompilerParams(num_warps=warps, num_stages=self.sizes.num_stages)
+
+
+def _whole_spec(tree):
+  """Block specs giving the kernel whole arrays (tables, scale, operands)."""
+  return jax.tree.map(lambda _: pl.no_block_spec, tree)
+
+
+def _per_row(*tail: int | None) -> pl.BlockSpec:
+  """All of one ``(m, r)`` row: ``(..., *tail)`` with ``None`` (squeezed) for ``M`` and ``R``."""
+  return pl.BlockSpec((None, None, *tail), lambda t, m, r: (m, r) + (0,) * len(tail))
+
+
+def _query_tiles(geo: _Geometry, tq: int) -> tuple[pl.BlockSpec, pl.BlockSpec, pl.BlockSpec]:
+  """Specs of program ``(t, m, r)``'s query tile: ``(q (Gp, tq, Ep), out (Gp, tq, Evp), rows)``."""
+  gp = geo.groups_p
+  return (pl.BlockSpec((None, None, gp, tq, geo.head_p), lambda t, m, r: (m, r, 0, t, 0)),
+          pl.BlockSpec((None, None, gp, tq, geo.v_head_p), lambda t, m, r: (m, r, 0, t, 0)),
+          pl.BlockSpec((None, None, gp, tq), lambda t, m, r: (m, r, 0, t)))
+
+
+def _forward(q, k, v, blocks: KeyBlocks, operands: Operands, scale, cfg: _Config):
+  geo = cfg.geo
+  tiling = cfg.tiling(cfg.sizes.block_q, cfg.sizes.block_k)
+  lead = q.shape[:2]
+  gp, tq, dtype = geo.groups_p, tiling.tq, scale.dtype
+  q_tile, out_tile, lse_tile = _query_tiles(geo, tq)
+  return pl.pallas_call(
+      functools.partial(_forward_kernel, tiling),
+      grid=(geo.q_pad // tq,) + lead,
+      in_specs=[_whole_spec(blocks), pl.no_block_spec, q_tile, _per_row(geo.kv_pad, geo.head_p),
+                _per_row(geo.kv_pad, geo.v_head_p), _whole_spec(operands)],
+      out_specs=[out_tile, lse_tile],
+      out_shape=[jax.ShapeDtypeStruct(lead + (gp, geo.q_pad, geo.v_head_p), q.dtype),
+                 jax.ShapeDtypeStruct(lead + (gp, geo.q_pad), dtype)],
+      compiler_params=cfg.params(),
+      interpret=cfg.interpret,
+      name="jmat_block_sparse_forward",
+  )(blocks, scale, q, k, v, operands)
+
+
+def _block_maps(blocks: KeyBlocks, n_k: int) -> tuple[jax.Array, jax.Array]:
+  """Boolean ``(M, n_q, n_k)`` maps of the full and the partial blocks of a table."""
+  j = lax.iota(jnp.int32, n_k)
+
+  def listed(num, indices, first):
+    if indices is None:
+      return (j >= first[..., None]) & (j < (first + num)[..., None])
+    m, i, t = (lax.broadcasted_iota(jnp.int32, indices.shape, a) for a in range(3))
+    # The filler after the listed entries may repeat an index: max keeps a listed one True.
+    return jnp.zeros(num.shape + (n_k,), jnp.bool_).at[m, i, indices].max(
+        t < num[..., None], mode="drop")
+
+  full = listed(blocks.full_num, blocks.full_indices, jnp.zeros_like(blocks.full_num))
+  return full, listed(blocks.num, blocks.indices, blocks.full_num)
+
+
+def key_major_blocks(blocks: KeyBlocks, n_k: int) -> KeyBlocks:
+  """The key-major copy of a table: for every key block, its full and partial query blocks.
+
+  What a dk/dv pass that loops over query blocks per key block reads (as
+  splash attention's ``MaskInfo`` for its dkv kernel), so that no two programs
+  write the same key block. ``n_k`` is the number of key blocks.
+
+  Returns:
+    A :class:`KeyBlocks` with ``num``/``full_num`` ``(M, n_k)`` and index lists ``(M, n_k, n_q)``.
+  """
+  full, partial = _block_maps(blocks, n_k)
+  return key_blocks_from_dense(jnp.swapaxes(partial, 1, 2), jnp.swapaxes(full, 1, 2))
+
+
+def _backward(cfg: _Config, q, k, v, blocks, operands, scale, d_out, lse, delta):
+  """``(dq, dk, dv, d_scale, d_whole (float leaves), d_blocked (float operands))``."""
+  geo = cfg.geo
+  lead, gp, dtype = q.shape[:2], geo.groups_p, scale.dtype
+  whole, blocked = operands
+  # A scalar leaf's gradient is (1,): Triton adds to a ref through an index.
+  zeros = ([jnp.zeros(x.shape or (1,), dtype) for x in jax.tree.leaves(whole) if _inexact(x)],
+           [jnp.zeros(x.shape, dtype) for x in blocked if _inexact(x)])
+  tables = [_whole_spec(blocks), pl.no_block_spec]
+  ins = (blocks, scale, q, k, v, d_out, lse, delta, operands)
+
+  tiling = cfg.tiling(cfg.sizes.block_q_dq, cfg.sizes.block_k_dq)
+  q_tile, do_tile, row_tile = _query_tiles(geo, tiling.tq)
+  n_tiles = geo.q_pad // tiling.tq
+  n_zeros = len(zeros[0]) + len(zeros[1])
+  dq, d_scale, d_whole, d_blocked = pl.pallas_call(
+      functools.partial(_dq_kernel, tiling),
+      grid=(n_tiles,) + lead,
+      in_specs=tables + [q_tile, _per_row(geo.kv_pad, geo.head_p),
+                         _per_row(geo.kv_pad, geo.v_head_p), do_tile, row_tile, row_tile,
+                         _whole_spec(operands), _whole_spec(zeros)],
+      out_specs=[q_tile, pl.BlockSpec((None, None, None), lambda t, m, r: (t, m, r)),
+                 _whole_spec(zeros[0]), _whole_spec(zeros[1])],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, dtype),
+                 jax.ShapeDtypeStruct((n_tiles,) + lead, dtype),
+                 [jax.ShapeDtypeStruct(x.shape, dtype) for x in zeros[0]],
+                 [jax.ShapeDtypeStruct(x.shape, dtype) for x in zeros[1]]],
+      # The operands' gradients start at zero and are added to in place.
+      input_output_aliases={len(jax.tree.leaves(ins)) + n: 2 + n for n in range(n_zeros)},
+      compiler_params=cfg.params(),
+      interpret=cfg.interpret,
+      name="jmat_block_sparse_dq",
+  )(*ins, zeros)
+
+  tiling = cfg.tiling(cfg.sizes.block_q_dkv, cfg.sizes.block_k_dkv)
+  tk = tiling.tk
+  dk_tile = pl.BlockSpec((None, None, tk, geo.head_p), lambda t, m, r: (m, r, t, 0))
+  dv_tile = pl.BlockSpec((None, None, tk, geo.v_head_p), lambda t, m, r: (m, r, t, 0))
+  by_key = key_major_blocks(blocks, geo.n_k)
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, tiling),
+      grid=(geo.kv_pad // tk,) + lead,
+      in_specs=[_whole_spec(by_key), pl.no_block_spec, _per_row(gp, geo.q_pad, geo.head_p),
+                dk_tile, dv_tile, _per_row(gp, geo.q_pad, geo.v_head_p),
+                _per_row(gp, geo.q_pad), _per_row(gp, geo.q_pad), _whole_spec(operands)],
+      out_specs=[dk_tile, dv_tile],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)],
+      compiler_params=cfg.params(),
+      interpret=cfg.interpret,
+      name="jmat_block_sparse_dkv",
+  )(by_key, *ins[1:])
+  return dq, dk, dv, jnp.sum(d_scale), d_whole, d_blocked
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attend(q, k, v, blocks, operands, scale, cfg: _Config):
+  return _forward(q, k, v, blocks, operands, scale, cfg)
+
+
+def _attend_fwd(q, k, v, blocks, operands, scale, cfg: _Config):
+  out, lse = _forward(q, k, v, blocks, operands, scale, cfg)
+  return (out, lse), (q, k, v, blocks, operands, scale, out, lse)
+
+
+def _attend_bwd(cfg: _Config, residuals, cotangents):
+  q, k, v, blocks, operands, scale, out, lse = residuals
+  d_out, d_lse = cotangents
+  dtype = lse.dtype
+  d_out = d_out.astype(dtype)
+  delta = jnp.sum(d_out * out.astype(dtype), axis=-1) - d_lse.astype(dtype)
+  # Rows that saw no key have lse = -inf: an lse of +inf makes their p exactly 0.
+  lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
+  dq, dk, dv, d_scale, d_whole, d_blocked = _backward(
+      cfg, q, k, v, blocks, operands, scale, d_out, lse, delta)
+  d_whole, d_blocked = iter(d_whole), iter(d_blocked)
+
+  def cotangent(x, grads):
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+      return next(grads).reshape(x.shape).astype(x.dtype)
+    return _zero_cotangent(x)
+
+  whole, blocked = operands
+  d_operands = (jax.tree.map(lambda x: cotangent(x, d_whole), whole),
+                tuple(cotangent(x, d_blocked) for x in blocked))
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+          jax.tree.map(_zero_cotangent, blocks), d_operands, d_scale.astype(scale.dtype))
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    blocks: KeyBlocks,
+    operands: Operands,
+    scale: jax.Array,
+    *,
+    mods: Mods,
+    block_q: int,
+    block_k: int,
+    interpret: bool = False,
+    block_sizes: BlockSizes = BlockSizes(),
+) -> tuple[jax.Array, jax.Array]:
+  """Block-sparse attention of ``q (M, R, G, L, E)`` over ``k, v (M, R, S, E|Ev)`` with Triton.
+
+  The interface of :func:`jmat._src.block_sparse.attend`: ``blocks`` lists
+  blocks of ``(block_q, block_k)`` and never marks full a block holding
+  padding keys; ``mods`` and ``operands = (whole, blocked)`` as there, blocked
+  operands ``(M|1, R|1, G|1, L|1, S|1)``. Differentiable in ``q``, ``k``,
+  ``v``, ``scale`` and the float operand leaves.
+
+  Args:
+    q, k, v, blocks, operands, scale, mods, block_q, block_k: as the xla backend's.
+    interpret: run the kernels in Pallas' interpreter (on any platform; tests).
+    block_sizes: the kernels' tiles and launch parameters.
+
+  Returns:
+    ``(out (M, R, G, L, Ev), lse (M, R, G, L))``: ``out`` in q's dtype, ``lse``
+    (natural log, ``-inf`` for a query that sees no key; its output row is 0)
+    in the compute dtype (float32, float64 for float64 inputs).
+
+  Raises:
+    ValueError: a block size the kernel cannot tile, or a head dim it cannot hold.
+  """
+  geo = _geometry(q.shape, k.shape, v.shape, block_q, block_k)
+  if isinstance(geo, str):
+    raise ValueError(geo)
+  dtype = osm.compute_dtype(q.dtype)
+  groups, length, _ = q.shape[-3:]
+  v_head = v.shape[-1]
+  if length == 0 or k.shape[-2] == 0:  # no program to run: nothing seen
+    return (jnp.zeros(q.shape[:-1] + (v_head,), q.dtype), jnp.full(q.shape[:-1], -jnp.inf, dtype))
+  whole, blocked = operands
+  whole = jax.tree.map(jnp.asarray, whole)
+  blocked = tuple(_pad(_pad(_pad(jnp.asarray(x), 2, geo.groups_p, True), 3, geo.q_pad, True),
+                       4, geo.kv_pad, True) for x in blocked)
+  q = _pad(_pad(_pad(q, 2, geo.groups_p), 3, geo.q_pad), 4, geo.head_p)
+  k = _pad(_pad(k, 2, geo.kv_pad), 3, geo.head_p)
+  v = _pad(_pad(v, 2, geo.kv_pad), 3, geo.v_head_p)
+  cfg = _Config(geo, block_sizes, mods, interpret)
+  out, lse = cast(tuple[jax.Array, jax.Array], _attend(
+      q, k, v, blocks, (whole, blocked), jnp.asarray(scale).astype(dtype), cfg))
+  return out[:, :, :groups, :length, :v_head], lse[:, :, :groups, :length]
+
+
+def unsupported(q, k, v, operands: Operands, mods: Mods, block_q: int, block_k: int, *,
+                block_sizes: BlockSizes = BlockSizes()) -> str | None:
+  """Why the Triton kernels cannot run this call, or None when they can.
+
+  The tiling rules are checked first (block sizes, head dims); then the
+  forward and backward kernels are lowered for CUDA with these shapes, dtypes,
+  operands and mods (cached per call signature): a mod Triton cannot lower (a
+  gather from a computed array, an op without a Triton lowering, a whole
+  operand read whole whose size is not a power of two) is reported with the
+  lowering's error.
+
+  Args:
+    q, k, v: the arrays (or anything with ``shape`` and ``dtype``) of :func:`attend`.
+    operands: ``(whole, blocked)``.
+    mods: the mods.
+    block_q, block_k: the block table's blocks.
+    block_sizes: the tiles.
+
+  Returns:
+    The reason, naming the rule or the lowering error; None when supported.
+  """
+  geo = _geometry(q.shape, k.shape, v.shape, block_q, block_k)
+  if isinstance(geo, str):
+    return geo
+  leaves, tree = jax.tree.flatten(operands)
+  signature = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, *leaves))
+  return _lowering_failure(signature, tree, mods, block_q, block_k, block_sizes)
+
+
+@functools.lru_cache(maxsize=64)
+def _lowering_failure(signature: tuple[jax.ShapeDtypeStruct, ...], tree, mods: Mods,
+                      block_q: int, block_k: int, block_sizes: BlockSizes) -> str | None:
+  """The error of lowering the forward and backward kernels for CUDA, or None."""
+  q, k, v, *leaves = signature
+  floats = [jnp.issubdtype(x.dtype, jnp.inexact) for x in leaves]
+  n_q = -(-q.shape[-2] // block_q)
+
+  def loss(q, k, v, scale, float_leaves, other_leaves):
+    float_leaves, other_leaves = iter(float_leaves), iter(other_leaves)
+    merged = [next(float_leaves) if f else next(other_leaves) for f in floats]
+    ones = jnp.ones((q.shape[0], n_q), jnp.int32)
+    blocks = KeyBlocks(ones, None, ones, None)  # any counts: the kernels trace both kinds
+    out, _ = attend(q, k, v, blocks, jax.tree.unflatten(tree, merged), scale, mods=mods,
+                    block_q=block_q, block_k=block_k, block_sizes=block_sizes)
+    return jnp.sum(out.astype(jnp.float32))
+
+  scale = jax.ShapeDtypeStruct((), osm.compute_dtype(q.dtype))
+  args = (q, k, v, scale, [x for x, f in zip(leaves, floats, strict=True) if f],
+          [x for x, f in zip(leaves, floats, strict=True) if not f])
+  try:
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(*args).lower(
+        lowering_platforms=("cuda",))
+  except Exception as error:  # the lowering's own message is the reason
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{_NAME}: the kernels do not lower to Triton: {type(error).__name__}: {first}"
+  return None

@@ -1,0 +1,411 @@
+"""The Mosaic (TPU) backend of the block-sparse kernel (jmat._src.kernels.mosaic).
+
+Its three kernels run in Pallas interpret mode on CPU against tests/cases.py's numpy float64
+oracle: outputs and logsumexp, and the gradients of q, k, v, the scale, captured float tables
+and blocked float operands against central differences of the oracle along random directions
+(the directional derivatives ``jax.test_util.check_grads`` takes, here of an independent
+function). The mods are written once, for broadcastable ``(m, r, g, q, k)`` index arrays: the
+oracle evaluates them on the whole ``(M, R, G, L, S)`` grid, the kernel on its tiles. On this
+CPU-only machine, the TPU lowering proves the kernels are what runs: the forward pass and the
+gradient hold their ``tpu_custom_call``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from jmat._src import block_sparse
+from jmat._src.kernels import mosaic
+from tests.cases import attention_reference, tolerance
+
+RNG = np.random.default_rng(20261130)
+
+
+class Index(NamedTuple):
+  """Broadcastable index arrays of the scores: table row, batch row, head, query, key."""
+
+  m: Any
+  r: Any
+  g: Any
+  q: Any
+  k: Any
+
+
+def kernel_mods(score=None, mask=None) -> block_sparse.Mods:
+  """The kernel's mods from rules ``score(s, index, ops)`` and ``mask(index, ops)``."""
+
+  def index(m, r, g, q_pos, k_pos):  # the kernel's (R',), (G',), (bq,), (bk,) vectors
+    return Index(m, r[:, None, None, None], g[None, :, None, None], q_pos[:, None],
+                 k_pos[None, :])
+
+  return block_sparse.Mods(
+      score=None if score is None else (
+          lambda s, m, r, g, q_pos, k_pos, ops: score(s, index(m, r, g, q_pos, k_pos), ops)),
+      mask=None if mask is None else (
+          lambda m, r, g, q_pos, k_pos, ops: mask(index(m, r, g, q_pos, k_pos), ops)))
+
+
+# --- rules ---------------------------------------------------------------------------------
+
+
+def causal(idx, ops):
+  del ops
+  return idx.k <= idx.q
+
+
+def bottom_right(offset):
+  return lambda idx, ops: idx.k <= idx.q + offset
+
+
+def window(width):
+  return lambda idx, ops: (idx.k <= idx.q) & (idx.q - idx.k < width)
+
+
+def same_document(idx, ops):
+  docs = ops[0]["docs"]
+  return (docs[idx.r, idx.q] == docs[idx.r, idx.k]) & (idx.k <= idx.q)
+
+
+def dense_mask(idx, ops):
+  del idx
+  return ops[1][0]
+
+
+def softcap_alibi_biases(s, idx, ops):
+  """A temperature, ALiBi slopes per (r, g), three blocked biases, then a tanh softcap."""
+  whole, (full_bias, key_bias, query_bias) = ops
+  relative = whole["slopes"][idx.r, idx.g] * (idx.k - idx.q)
+  s = whole["temp"] * s + relative + full_bias + key_bias + query_bias
+  return 4.0 * jnp.tanh(s / 4.0)
+
+
+# --- block tables --------------------------------------------------------------------------
+
+
+def block_maps(allowed: np.ndarray, block_q: int, block_k: int):
+  """``(full, partial)`` ``(M, n_q, n_k)`` maps of an entry mask ``(M, R|1, G|1, L, S)``.
+
+  Full: every real query row sees every key of the block (so never a block holding padding
+  keys); partial: some pair is allowed; the union over the rows and heads of a table row.
+  """
+  m, r, g, length, keys = allowed.shape
+  n_q, n_k = -(-length // block_q), -(-keys // block_k)
+  grid = np.zeros((m, r, g, n_q * block_q, n_k * block_k), bool)
+  grid[..., :length, :keys] = allowed
+  padding_rows = (np.arange(n_q * block_q) >= length)[:, None]
+  shape = (m, r, g, n_q, block_q, n_k, block_k)
+  full = (grid | padding_rows).reshape(shape).all(axis=(1, 2, 4, 6))
+  return full, grid.reshape(shape).any(axis=(1, 2, 4, 6)) & ~full
+
+
+def tables_from_mask(allowed, block_q, block_k):
+  full, partial = block_maps(allowed, block_q, block_k)
+  return block_sparse.key_blocks_from_dense(jnp.asarray(partial), jnp.asarray(full)), allowed
+
+
+def random_tables(allowed, block_q, block_k):
+  """Random tables per row (query block 1 of row 0 empty); what the kernel then computes."""
+  m, _, _, length, keys = allowed.shape
+  n_q, n_k = -(-length // block_q), -(-keys // block_k)
+  state = RNG.integers(0, 3, size=(m, n_q, n_k))  # 0 empty, 1 partial, 2 full
+  state[0, 1] = 0
+  if keys % block_k:  # a block holding padding keys is never full
+    state[..., -1] = np.minimum(state[..., -1], 1)
+  full, partial = state == 2, state == 1
+
+  def per_entry(x):
+    x = np.repeat(np.repeat(x, block_q, axis=1), block_k, axis=2)[:, :length, :keys]
+    return x[:, None, None]
+
+  blocks = block_sparse.key_blocks_from_dense(jnp.asarray(partial), jnp.asarray(full))
+  return blocks, per_entry(full) | (per_entry(partial) & allowed)
+
+
+def causal_ranges(allowed, block_q, block_k):
+  length, keys = allowed.shape[-2:]
+  return block_sparse.causal_key_blocks(length, keys, block_q, block_k), allowed
+
+
+def dense_ranges(allowed, block_q, block_k):
+  length, keys = allowed.shape[-2:]
+  return block_sparse.dense_key_blocks(length, keys, block_q, block_k), allowed
+
+
+# --- cases ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One attention problem: sizes, block tables, rules and their operands."""
+
+  shape: tuple[int, int, int, int, int, int, int]  # M, R, G, L, S, E, Ev
+  block_q: int
+  block_k: int
+  tables: Callable
+  mask: Callable | None = None
+  score: Callable | None = None
+  whole: Callable[..., dict] = lambda *shape: {}
+  blocked: Callable[..., tuple] = lambda *shape: ()
+  dtype: Any = np.float64
+
+
+def documents(m, r, g, length, keys):
+  del m, g, keys
+  return {"docs": np.sort(RNG.integers(0, 4, size=(r, length)), axis=1).astype(np.int32)}
+
+
+def random_bool_mask(m, r, g, length, keys):
+  del g
+  allowed = RNG.random((m, r, 1, length, keys)) > 0.4
+  allowed[1, 0, 0, 5] = False  # a query row that sees nothing in a listed block
+  return (allowed,)
+
+
+def alibi_and_temperature(m, r, g, length, keys):
+  del m, length, keys
+  return {"slopes": RNG.standard_normal((r, g)) * 0.1, "temp": np.asarray(0.8)}
+
+
+def three_biases(m, r, g, length, keys):
+  del m
+  return (RNG.standard_normal((1, r, 1, length, keys)), RNG.standard_normal((1, 1, g, 1, keys)),
+          RNG.standard_normal((1, r, g, length, 1)))
+
+
+CASES = {
+    "no_mask": Case((1, 2, 1, 37, 261, 16, 24), 16, 128, dense_ranges),
+    "causal_gqa_float32": Case((1, 1, 3, 150, 150, 24, 16), 32, 128, causal_ranges,
+                               mask=causal, dtype=np.float32),
+    "causal_gqa_bfloat16": Case((1, 1, 3, 150, 150, 24, 16), 32, 128, causal_ranges,
+                                mask=causal, dtype=jnp.bfloat16),
+    "causal_gqa_float16": Case((1, 1, 3, 150, 150, 24, 16), 32, 128, causal_ranges,
+                               mask=causal, dtype=np.float16),
+    "bottom_right_causal": Case((1, 2, 2, 37, 261, 16, 16), 8, 128, tables_from_mask,
+                                mask=bottom_right(261 - 37)),
+    "sliding_window": Case((1, 1, 2, 190, 190, 16, 16), 40, 128, tables_from_mask,
+                           mask=window(70)),
+    "documents": Case((1, 2, 1, 150, 150, 16, 24), 24, 128, tables_from_mask,
+                      mask=same_document, whole=documents),
+    "dense_mask_two_tables": Case((2, 2, 2, 37, 261, 16, 16), 16, 128, random_tables,
+                                  mask=dense_mask, blocked=random_bool_mask),
+    "softcap_alibi_biases": Case((2, 2, 2, 37, 261, 16, 24), 16, 128, random_tables,
+                                 score=softcap_alibi_biases, whole=alibi_and_temperature,
+                                 blocked=three_biases),
+    "decode": Case((1, 2, 4, 1, 261, 16, 16), 1, 128, dense_ranges),
+}
+
+
+# --- oracle and kernel ---------------------------------------------------------------------
+
+
+class Problem(NamedTuple):
+  """A case's arrays: the float inputs by name (differentiated) and the fixed ones."""
+
+  floats: dict[str, np.ndarray]
+  whole_ints: dict[str, np.ndarray]
+  blocked: tuple  # None where the blocked operand is float (it is in floats then)
+
+
+def make_problem(case: Case) -> Problem:
+  m, r, g, length, keys, e, ev = case.shape
+  floats = {"q": RNG.standard_normal((m, r, g, length, e)),
+            "k": RNG.standard_normal((m, r, keys, e)),
+            "v": RNG.standard_normal((m, r, keys, ev)), "scale": np.asarray(0.35)}
+  floats = {name: np.asarray(x.astype(case.dtype), np.float64) for name, x in floats.items()}
+  whole = case.whole(m, r, g, length, keys)
+  blocked = case.blocked(m, r, g, length, keys)
+  floats.update({f"whole {n}": x for n, x in whole.items() if x.dtype.kind == "f"})
+  floats.update({f"blocked {n}": x for n, x in enumerate(blocked) if x.dtype.kind == "f"})
+  return Problem(floats, {n: x for n, x in whole.items() if x.dtype.kind != "f"},
+                 tuple(None if x.dtype.kind == "f" else x for x in blocked))
+
+
+def operands(problem: Problem, floats: dict) -> block_sparse.Operands:
+  whole = dict(problem.whole_ints)
+  whole.update({n.split(" ")[1]: x for n, x in floats.items() if n.startswith("whole ")})
+  blocked = tuple(floats[f"blocked {n}"] if x is None else x
+                  for n, x in enumerate(problem.blocked))
+  return whole, blocked
+
+
+def entry_mask(case: Case, problem: Problem) -> np.ndarray:
+  """The case's mask rule over the ``(M, 1|R, 1|G, L, S)`` grid (all True without one)."""
+  m, r, g, length, keys, _, _ = case.shape
+  if case.mask is None:
+    return np.ones((m, 1, 1, length, keys), bool)
+  index = Index(*np.ix_(*(np.arange(n) for n in (m, r, g, length, keys))))
+  allowed = np.asarray(case.mask(index, operands(problem, problem.floats)))
+  return np.broadcast_to(allowed, np.broadcast_shapes(allowed.shape, (m, 1, 1, length, keys)))
+
+
+def oracle(case: Case, problem: Problem, allowed: np.ndarray, floats: dict):
+  """``(out, lse)`` of the numpy float64 oracle; ``allowed`` is what the tables let through."""
+  ops = operands(problem, floats)
+  score_fn = None
+  if case.score is not None:
+    def score_fn(s, *index):
+      return np.asarray(case.score(s, Index(*index), ops))
+  k, v = floats["k"][:, :, None], floats["v"][:, :, None]  # one key/value head for G queries
+  return attention_reference(floats["q"], k, v, allowed=allowed, score_fn=score_fn,
+                             scale=float(floats["scale"]), return_lse=True)
+
+
+def loss(out, lse, d_out, d_lse) -> float:
+  return float(np.sum(d_out * out) + np.sum(d_lse * np.where(np.isfinite(lse), lse, 0.0)))
+
+
+def kernel_values_and_grads(case: Case, problem: Problem, blocks, d_out, d_lse,
+                            interpret: mosaic.Interpret = True):
+  mods = kernel_mods(case.score, case.mask)
+  names = list(problem.floats)
+
+  def attend(*arrays):
+    floats = dict(zip(names, arrays, strict=True))
+    return mosaic.attend(floats["q"], floats["k"], floats["v"], blocks,
+                         operands(problem, floats), floats["scale"], mods=mods,
+                         block_q=case.block_q, block_k=case.block_k, interpret=interpret)
+
+  @jax.jit
+  def values_and_grads(*arrays):
+    (out, lse), vjp = jax.vjp(attend, *arrays)
+    return out, lse, vjp((d_out.astype(out.dtype), d_lse.astype(lse.dtype)))
+
+  dtype = case.dtype
+  arrays = [jnp.asarray(x, dtype if n in ("q", "k", "v") else np.float64)
+            for n, x in problem.floats.items()]
+  with jax.default_matmul_precision("highest"):
+    out, lse, grads = values_and_grads(*arrays)
+  return out, lse, dict(zip(names, grads, strict=True))
+
+
+# Every case in the HLO interpreter; the richest also in the TPU interpreter, which copies blocks
+# in and out as the grid moves (as the TPU does), fills fresh buffers with NaN and refuses an
+# output block revisited after the grid left it.
+RUNS = [(name, True) for name in CASES] + [("softcap_alibi_biases", pltpu.InterpretParams())]
+
+
+@pytest.mark.parametrize("name, interpret", RUNS, ids=[
+    name + ("" if how is True else "-tpu_interpreter") for name, how in RUNS])
+def test_attend_matches_the_oracle_and_its_finite_differences(name, interpret):
+  case = CASES[name]
+  problem = make_problem(case)
+  blocks, allowed = case.tables(entry_mask(case, problem), case.block_q, case.block_k)
+  want_out, want_lse = oracle(case, problem, allowed, problem.floats)
+  d_out = np.asarray(RNG.standard_normal(want_out.shape).astype(case.dtype), np.float64)
+  d_lse = np.where(np.isfinite(want_lse), RNG.standard_normal(want_lse.shape), 0.0)
+  out, lse, grads = kernel_values_and_grads(case, problem, blocks, d_out, d_lse, interpret)
+
+  assert out.dtype == case.dtype and out.shape == want_out.shape
+  assert lse.dtype == (np.float64 if case.dtype == np.float64 else np.float32)
+  tol = tolerance(case.dtype)
+  np.testing.assert_allclose(np.asarray(out, np.float64), want_out, **tol)
+  np.testing.assert_allclose(lse, want_lse, **tol)
+  unseen = np.isneginf(want_lse)  # queries that may see no key: out 0, lse -inf, no gradient
+  if name == "dense_mask_two_tables":
+    assert unseen.any()
+  assert np.all(np.asarray(out)[unseen] == 0) and np.all(np.isneginf(np.asarray(lse)[unseen]))
+  assert np.all(np.asarray(grads["q"])[unseen] == 0)
+
+  step = 1e-5
+  for n, (input_name, x) in enumerate(problem.floats.items()):
+    direction = np.random.default_rng(n).standard_normal(x.shape)
+    ends = [loss(*oracle(case, problem, allowed, {**problem.floats, input_name: x + sign * step *
+                                                   direction}), d_out, d_lse) for sign in (1, -1)]
+    want = (ends[0] - ends[1]) / (2 * step)
+    grad = np.asarray(grads[input_name], np.float64)
+    assert grad.shape == x.shape and np.isfinite(grad).all(), input_name
+    assert abs(want) > 1e-3, input_name  # the case does exercise this input
+    # Each term of the sum may be off by the dtype's relative error: bound by their magnitudes.
+    magnitude = np.sum(np.abs(grad * direction))
+    np.testing.assert_allclose(np.sum(grad * direction), want, rtol=0,
+                               atol=max(tol["rtol"], 1e-7) * magnitude, err_msg=input_name)
+
+
+# --- the TPU lowering, unsupported mods, block sizes ----------------------------------------
+
+
+def softcap_temperature_bias(s, idx, ops):
+  """Mods Mosaic lowers: a whole scalar, a blocked bias, a tanh softcap."""
+  del idx
+  whole, (bias,) = ops
+  return 4.0 * jnp.tanh((whole["temp"] * s + bias) / 4.0)
+
+
+def alibi_gather(s, idx, ops):
+  """ALiBi slopes read from a whole table by head: a gather, which Mosaic does not lower."""
+  return s + ops[0]["slopes"][idx.r, idx.g] * (idx.k - idx.q)
+
+
+M, R, G, L, S, E, EV = 1, 2, 2, 37, 261, 16, 24
+
+
+def abstract(dtype=jnp.bfloat16, slopes=False):
+  """Shapes of q, k, v and operands (a scalar, a blocked bias; or slopes) for the TPU lowering."""
+  f32 = jnp.float32
+  whole = {"slopes": jax.ShapeDtypeStruct((R, G), f32)} if slopes else {
+      "temp": jax.ShapeDtypeStruct((), f32)}
+  blocked = () if slopes else (jax.ShapeDtypeStruct((1, R, 1, L, S), f32),)
+  return (jax.ShapeDtypeStruct((M, R, G, L, E), dtype), jax.ShapeDtypeStruct((M, R, S, E), dtype),
+          jax.ShapeDtypeStruct((M, R, S, EV), dtype), (whole, blocked))
+
+
+@pytest.mark.parametrize("gradient", [False, True])
+def test_lowers_to_the_tpu_kernels(gradient):
+  """One tpu_custom_call forward; the gradient adds the dq and the dk/dv kernels."""
+  mods = kernel_mods(softcap_temperature_bias, causal)
+  blocks = block_sparse.causal_key_blocks(L, S, 16, 128)
+
+  def forward(q, k, v, ops, scale):
+    return mosaic.attend(q, k, v, blocks, ops, scale, mods=mods, block_q=16, block_k=128)
+
+  def gradients(*args):
+    def loss(*args):
+      out, lse = forward(*args)
+      return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+    return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*args)
+
+  args = (*abstract(), jax.ShapeDtypeStruct((), jnp.float32))
+  text = jax.jit(gradients if gradient else forward).trace(*args).lower(
+      lowering_platforms=("tpu",)).as_text()
+  assert text.count("tpu_custom_call") == (3 if gradient else 1)
+  names = ("fwd", "dq", "dkv") if gradient else ("fwd",)
+  assert all(f"jmat_block_sparse_{name}" in text for name in names)
+
+
+def test_unsupported_accepts_mods_mosaic_lowers():
+  q, k, v, ops = abstract()
+  mods = kernel_mods(softcap_temperature_bias, causal)
+  assert mosaic.unsupported(q, k, v, ops, mods, 16, 128) is None
+
+
+@pytest.mark.parametrize("problem, expected", [
+    ("gather", "gather"), ("float64", "float64"), ("block_q", "block_q=12 does not tile 37"),
+    ("block_k", "block_k=100 does not tile 261")])
+def test_unsupported_says_why(problem, expected):
+  q, k, v, ops = abstract(jnp.float64 if problem == "float64" else jnp.bfloat16,
+                          slopes=problem == "gather")
+  mods = kernel_mods(alibi_gather if problem == "gather" else softcap_temperature_bias)
+  block_q, block_k = {"block_q": (12, 128), "block_k": (16, 100)}.get(problem, (16, 128))
+  reason = mosaic.unsupported(q, k, v, ops, mods, block_q, block_k)
+  assert reason is not None and expected in reason, reason
+
+
+@pytest.mark.parametrize("block_q, block_k, valid", [
+    (12, 128, "multiple of 8, i.e. 8, 16, 24, ..., or any size >= 37"),
+    (16, 100, "multiple of 128, i.e. 128, 256, 384, ..., or any size >= 261")])
+def test_block_sizes_the_tpu_cannot_tile_raise_naming_the_valid_ones(block_q, block_k, valid):
+  q, k, v = np.zeros((M, R, G, L, E)), np.zeros((M, R, S, E)), np.zeros((M, R, S, EV))
+  blocks = block_sparse.dense_key_blocks(L, S, block_q, block_k)
+  with pytest.raises(ValueError, match=re.escape(valid)):
+    mosaic.attend(q, k, v, blocks, ((), ()), jnp.asarray(1.0), mods=block_sparse.Mods(),
+                  block_q=block_q, block_k=block_k, interpret=True)

@@ -1,0 +1,449 @@
+"""The Triton backend of the block-sparse kernel (jmat._src.kernels.triton) vs float64 oracles.
+
+Values run in Pallas' interpreter on CPU (``interpret=True``) against tests/cases.py's numpy
+attention oracle; gradients (q, k, v, scale, whole and blocked float operands) against torch
+float64 autograd of a dense reference. Every mod is written once for an array namespace ``xp``
+(numpy, torch or jax.numpy), so the kernel and both oracles evaluate the same formula. Block
+tables come from a numpy reduction of the dense mask. Lowering for CUDA proves the forward and
+the gradient compile to the Triton custom call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jmat._src import block_sparse
+from jmat._src.kernels import triton
+from tests.cases import attention_reference, tolerance
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """A problem in the kernel's layout: sizes, the mask and score formulas, their operands.
+
+  ``mask(xp, b, h, q, k, whole, blocked)`` and ``score(xp, s, b, h, q, k, whole, blocked)`` take
+  broadcastable index arrays: ``b`` the batch/head row ``r``, ``h = r * G + g`` the query head,
+  ``q``/``k`` positions; ``whole`` a dict of arrays read as they are, ``blocked`` arrays of shape
+  ``(M|1, R|1, G|1, L|1, S|1)`` (the kernel passes tiles of them).
+  """
+
+  name: str
+  m: int
+  r: int
+  g: int
+  length: int
+  keys: int
+  head: int
+  v_head: int
+  block_q: int
+  block_k: int
+  dtype: Any = np.float64
+  mask: Callable[..., Any] | None = None
+  score: Callable[..., Any] | None = None
+  whole: Callable[[np.random.Generator], dict[str, Any]] = lambda rng: {}
+  blocked: Callable[[np.random.Generator], tuple[np.ndarray, ...]] = lambda rng: ()
+  ranges: Callable[[], block_sparse.KeyBlocks] | None = None  # a range table instead of lists
+  empty_query_block: bool = False  # row 0 of the table lists nothing for query block 1
+  sizes: triton.BlockSizes = triton.BlockSizes(16, 16, 16, 16, 16, 16)
+
+
+def causal(xp, b, h, q, k, whole, blocked):
+  del xp, b, h, whole, blocked
+  return q >= k
+
+
+def bottom_right_window(offset, window):
+  def mask(xp, b, h, q, k, whole, blocked):
+    del xp, b, h, whole, blocked
+    return (q + offset >= k) & (q + offset - k <= window)
+
+  return mask
+
+
+def documents(xp, b, h, q, k, whole, blocked):
+  """Causal within a document of a packed batch: ``docs (R, L)`` int ids, a gather by (b, q)."""
+  del xp, h, blocked
+  docs = whole["docs"]
+  return (docs[b, q] == docs[b, k]) & (q >= k)
+
+
+def per_query_temperature(xp, s, b, h, q, k, whole, blocked):
+  """``s / t[q]``: a blocked ``(1, 1, 1, L, 1)`` operand, inf on the padding rows (zeros)."""
+  del xp, b, h, q, k, whole
+  return s / blocked[0]
+
+
+def softcap(xp, s, b, h, q, k, whole, blocked):
+  del b, h, q, k, whole, blocked
+  return 5.0 * xp.tanh(s / 5.0)
+
+
+def alibi_relative(xp, s, b, h, q, k, whole, blocked):
+  """ALiBi slopes indexed by head and a learnable relative bias ``(H, L + S - 1)``."""
+  del b, blocked
+  distance = k - q
+  return s + whole["slopes"][h] * distance + whole["table"][h, distance + whole["table_mid"]]
+
+
+def blocked_mask(xp, b, h, q, k, whole, blocked):
+  del xp, b, h, q, k, whole
+  return blocked[0]
+
+
+def tempered_bias(xp, s, b, h, q, k, whole, blocked):
+  """A whole float scalar (read whole, not gathered) and two broadcast blocked float biases.
+
+  ``1 / blocked[2]`` is inf on the zero padding of its head and query dims: the kernel must keep
+  the padding heads and rows out of the gradients.
+  """
+  del xp, b, h, q, k
+  return whole["temp"] * s + blocked[1] + 1.0 / blocked[2]
+
+
+def random_mask(rng, shape, masked_row):
+  """A random bool mask (70% allowed) with row ``masked_row = (m, l)`` fully masked."""
+  mask = rng.random(shape) > 0.3
+  mask[masked_row[0], ..., masked_row[1], :] = False
+  return mask
+
+
+CASES = [
+    # No mask, every block full; table blocks of 32 cut into tiles of 16; x64 off (float32).
+    Case("dense", 1, 2, 1, 37, 53, 16, 24, 32, 32, np.float32,
+         ranges=lambda: block_sparse.dense_key_blocks(37, 53, 32, 32)),
+    # Top-left causal as a range table: partial diagonal blocks, empty blocks above, full blocks
+    # holding padding rows; GQA G = 2; a per-query temperature.
+    Case("causal", 1, 1, 2, 37, 37, 24, 8, 16, 16, mask=causal, score=per_query_temperature,
+         blocked=lambda rng: (1.0 + rng.random((1, 1, 1, 37, 1)),),
+         ranges=lambda: block_sparse.causal_key_blocks(37, 37, 16, 16)),
+    Case("bottom_right_window", 1, 2, 1, 21, 53, 16, 16, 16, 16, "bfloat16",
+         mask=bottom_right_window(53 - 21, 12)),
+    Case("documents_softcap", 1, 2, 2, 45, 45, 16, 16, 16, 16, mask=documents, score=softcap,
+         whole=lambda rng: {"docs": np.repeat(np.array([[0, 1, 2], [0, 0, 1]]), 15, axis=1)}),
+    Case("alibi_relative_gqa4", 1, 1, 4, 37, 29, 16, 16, 16, 16, score=alibi_relative,
+         whole=lambda rng: {"slopes": rng.standard_normal(4), "table": rng.standard_normal((4, 65)),
+                        "table_mid": np.int32(36)}),
+    # M = 2 rows with different tables, a dense bool mask and float biases as blocked operands,
+    # a scalar temperature; query block 1 of row 0 is empty and one more row is fully masked.
+    Case("blocked_m2", 2, 2, 3, 37, 29, 5, 4, 16, 16, mask=blocked_mask, score=tempered_bias,
+         whole=lambda rng: {"temp": np.float64(0.8)},
+         blocked=lambda rng: (random_mask(rng, (2, 1, 1, 37, 29), masked_row=(1, 3)),
+                              rng.standard_normal((1, 2, 1, 37, 29)),
+                              1.0 + rng.random((1, 1, 3, 37, 1))),
+         empty_query_block=True),
+    # Decoding as flex attention calls it: one block per side, each as long as its side. 4 heads
+    # share a key/value head (tiles of 4 queries x 4 heads); the caller's full key block of 53
+    # becomes the kernel's 64 keys, whose padding full blocks must now mask.
+    Case("decode", 1, 2, 4, 1, 53, 16, 16, 1, 53, np.float16,
+         ranges=lambda: block_sparse.dense_key_blocks(1, 53, 1, 53)),
+]
+
+
+def grids(case: Case, xp=np):
+  """Broadcastable ``(b, h, q, k)`` over ``(M, R, G, L, S)``: the mods' index arrays."""
+  shape = (case.m, case.r, case.g, case.length, case.keys)
+  r, g, q, k = (xp.arange(n).reshape([n if a == axis else 1 for a in range(5)])
+                for axis, n in list(enumerate(shape))[1:])
+  return r, r * case.g + g, q, k
+
+
+def block_maps(allowed: np.ndarray, case: Case) -> tuple[np.ndarray, np.ndarray]:
+  """``(full, partial)`` ``(M, n_q, n_k)`` maps of a dense ``allowed (M, R|1, G|1, L, S)``.
+
+  Full: every real entry allowed in every row sharing the table row, and no padding key in the
+  block; partial: some but not all; padding rows and keys never count as allowed.
+  """
+  n_q, n_k = -(-case.length // case.block_q), -(-case.keys // case.block_k)
+  padded = np.zeros((case.m, n_q * case.block_q, n_k * case.block_k), bool)
+  real = np.zeros_like(padded)
+  real[:, :case.length, :case.keys] = True
+  padded[:, :case.length, :case.keys] = np.all(allowed, axis=(1, 2))
+  some = np.zeros_like(padded)
+  some[:, :case.length, :case.keys] = np.any(allowed, axis=(1, 2))
+  blocks = (case.m, n_q, case.block_q, n_k, case.block_k)
+  full = np.all(padded.reshape(blocks) | ~real.reshape(blocks), axis=(2, 4))
+  full &= np.all((np.arange(n_k * case.block_k) < case.keys).reshape(n_k, -1), axis=1)
+  return full, np.any(some.reshape(blocks), axis=(2, 4)) & ~full
+
+
+def problem(case: Case):
+  """Inputs, cotangents, the block table and the dense mask the kernel applies (numpy).
+
+  Random values come from a generator seeded by the case's name: the same whatever ran before.
+  """
+  rng = np.random.default_rng(zlib.crc32(case.name.encode()))
+  shape = (case.m, case.r)
+  q = rng.standard_normal(shape + (case.g, case.length, case.head))
+  k = rng.standard_normal(shape + (case.keys, case.head))
+  v = rng.standard_normal(shape + (case.keys, case.v_head))
+  d_out = rng.standard_normal(q.shape[:-1] + (case.v_head,))
+  d_lse = rng.standard_normal(q.shape[:-1])
+  dtype = jnp.dtype(case.dtype)
+  q, k, v = (np.asarray(jnp.asarray(x, dtype)) for x in (q, k, v))  # exact in the test dtype
+  whole, blocked = case.whole(rng), case.blocked(rng)
+  allowed = np.ones((case.m, 1, 1, case.length, case.keys), bool)
+  if case.mask is not None:
+    allowed = np.broadcast_to(case.mask(np, *grids(case), whole, blocked),
+                              (case.m, case.r, case.g, case.length, case.keys))
+  if case.ranges is not None:
+    blocks = case.ranges()
+  else:
+    full, partial = block_maps(allowed, case)
+    if case.empty_query_block:
+      full[0, 1], partial[0, 1] = False, False
+    blocks = block_sparse.key_blocks_from_dense(jnp.asarray(partial), jnp.asarray(full))
+  if case.empty_query_block:
+    allowed = allowed.copy()
+    allowed[0, ..., case.block_q:2 * case.block_q, :] = False
+  return (q, k, v), whole, blocked, blocks, allowed, (d_out, d_lse)
+
+
+def kernel_mods(case: Case) -> block_sparse.Mods:
+  """The case's formulas as the kernel's mods (tiles: ``r (1,)``, ``g (G',)``, positions)."""
+
+  def indices(r, g, q_pos, k_pos):
+    b = r[:, None, None, None]
+    return b, b * case.g + g[None, :, None, None], q_pos[:, None], k_pos[None, :]
+
+  score = mask = None
+  if case.score is not None:
+    def score(s, m, r, g, q_pos, k_pos, ops):
+      del m
+      return case.score(jnp, s, *indices(r, g, q_pos, k_pos), *ops)
+  if case.mask is not None:
+    def mask(m, r, g, q_pos, k_pos, ops):
+      del m
+      return case.mask(jnp, *indices(r, g, q_pos, k_pos), *ops)
+  return block_sparse.Mods(score, mask)
+
+
+def compute_dtype(case: Case) -> np.dtype:
+  return np.dtype(np.float64 if case.dtype == np.float64 else np.float32)
+
+
+def is_float(x) -> bool:
+  return bool(jnp.issubdtype(np.asarray(x).dtype, jnp.floating))  # bfloat16's numpy kind is "V"
+
+
+def floats(tree) -> list[str]:
+  return [name for name, x in tree.items() if is_float(x)]
+
+
+def torch_oracle(case: Case, qkv, whole, blocked, allowed, scale, d_out, d_lse):
+  """Gradients of ``sum(out * d_out) + sum(lse * d_lse)`` by torch float64 autograd.
+
+  Returns:
+    ``(gradients by name, sum of |terms| of d_scale)``.
+  """
+  def tensor(x, grad):
+    x = np.asarray(x)
+    kind = np.float64 if is_float(x) else np.bool_ if x.dtype == np.bool_ else np.int64
+    return torch.tensor(x.astype(kind)).requires_grad_(grad)
+
+  q, k, v = (tensor(x, True) for x in qkv)
+  scale_t = tensor(scale, True)
+  whole_t = {n: tensor(x, is_float(x)) for n, x in whole.items()}
+  blocked_t = [tensor(x, is_float(x)) for x in blocked]
+  products = torch.einsum("mrgle,mrse->mrgls", q, k)
+  s = scaled = scale_t * products
+  scaled.retain_grad()
+  if case.score is not None:
+    s = case.score(torch, s, *grids(case, torch), whole_t, blocked_t)
+  ok = torch.tensor(np.asarray(allowed)) & (s != -torch.inf)
+  seen = ok.any(dim=-1, keepdim=True)
+  # Rows that see nothing take a constant instead of -inf everywhere (no 0 * NaN in autograd).
+  s = torch.where(ok, s, -torch.inf)
+  s = torch.where(seen, s, torch.zeros_like(s))
+  lse = torch.logsumexp(s, dim=-1, keepdim=True)
+  w = torch.where(ok, torch.exp(s - lse), torch.zeros_like(s))
+  out = torch.einsum("mrgls,mrse->mrgle", w, v)
+  lse = torch.where(seen, lse, torch.zeros_like(lse))[..., 0]
+  (torch.sum(out * tensor(d_out, False)) + torch.sum(lse * tensor(d_lse, False))).backward()
+  grads = {"q": q.grad, "k": k.grad, "v": v.grad, "scale": scale_t.grad}
+  grads.update({f"whole {n}": whole_t[n].grad for n in floats(whole)})
+  grads.update({f"blocked {i}": t.grad for i, t in enumerate(blocked_t) if t.requires_grad})
+  # d_scale sums L * S * G terms of either sign: the scale of its rounding error.
+  terms = torch.sum(torch.abs(scaled.grad * products)).item()
+  return {name: g.numpy() for name, g in grads.items()}, terms
+
+
+def run(case: Case, qkv, whole, blocked, blocks, scale, d_out, d_lse, interpret=True):
+  """``(out, lse, grads by name)`` of the Triton kernel, jitted, with ``jax.vjp``."""
+  mods = kernel_mods(case)
+  float_names = floats(whole)
+  float_blocked = [i for i, x in enumerate(blocked) if is_float(x)]
+
+  def attend(q, k, v, scale, whole_f, blocked_f):
+    ops_whole = {n: whole_f.get(n, x) for n, x in whole.items()}
+    ops_blocked = tuple(blocked_f.get(i, x) for i, x in enumerate(blocked))
+    return triton.attend(q, k, v, blocks, (ops_whole, ops_blocked), scale, mods=mods,
+                         block_q=case.block_q, block_k=case.block_k, interpret=interpret,
+                         block_sizes=case.sizes)
+
+  @jax.jit
+  def values_and_grads(q, k, v, scale, whole_f, blocked_f):
+    (out, lse), vjp = jax.vjp(attend, q, k, v, scale, whole_f, blocked_f)
+    return out, lse, vjp((d_out.astype(out.dtype), d_lse.astype(lse.dtype)))
+
+  compute = compute_dtype(case)  # scale's dtype; the float operands' too, as callers pass them
+  whole_f = {n: jnp.asarray(whole[n], compute) for n in float_names}
+  blocked_f = {i: jnp.asarray(blocked[i], compute) for i in float_blocked}
+  with jax.default_matmul_precision("highest"):
+    out, lse, grads = values_and_grads(*(jnp.asarray(x) for x in qkv),
+                                       jnp.asarray(scale, compute), whole_f, blocked_f)
+  d_q, d_k, d_v, d_scale, d_whole, d_blocked = grads
+  named = {"q": d_q, "k": d_k, "v": d_v, "scale": d_scale}
+  named.update({f"whole {n}": d_whole[n] for n in float_names})
+  named.update({f"blocked {i}": d_blocked[i] for i in float_blocked})
+  return out, lse, named
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_values_and_gradients_match_float64_oracles(case):
+  qkv, whole, blocked, blocks, allowed, (d_out, d_lse) = problem(case)
+  scale = 0.35
+
+  def score_fn(s, m, r, g, q, k):
+    del m, g
+    return case.score(np, s, r, grids(case)[1], q, k, whole, blocked)
+
+  k_g, v_g = qkv[1][:, :, None], qkv[2][:, :, None]  # one key/value head for the G query heads
+  want_out, want_lse = attention_reference(
+      qkv[0], k_g, v_g, allowed=allowed, scale=scale, return_lse=True,
+      score_fn=None if case.score is None else score_fn)
+  d_lse = np.where(np.isfinite(want_lse), d_lse, 0.0)
+  with jax.enable_x64(case.dtype != np.float32):  # float32 runs with 64-bit types off
+    out, lse, grads = run(case, qkv, whole, blocked, blocks, scale, d_out, d_lse)
+  want_grads, scale_terms = torch_oracle(case, qkv, whole, blocked, allowed, scale, d_out, d_lse)
+
+  compute = compute_dtype(case)
+  assert out.dtype == jnp.dtype(case.dtype) and lse.dtype == compute
+  assert out.shape == want_out.shape and lse.shape == want_lse.shape
+  unseen = np.isneginf(want_lse)
+  assert unseen.any() == case.empty_query_block
+  np.testing.assert_array_equal(np.isneginf(lse), unseen)
+  np.testing.assert_array_equal(np.asarray(out)[unseen], 0.0)
+  tol = tolerance(case.dtype)
+  np.testing.assert_allclose(np.asarray(out, np.float64), want_out, **tol)
+  np.testing.assert_allclose(np.where(unseen, 0.0, lse), np.where(unseen, 0.0, want_lse),
+                             **tolerance(compute))
+  assert sorted(grads) == sorted(want_grads)
+  for name, want in want_grads.items():
+    got = np.asarray(grads[name], np.float64)
+    assert np.isfinite(got).all(), name
+    assert np.abs(want).max() > 0, name  # every gradient is really exercised
+    # In half precision out is rounded before delta = rowsum(d_out * out) (as torch does): every
+    # term of d_scale carries that rounding, and the sum may cancel far below its terms.
+    atol = tol["atol"] * (scale_terms if name == "scale" else 1.0)
+    np.testing.assert_allclose(got, want.reshape(got.shape), rtol=tol["rtol"], atol=atol,
+                               err_msg=f"d {name}")
+  if case.empty_query_block:
+    rows = np.broadcast_to(unseen[..., None], grads["q"].shape)
+    np.testing.assert_array_equal(np.asarray(grads["q"])[rows], 0.0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_forward_and_gradient_lower_to_the_triton_kernel(case):
+  """For CUDA: the forward holds one Triton call, the gradient three (forward, dq, dk/dv)."""
+  qkv, whole, blocked, blocks, _, _ = problem(case)
+  mods = kernel_mods(case)
+  dtype = jnp.dtype(case.dtype)
+  args = [jax.ShapeDtypeStruct(x.shape, dtype) for x in qkv] + [
+      jax.ShapeDtypeStruct((), compute_dtype(case))]
+
+  def attend(q, k, v, scale):
+    return triton.attend(q, k, v, blocks, (whole, blocked), scale, mods=mods,
+                         block_q=case.block_q, block_k=case.block_k, block_sizes=case.sizes)
+
+  def loss(*args):
+    out, lse = attend(*args)
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0))
+
+  with jax.enable_x64(case.dtype == np.float64):
+    forward = jax.jit(attend).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    gradient = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+  assert forward.count(TRITON_CALL) == 1
+  assert gradient.count(TRITON_CALL) == 3
+
+
+def test_unsupported_names_what_triton_cannot_do():
+  q = jax.ShapeDtypeStruct((1, 2, 3, 37, 16), jnp.float32)
+  k = jax.ShapeDtypeStruct((1, 2, 53, 16), jnp.float32)
+  none = ((), ())
+  causal_mods = kernel_mods(dataclasses.replace(CASES[1], score=None))
+  assert triton.unsupported(q, k, k, none, causal_mods, 16, 16) is None
+
+  reason = triton.unsupported(q, k, k, none, block_sparse.Mods(), 24, 16)
+  assert "block_q=24" in reason and "16, 32, 64, 128" in reason
+  assert triton.unsupported(q, k, k, none, block_sparse.Mods(), 64, 16) is None  # covers L
+  wide = jax.ShapeDtypeStruct((1, 2, 3, 37, 300), jnp.float32)
+  assert "E=300" in triton.unsupported(wide, wide, k, none, block_sparse.Mods(), 16, 16)
+
+  def sorted_scores(s, m, r, g, q_pos, k_pos, ops):
+    return jnp.sort(s, axis=-1)
+
+  def reads_whole(s, m, r, g, q_pos, k_pos, ops):  # a (3,) leaf loaded whole: not a power of 2
+    return s + jnp.sum(ops[0][0])
+
+  assert "sort" in triton.unsupported(q, k, k, none, block_sparse.Mods(sorted_scores), 16, 16)
+  three = ((jnp.zeros(3, jnp.float32),), ())
+  assert "power of 2" in triton.unsupported(q, k, k, three, block_sparse.Mods(reads_whole), 16, 16)
+
+
+def test_untileable_sizes_raise_value_errors_naming_the_valid_ones():
+  q, k = jnp.zeros((1, 1, 1, 40, 16)), jnp.zeros((1, 1, 40, 16))
+  blocks = block_sparse.dense_key_blocks(40, 40, 24, 16)
+  with pytest.raises(ValueError, match=r"block_q=24 .* 16, 32, 64, 128"):
+    triton.attend(q, k, k, blocks, ((), ()), jnp.asarray(1.0), mods=block_sparse.Mods(),
+                  block_q=24, block_k=16)
+  with pytest.raises(ValueError, match=r"block_k_dq=48 .* 16, 32, 64, 128"):
+    triton.BlockSizes(block_k_dq=48)
+
+
+def test_empty_sides_see_nothing():
+  q, k = jnp.ones((1, 2, 3, 0, 16)), jnp.ones((1, 2, 5, 16))
+  blocks = block_sparse.dense_key_blocks(0, 5, 16, 16)
+  out, lse = triton.attend(q, k, k[..., :4], blocks, ((), ()), jnp.asarray(1.0),
+                           mods=block_sparse.Mods(), block_q=16, block_k=16)
+  assert out.shape == (1, 2, 3, 0, 4) and lse.shape == (1, 2, 3, 0)
+  q, k = jnp.ones((1, 2, 3, 7, 16)), jnp.ones((1, 2, 0, 16))
+  out, lse = triton.attend(q, k, k[..., :4], block_sparse.dense_key_blocks(7, 0, 16, 16),
+                           ((), ()), jnp.asarray(1.0), mods=block_sparse.Mods(), block_q=16,
+                           block_k=16)
+  np.testing.assert_array_equal(out, np.zeros((1, 2, 3, 7, 4)))
+  assert np.isneginf(lse).all() and lse.shape == (1, 2, 3, 7)
+
+
+@pytest.mark.parametrize("lists", [False, True])
+def test_key_major_blocks_transpose_the_table(lists):
+  rng = np.random.default_rng(3)
+  m, n_q, n_k = 2, 3, 5
+  state = rng.integers(0, 3, size=(m, n_q, n_k))  # 0 empty, 1 partial, 2 full
+  if lists:
+    blocks = block_sparse.key_blocks_from_dense(jnp.asarray(state == 1), jnp.asarray(state == 2))
+  else:  # ranges: full_num full blocks from 0, then num partial ones
+    full_num, num = rng.integers(0, 3, size=(2, m, n_q))
+    num = np.minimum(num, n_k - full_num)
+    j = np.arange(n_k)
+    state = np.where(j < full_num[..., None], 2, np.where(j < (full_num + num)[..., None], 1, 0))
+    blocks = block_sparse.KeyBlocks(jnp.asarray(num, jnp.int32), None,
+                                    jnp.asarray(full_num, jnp.int32), None)
+  by_key = triton.key_major_blocks(blocks, n_k)
+  for name, count, listed, kind in (("full", by_key.full_num, by_key.full_indices, 2),
+                                    ("partial", by_key.num, by_key.indices, 1)):
+    for row, j in np.ndindex(m, n_k):
+      got = np.asarray(listed)[row, j, :np.asarray(count)[row, j]]
+      np.testing.assert_array_equal(got, np.flatnonzero(state[row, :, j] == kind),
+                                    err_msg=f"{name} {row, j}")
