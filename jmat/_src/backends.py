@@ -29,13 +29,16 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 # The Pallas kernel of each accelerator platform; every other platform runs XLA.
 _FUSED = {"cuda": "TRITON", "tpu": "MOSAIC"}
 _MODULES = {"TRITON": "jmat._src.kernels.triton", "MOSAIC": "jmat._src.kernels.mosaic"}
-# torch 2.13's kernel_options block-size keys that mean what they mean in jmat: forward query
-# and key blocks (BLOCK_M, BLOCK_N), backward ones (the dk/dv pass's BLOCK_M1/BLOCK_N1 and the
-# dq pass's BLOCK_M2/BLOCK_N2), any of them with a fwd_ or bwd_ prefix.
-_BLOCK_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
-_TRITON_KEYS = ("num_warps", "num_stages")
-OPTION_KEYS = ("BACKEND", "INTERPRET", *_BLOCK_KEYS,
-               *(f"{p}_{k}" for p in ("fwd", "bwd") for k in _BLOCK_KEYS), *_TRITON_KEYS)
+# torch 2.13's kernel_options keys that mean in jmat what they mean in torch's Triton kernels,
+# as the fields of the Triton kernel's BlockSizes: the forward's query and key tiles (BLOCK_M,
+# BLOCK_N, also fwd_-prefixed), the dk/dv pass's (BLOCK_M1, BLOCK_N1) and the dq pass's
+# (BLOCK_M2, BLOCK_N2), also bwd_-prefixed; a prefixed key wins over the plain one.
+_TRITON_FIELDS = {"BLOCK_M": "block_q", "BLOCK_N": "block_k", "BLOCK_M1": "block_q_dkv",
+                  "BLOCK_N1": "block_k_dkv", "BLOCK_M2": "block_q_dq", "BLOCK_N2": "block_k_dq",
+                  "num_warps": "num_warps", "num_stages": "num_stages"}
+_PREFIXED = {f"fwd_{k}": k for k in ("BLOCK_M", "BLOCK_N")} | {
+    f"bwd_{k}": k for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")}
+OPTION_KEYS = ("BACKEND", "INTERPRET", *_TRITON_FIELDS, *_PREFIXED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,15 +46,15 @@ class KernelOptions:
   """A checked ``kernel_options`` dict (static: part of the jit cache key).
 
   Attributes:
-    backend: one of :data:`BACKENDS`.
+    backend: one of :data:`BACKENDS` (or ``"PALLAS"``: SDPA's ``implementation="pallas"``).
     interpret: run a Pallas kernel in Pallas interpret mode.
-    blocks: the block-size keys given, as sorted ``(key, value)`` pairs.
-    triton: ``num_warps`` / ``num_stages`` given, as sorted pairs.
+    triton: the Triton kernel's tiles and launch parameters given, as sorted
+      ``(BlockSizes field, value)`` pairs. The XLA and Mosaic kernels compute in
+      the blocks of the mask's tables, so these tune the Triton kernel only.
   """
 
   backend: str = "AUTO"
   interpret: bool = False
-  blocks: tuple[tuple[str, int], ...] = ()
   triton: tuple[tuple[str, int], ...] = ()
 
 
@@ -62,10 +65,10 @@ def kernel_options(op: str, options: Mapping[str, Any] | None) -> KernelOptions:
   """Checks torch's ``kernel_options`` dict; refuses unknown keys or values, listing the valid."""
   options = dict(options or {})
   checks.check_kernel_options(op, options, OPTION_KEYS, BACKENDS)
-  blocks = tuple(sorted((k, int(v)) for k, v in options.items() if "BLOCK_" in k))
-  triton = tuple(sorted((k, int(v)) for k, v in options.items() if k in _TRITON_KEYS))
+  fields = {_TRITON_FIELDS[k]: v for k, v in options.items() if k in _TRITON_FIELDS}
+  fields |= {_TRITON_FIELDS[_PREFIXED[k]]: v for k, v in options.items() if k in _PREFIXED}
   return KernelOptions(options.get("BACKEND", "AUTO"), bool(options.get("INTERPRET", False)),
-                       blocks, triton)
+                       tuple(sorted(fields.items())))
 
 
 class Choice(NamedTuple):
@@ -79,26 +82,36 @@ def _module(backend: str):
   return xla if backend == "XLA" else importlib.import_module(_MODULES[backend])
 
 
-def _unsupported(backend: str, call: block_sparse.Call) -> str | None:
+def _tunables(backend: str, options: KernelOptions) -> dict[str, Any]:
+  if backend != "TRITON":
+    return {}
+  from jmat._src.kernels import triton
+
+  return {"block_sizes": triton.BlockSizes(**dict(options.triton))}
+
+
+def _unsupported(backend: str, call: block_sparse.Call, options: KernelOptions) -> str | None:
   """Why ``backend`` cannot run ``call`` in its kernel, or None."""
   if backend == "XLA":
     return None
   if call.needs_max:
     return "max_scores (return_aux) is computed by the XLA backend only"
-  return _module(backend).unsupported(call)
+  return _module(backend).unsupported(call.q, call.k, call.v, call.operands, call.mods,
+                                      call.block_q, call.block_k,
+                                      **_tunables(backend, options))
 
 
 def choose(call: block_sparse.Call, platform: str, options: KernelOptions) -> Choice:
   """The backend ``call`` gets when lowered for ``platform`` under ``options``, and why."""
   if options.backend != "AUTO":
-    reason = _unsupported(options.backend, call)
+    reason = _unsupported(options.backend, call, options)
     if reason is not None:
       return Choice(options.backend, f"refused: {reason}")
     return Choice(options.backend, "asked for with kernel_options BACKEND")
   fused = _FUSED.get(platform)
   if fused is None:
     return Choice("XLA", f"{platform}: the XLA loops are the kernel for this platform")
-  reason = _unsupported(fused, call)
+  reason = _unsupported(fused, call, options)
   if reason is None:
     return Choice(fused, f"{platform}: everything the call needs runs in the {fused} kernel")
   return Choice("XLA", f"{platform}: {fused} cannot run it ({reason})")
@@ -116,7 +129,7 @@ def attend(op: str, call: block_sparse.Call, options: KernelOptions, *,
   if options.backend == "PALLAS":
     fused = dict(_FUSED)
     for backend in fused.values():
-      reason = _unsupported(backend, call)
+      reason = _unsupported(backend, call, options)
       if reason is not None:
         checks.refuse_backend(op, backend, reason)
     per_platform = {p: _branch(b, options) for p, b in fused.items()}
@@ -124,7 +137,7 @@ def attend(op: str, call: block_sparse.Call, options: KernelOptions, *,
     return jax.lax.platform_dependent(call, default=_branch("TRITON", interpreted),
                                       **{**per_platform, **(override or {})})
   if options.backend != "AUTO":
-    reason = _unsupported(options.backend, call)
+    reason = _unsupported(options.backend, call, options)
     if reason is not None:
       checks.refuse_backend(op, options.backend, reason)
     return _run(options.backend, call, options)
@@ -140,5 +153,6 @@ def _branch(backend: str, options: KernelOptions):
 def _run(backend: str, call: block_sparse.Call, options: KernelOptions):
   if backend == "XLA":
     return xla.run(call)
-  return _module(backend).run(call, blocks=dict(options.blocks), interpret=options.interpret,
-                              **dict(options.triton))
+  return _module(backend).attend(call.q, call.k, call.v, call.blocks, call.operands, call.scale,
+                                 mods=call.mods, block_q=call.block_q, block_k=call.block_k,
+                                 interpret=options.interpret, **_tunables(backend, options))

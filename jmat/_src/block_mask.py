@@ -497,7 +497,7 @@ class BlockMask:
     """
     checks.check_block_mask_rows(op, self.kv_indices.shape, self.seq_lengths, self.BLOCK_SIZE)
     (q_len, kv_len), (block_q, block_k) = self.seq_lengths, self.BLOCK_SIZE
-    n_q, n_k = -(-q_len // block_q), -(-kv_len // block_k)
+    n_q, n_k = block_sparse.ceil_div(q_len, block_q), block_sparse.ceil_div(kv_len, block_k)
     batch, heads = self.kv_num_blocks.shape[:2]
     rows = batch * heads
     if (self.kv_indices.shape[2:] == (n_q, n_k) and self._built_for_kv_len == kv_len
@@ -611,7 +611,7 @@ def create_block_mask(
 def _block_maps(mask_mod: MaskMod, b: int, h: int, q_len: int, kv_len: int, block_q: int,
                 block_k: int) -> block_sparse.KeyBlocks:
   """The partial and full key blocks of every ``(b, h, query block)``, one query block at a time."""
-  n_q, n_k = -(-q_len // block_q), -(-kv_len // block_k)
+  n_q, n_k = block_sparse.ceil_div(q_len, block_q), block_sparse.ceil_div(kv_len, block_k)
   b_idx, h_idx = jnp.arange(b, dtype=jnp.int32), jnp.arange(h, dtype=jnp.int32)
   kv = jnp.arange(n_k * block_k, dtype=jnp.int32)
   real_k = kv < kv_len

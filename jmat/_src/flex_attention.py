@@ -9,6 +9,7 @@ captured array), which is how their gradients come out.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -16,7 +17,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.extend
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
 from jmat._src import backends, block_sparse, checks, online_softmax
@@ -47,57 +47,55 @@ def _hoist(fn: Callable, *examples) -> tuple[Callable, list[jax.Array]]:
   return pure, list(closed.consts)
 
 
-def _layout(batch: int, heads: int, kv_heads: int, mask_batch: int, mask_heads: int):
-  """How (b, h) maps onto the kernel's ``(M, R, G)``: the row, shared and group axes.
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """How ``(b, h)`` maps onto the kernel's ``(M, R, G)`` table rows, shared rows and groups.
 
-  Returns ``(b_of, h_of)``: the ``(M, R, G)`` int32 tables of each kernel
-  entry's batch and query head.
+  A mask shared by the heads (``mask_heads == 1``) computes all heads of a
+  key/value head in one row: ``(M, R, G) = (1, B * Hkv, group)``, or
+  ``(B, Hkv, group)`` for a mask per batch entry. A mask per query head gives
+  each head a table row of its own (key/value heads repeated):
+  ``(H, B, 1)``, or ``(B * H, 1, 1)`` for a mask per batch entry and head.
   """
-  group = heads // kv_heads
-  b = np.arange(batch)[:, None, None]
-  hkv = np.arange(kv_heads)[None, :, None]
-  g = np.arange(group)[None, None, :]
-  if mask_heads == 1:
-    # The mask is shared by the heads: a row computes all heads of a key/value head.
-    b_of = np.broadcast_to(b, (batch, kv_heads, group))
-    h_of = np.broadcast_to(hkv * group + g, (batch, kv_heads, group))
-    if mask_batch == 1:
-      b_of, h_of = b_of.reshape(1, batch * kv_heads, group), h_of.reshape(1, -1, group)
-  else:
-    # One mask per query head: key/value heads are repeated to the query heads.
-    b_of = np.broadcast_to(np.arange(batch)[:, None], (batch, heads))
-    h_of = np.broadcast_to(np.arange(heads)[None, :], (batch, heads))
-    if mask_batch == 1:
-      b_of, h_of = b_of.T[..., None], h_of.T[..., None]  # (H, B, 1)
+
+  heads: int
+  kv_heads: int
+  mask_batch: int
+  mask_heads: int
+
+  def batch_and_head(self, m, r, g) -> tuple[jax.Array, jax.Array]:
+    """The ``(R', G')`` batch and query head of a tile's rows ``r (R',)`` and heads ``g (G',)``.
+
+    Integer arithmetic on the tile's indices, no table to gather from: a Pallas
+    kernel evaluates it as it is.
+    """
+    r, g = r[:, None], g[None, :]
+    group = self.heads // self.kv_heads
+    if self.mask_heads == 1:
+      b = r // self.kv_heads if self.mask_batch == 1 else m
+      h = (r % self.kv_heads if self.mask_batch == 1 else r) * group + g
+    elif self.mask_batch == 1:
+      b, h = r, m
     else:
-      b_of, h_of = b_of.reshape(-1, 1, 1), h_of.reshape(-1, 1, 1)  # (B * H, 1, 1)
-  return b_of.astype(np.int32), h_of.astype(np.int32)
+      b, h = m // self.heads, m % self.heads
+    shape = (r.shape[0], g.shape[1])
+    return jnp.broadcast_to(b, shape), jnp.broadcast_to(h, shape)
 
 
 class _Captured(NamedTuple):
-  """What flex's mods read (the kernel's whole operands): every array an explicit input.
+  """The arrays flex's mods captured: the kernel's whole operands, every one an explicit input.
 
   Attributes:
     score_consts: the arrays the score_mod captured, in the order its jaxpr takes them.
     mask_consts: the arrays the mask_mod captured.
-    b_of: ``(M, R, G)`` int32, the batch index of every kernel entry.
-    h_of: ``(M, R, G)`` int32, its query head.
   """
 
   score_consts: tuple[jax.Array, ...]
   mask_consts: tuple[jax.Array, ...]
-  b_of: jax.Array
-  h_of: jax.Array
-
-
-def _batch_and_head(captured: _Captured, m, r, g) -> tuple[jax.Array, jax.Array]:
-  """The ``(R', G')`` batch and head indices of a kernel tile's rows ``r`` and heads ``g``."""
-  rows = (r[:, None], g[None, :])
-  return captured.b_of[m][rows], captured.h_of[m][rows]
 
 
 def _to_kernel(x: jax.Array, mask_batch: int, mask_heads: int, group: int, is_query: bool):
-  """``(B, H, T, D)`` -> the kernel's ``(M, R, [G,] T, D)`` for the layout of :func:`_layout`."""
+  """``(B, H, T, D)`` -> the kernel's ``(M, R, [G,] T, D)`` for the :class:`_Layout`."""
   batch, heads, length, dim = x.shape
   if mask_heads == 1:
     if is_query:
@@ -275,7 +273,7 @@ def _flex_call(query, key, value, score_mod, block_mask, scale, enable_gqa: bool
     return None, ((batch, heads, length, v_dim), query.dtype)
 
   group = heads // kv_heads
-  b_of, h_of = _layout(batch, heads, kv_heads, mask_batch, mask_heads)
+  layout = _Layout(heads, kv_heads, mask_batch, mask_heads)
   index = jax.ShapeDtypeStruct((), jnp.int32)
   score_fn: Callable[..., jax.Array] | None = None
   mask_fn: Callable[..., jax.Array] | None = None
@@ -288,7 +286,7 @@ def _flex_call(query, key, value, score_mod, block_mask, scale, enable_gqa: bool
     def lifted_score(s, m, r, g, q_pos, k_pos, ops):
       consts = ops.whole.score_consts
       lifted = lift(lambda *args: pure_score(*args, *consts), with_score=True)
-      return lifted(s, *_batch_and_head(ops.whole, m, r, g), q_pos, k_pos)
+      return lifted(s, *layout.batch_and_head(m, r, g), q_pos, k_pos)
 
     score_fn = lifted_score
 
@@ -298,7 +296,7 @@ def _flex_call(query, key, value, score_mod, block_mask, scale, enable_gqa: bool
     def lifted_mask(m, r, g, q_pos, k_pos, ops):
       consts = ops.whole.mask_consts
       lifted = lift(lambda *args: pure_mask(*args, *consts), with_score=False)
-      return lifted(*_batch_and_head(ops.whole, m, r, g), q_pos, k_pos)
+      return lifted(*layout.batch_and_head(m, r, g), q_pos, k_pos)
 
     mask_fn = lifted_mask
 
@@ -306,8 +304,7 @@ def _flex_call(query, key, value, score_mod, block_mask, scale, enable_gqa: bool
   q = _to_kernel(query, mask_batch, mask_heads, group, is_query=True)
   k = _to_kernel(key, mask_batch, mask_heads, group, is_query=False)
   v = _to_kernel(value, mask_batch, mask_heads, group, is_query=False)
-  whole = _Captured(tuple(score_consts), tuple(mask_consts), jnp.asarray(b_of),
-                    jnp.asarray(h_of))
+  whole = _Captured(tuple(score_consts), tuple(mask_consts))
   call = block_sparse.Call(q, k, v, blocks, block_sparse.Operands(whole), scale, mods=mods,
                            block_q=block_q, block_k=block_k, needs_max=needs_max)
   return call, functools.partial(_from_kernel, batch=batch, heads=heads, mask_batch=mask_batch,

@@ -177,8 +177,11 @@ def generate_alibi_bias(num_heads: int) -> ScoreMod:
 
   def alibi(score, b, h, q_idx, kv_idx):
     del b
-    slope = jnp.exp2(-((jnp.asarray(h) + 1) * 8.0 / num_heads))
-    return score + slope.astype(jnp.result_type(score)) * (kv_idx - q_idx)
+    # In the score's dtype throughout (no float64 from Python floats under jax_enable_x64,
+    # which a TPU kernel could not lower).
+    dtype = jnp.result_type(score)
+    slope = jnp.exp2((jnp.asarray(h) + 1).astype(dtype) * (-8.0 / num_heads))
+    return score + slope * (jnp.asarray(kv_idx) - jnp.asarray(q_idx)).astype(dtype)
 
   return alibi
 

@@ -47,7 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jmat._src import online_softmax as osm
-from jmat._src.block_sparse import KeyBlocks, Mods, Operands, _pad, _zero_cotangent
+from jmat._src.block_sparse import KeyBlocks, Mods, Operands, pad, zero_cotangent
 
 SUBLANES = 8  # rows of a TPU vreg: the query tile is a multiple of it
 LANES = 128  # lanes of a TPU vreg: the key tile and the padded head dims are multiples of it
@@ -224,10 +224,10 @@ def _is_float(x) -> bool:
 
 
 def _layout(operands: Operands) -> _Layout:
-  leaves, treedef = jax.tree.flatten(operands[0])
+  leaves, treedef = jax.tree.flatten(operands.whole)
   return _Layout(treedef, tuple(jnp.shape(x) for x in leaves),
                  tuple(_is_float(jnp.asarray(x)) for x in leaves),
-                 tuple(_is_float(x) for x in operands[1]))
+                 tuple(_is_float(x) for x in operands.blocked))
 
 
 def _vmem_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -336,8 +336,8 @@ def _scores_at(ins: _Inputs, at: _Tile, mods: Mods, layout: _Layout, wrt_operand
   blocked_flags = layout.blocked_float if wrt_operands else (False,) * len(blocked)
 
   def ops_of(whole_diff, blocked_diff) -> Operands:
-    return (jax.tree.unflatten(layout.treedef, _merge(whole, whole_flags, whole_diff)),
-            tuple(_merge(blocked, blocked_flags, blocked_diff)))
+    return Operands(jax.tree.unflatten(layout.treedef, _merge(whole, whole_flags, whole_diff)),
+                    tuple(_merge(blocked, blocked_flags, blocked_diff)))
 
   def score(qk, scale, whole_diff, blocked_diff):
     s = qk * scale
@@ -588,9 +588,9 @@ def _call(kernel, name: str, steps: Steps, ins: _Inputs, out_shape, out_specs, s
 
 def _inputs(q, k, v, operands: Operands, scale, **backward) -> _Inputs:
   """The kernel inputs: whole leaves and the scale in their (at least 2-D) VMEM shapes."""
-  leaves = [jnp.asarray(x) for x in jax.tree.leaves(operands[0])]
+  leaves = [jnp.asarray(x) for x in jax.tree.leaves(operands.whole)]
   return _Inputs(scale.reshape(1, 1), q, k, v, [x.reshape(_vmem_shape(x.shape)) for x in leaves],
-                 tuple(operands[1]), **backward)
+                 tuple(operands.blocked), **backward)
 
 
 def _forward(q, k, v, blocks: KeyBlocks, operands: Operands, scale, mods: Mods, geo: _Geometry):
@@ -683,13 +683,14 @@ def _attend_bwd(mods: Mods, geo: _Geometry, residuals, cotangents):
   d_tiles = iter(d_tiles)
 
   def whole_cotangent(x):
-    return next(d_whole) if _is_float(jnp.asarray(x)) else _zero_cotangent(x)
+    return next(d_whole) if _is_float(jnp.asarray(x)) else zero_cotangent(x)
 
   def blocked_cotangent(x):
-    return _blocked_gradient(next(d_tiles), x) if _is_float(x) else _zero_cotangent(x)
+    return _blocked_gradient(next(d_tiles), x) if _is_float(x) else zero_cotangent(x)
 
-  d_operands = (jax.tree.map(whole_cotangent, whole), tuple(blocked_cotangent(x) for x in blocked))
-  return dq, dk, dv, jax.tree.map(_zero_cotangent, blocks), d_operands, d_sums[0]
+  d_operands = Operands(jax.tree.map(whole_cotangent, whole),
+                        tuple(blocked_cotangent(x) for x in blocked))
+  return dq, dk, dv, jax.tree.map(zero_cotangent, blocks), d_operands, d_sums[0]
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -741,10 +742,10 @@ def attend(
   q_rows, k_rows = geo.n_q * tile_q, geo.padded_k
   e, ev = (pl.cdiv(x.shape[-1], LANES) * LANES for x in (q, v))
   whole, blocked = operands
-  blocked = tuple(_pad(_pad(x, -2, q_rows, True), -1, k_rows, True) for x in blocked)
+  blocked = tuple(pad(pad(x, -2, q_rows, True), -1, k_rows, True) for x in blocked)
   out, lse = cast(tuple[jax.Array, jax.Array], _attend(
-      _group(_pad(_pad(q, -2, q_rows), -1, e), tile_q), _pad(_pad(k, -2, k_rows), -1, e),
-      _pad(_pad(v, -2, k_rows), -1, ev), blocks, (whole, blocked),
+      _group(pad(pad(q, -2, q_rows), -1, e), tile_q), pad(pad(k, -2, k_rows), -1, e),
+      pad(pad(v, -2, k_rows), -1, ev), blocks, Operands(whole, blocked),
       jnp.asarray(scale).astype(osm.compute_dtype(q.dtype)), mods, geo))
   out = _ungroup(out, groups)[..., :length, :v.shape[-1]].astype(q.dtype)
   return out, _ungroup(lse[..., None], groups)[..., :length, 0]

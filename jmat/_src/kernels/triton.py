@@ -57,9 +57,9 @@ from jmat._src.block_sparse import (
   KeyBlocks,
   Mods,
   Operands,
-  _pad,
-  _zero_cotangent,
   key_blocks_from_dense,
+  pad,
+  zero_cotangent,
 )
 
 _NAME = "jmat block-sparse attention (triton)"
@@ -262,7 +262,7 @@ class _ModRunner:
     whole = jax.tree.unflatten(whole_tree, avals)
 
     def pure(args, whole, blocked):
-      return fn(*args, (whole, blocked))
+      return fn(*args, Operands(whole, blocked))
 
     closed = jax.make_jaxpr(pure)(args, whole, blocked)
     leaves = [_Leaf(i) for i in range(len(self.refs))]
@@ -790,13 +790,13 @@ def _attend_bwd(cfg: _Config, residuals, cotangents):
   def cotangent(x, grads):
     if jnp.issubdtype(x.dtype, jnp.inexact):
       return next(grads).reshape(x.shape).astype(x.dtype)
-    return _zero_cotangent(x)
+    return zero_cotangent(x)
 
   whole, blocked = operands
-  d_operands = (jax.tree.map(lambda x: cotangent(x, d_whole), whole),
-                tuple(cotangent(x, d_blocked) for x in blocked))
+  d_operands = Operands(jax.tree.map(lambda x: cotangent(x, d_whole), whole),
+                        tuple(cotangent(x, d_blocked) for x in blocked))
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
-          jax.tree.map(_zero_cotangent, blocks), d_operands, d_scale.astype(scale.dtype))
+          jax.tree.map(zero_cotangent, blocks), d_operands, d_scale.astype(scale.dtype))
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -847,14 +847,14 @@ def attend(
     return (jnp.zeros(q.shape[:-1] + (v_head,), q.dtype), jnp.full(q.shape[:-1], -jnp.inf, dtype))
   whole, blocked = operands
   whole = jax.tree.map(jnp.asarray, whole)
-  blocked = tuple(_pad(_pad(_pad(jnp.asarray(x), 2, geo.groups_p, True), 3, geo.q_pad, True),
+  blocked = tuple(pad(pad(pad(jnp.asarray(x), 2, geo.groups_p, True), 3, geo.q_pad, True),
                        4, geo.kv_pad, True) for x in blocked)
-  q = _pad(_pad(_pad(q, 2, geo.groups_p), 3, geo.q_pad), 4, geo.head_p)
-  k = _pad(_pad(k, 2, geo.kv_pad), 3, geo.head_p)
-  v = _pad(_pad(v, 2, geo.kv_pad), 3, geo.v_head_p)
+  q = pad(pad(pad(q, 2, geo.groups_p), 3, geo.q_pad), 4, geo.head_p)
+  k = pad(pad(k, 2, geo.kv_pad), 3, geo.head_p)
+  v = pad(pad(v, 2, geo.kv_pad), 3, geo.v_head_p)
   cfg = _Config(geo, block_sizes, mods, interpret)
   out, lse = cast(tuple[jax.Array, jax.Array], _attend(
-      q, k, v, blocks, (whole, blocked), jnp.asarray(scale).astype(dtype), cfg))
+      q, k, v, blocks, Operands(whole, blocked), jnp.asarray(scale).astype(dtype), cfg))
   return out[:, :, :groups, :length, :v_head], lse[:, :, :groups, :length]
 
 
