@@ -208,3 +208,77 @@ def test_the_default_lowers_blockwise_sdpa_to_the_platforms_kernel(platform, ker
   assert kernel_call in _lowered(sdpa, q, kv, kv, platform=platform)
   assert kernel_call in _lowered(jax.grad(lambda *a: sdpa(*a).astype(jnp.float32).sum()),
                                  q, kv, kv, platform=platform)
+
+
+# --- the Pallas kernels end to end, in interpret mode: flex's layouts and mods inside them ----
+
+IDS = np.repeat(np.arange(3), [10, 17, 10])  # three documents of a 37-long sequence
+
+
+def _allowed(kind: str, length: int) -> np.ndarray:
+  q, kv = np.arange(length)[:, None], np.arange(length)[None, :]
+  if kind == "documents":
+    return (IDS[q] == IDS[kv]) & (kv <= q)
+  return kv <= q
+
+
+@pytest.mark.parametrize("backend", ["TRITON", "MOSAIC"])
+@pytest.mark.parametrize("kind, mask_b, mask_h", [("causal", None, None),
+                                                  ("documents", 2, None),
+                                                  ("causal", None, 4)])
+def test_flex_on_a_pallas_kernel_matches_the_float64_oracle_with_gradients(
+    backend, kind, mask_b, mask_h):
+  """GQA, a softcap, an unaligned length, masks shared, per batch entry and per head."""
+  q, k, v = randn(2, 4, 37, 8), randn(2, 2, 37, 8), randn(2, 2, 37, 8)
+  mask_mod = (mods.generate_doc_mask_mod(mods.causal_mask, jnp.asarray(IDS))
+              if kind == "documents" else mods.causal_mask)
+  block = (8, 128) if backend == "MOSAIC" else (16, 16)
+  block_mask = jmat.create_block_mask(mask_mod, mask_b, mask_h, 37, 37, BLOCK_SIZE=block)
+  options = {"BACKEND": backend, "INTERPRET": True}
+
+  def run(q, k, v, scale):
+    return jmat.flex_attention(q, k, v, mods.generate_tanh_softcap(5.0), block_mask, scale,
+                               enable_gqa=True, kernel_options=options)
+
+  d_out = randn(2, 4, 37, 8)
+  if backend == "MOSAIC" and kind == "documents":
+    # Mosaic lowers no gather (ids[q_idx]): asked for by name, it is refused with the reason.
+    with pytest.raises(ValueError, match=r"the MOSAIC backend cannot run this call: .*"
+                                         r"Only take_along_axis-like gathers supported"):
+      run(q, k, v, 0.3)
+    return
+  with jax.default_matmul_precision("highest"):
+    out, vjp = jax.vjp(run, q, k, v, jnp.float32(0.3))
+    grads = vjp(jnp.asarray(d_out))
+
+  def softcap(s, *index):
+    return 5.0 * np.tanh(s / 5.0)
+
+  allowed = _allowed(kind, 37)
+  np.testing.assert_allclose(out, attention_reference(q, k, v, allowed=allowed, scale=0.3,
+                                                      score_fn=softcap, enable_gqa=True),
+                             **tolerance(np.float32))
+  # Gradients: central differences of the float64 oracle along one random direction each.
+  inputs = [q, k, v, np.float64(0.3)]
+  for n, grad in enumerate(grads):
+    direction = randn(*np.shape(inputs[n]), dtype=np.float64)
+    eps = 1e-6
+
+    def oracle(x, n=n, direction=direction):
+      args = [np.asarray(a, np.float64) for a in inputs]
+      args[n] = args[n] + x * direction
+      return np.sum(d_out * attention_reference(*args[:3], allowed=allowed, scale=args[3],
+                                                score_fn=softcap, enable_gqa=True))
+
+    want = (oracle(eps) - oracle(-eps)) / (2 * eps)
+    got = np.sum(np.asarray(grad, np.float64) * direction)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4, err_msg=f"argument {n}")
+
+
+def test_sdpa_pallas_runs_the_triton_kernel_in_interpret_mode_off_gpu():
+  q, k, v = randn(2, 4, 37, 8), randn(2, 2, 37, 8), randn(2, 2, 37, 8)
+  with jax.default_matmul_precision("highest"):
+    out = jmat.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
+                                            implementation="pallas", block_size=16)
+  np.testing.assert_allclose(out, attention_reference(q, k, v, is_causal=True, enable_gqa=True),
+                             **tolerance(np.float32))

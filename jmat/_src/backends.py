@@ -127,12 +127,14 @@ def attend(op: str, call: block_sparse.Call, options: KernelOptions, *,
   Triton kernel in interpret mode elsewhere.
   """
   if options.backend == "PALLAS":
-    fused = dict(_FUSED)
-    for backend in fused.values():
-      reason = _unsupported(backend, call, options)
-      if reason is not None:
-        checks.refuse_backend(op, backend, reason)
-    per_platform = {p: _branch(b, options) for p, b in fused.items()}
+    reason = _unsupported("TRITON", call, options)
+    if reason is not None:
+      checks.refuse_backend(op, "TRITON", reason)
+    # The Triton kernel on GPUs, interpreted where there is no fused kernel for the call (CPUs;
+    # TPUs when the Mosaic kernel cannot run it): a Pallas kernel everywhere, never XLA's loops.
+    per_platform = {"cuda": _branch("TRITON", options)}
+    if _unsupported("MOSAIC", call, options) is None:
+      per_platform["tpu"] = _branch("MOSAIC", options)
     interpreted = dataclasses.replace(options, interpret=True)
     return jax.lax.platform_dependent(call, default=_branch("TRITON", interpreted),
                                       **{**per_platform, **(override or {})})
