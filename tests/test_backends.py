@@ -17,6 +17,7 @@ import pytest
 
 import jmat
 from jmat import mods
+from jmat._src import block_sparse
 from jmat.attention import AuxRequest, flex_attention_backend
 from tests.cases import attention_reference, tolerance
 
@@ -282,3 +283,29 @@ def test_sdpa_pallas_runs_the_triton_kernel_in_interpret_mode_off_gpu():
                                             implementation="pallas", block_size=16)
   np.testing.assert_allclose(out, attention_reference(q, k, v, is_causal=True, enable_gqa=True),
                              **tolerance(np.float32))
+
+
+@pytest.mark.parametrize("block_size", [(4, 16), (8, 64), (16, 32)])
+def test_a_blockmask_of_any_block_size_runs_on_the_mosaic_kernel(block_size):
+  """TPU tiles are 8 x 128: the kernel walks coarser blocks made of the mask's."""
+  q, k, v = randn(1, 2, 150, 8), randn(1, 2, 150, 8), randn(1, 2, 150, 8)
+  window = jmat.create_block_mask(mods.generate_sliding_window(40), None, None, 150, 150,
+                                  BLOCK_SIZE=block_size)
+  options = {"BACKEND": "MOSAIC", "INTERPRET": True}
+  with jax.default_matmul_precision("highest"):
+    out = jmat.flex_attention(q, k, v, block_mask=window, kernel_options=options)
+  allowed = np.array([[0 <= i - j <= 40 for j in range(150)] for i in range(150)])
+  np.testing.assert_allclose(out, attention_reference(q, k, v, allowed=allowed),
+                             **tolerance(np.float32))
+
+
+def test_coarsen_marks_a_block_full_only_when_every_block_inside_is():
+  fine = np.array([[[2, 2, 1, 0, 0],
+                    [2, 2, 2, 2, 0],
+                    [0, 0, 0, 0, 0],
+                    [1, 0, 0, 0, 0]]])
+  blocks = block_sparse.key_blocks_from_dense(jnp.asarray(fine == 1), jnp.asarray(fine == 2))
+  coarse = block_sparse.block_map(block_sparse.coarsen(blocks, 5, 2, 2), 3)
+  # 2 x 2 groups of the fine map, the last column padded with never-visited blocks
+  np.testing.assert_array_equal(coarse, [[[2, 1, 0], [1, 0, 0]]])
+  np.testing.assert_array_equal(block_sparse.block_map(blocks, 5), fine)

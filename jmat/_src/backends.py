@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -90,10 +91,29 @@ def _tunables(backend: str, options: KernelOptions) -> dict[str, Any]:
   return {"block_sizes": triton.BlockSizes(**dict(options.triton))}
 
 
+def _fitted(backend: str, call: block_sparse.Call) -> block_sparse.Call:
+  """``call`` on tables the backend can tile: TPU tiles are multiples of 8 queries by 128 keys,
+  so the Mosaic kernel walks coarser blocks made of the mask's (a BlockMask of any BLOCK_SIZE
+  runs on every backend; the Triton kernel cuts a table block into tiles itself)."""
+  if backend != "MOSAIC":
+    return call
+  from jmat._src.kernels import mosaic
+
+  def fit(block: int, length: int, unit: int) -> int:
+    if block >= length or block % unit == 0:
+      return block
+    tile = math.lcm(block, unit)
+    return tile if tile < length else block_sparse.ceil_div(length, block) * block
+
+  return block_sparse.retiled(call, fit(call.block_q, call.q.shape[-2], mosaic.SUBLANES),
+                              fit(call.block_k, call.k.shape[-2], mosaic.LANES))
+
+
 def _unsupported(backend: str, call: block_sparse.Call, options: KernelOptions) -> str | None:
   """Why ``backend`` cannot run ``call`` in its kernel, or None."""
   if backend == "XLA":
     return None
+  call = _fitted(backend, call)
   if call.needs_max:
     return "max_scores (return_aux) is computed by the XLA backend only"
   return _module(backend).unsupported(call.q, call.k, call.v, call.operands, call.mods,
@@ -155,6 +175,7 @@ def _branch(backend: str, options: KernelOptions):
 def _run(backend: str, call: block_sparse.Call, options: KernelOptions):
   if backend == "XLA":
     return xla.run(call)
+  call = _fitted(backend, call)
   return _module(backend).attend(call.q, call.k, call.v, call.blocks, call.operands, call.scale,
                                  mods=call.mods, block_q=call.block_q, block_k=call.block_k,
                                  interpret=options.interpret, **_tunables(backend, options))

@@ -147,6 +147,40 @@ def causal_key_blocks(
   return KeyBlocks(partial[None].astype(jnp.int32), None, full[None].astype(jnp.int32), None)
 
 
+def block_map(blocks: KeyBlocks, n_k: int) -> jax.Array:
+  """The ``(M, n_q, n_k)`` int32 map of a table: 0 never visited, 1 partial, 2 full."""
+  t = jnp.arange(n_k, dtype=jnp.int32)
+
+  def listed(num, indices, first):
+    if indices is None:  # ranges: blocks first .. first + num - 1
+      return (t >= first[..., None]) & (t < (first + num)[..., None])
+    return jnp.zeros(indices.shape, jnp.bool_).at[
+        jnp.arange(indices.shape[0])[:, None, None], jnp.arange(indices.shape[1])[None, :, None],
+        indices].max(t < num[..., None])
+
+  full = listed(blocks.full_num, blocks.full_indices, jnp.zeros_like(blocks.full_num))
+  partial = listed(blocks.num, blocks.indices, blocks.full_num)
+  return jnp.where(full, 2, jnp.where(partial, 1, 0)).astype(jnp.int32)
+
+
+def coarsen(blocks: KeyBlocks, n_k: int, factor_q: int, factor_k: int) -> KeyBlocks:
+  """The table of blocks ``factor_q`` by ``factor_k`` times larger, from a finer one.
+
+  A coarse block is full when every block inside it is, never visited when
+  none is, partial otherwise (blocks past the fine table count as never
+  visited, so a coarse block reaching past the sequence is never full: its
+  padding is bounds-checked). The mask of a partial block is evaluated per
+  entry, so any block size gives the same attention.
+  """
+  kinds = block_map(blocks, n_k)
+  m, n_q = kinds.shape[:2]
+  rows, cols = ceil_div(n_q, factor_q), ceil_div(n_k, factor_k)
+  kinds = jnp.pad(kinds, ((0, 0), (0, rows * factor_q - n_q), (0, cols * factor_k - n_k)))
+  kinds = kinds.reshape(m, rows, factor_q, cols, factor_k)
+  full = jnp.all(kinds == 2, axis=(2, 4))
+  return key_blocks_from_dense(jnp.any(kinds > 0, axis=(2, 4)) & ~full, full)
+
+
 def dense_key_blocks(q_len: int, kv_len: int, block_q: int, block_k: int,
                      masked: bool = False) -> KeyBlocks:
   """Every key block for every query block, as ranges (``M = 1``).
@@ -228,6 +262,15 @@ class Call:
   block_k: int = _static()
   needs_max: bool = _static(False)
   chains: int = _static(1)
+
+
+def retiled(call: Call, block_q: int, block_k: int) -> Call:
+  """``call`` on a table of ``(block_q, block_k)`` blocks, multiples of its own blocks."""
+  if (block_q, block_k) == (call.block_q, call.block_k):
+    return call
+  n_k = ceil_div(call.k.shape[-2], call.block_k)
+  blocks = coarsen(call.blocks, n_k, block_q // call.block_q, block_k // call.block_k)
+  return dataclasses.replace(call, blocks=blocks, block_q=block_q, block_k=block_k)
 
 
 def backward_queries(q: jax.Array, scale: jax.Array) -> jax.Array:
