@@ -254,10 +254,11 @@ def test_every_float_argument_has_torchs_gradient(name):
     np.testing.assert_allclose(g, expected, **tolerance(np.float64), err_msg=f"{name}: d {arg}")
 
 
-# The public attention names that take no float array: they build masks or parameters.
-NO_FLOAT_INPUT = {"BlockMask", "and_masks", "create_block_mask", "create_mask",
-                  "init_multi_head_attention", "noop_mask", "online_softmax_init", "or_masks",
-                  "parallel.block_is_masked"}
+# The public attention names that differentiate no float array: they build masks, parameters or
+# option types, or only answer which kernel a call would get.
+NO_FLOAT_INPUT = {"AuxOutput", "AuxRequest", "BlockMask", "and_masks", "create_block_mask",
+                  "create_mask", "flex_attention_backend", "init_multi_head_attention",
+                  "noop_mask", "online_softmax_init", "or_masks", "parallel.block_is_masked"}
 
 
 def test_every_public_attention_function_has_a_gradient_case():
