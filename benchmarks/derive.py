@@ -10,6 +10,14 @@ Derived figures of a timed competitor (``status == "ok"``):
 * ``pct_of_peak``: ``gflops`` as a percentage of the machine's measured peak for
   the dtype: the best GFLOP/s any competitor reached on any GEMM case (the suites
   whose spec says ``gemm``) of that dtype in these results.
+
+Cases that count their computed blocks (``computed_flops``: the attention suites on
+a GPU or TPU) also get:
+
+* ``tflops_computed``: ``computed_flops`` over the median time, in 1e12 per second;
+* ``pct_of_device_peak``: that as a percentage of the accelerator's peak dense
+  bfloat16 TFLOP/s (:data:`benchmarks.machine.PEAK_BF16_TFLOPS`), for half-precision
+  cases on a device that table knows; None otherwise.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ TIMED_FIELDS = (
     "median_s", "min_s", "max_s", "samples", "calls_per_sample", "samples_s",
     "gflops", "ratio_vs_jnp", "ratio_vs_torch", "pct_of_peak",
 )
+HALF = ("bfloat16", "float16")  # the dtypes a peak dense bf16 TFLOP/s figure applies to
 
 
 def definitions(gemm_suites: Sequence[str]) -> dict[str, str]:
@@ -40,6 +49,11 @@ def definitions(gemm_suites: Sequence[str]) -> dict[str, str]:
       "ratio_vs_torch": "the same against torch",
       "pct_of_peak": "gflops as a percentage of peak_gflops for the case's dtype: the best "
                      f"GFLOP/s any competitor reached on any GEMM case ({gemm})",
+      "tflops_computed": "accelerator attention cases: computed_flops (4*B*H*D per pair of "
+                         "every computed block, masked-out pairs of partial blocks included; "
+                         "3.5x for forward+backward) over median_s, in 1e12 per second",
+      "pct_of_device_peak": "tflops_computed as a percentage of machine.accelerator."
+                            "peak_bf16_tflops (half-precision cases; null where unknown)",
       "peak_rss_bytes": "memory suite: peak resident set (VmHWM) of the fresh process of the "
                         "point",
       "temp_bytes": "memory suite: XLA's compiled memory_analysis().temp_size_in_bytes",
@@ -75,6 +89,7 @@ def derive(results: dict[str, Any], gemm_suites: Sequence[str]) -> None:
   """Fills the derived figures of every timed record in place (after runs are merged)."""
   results["definitions"] = definitions(gemm_suites)
   results["peak_gflops"] = peak = peaks(results, gemm_suites)
+  device_peak = (results["machine"].get("accelerator") or {}).get("peak_bf16_tflops")
   for suite in results["suites"].values():
     if suite.get("kind") != "time":
       continue
@@ -90,6 +105,12 @@ def derive(results: dict[str, Any], gemm_suites: Sequence[str]) -> None:
         record["ratio_vs_jnp"] = paired_ratio(reference, record)
         record["ratio_vs_torch"] = paired_ratio(torch, record)
         record["pct_of_peak"] = round(100 * gflops / dtype_peak, 2) if dtype_peak else None
+        if case.get("computed_flops"):
+          tflops = case["computed_flops"] / record["median_s"] / 1e12
+          record["tflops_computed"] = float(f"{tflops:.4g}")
+          known = device_peak and case["dtype"] in HALF
+          pct = 100 * tflops / device_peak if known else None
+          record["pct_of_device_peak"] = None if pct is None else float(f"{pct:.4g}")
 
 
 def merge(

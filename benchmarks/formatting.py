@@ -32,6 +32,15 @@ def fmt_gflops(gflops: float) -> str:
   return f"{gflops:.3g}" if gflops < 100 else f"{gflops:.0f}"
 
 
+def fmt_tflops(tflops: float) -> str:
+  return f"{tflops:.3g}" if tflops < 100 else f"{tflops:.0f}"
+
+
+def fmt_pct(pct: float | None) -> str:
+  """A percentage of a peak; ``n/a`` where the peak is unknown."""
+  return "n/a" if pct is None else f"{pct:.0f}%" if pct >= 10 else f"{pct:.2g}%"
+
+
 def fmt_span(values: list[float]) -> str:
   """``0.97–1.01×``, or one ratio where the lowest and highest read the same."""
   low, high = min(values), max(values)
@@ -53,12 +62,30 @@ def footnotes(cases: Iterable[Mapping[str, Any]]) -> list[str]:
   return [f"- {', '.join(sorted(names))} — {text}" for text, names in sorted(reasons.items())]
 
 
+def counts_computed_blocks(suite: Mapping[str, Any]) -> bool:
+  """Whether a suite's cases count their computed blocks (its tables then show TFLOP/s)."""
+  return any(case.get("computed_flops") for case in suite["cases"])
+
+
+def describe_accelerator(machine: Mapping[str, Any]) -> str | None:
+  """``1 x NVIDIA H200 (989 bf16 TFLOP/s peak)``, or None for a run without one."""
+  acc = machine.get("accelerator")  # absent from results written before it was recorded
+  if not acc:
+    return None
+  peak = acc["peak_bf16_tflops"]
+  known = f"{peak:g} bf16 TFLOP/s peak" if peak else "peak not in PEAK_BF16_TFLOPS"
+  return f"{acc['count']} x {acc['name']} ({known})"
+
+
 def machine_line(machine: Mapping[str, Any]) -> str:
   v = machine["versions"]
   memory = fmt_bytes(machine["memory_bytes"])
+  accelerator = describe_accelerator(machine)
+  extra = "" if accelerator is None else f"; accelerator {accelerator}" + "".join(
+      f", {name} {version}" for name, version in machine["accelerator"]["versions"].items())
   return (
       f"{machine['cpu_model']}, {machine['cores']} cores ({', '.join(machine['cpu_flags'])}), "
-      f"{memory} RAM; JAX device {machine['device_platform']} ({machine['device_kind']}); "
+      f"{memory} RAM; JAX device {machine['device_platform']} ({machine['device_kind']}){extra}; "
       f"jax {v['jax']}, jaxlib {v['jaxlib']}, numpy {v['numpy']}, torch {v['torch']} "
       f"({machine['torch_threads']} threads), jmat {v['jmat']}."
   )

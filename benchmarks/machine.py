@@ -1,4 +1,4 @@
-"""The machine a run measured: CPU, cores, memory, device, library versions, load."""
+"""The machine a run measured: CPU, cores, memory, accelerator, library versions, load."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from importlib import metadata
 from typing import Any
 
 import jax
+
+from benchmarks.formatting import describe_accelerator
 
 
 def _cpu_model() -> str:
@@ -50,6 +52,48 @@ def _version(package: str) -> str | None:
     return None
 
 
+# Peak dense bfloat16 TFLOP/s (no 2:4 sparsity) from the vendors' data sheets, matched in order
+# against JAX's device_kind ("NVIDIA H100 80GB HBM3", "TPU v5 lite", ...): the more specific
+# pattern first, since an H100 PCIe or a TPU v5 lite also matches "H100" or "v5".
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    (r"\bH100\b.*\bPCIe\b", 756.0),
+    (r"\bH100\b.*\bNVL\b", 835.0),
+    (r"\bH100\b", 989.0),  # SXM
+    (r"\bG?H200\b", 989.0),
+    (r"\bA100\b", 312.0),
+    (r"\bL4\b", 121.0),
+    (r"\bTPU v4\b", 275.0),
+    (r"\bTPU v5 ?(lite|e)\b", 197.0),
+    (r"\bTPU v5p?\b", 459.0),
+    (r"\bTPU v6 ?(lite|e)\b", 918.0),
+)
+
+
+def peak_bf16_tflops(device_kind: str) -> float | None:
+  """The device's peak dense bfloat16 TFLOP/s from :data:`PEAK_BF16_TFLOPS`, or None if unknown."""
+  for pattern, tflops in PEAK_BF16_TFLOPS:
+    if re.search(pattern, device_kind, re.IGNORECASE):
+      return tflops
+  return None
+
+
+# The packages that decide what runs on an accelerator, recorded where installed.
+ACCELERATOR_PACKAGES = ("jax-cuda12-plugin", "jax-cuda13-plugin", "libtpu", "triton")
+
+
+def accelerator(device: jax.Device) -> dict[str, Any] | None:
+  """The GPU or TPU a run measured on: its name, how many JAX sees, its peak; None on a CPU."""
+  if device.platform == "cpu":
+    return None
+  versions = {name: _version(name) for name in ACCELERATOR_PACKAGES}
+  return {
+      "name": device.device_kind,
+      "count": len(jax.devices(device.platform)),
+      "peak_bf16_tflops": peak_bf16_tflops(device.device_kind),
+      "versions": {name: v for name, v in versions.items() if v},
+  }
+
+
 def load_average() -> list[float] | None:
   """The 1, 5 and 15 minute load averages (``uptime``): other work sharing the machine."""
   try:
@@ -76,6 +120,7 @@ def info(device: jax.Device, torch_device: str | None) -> dict[str, Any]:
       "device_platform": device.platform,
       "device_kind": device.device_kind,
       "device_count": len(jax.devices(device.platform)),
+      "accelerator": accelerator(device),
       "torch_device": torch_device,
       "torch_threads": threads,
       "versions": {
@@ -96,7 +141,8 @@ def tag(machine: dict[str, Any]) -> str:
 
 
 def short(machine: dict[str, Any]) -> str:
+  acc = describe_accelerator(machine)
   return (
       f"{machine['cpu_model']}, {machine['cores']} cores, "
-      f"{machine['device_platform']} ({machine['device_kind']})"
+      + (acc or f"{machine['device_platform']} ({machine['device_kind']})")
   )

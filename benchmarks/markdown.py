@@ -6,9 +6,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from benchmarks.formatting import (
+    counts_computed_blocks,
     fmt_bytes,
     fmt_gflops,
+    fmt_pct,
     fmt_ratio,
+    fmt_tflops,
     fmt_time,
     footnotes,
     machine_line,
@@ -21,6 +24,8 @@ def _cell(spec: SuiteSpec, record: Mapping[str, Any]) -> str:
   if record["status"] != "ok":
     return record["status"]
   figure = fmt_time(record["median_s"]) if spec.per_call else fmt_gflops(record["gflops"])
+  if "tflops_computed" in record:
+    figure += f", {fmt_tflops(record['tflops_computed'])} TFLOP/s"
   return f"{figure} ({fmt_ratio(record['ratio_vs_jnp'])})"
 
 
@@ -57,6 +62,9 @@ def _memory_tables(suite: Mapping[str, Any]) -> list[str]:
 
 def _timed_tables(spec: SuiteSpec, suite: Mapping[str, Any]) -> list[str]:
   unit = "time per call" if spec.per_call else "GFLOP/s"
+  device = counts_computed_blocks(suite)
+  if device:
+    unit += ", TFLOP/s over the computed blocks"
   lines = [f"Median {unit} (ratio to {suite['reference']}, above 1 is faster):", ""]
   rows = [[c["name"]] + [_cell(spec, c["results"][n]) for n in suite["competitors"]]
           for c in suite["cases"]]
@@ -67,7 +75,7 @@ def _timed_tables(spec: SuiteSpec, suite: Mapping[str, Any]) -> list[str]:
   for case in suite["cases"]:
     r = case["results"][focus]
     if r["status"] != "ok":
-      rows.append([case["name"], r["status"], "", "", "", ""])
+      rows.append([case["name"], r["status"]] + [""] * (6 if device else 4))
       continue
     pct = "—" if r["pct_of_peak"] is None else f"{r['pct_of_peak']:.0f}%"
     rows.append([
@@ -75,9 +83,12 @@ def _timed_tables(spec: SuiteSpec, suite: Mapping[str, Any]) -> list[str]:
         f"{fmt_time(r['median_s'])} [{fmt_time(r['min_s'])} – {fmt_time(r['max_s'])}]",
         fmt_gflops(r["gflops"]), fmt_ratio(r["ratio_vs_jnp"]), fmt_ratio(r["ratio_vs_torch"]),
         pct,
-    ])
+    ] + ([fmt_tflops(r["tflops_computed"]), fmt_pct(r["pct_of_device_peak"])]
+         if "tflops_computed" in r else ["—", "—"] if device else []))
   header = ["case", "median [min – max]", "GFLOP/s", f"vs {suite['reference']}", "vs torch",
             "% of peak"]
+  if device:
+    header += ["TFLOP/s (computed blocks)", "% of device peak"]
   return lines + table(header, rows)
 
 

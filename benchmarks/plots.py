@@ -17,10 +17,21 @@ def _ok(record: Mapping[str, Any]) -> bool:
   return record["status"] == "ok"
 
 
-def bars(ax, suite: Mapping[str, Any], cases: list[Mapping[str, Any]], per_call: bool) -> None:
-  """One bar per (case, competitor), with the min-max range as error bars."""
+def bars(ax, suite: Mapping[str, Any], cases: list[Mapping[str, Any]], per_call: bool,
+         *, computed: bool = False) -> None:
+  """One bar per (case, competitor), with the min-max range as error bars.
+
+  The figure is the time per call (``per_call``), the GFLOP/s of the useful work, or
+  (``computed``) the TFLOP/s over the computed blocks (``computed_flops``).
+  """
   names = suite["competitors"]
   width = 0.8 / len(names)
+
+  def figure(case: Mapping[str, Any], seconds: float) -> float:
+    if computed:
+      return case["computed_flops"] / seconds / 1e12
+    return seconds * 1e6 if per_call else case["flops"] / seconds / 1e9
+
   for i, name in enumerate(names):
     xs, ys, lo, hi = [], [], [], []
     for j, case in enumerate(cases):
@@ -28,20 +39,15 @@ def bars(ax, suite: Mapping[str, Any], cases: list[Mapping[str, Any]], per_call:
       if not _ok(r):
         continue
       xs.append(j + (i - (len(names) - 1) / 2) * width)
-      if per_call:
-        ys.append(r["median_s"] * 1e6)
-        lo.append(ys[-1] - r["min_s"] * 1e6)
-        hi.append(r["max_s"] * 1e6 - ys[-1])
-      else:
-        ys.append(r["gflops"])
-        lo.append(ys[-1] - case["flops"] / r["max_s"] / 1e9)
-        hi.append(case["flops"] / r["min_s"] / 1e9 - ys[-1])
-    # The recorded figures are rounded, so a range end can sit a hair inside the median.
-    ax.bar(xs, ys, width, yerr=[[max(e, 0.0) for e in lo], [max(e, 0.0) for e in hi]],
-           label=name, capsize=2)
+      ys.append(figure(case, r["median_s"]))
+      low, high = sorted((figure(case, r["min_s"]), figure(case, r["max_s"])))
+      lo.append(ys[-1] - low)
+      hi.append(high - ys[-1])
+    ax.bar(xs, ys, width, yerr=[lo, hi], label=name, capsize=2)
   ax.set_xticks(range(len(cases)), [c["name"] for c in cases], rotation=20, ha="right",
                 fontsize=7)
-  ax.set_ylabel("µs per call (lower is better)" if per_call else "GFLOP/s")
+  ax.set_ylabel("TFLOP/s over the computed blocks" if computed else
+                "µs per call (lower is better)" if per_call else "GFLOP/s")
   ax.grid(axis="y", alpha=0.3)
 
 
@@ -76,7 +82,7 @@ def length(case: Mapping[str, Any]) -> int:
   return case["info"]["length"]
 
 
-def _default(spec: SuiteSpec, suite: Mapping[str, Any], plt) -> Any:
+def default_plot(spec: SuiteSpec, suite: Mapping[str, Any], plt) -> Any:
   fig, axes = plt.subplots(1, 1, figsize=(8, 4.2))
   bars(axes, suite, suite["cases"], per_call=spec.per_call)
   axes.legend(fontsize=7)
@@ -93,7 +99,7 @@ def plots(results: Mapping[str, Any], out: Path, specs: Mapping[str, SuiteSpec])
   written = []
   for name, suite in results["suites"].items():
     spec = spec_of(specs, name)
-    fig = spec.plot(suite, plt) if spec.plot else _default(spec, suite, plt)
+    fig = spec.plot(suite, plt) if spec.plot else default_plot(spec, suite, plt)
     fig.suptitle(f"jmat {name}: {suite['title']} ({results['tag']})", fontsize=9)
     fig.tight_layout()
     path = out / f"{name}.png"

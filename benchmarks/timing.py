@@ -44,6 +44,9 @@ class Case:
 
   ``build`` allocates the inputs and returns ``{competitor: Call or Skipped}``; it runs
   only when the case is measured, so a sweep never holds every size's inputs at once.
+  ``computed_flops`` (block-sparse attention on an accelerator) counts the work of
+  every computed block, the masked-out pairs of partial blocks included: what the
+  hardware did, against its peak, where ``flops`` is what the result needed.
   """
 
   name: str
@@ -51,6 +54,7 @@ class Case:
   dtype: str
   build: Callable[[], Mapping[str, Call | Skipped]]
   info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  computed_flops: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +185,8 @@ class Suite:
   ``reference`` names the JAX baseline that ``ratio_vs_jnp`` is taken against (for
   most suites ``jnp``, the jitted jnp expression; for attention
   ``jax.nn.dot_product_attention``); ``ratio_vs_torch`` is taken against ``torch``.
+  ``jax_enable_x64``: whether its JAX competitors run with 64-bit types on (the
+  runner's setting), or turn them off for their calls.
   """
 
   name: str
@@ -189,6 +195,7 @@ class Suite:
   reference: str
   cases: tuple[Case, ...]
   notes: tuple[str, ...] = ()
+  jax_enable_x64: bool = True
 
 
 def subprocess_record(command: Sequence[str], timeout_s: float) -> dict[str, Any]:
