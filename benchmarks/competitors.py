@@ -68,19 +68,20 @@ class Target:
         out.append(torch.from_numpy(np.ascontiguousarray(x)))
     return [t.to(self.torch_device) for t in out]
 
-  def torch_call(self, pick: Callable[[Any], Callable[..., Any]], *arrays: np.ndarray
-                 ) -> Call | Skipped:
+  def torch_call(self, pick: Callable[[Any], Callable[..., Any]], *arrays: np.ndarray,
+                 requires_grad: bool = False) -> Call | Skipped:
     """``pick(torch)(*tensors)`` on torch copies of ``arrays``, waited on; Skipped without torch.
 
     ``pick`` receives the torch module, so a suite names a torch function without
     importing torch itself: ``target.torch_call(lambda torch: torch.matmul, a, b)``.
+    ``requires_grad``: the tensors require grad (for a call that differentiates).
     """
     if self.torch_device is None:
       return NO_TORCH
     import torch
 
     fn = pick(torch)
-    tensors = self.torch(*arrays)
+    tensors = [t.requires_grad_(requires_grad) for t in self.torch(*arrays)]
     if self.torch_device == "cuda":
 
       def call() -> Any:
@@ -95,6 +96,17 @@ class Target:
     """``fn(*device_arrays)``, waited on with ``jax.block_until_ready``."""
     args = self.jax(*arrays)
     return lambda: jax.block_until_ready(fn(*args))
+
+
+def jax_grads(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """``(q, k, v, *rest) -> gradients of sum(fn(q, k, v, *rest))`` for q, k and v (an
+  attention's forward+backward as the benchmarks time it)."""
+  return jax.grad(lambda *args: jnp.sum(fn(*args)), argnums=(0, 1, 2))
+
+
+def torch_grads(torch: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
+  """torch's :func:`jax_grads`: q, k and v must require grad (``torch_call(requires_grad=)``)."""
+  return lambda q, k, v: torch.autograd.grad(fn(q, k, v).sum(), (q, k, v))
 
 
 def numpy_call(fn: Callable[..., Any], *arrays: np.ndarray) -> Call:

@@ -63,10 +63,18 @@ def document_ids(length: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- the masks, three ways
 # Each kind: the jmat mask_mod (jmat.mods), the same mask as a torch user writes it
-# (attention-gym's form), and the allowed keys of every query (for the FLOPs).
+# (attention-gym's form), and the allowed keys of every query (for the FLOPs). The
+# accelerator runs (benchmarks.accelerators) use the same three, and splash attention's.
+MASKS = ("causal", "sliding window", "documents", "prefix-LM")
+MASK_NOTE = (
+    f"sliding window {WINDOW + 1}: q - {WINDOW} <= kv <= q (jmat.mods.generate_sliding_window"
+    f"({WINDOW})); documents: 4 packed documents of 40/30/20/10% of L, causal within each; "
+    "prefix-LM: the first L/4 positions see each other, the rest causal; softcap: "
+    f"{SOFTCAP:g} * tanh(score / {SOFTCAP:g}), causal."
+)
 
 
-def _jmat_mask(kind: str, length: int) -> Callable[..., Any]:
+def jmat_mask(kind: str, length: int) -> Callable[..., Any]:
   import jmat
 
   if kind == "sliding window":
@@ -78,12 +86,13 @@ def _jmat_mask(kind: str, length: int) -> Callable[..., Any]:
   return jmat.mods.causal_mask
 
 
-def _torch_mask(torch: Any, kind: str, length: int) -> Callable[..., Any]:
+def torch_mask(torch: Any, kind: str, length: int, device: str = "cpu") -> Callable[..., Any]:
   if kind == "sliding window":
     return lambda b, h, q, kv: (q >= kv) & (q - kv <= WINDOW)
   if kind == "documents":
-    ids = torch.from_numpy(document_ids(length))
-    offsets = torch.from_numpy(np.searchsorted(document_ids(length), np.arange(4)).astype(np.int32))
+    ids = torch.from_numpy(document_ids(length)).to(device)
+    offsets = torch.from_numpy(
+        np.searchsorted(document_ids(length), np.arange(4)).astype(np.int32)).to(device)
 
     def document(b, h, q, kv):  # attention-gym's generate_doc_mask_mod(causal_mask, offsets)
       q_logical, kv_logical = q - offsets[ids[q]], kv - offsets[ids[kv]]
@@ -96,41 +105,88 @@ def _torch_mask(torch: Any, kind: str, length: int) -> Callable[..., Any]:
   return lambda b, h, q, kv: q >= kv
 
 
-def allowed_keys(kind: str, length: int) -> np.ndarray:
-  """How many keys each query may attend to."""
+def key_range(kind: str, length: int) -> tuple[np.ndarray, np.ndarray]:
+  """The first and last key each query may attend to (every mask here allows one run of keys).
+
+  ``kind`` is one of :data:`MASKS`, or ``"full"`` (every key).
+  """
   position = np.arange(length)
+  if kind == "full":
+    return np.zeros(length, int), np.full(length, length - 1)
   if kind == "sliding window":
-    return np.minimum(position, WINDOW) + 1
+    return np.maximum(position - WINDOW, 0), position
   if kind == "documents":
     ids = document_ids(length)
-    return position - np.searchsorted(ids, ids) + 1
+    return np.searchsorted(ids, ids), position
   if kind == "prefix-LM":
-    return np.maximum(position + 1, length // 4)
-  return position + 1
+    return np.zeros(length, int), np.maximum(position, length // 4 - 1)
+  return np.zeros(length, int), position
+
+
+def allowed_keys(kind: str, length: int) -> np.ndarray:
+  """How many keys each query may attend to."""
+  first, last = key_range(kind, length)
+  return last - first + 1
+
+
+def computed_pairs(kind: str, length: int, block: int) -> int:
+  """The (query, key) pairs of every ``block x block`` tile holding an allowed pair.
+
+  What a block-sparse kernel computes over a block mask of ``BLOCK_SIZE`` ``block``
+  (``jmat.create_block_mask`` and torch's list exactly these blocks, full or
+  partial): the allowed pairs plus the masked-out pairs of partial blocks. Ragged
+  last blocks count their real rows and columns.
+  """
+  first, last = key_range(kind, length)
+  n = -(-length // block)
+  rows = np.arange(length) // block
+  # Each query marks the key blocks its run of keys touches: +1 at the first, -1 after the last.
+  marks = np.zeros((n, n + 1), np.int64)
+  np.add.at(marks, (rows, first // block), 1)
+  np.add.at(marks, (rows, last // block + 1), -1)
+  touched = np.cumsum(marks, axis=1)[:, :n] > 0
+  sizes = np.diff(np.minimum(np.arange(n + 1) * block, length))
+  return int(sizes @ touched @ sizes)
+
+
+def attention_flops(pairs: float, batch: int, heads: int, head_dim: int,
+                    backward: bool = False) -> float:
+  """``4 B H D`` per (query, key) pair; forward+backward 3.5 times that."""
+  forward = 4.0 * batch * heads * head_dim * pairs
+  return forward * 3.5 if backward else forward  # FlashAttention's count: backward = 2.5 x forward
 
 
 def flops(kind: str, length: int, backward: bool = False) -> float:
-  forward = 4.0 * BATCH * HEADS * HEAD_DIM * float(allowed_keys(kind, length).sum())
-  return forward * 3.5 if backward else forward  # FlashAttention's count: backward = 2.5 x forward
+  return attention_flops(float(allowed_keys(kind, length).sum()), BATCH, HEADS, HEAD_DIM,
+                         backward)
 
 
 # ---------------------------------------------------------------- competitors
 
 
-def _jmat_fn(kind: str, length: int, softcap: bool, backward: bool):
+@functools.cache
+def jmat_mods(kind: str, length: int, softcap: bool):
+  """``(score_mod or None, BlockMask)`` of the case, as a jmat user writes them (built once
+  per case: its jmat competitors and the backend query share them)."""
+  import jmat
+
+  mask = jmat.create_block_mask(jmat_mask(kind, length), None, None, length, length)
+  return (jmat.mods.generate_tanh_softcap(SOFTCAP) if softcap else None), mask
+
+
+def jmat_fn(kind: str, length: int, softcap: bool, backward: bool,
+            kernel_options: Mapping[str, Any] | None = None):
   """``(jitted (q, k, v, block_mask) -> out or grads, block_mask)``."""
   import jmat
 
-  mask = jmat.create_block_mask(_jmat_mask(kind, length), None, None, length, length)
-  score_mod = jmat.mods.generate_tanh_softcap(SOFTCAP) if softcap else None
+  score_mod, mask = jmat_mods(kind, length, softcap)
+  options = None if kernel_options is None else dict(kernel_options)
 
   def attend(q, k, v, block_mask):
-    return jmat.flex_attention(q, k, v, score_mod, block_mask=block_mask)
+    return jmat.flex_attention(q, k, v, score_mod, block_mask=block_mask,
+                               kernel_options=options)
 
-  if backward:
-    fn = jax.grad(lambda q, k, v, m: jnp.sum(attend(q, k, v, m)), argnums=(0, 1, 2))
-    return jax.jit(fn), mask
-  return jax.jit(attend), mask
+  return jax.jit(comp.jax_grads(attend) if backward else attend), mask
 
 
 @functools.cache
@@ -142,19 +198,32 @@ def _torch_flex() -> Callable[..., Any]:
   return torch.compile(flex_attention, dynamic=False)
 
 
-def _torch_pick(kind: str, length: int, softcap: bool) -> Callable[[Any], Callable[..., Any]]:
+def torch_pick(kind: str, length: int, softcap: bool, device: str = "cpu",
+                backward: bool = False) -> Callable[[Any], Callable[..., Any]]:
+  """torch's flex_attention of the case on ``device`` (with ``backward``: the gradients of
+  ``sum(out)`` for q, k and v, which must require grad)."""
+
   def pick(torch: Any) -> Callable[..., Any]:
     from torch.nn.attention.flex_attention import create_block_mask
 
-    mask = create_block_mask(_torch_mask(torch, kind, length), None, None, length, length,
-                             device="cpu")
+    mask = create_block_mask(torch_mask(torch, kind, length, device), None, None, length,
+                             length, device=device)
     def softcap_mod(score, b, h, q, kv):  # attention-gym's generate_tanh_softcap(SOFTCAP)
       return SOFTCAP * torch.tanh(score / SOFTCAP)
 
-    return functools.partial(_torch_flex(), score_mod=softcap_mod if softcap else None,
-                             block_mask=mask)
+    attend = functools.partial(_torch_flex(), score_mod=softcap_mod if softcap else None,
+                               block_mask=mask)
+    return comp.torch_grads(torch, attend) if backward else attend
 
   return pick
+
+
+def case_name(kind: str, length: int, softcap: bool = False, backward: bool = False) -> str:
+  """``sliding window 256 L=8192``, ``causal + softcap 50 L=8192``, ``documents fwd+bwd L=8192``."""
+  label = f"sliding window {WINDOW + 1}" if kind == "sliding window" else kind
+  if softcap:
+    label += f" + softcap {SOFTCAP:g}"
+  return f"{label}{' fwd+bwd' if backward else ''} L={length}"
 
 
 def _jax_nn_window(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -166,10 +235,10 @@ def _case(target: comp.Target, kind: str, length: int, *, softcap: bool = False,
   def build() -> dict[str, Call | Skipped]:
     shape = (BATCH, HEADS, length, HEAD_DIM)
     q, k, v = target.random([shape] * 3, "float32")
-    fn, mask = _jmat_fn(kind, length, softcap, backward=False)
+    fn, mask = jmat_fn(kind, length, softcap, backward=False)
     calls: dict[str, Call | Skipped] = {
         "jmat": target.jax_call(lambda q, k, v: fn(q, k, v, mask), q, k, v),
-        "torch": (target.torch_call(_torch_pick(kind, length, softcap), q, k, v) if torch
+        "torch": (target.torch_call(torch_pick(kind, length, softcap), q, k, v) if torch
                   else Skipped("--quick: torch.compile(flex_attention) takes ~40 s per case")),
         "jax.nn": NO_JAX_NN,
     }
@@ -180,12 +249,10 @@ def _case(target: comp.Target, kind: str, length: int, *, softcap: bool = False,
                                         *(to_jax_nn_layout(x) for x in (q, k, v)))
     return calls
 
-  mod = f"{kind} + softcap {SOFTCAP:g}" if softcap else kind
   info = {"length": length, "mask": kind, "softcap": SOFTCAP if softcap else None,
           "shape": [BATCH, HEADS, length, HEAD_DIM], "pass": "forward",
           "allowed_fraction": round(float(allowed_keys(kind, length).sum()) / length**2, 4)}
-  name = f"{'sliding window 256' if kind == 'sliding window' else mod} L={length}"
-  return Case(name, flops(kind, length), "float32", build, info)
+  return Case(case_name(kind, length, softcap), flops(kind, length), "float32", build, info)
 
 
 def _backward_case(target: comp.Target, length: int, memory_length: int) -> Case:
@@ -199,15 +266,15 @@ def _backward_case(target: comp.Target, length: int, memory_length: int) -> Case
     info["memory"] = {"length": memory_length,
                       **memory_point(memory_length, target.device.platform)}
     q, k, v = target.random([(BATCH, HEADS, length, HEAD_DIM)] * 3, "float32")
-    fn, mask = _jmat_fn("documents", length, softcap=False, backward=True)
+    fn, mask = jmat_fn("documents", length, softcap=False, backward=True)
     return {
         "jmat": target.jax_call(lambda q, k, v: fn(q, k, v, mask), q, k, v),
         "torch": Skipped("torch's flex_attention has no CPU backward"),
         "jax.nn": NO_JAX_NN,
     }
 
-  return Case(f"documents fwd+bwd L={length}", flops("documents", length, backward=True),
-              "float32", build, info)
+  return Case(case_name("documents", length, backward=True),
+              flops("documents", length, backward=True), "float32", build, info)
 
 
 def flex_suite(target: comp.Target, quick: bool) -> Suite:
@@ -234,10 +301,7 @@ def flex_suite(target: comp.Target, quick: bool) -> Suite:
           "torch is torch.compile(flex_attention, dynamic=False) with torch's create_block_mask "
           "of the same mask; jmat is jax.jit of jmat.flex_attention with a BlockMask argument; "
           "both block masks are built once, outside the timing (BLOCK_SIZE 128).",
-          f"sliding window 256: q - {WINDOW} <= kv <= q (jmat.mods.generate_sliding_window"
-          f"({WINDOW}), jax.nn local_window_size=({WINDOW}, 0)); documents: 4 packed documents "
-          "of 40/30/20/10% of L, causal within each; prefix-LM: the first L/4 positions see each "
-          f"other, the rest causal; softcap: {SOFTCAP:g} * tanh(score / {SOFTCAP:g}), causal.",
+          MASK_NOTE + f" jax.nn's sliding window: local_window_size=({WINDOW}, 0).",
           "GFLOP/s count the useful work, 4*B*H*D per allowed (query, key) pair; fwd+bwd 3.5x "
           "that. ratio_vs_jnp is taken against jax.nn.dot_product_attention (jitted).",
           "documents fwd+bwd: gradients of sum(out) for q, k, v; info.memory is the peak RSS of a "
@@ -320,7 +384,7 @@ def _memory(length: int, device: str, limit: int) -> dict[str, Any]:
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(key, (BATCH, HEADS, length, HEAD_DIM), jnp.float32)
                for key in keys)
-    fn, mask = _jmat_fn("documents", length, softcap=False, backward=True)
+    fn, mask = jmat_fn("documents", length, softcap=False, backward=True)
     compiled = fn.lower(q, k, v, mask).compile()
   analysis = compiled.memory_analysis()
   temp = None if analysis is None else int(analysis.temp_size_in_bytes)
