@@ -3,6 +3,12 @@
     python -m benchmarks                      # every suite, full sizes (~15 min on 2 cores)
     python -m benchmarks --quick              # every suite, small sizes (a smoke test)
     python -m benchmarks --suite products --suite eager --device cpu --out /tmp/bench
+    python -m benchmarks --suite flex --suite attention --device gpu   # or tpu: Pallas vs peers
+
+With ``--device gpu`` or ``tpu`` the flex and attention suites are those of
+:mod:`benchmarks.accelerators` (jmat's Triton or Mosaic kernel against torch.compile's
+flex_attention and cuDNN, or against splash attention), reported in TFLOP/s over the
+computed blocks and as a share of the device's peak.
 
 Results go to ``OUT/<machine-tag>/``: ``results.json`` (every figure, the machine,
 the load), ``results.md`` (tables) and one PNG per suite. Suites measured again
@@ -30,7 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 
-from benchmarks import attention, family, flex, products  # noqa: E402
+from benchmarks import accelerators, attention, family, flex, products  # noqa: E402
 from benchmarks.spec import SuiteSpec  # noqa: E402
 
 # Every suite, in the order they run and are reported: one line each.
@@ -39,9 +45,9 @@ SUITES: tuple[SuiteSpec, ...] = (
     products.EAGER_SPEC,
     products.DTYPES_SPEC,
     family.FAMILY_SPEC,
-    attention.ATTENTION_SPEC,
+    accelerators.on_device(attention.ATTENTION_SPEC, accelerators.attention_suite),
     attention.MEMORY_SPEC,
-    flex.FLEX_SPEC,
+    accelerators.on_device(flex.FLEX_SPEC, accelerators.flex_suite),
 )
 SPECS = {spec.name: spec for spec in SUITES}
 SUITE_NAMES = tuple(SPECS)
@@ -53,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m benchmarks", description=__doc__.splitlines()[0].replace("``", ""),
       formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(
-          __doc__.splitlines()[2:5]),
+          __doc__.splitlines()[2:6]),
   )
   parser.add_argument(
       "--suite", action="append", choices=(*SUITE_NAMES, "all"),
@@ -62,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--quick", action="store_true", help="small sizes, few rounds (~1 min)")
   parser.add_argument(
       "--device", default=None,
-      help="a JAX platform from jax.devices(): cpu, gpu, tpu (default: JAX's default backend)",
+      help="a JAX platform from jax.devices(): cpu, gpu, tpu (default: JAX's default backend); "
+      "on gpu or tpu the flex and attention suites pit jmat's Pallas kernel against the "
+      "device's own",
   )
   parser.add_argument(
       "--out", type=Path, default=None,
@@ -75,14 +83,28 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+# What a device run needs, for the one-line refusal where JAX finds no such device.
+_NEEDS = {
+    "gpu": "jax with CUDA (pip install -U 'jax[cuda12]') on a machine with an NVIDIA GPU",
+    "cuda": "jax with CUDA (pip install -U 'jax[cuda12]') on a machine with an NVIDIA GPU",
+    "tpu": "jax with libtpu (pip install -U 'jax[tpu]') on a TPU VM",
+}
+
+
 def _device(name: str | None) -> jax.Device:
+  if name in (None, "gpu", "cuda"):
+    # torch may share a GPU with JAX in this process: JAX takes memory as it needs it instead
+    # of preallocating 75% of it (read when JAX starts its backends, below).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   platform = name or jax.default_backend()
   try:
     return jax.devices(platform)[0]
   except RuntimeError:
     available = sorted({d.platform for d in jax.devices()} | {"cpu"})
+    needs = f"; --device {platform} needs {_NEEDS[platform]}" if platform in _NEEDS else ""
     raise SystemExit(
-        f"python -m benchmarks: no JAX device {platform!r}; available: {available}"
+        f"python -m benchmarks: no JAX device {platform!r} here (jax {jax.__version__} sees "
+        f"{', '.join(available)}){needs}"
     ) from None
 
 
@@ -93,9 +115,10 @@ def _run_timed(suite, settings, bar) -> list[dict[str, Any]]:
   for case in suite.cases:
     bar.set_postfix_str(case.name, refresh=False)
     records = timing.measure(case.build(), settings, bar.update)
+    counted = {} if case.computed_flops is None else {"computed_flops": case.computed_flops}
     cases.append({
-        "name": case.name, "dtype": case.dtype, "flops": case.flops, "info": dict(case.info),
-        "results": records,
+        "name": case.name, "dtype": case.dtype, "flops": case.flops, **counted,
+        "info": dict(case.info), "results": records,
     })
   return cases
 
@@ -132,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before, clock = machine.load_average(), time.perf_counter()
     spec = SPECS[name]
     suite_record: dict[str, Any]
+    x64 = True
     if spec.measure is not None:
       with tqdm(total=spec.points(args.quick), desc=name, unit="point") as bar:
         suite_record, cases = spec.measure(device.platform, args.quick, bar.update)
@@ -146,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           "kind": "time", "title": suite.title, "competitors": list(suite.competitors),
           "reference": suite.reference, "notes": list(suite.notes),
       }
+      x64 = suite.jax_enable_x64
     timed = spec.measure is None
     suite_record["name"] = name
     suite_record["run"] = {
@@ -153,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "duration_s": round(time.perf_counter() - clock, 1),
         "quick": args.quick,
         "device": device.platform,
-        "jax_enable_x64": True,
+        "device_kind": device.device_kind,
+        "jax_enable_x64": x64,
         "repeats": settings.repeats if timed else 1,
         "min_sample_s": settings.min_sample_s if timed else None,
         "settle_s": settings.settle_s if timed else None,
