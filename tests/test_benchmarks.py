@@ -1,7 +1,8 @@
 """Smoke test of ``python -m benchmarks --quick``: it runs, writes its files, and they are complete.
 
 A schema check only: no test here looks at a time (speed is measured, never asserted).
-The quick run takes well under two minutes on two cores.
+The quick run takes well under two minutes on two cores. The GPU and TPU suites are
+checked as far as a machine without those devices can (see the second half).
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 SUITES = ("products", "eager", "dtypes", "family", "attention", "memory", "flex")
@@ -132,3 +136,274 @@ def test_jmat_bench_reaches_the_benchmarks(capsys):
     main(["bench", "--", "--help"])
   assert exit_info.value.code == 0
   assert "--suite" in capsys.readouterr().out
+
+
+# --- the GPU and TPU runs, as far as a machine without them can check -----------------------
+# The device suites (benchmarks/accelerators.py) build here: their cases, FLOP counts, masks
+# and peak table against independent counts; their calls in Pallas interpret mode; their
+# kernels lowered for cuda and tpu; their report from a results record; and the refusal
+# when the device is missing. What needs the device: the timings, cuDNN (it neither
+# interprets nor lowers without a GPU), torch on CUDA.
+
+DEVICE_KINDS = {  # JAX's device_kind strings -> the vendors' peak dense bf16 TFLOP/s
+    "NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDIA H200": 989.0,
+    "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100 80GB PCIe": 312.0, "NVIDIA L4": 121.0,
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5": 459.0, "TPU v5p": 459.0,
+    "TPU v6 lite": 918.0, "TPU v6e": 918.0,
+    "NVIDIA L40S": None, "NVIDIA GeForce RTX 4090": None, "cpu": None, "TPU v3": None,
+}
+
+
+@pytest.mark.parametrize("kind", list(DEVICE_KINDS))
+def test_peak_table_knows_the_listed_devices_and_no_others(kind):
+  from benchmarks.machine import peak_bf16_tflops
+
+  assert peak_bf16_tflops(kind) == DEVICE_KINDS[kind]
+
+
+def _allowed_pairs(kind: str, length: int) -> np.ndarray:
+  """The flex suite's masks, densely, in numpy: the oracle of every count below."""
+  from benchmarks.flex import WINDOW, document_ids
+
+  q, kv = np.arange(length)[:, None], np.arange(length)[None, :]
+  ids = document_ids(length)
+  return {
+      "full": np.ones((length, length), bool),
+      "causal": kv <= q,
+      "sliding window": (kv <= q) & (q - kv <= WINDOW),
+      "documents": (kv <= q) & (ids[q] == ids[kv]),
+      "prefix-LM": (kv <= q) | (kv < length // 4),
+  }[kind]
+
+
+def _touched_blocks(allowed: np.ndarray, block: int) -> np.ndarray:
+  n = -(-allowed.shape[0] // block)
+  padded = np.zeros((n * block, n * block), bool)
+  padded[: allowed.shape[0], : allowed.shape[1]] = allowed
+  return padded.reshape(n, block, n, block).any(axis=(1, 3))
+
+
+@pytest.mark.parametrize("length", [640, 701])  # whole blocks, and a ragged last block
+@pytest.mark.parametrize("kind", ["full", "causal", "sliding window", "documents", "prefix-LM"])
+def test_computed_pairs_count_every_pair_of_every_block_holding_an_allowed_pair(kind, length):
+  from benchmarks import flex
+
+  allowed = _allowed_pairs(kind, length)
+  touched = _touched_blocks(allowed, 128)
+  padded = np.zeros(touched.shape[0] * 128, bool)
+  padded[:length] = True
+  real = padded.reshape(-1, 128).sum(axis=1)  # real rows (and columns) of each block
+  assert flex.computed_pairs(kind, length, 128) == int(real @ touched @ real)
+  assert flex.allowed_keys(kind, length).sum() == allowed.sum()
+
+
+@pytest.mark.parametrize("kind", ["causal", "sliding window", "documents", "prefix-LM"])
+def test_jmat_and_torch_block_masks_list_the_counted_blocks_of_the_numpy_mask(kind):
+  """The computed blocks are what both libraries' BlockMasks list (BLOCK_SIZE 128), and both
+  libraries' mask_mods are the numpy mask."""
+  import torch
+  from torch.nn.attention import flex_attention as torch_flex
+
+  import jmat
+  from benchmarks import flex
+
+  length = 701
+  allowed = _allowed_pairs(kind, length)
+  touched = _touched_blocks(allowed, 128).sum()
+  mask = jmat.create_block_mask(flex.jmat_mask(kind, length), None, None, length, length)
+  assert int(mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum()) == touched
+  np.testing.assert_array_equal(np.asarray(mask.to_dense())[0, 0] > 0,
+                                _touched_blocks(allowed, 128))
+  mod = flex.torch_mask(torch, kind, length)
+  theirs = torch_flex.create_block_mask(mod, None, None, length, length, device="cpu")
+  assert int(theirs.kv_num_blocks.sum() + theirs.full_kv_num_blocks.sum()) == touched
+  dense = torch_flex.create_mask(mod, None, None, length, length, device="cpu")
+  np.testing.assert_array_equal(dense[0, 0].numpy(), allowed)
+
+
+@pytest.mark.parametrize("kind", ["full", "causal", "sliding window", "prefix-LM"])
+def test_splash_masks_are_the_numpy_masks(kind):
+  from benchmarks.accelerators import splash_mask
+
+  np.testing.assert_array_equal(splash_mask(kind, 701)[:, :], _allowed_pairs(kind, 701))
+
+
+def _fake_target(platform: str, kind: str):
+  from types import SimpleNamespace
+
+  from benchmarks.competitors import Target
+
+  return Target(SimpleNamespace(platform=platform, device_kind=kind), None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("platform, kind, peers", [
+    ("gpu", "NVIDIA H200", ["jmat triton", "jmat xla", "torch", "cudnn"]),
+    ("tpu", "TPU v9 prototype", ["jmat mosaic", "jmat xla", "splash"]),
+])
+def test_device_suites_cases_and_counts(platform, kind, peers):
+  from benchmarks import accelerators as acc
+  from benchmarks import flex
+
+  flex_suite = acc.flex_suite(_fake_target(platform, kind), False)
+  attention = acc.attention_suite(_fake_target(platform, kind), False)
+  for suite in (flex_suite, attention):
+    assert list(suite.competitors) == peers
+    assert suite.reference in peers and not suite.jax_enable_x64
+    assert len({c.name for c in suite.cases}) == len(suite.cases)
+  masks = ["causal", "sliding window", "documents", "prefix-LM", "causal"]
+  forward = [(c.info["mask"], c.info["length"]) for c in flex_suite.cases
+             if c.info["pass"] == "forward"]
+  assert forward == [(m, n) for n in (4096, 8192, 16384) for m in masks]
+  backward = [(c.info["mask"], c.info["length"]) for c in flex_suite.cases
+              if c.info["pass"] == "forward+backward"]
+  assert backward == [(m, 16384) for m in masks]
+  assert [c.info["mask"] for c in attention.cases] == ["causal", "full"] * 4
+  for c in flex_suite.cases + attention.cases:
+    assert c.dtype == "bfloat16" and c.info["shape"] == [1, 16, c.info["length"], 128]
+    per_pair = 4 * 16 * 128 * (3.5 if c.info["pass"] == "forward+backward" else 1.0)
+    assert c.computed_flops >= c.flops
+    assert c.flops == pytest.approx(per_pair * flex.allowed_keys(
+        c.info["mask"], c.info["length"]).sum())
+    assert c.computed_flops == pytest.approx(per_pair * flex.computed_pairs(
+        c.info["mask"], c.info["length"], 128))
+  notes = " ".join(flex_suite.notes)
+  assert ("989 TFLOP/s" in notes) if platform == "gpu" else ("n/a" in notes)
+
+
+def test_a_tpu_case_runs_in_interpret_mode_and_splash_agrees_with_jmat():
+  """A TPU case's calls, run here in Pallas interpret mode: splash, with its segment ids and
+  pre-scaled q, computes what jmat's XLA kernel computes (the GPU peers' masks are checked
+  against numpy above; cuDNN's cannot be run here)."""
+  from benchmarks import accelerators as acc
+  from benchmarks.competitors import Target
+
+  target = Target(jax.devices("cpu")[0], "cpu")
+  problem = acc.Problem("documents", 256, softcap=True, heads=2)
+  calls = acc.case(target, problem, "tpu", interpret=True).build()
+  assert list(calls) == ["jmat mosaic", "jmat xla", "splash"]
+  np.testing.assert_allclose(np.asarray(calls["splash"](), np.float32),
+                             np.asarray(calls["jmat xla"](), np.float32), atol=0.02)
+
+
+def test_a_gpu_case_without_cuda_skips_torch_and_cudnn_says_what_it_lacks():
+  from benchmarks import accelerators as acc
+  from benchmarks.competitors import Target
+
+  target = Target(jax.devices("cpu")[0], "cpu")
+  calls = acc.case(target, acc.Problem("prefix-LM", 256, heads=2), "gpu", interpret=True).build()
+  assert list(calls) == ["jmat triton", "jmat xla", "torch", "cudnn"]
+  assert "no CUDA device" in calls["torch"].reason  # torch's CPU kernels are no GPU competitor
+  assert "no prefix-LM mask" in calls["cudnn"].reason
+
+
+@pytest.mark.parametrize("platform, lowering, kernel_call, problem", [
+    ("gpu", "cuda", "__gpu$xla.gpu.triton", dict(kind="documents", backward=True)),
+    ("tpu", "tpu", "tpu_custom_call", dict(kind="causal", softcap=True, backward=True)),
+])
+def test_device_competitors_lower_to_their_kernels(platform, lowering, kernel_call, problem):
+  """The device suites' JAX competitors (at L=4096; the suites run up to 16384) lower to
+  their Pallas kernels for cuda and tpu, forward and backward; jmat xla to none."""
+  from benchmarks import accelerators as acc
+
+  problem = acc.Problem(length=4096, **problem)
+  x = np.zeros(problem.shape, jnp.bfloat16)
+  with jax.enable_x64(False):  # as the device suites run them
+    for name, make in acc.jax_peers(problem, platform).items():
+      if name == "cudnn":  # lowers only where cuDNN is installed: unverifiable here
+        continue
+      peer = make()
+      assert isinstance(peer, acc.Peer), f"{name}: {peer}"
+      args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in peer.inputs(x, x, x)]
+      text = jax.jit(peer.fn).trace(*args).lower(lowering_platforms=(lowering,)).as_text()
+      assert (kernel_call in text) == (name != "jmat xla"), name
+
+
+def test_a_device_run_without_the_device_is_refused_in_one_line(tmp_path):
+  device = "gpu"
+  if device in {d.platform for d in jax.devices()}:
+    pytest.skip(f"this machine has a {device}")
+  command = [sys.executable, "-m", "benchmarks", "--suite", "flex", "--device", device,
+             "--out", str(tmp_path)]
+  done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+  assert done.returncode != 0
+  (line,) = done.stderr.strip().splitlines()
+  assert line.startswith(f"python -m benchmarks: no JAX device '{device}' here")
+  assert f"--device {device} needs" in line
+  assert not list(tmp_path.iterdir())
+
+
+def _device_results(kind: str) -> dict:
+  """A results record as a GPU run writes it, with made-up times (the report is under test)."""
+  from benchmarks import accelerators as acc
+
+  target = _fake_target("gpu", kind)
+  suite = acc.flex_suite(target, True)
+  cases = []
+  for i, case in enumerate(suite.cases):
+    results = {}
+    for j, name in enumerate(suite.competitors):
+      if name == "cudnn" and case.info["mask"] != "causal":
+        results[name] = {"status": "skipped", "reason": "no such mask"}
+        continue
+      t = 1e-3 * (i + 1) * (j + 1)
+      results[name] = {"status": "ok", "median_s": t, "min_s": 0.9 * t, "max_s": 1.2 * t,
+                       "samples": 3, "calls_per_sample": 1, "samples_s": [t, 0.9 * t, 1.2 * t]}
+    cases.append({"name": case.name, "dtype": case.dtype, "flops": case.flops,
+                  "computed_flops": case.computed_flops, "info": dict(case.info),
+                  "results": results})
+  run = {"started": "2026-01-01T00:00:00+00:00", "duration_s": 60.0, "quick": True,
+         "device": "gpu", "device_kind": kind, "jax_enable_x64": False, "repeats": 3,
+         "min_sample_s": 0.005, "settle_s": 0.0, "load_average_before": [0.1, 0.1, 0.1],
+         "load_average_after": [0.1, 0.1, 0.1]}
+  machine = {"cpu_model": "Some CPU", "cpu_flags": [], "cores": 16, "memory_bytes": 2**37,
+             "os": "Linux", "python": "3.12", "device_platform": "gpu", "device_kind": kind,
+             "device_count": 1, "torch_device": "cuda", "torch_threads": 16,
+             "accelerator": {"name": kind, "count": 1, "peak_bf16_tflops":
+                             DEVICE_KINDS.get(kind), "versions": {"triton": "3.5.0"}},
+             "versions": {"jmat": "0", "jax": "0.11.0", "jaxlib": "0.11.0", "numpy": "2",
+                          "torch": "2.11.0"}}
+  return {"schema_version": 1, "tag": f"gpu-{kind}-x1", "machine": machine, "suites": {
+      "flex": {"kind": "time", "title": suite.title, "competitors": list(suite.competitors),
+               "reference": suite.reference, "notes": list(suite.notes), "name": "flex",
+               "run": run, "cases": cases}}}
+
+
+@pytest.mark.parametrize("kind", ["NVIDIA H200", "NVIDIA RTX 9999"])
+def test_a_gpu_run_reports_tflops_over_computed_blocks_and_the_share_of_the_peak(kind, tmp_path):
+  from benchmarks import readme, report
+  from benchmarks.__main__ import SPECS
+
+  results = _device_results(kind)
+  paths = report.write(results, tmp_path, SPECS)
+  written = json.loads((tmp_path / "results.json").read_text())
+  peak = DEVICE_KINDS.get(kind)
+  for case in written["suites"]["flex"]["cases"]:
+    for record in case["results"].values():
+      if record["status"] != "ok":
+        continue
+      tflops = case["computed_flops"] / record["median_s"] / 1e12
+      assert record["tflops_computed"] == pytest.approx(tflops, rel=1e-3)
+      if peak is None:
+        assert record["pct_of_device_peak"] is None
+      else:
+        assert record["pct_of_device_peak"] == pytest.approx(100 * tflops / peak, rel=1e-3)
+  assert (tmp_path / "flex.png").read_bytes().startswith(b"\x89PNG") and len(paths) == 3
+  markdown = (tmp_path / "results.md").read_text()
+  assert "TFLOP/s over the computed blocks" in markdown and "% of device peak" in markdown
+  readme_path = tmp_path / "README.md"
+  readme_path.write_text("# x\n\n<!-- bench:start -->\nthe CPU block\n<!-- bench:end -->\n")
+  for _ in range(2):  # a second run replaces the GPU block, and keeps the CPU one
+    readme.update_readme(readme_path, tmp_path, SPECS)
+  text = readme_path.read_text()
+  assert text.count("<!-- bench:gpu:start -->") == 1 and "the CPU block" in text
+  block = text.split("<!-- bench:gpu:start -->")[1]
+  assert f"## Benchmarks on 1 x {kind}" in block
+  assert "jmat triton % of device peak" in block
+  first_row = block.split("| causal L=1024 |")[1].splitlines()[0]
+  cell = first_row.strip(" |").split(" | ")[-1]
+  mine = written["suites"]["flex"]["cases"][0]["results"]["jmat triton"]
+  if peak is None:
+    assert cell == "n/a"
+  else:
+    assert float(cell.removesuffix("%")) == pytest.approx(mine["pct_of_device_peak"], rel=0.05)
+  assert "TFLOP/s over the computed blocks" in block  # the "In short" line
