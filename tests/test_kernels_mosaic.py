@@ -5,9 +5,11 @@ oracle: outputs and logsumexp, and the gradients of q, k, v, the scale, captured
 and blocked float operands against central differences of the oracle along random directions
 (the directional derivatives ``jax.test_util.check_grads`` takes, here of an independent
 function). The mods are written once, for broadcastable ``(m, r, g, q, k)`` index arrays: the
-oracle evaluates them on the whole ``(M, R, G, L, S)`` grid, the kernel on its tiles. On this
-CPU-only machine, the TPU lowering proves the kernels are what runs: the forward pass and the
-gradient hold their ``tpu_custom_call``.
+oracle evaluates them on the whole ``(M, R, G, L, S)`` grid, the kernel on its tiles. Mods that
+read captured arrays by position (document ids, per-position biases, a user's gather mask) run
+with what they read computed outside the kernels. On this CPU-only machine, the TPU lowering
+proves the kernels are what runs: the forward pass and the gradient hold their
+``tpu_custom_call``, through the public API too, with every value inside them 32-bit.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
+from jax.extend.core import Jaxpr
 
+import jmat
 from jmat._src import block_sparse
 from jmat._src.kernels import mosaic
 from tests.cases import attention_reference, tolerance
@@ -71,8 +75,28 @@ def window(width):
 
 
 def same_document(idx, ops):
+  """Causal within documents, per batch row: ``docs[r, q_idx] == docs[r, kv_idx]``."""
   docs = ops[0]["docs"]
   return (docs[idx.r, idx.q] == docs[idx.r, idx.k]) & (idx.k <= idx.q)
+
+
+def same_shared_document(idx, ops):
+  """Causal within documents whose ids every row shares: ``docs[q_idx] == docs[kv_idx]``."""
+  docs = ops[0]["docs"]
+  return (docs[idx.q] == docs[idx.k]) & (idx.k <= idx.q)
+
+
+def kept_keys_in_window(idx, ops):
+  """A user's gather mask: causal, per-row kept keys ``keep[r, kv_idx]``, and a window whose
+  width ``width[q_idx]`` each query reads from a table."""
+  keep, width = ops[0]["keep"], ops[0]["width"]
+  return keep[idx.r, idx.k] & (idx.k <= idx.q) & (idx.q - idx.k < width[idx.q])
+
+
+def positional_biases(s, idx, ops):
+  """Learnable biases read by position: one per query ``q_bias[q_idx]`` and one per row and key
+  ``k_bias[r, kv_idx]`` (their gradients come from the dq and the dk/dv pass)."""
+  return s + ops[0]["q_bias"][idx.q] + ops[0]["k_bias"][idx.r, idx.k]
 
 
 def dense_mask(idx, ops):
@@ -163,6 +187,17 @@ def documents(m, r, g, length, keys):
   return {"docs": np.sort(RNG.integers(0, 4, size=(r, length)), axis=1).astype(np.int32)}
 
 
+def shared_documents(m, r, g, length, keys):
+  del m, r, g, keys
+  return {"docs": np.sort(RNG.integers(0, 5, size=length))}  # int64: the kernel's are 32-bit
+
+
+def biases_and_kept_keys(m, r, g, length, keys):
+  del m, g
+  return {"q_bias": RNG.standard_normal(length), "k_bias": RNG.standard_normal((r, keys)),
+          "keep": RNG.random((r, keys)) > 0.2, "width": RNG.integers(3, 30, size=length)}
+
+
 def random_bool_mask(m, r, g, length, keys):
   del g
   allowed = RNG.random((m, r, 1, length, keys)) > 0.4
@@ -193,8 +228,14 @@ CASES = {
                                 mask=bottom_right(261 - 37)),
     "sliding_window": Case((1, 1, 2, 190, 190, 16, 16), 40, 128, tables_from_mask,
                            mask=window(70)),
-    "documents": Case((1, 2, 1, 150, 150, 16, 24), 24, 128, tables_from_mask,
-                      mask=same_document, whole=documents),
+    "documents_per_row": Case((1, 2, 1, 150, 150, 16, 24), 24, 128, tables_from_mask,
+                              mask=same_document, whole=documents),
+    "documents_shared_float32": Case((2, 1, 2, 150, 150, 16, 16), 16, 128, tables_from_mask,
+                                     mask=same_shared_document, whole=shared_documents,
+                                     dtype=np.float32),
+    "positional_gathers": Case((1, 2, 2, 37, 261, 16, 16), 16, 128, random_tables,
+                               mask=kept_keys_in_window, score=positional_biases,
+                               whole=biases_and_kept_keys, dtype=np.float32),
     "dense_mask_two_tables": Case((2, 2, 2, 37, 261, 16, 16), 16, 128, random_tables,
                                   mask=dense_mask, blocked=random_bool_mask),
     "softcap_alibi_biases": Case((2, 2, 2, 37, 261, 16, 24), 16, 128, random_tables,
@@ -319,8 +360,11 @@ def test_attend_matches_the_oracle_and_its_finite_differences(name, interpret):
   for n, (input_name, x) in enumerate(problem.floats.items()):
     direction = np.random.default_rng(n).standard_normal(x.shape)
     ends = [loss(*oracle(case, problem, allowed, {**problem.floats, input_name: x + sign * step *
-                                                   direction}), d_out, d_lse) for sign in (1, -1)]
-    want = (ends[0] - ends[1]) / (2 * step)
+                                                   direction}), d_out, d_lse)
+            for sign in (1, -1, 2, -2)]
+    # Fourth-order central differences: a slope times a distance of 260 keys curves the loss
+    # enough for the second-order ones to be off by more than float64's tolerance.
+    want = (8 * (ends[0] - ends[1]) - (ends[2] - ends[3])) / (12 * step)
     grad = np.asarray(grads[input_name], np.float64)
     assert grad.shape == x.shape and np.isfinite(grad).all(), input_name
     assert abs(want) > 1e-3, input_name  # the case does exercise this input
@@ -341,21 +385,27 @@ def softcap_temperature_bias(s, idx, ops):
 
 
 def alibi_gather(s, idx, ops):
-  """ALiBi slopes read from a whole table by head: a gather, which Mosaic does not lower."""
+  """ALiBi slopes read from a whole table by row and head: read from outside the kernel."""
   return s + ops[0]["slopes"][idx.r, idx.g] * (idx.k - idx.q)
+
+
+def relative_table(s, idx, ops):
+  """A relative-position table read at ``kv_idx - q_idx``: a gather depending on both sides."""
+  return s + ops[0]["table"][idx.g, idx.k - idx.q + L - 1]
 
 
 M, R, G, L, S, E, EV = 1, 2, 2, 37, 261, 16, 24
 
 
-def abstract(dtype=jnp.bfloat16, slopes=False):
-  """Shapes of q, k, v and operands (a scalar, a blocked bias; or slopes) for the TPU lowering."""
+def abstract(dtype=jnp.bfloat16, whole="temp"):
+  """Shapes of q, k, v and operands for the TPU lowering: a scalar and a blocked bias, or ALiBi
+  slopes, or a relative-position table."""
   f32 = jnp.float32
-  whole = {"slopes": jax.ShapeDtypeStruct((R, G), f32)} if slopes else {
-      "temp": jax.ShapeDtypeStruct((), f32)}
-  blocked = () if slopes else (jax.ShapeDtypeStruct((1, R, 1, L, S), f32),)
+  shapes = {"temp": (), "slopes": (R, G), "table": (G, L + S - 1)}
+  blocked = (jax.ShapeDtypeStruct((1, R, 1, L, S), f32),) if whole == "temp" else ()
   return (jax.ShapeDtypeStruct((M, R, G, L, E), dtype), jax.ShapeDtypeStruct((M, R, S, E), dtype),
-          jax.ShapeDtypeStruct((M, R, S, EV), dtype), (whole, blocked))
+          jax.ShapeDtypeStruct((M, R, S, EV), dtype),
+          ({whole: jax.ShapeDtypeStruct(shapes[whole], f32)}, blocked))
 
 
 @pytest.mark.parametrize("gradient", [False, True])
@@ -382,19 +432,23 @@ def test_lowers_to_the_tpu_kernels(gradient):
   assert all(f"jmat_block_sparse_{name}" in text for name in names)
 
 
-def test_unsupported_accepts_mods_mosaic_lowers():
-  q, k, v, ops = abstract()
-  mods = kernel_mods(softcap_temperature_bias, causal)
+@pytest.mark.parametrize("score, whole", [(softcap_temperature_bias, "temp"),
+                                          (alibi_gather, "slopes")])
+def test_unsupported_accepts_mods_mosaic_lowers(score, whole):
+  q, k, v, ops = abstract(whole=whole)
+  mods = kernel_mods(score, causal)
   assert mosaic.unsupported(q, k, v, ops, mods, 16, 128) is None
 
 
 @pytest.mark.parametrize("problem, expected", [
-    ("gather", "gather"), ("float64", "float64"), ("block_q", "block_q=12 does not tile 37"),
+    ("gather", "score_mod gathers from an array of shape (2, 297) by an index that "
+               "depends on both the query and the key position"),
+    ("float64", "float64"), ("block_q", "block_q=12 does not tile 37"),
     ("block_k", "block_k=100 does not tile 261")])
 def test_unsupported_says_why(problem, expected):
   q, k, v, ops = abstract(jnp.float64 if problem == "float64" else jnp.bfloat16,
-                          slopes=problem == "gather")
-  mods = kernel_mods(alibi_gather if problem == "gather" else softcap_temperature_bias)
+                          whole="table" if problem == "gather" else "temp")
+  mods = kernel_mods(relative_table if problem == "gather" else softcap_temperature_bias)
   block_q, block_k = {"block_q": (12, 128), "block_k": (16, 100)}.get(problem, (16, 128))
   reason = mosaic.unsupported(q, k, v, ops, mods, block_q, block_k)
   assert reason is not None and expected in reason, reason
@@ -409,3 +463,74 @@ def test_block_sizes_the_tpu_cannot_tile_raise_naming_the_valid_ones(block_q, bl
   with pytest.raises(ValueError, match=re.escape(valid)):
     mosaic.attend(q, k, v, blocks, ((), ()), jnp.asarray(1.0), mods=block_sparse.Mods(),
                   block_q=block_q, block_k=block_k, interpret=True)
+
+
+# --- documents through the public API ------------------------------------------------------
+
+DOC_IDS = np.repeat(np.arange(4), [60, 1, 100, 95]).astype(np.int32)  # four documents, L = 256
+
+
+def _kernel_eqns(jaxpr):
+  """Every equation of ``jaxpr`` and its sub-jaxprs, the Pallas kernels' bodies included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if isinstance(inner, Jaxpr):
+        yield from _kernel_eqns(inner)
+
+
+@pytest.mark.parametrize("per_batch", [False, True], ids=["shared_ids", "per_batch_ids"])
+def test_flex_documents_lower_to_the_tpu_kernels_reading_o_l_ids_in_32_bits(per_batch):
+  """The documents mask runs in the Mosaic kernels by default on TPU (forward and gradient),
+  its ids read as O(L) tiles (never an L x S mask), every value in the kernels 32-bit although
+  jax_enable_x64 is on (the document starts jmat.mods computes are int64)."""
+  length, batch = 256, 2
+  if per_batch:  # a user's mask_mod reading per-batch ids
+    ids = jnp.asarray(np.stack([DOC_IDS, np.sort(DOC_IDS[::-1] % 3)]))
+
+    def mask_mod(b, h, q_idx, kv_idx):
+      return (ids[b, q_idx] == ids[b, kv_idx]) & (kv_idx <= q_idx)
+  else:
+    mask_mod = jmat.mods.generate_doc_mask_mod(jmat.mods.causal_mask, jnp.asarray(DOC_IDS))
+  block_mask = jmat.create_block_mask(mask_mod, batch if per_batch else None, None, length,
+                                      length)
+  q = jax.ShapeDtypeStruct((batch, 4, length, 64), jnp.float32)
+  kv = jax.ShapeDtypeStruct((batch, 2, length, 64), jnp.float32)
+
+  def gradient(options=None):
+    def loss(q, k, v):
+      return jmat.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True,
+                                 kernel_options=options).sum()
+
+    return jax.grad(loss, argnums=(0, 1, 2))
+
+  def forward(q, k, v):
+    return jmat.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+  choice = jmat.attention.flex_attention_backend(q, kv, kv, block_mask=block_mask,
+                                                 enable_gqa=True, platform="tpu")
+  assert choice.backend == "MOSAIC", choice.reason
+  for fn, kernels in [(forward, 1), (gradient(), 3)]:
+    text = jax.jit(fn).trace(q, kv, kv).lower(lowering_platforms=("tpu",)).as_text()
+    assert text.count("tpu_custom_call") == kernels
+  calls = [eqn for eqn in _kernel_eqns(jax.make_jaxpr(gradient({"BACKEND": "MOSAIC"}))(
+      q, kv, kv).jaxpr) if eqn.primitive.name == "pallas_call"]
+  assert len(calls) == 3
+  for call in calls:
+    for operand in call.invars:  # ids and document starts per batch row and head, step tables
+      if not jnp.issubdtype(operand.aval.dtype, jnp.floating):
+        assert operand.aval.size <= batch * 4 * length, operand.aval  # L x S would be 65536
+    inside = [v.aval for eqn in _kernel_eqns(call.params["jaxpr"])
+              for v in (*eqn.invars, *eqn.outvars) if hasattr(v.aval, "dtype")]
+    inside += [v.aval for v in call.params["jaxpr"].invars]
+    assert all(getattr(a, "inner_aval", a).dtype.itemsize <= 4 for a in inside)
+
+
+def test_a_relative_position_table_falls_back_to_xla_on_tpu_with_the_reason():
+  q = jax.ShapeDtypeStruct((1, 4, 256, 64), jnp.float32)
+  bias = jmat.mods.generate_relative_bias(jnp.zeros((4, 2 * 256 - 1), jnp.float32))
+  choice = jmat.attention.flex_attention_backend(q, q, q, bias, platform="tpu")
+  assert choice.backend == "XLA"
+  assert ("score_mod gathers from an array of shape (4, 511) by an index that depends "
+          "on both the query and the key position") in choice.reason

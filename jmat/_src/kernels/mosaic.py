@@ -16,6 +16,13 @@ splash attention (``jax/experimental/pallas/ops/tpu/splash_attention/``):
   full and partial query blocks), so every gradient block is written by one
   program and nothing needs atomics.
 
+The mods run in the kernels as far as a TPU can run them: each is traced at the
+tile shapes, and what it reads of the whole operands by a position of one side,
+a head or a row (document ids ``ids[q_idx]``, ``ids[b, kv_idx]``, ALiBi slopes
+``slopes[h]``) is computed outside the kernels, O(L + S), and read per grid step
+as a blocked operand is (see :class:`_Split`); a read depending on both
+positions (``table[h, kv_idx - q_idx + D]``) is refused by :func:`unsupported`.
+
 One program handles a query block of all ``G`` query heads of a key/value head
 (grouped-query attention): queries and everything per query row are grouped as
 ``(M, R, n_q, G * tile_q, D)`` outside the kernels, so the K/V tile fetched
@@ -42,9 +49,12 @@ from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.extend import core as jax_core
+from jax.extend.core import primitives as jax_primitives
 
 from jmat._src import online_softmax as osm
 from jmat._src.block_sparse import KeyBlocks, Mods, Operands, pad, zero_cotangent
@@ -209,30 +219,299 @@ class _Geometry:
     return self.bounds and self.tile_k != self.block_k
 
 
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-  """Static structure of the operands: the whole pytree and which leaves are float."""
-
-  treedef: Any
-  whole_shapes: tuple[tuple[int, ...], ...]
-  whole_float: tuple[bool, ...]
-  blocked_float: tuple[bool, ...]
-
-
 def _is_float(x) -> bool:
   return bool(jnp.issubdtype(x.dtype, jnp.inexact))
 
 
-def _layout(operands: Operands) -> _Layout:
-  leaves, treedef = jax.tree.flatten(operands.whole)
-  return _Layout(treedef, tuple(jnp.shape(x) for x in leaves),
-                 tuple(_is_float(jnp.asarray(x)) for x in leaves),
-                 tuple(_is_float(x) for x in operands.blocked))
+def _narrowed(dtype) -> np.dtype:
+  """``dtype`` in 32 bits if it has 64 (TPUs compute no 64-bit types), else itself."""
+  dtype = np.dtype(dtype)
+  return np.dtype(f"{dtype.kind}4") if dtype.itemsize == 8 and dtype.kind in "iuf" else dtype
 
 
-def _vmem_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-  """The shape a whole leaf has in VMEM: at least 2-D (TPU blocks are), else as it is."""
-  return shape if len(shape) >= 2 else (1, math.prod(shape))
+# --- the mods: what they read of the whole operands is computed outside the kernels -------
+#
+# Mosaic lowers no gather, so a mod reading a captured array by position (document ids
+# ``ids[q_idx]``, per-batch ids ``ids[b, q_idx]``, ALiBi slopes ``slopes[h]``) cannot run in a
+# kernel as written. Each mod is traced once at the kernel's tile shapes and cut along its data
+# flow: every value that depends on the whole operands and on at most one of the query block
+# and the key block (besides the table row m and the batch row r) is computed outside the
+# kernels, in XLA, for every tile at once; the kernels read it through a BlockSpec, one tile
+# per grid step, as they read blocked operands. The rest of the mod (what joins the two sides,
+# the scores, the blocked operands) runs in the kernel. ``ids[q_idx] == ids[kv_idx]`` so reads
+# an O(L) and an O(S) array, and the gradients of float values computed outside flow back
+# through XLA's autodiff of that computation. A value depending on a whole operand and on both
+# positions (``table[h, kv_idx - q_idx + D]``) would need a tile per (query block, key block)
+# pair, O(L * S) memory: it stays in the kernel, where TPUs cannot lower its gather.
+
+_CALLS = (jax_primitives.jit_p, jax_primitives.closed_call_p)
+
+
+def _bind(eqn, ins: Sequence[Any], narrow: bool = False) -> list:
+  """Applies ``eqn``'s primitive to ``ins`` (with ``narrow``, its 64-bit dtype params in 32)."""
+  params = eqn.params
+  if narrow:
+    params = {k: _narrowed(v) if isinstance(v, np.dtype) else v for k, v in params.items()}
+  bound = eqn.primitive.get_bind_params(params)  # (subfuns, params) in older jax versions
+  subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
+  out = eqn.primitive.bind(*subfuns, *ins, **params)
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _read(env: dict, atom, narrow: bool = False):
+  if not isinstance(atom, jax_core.Literal):
+    return env[atom]
+  value = atom.val
+  return np.asarray(value, _narrowed(np.result_type(value))) if narrow else value
+
+
+def _inlined(jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list:
+  """Evaluates ``jaxpr`` with its jit calls inlined (so a gather inside one can be cut out)."""
+  env = dict(zip(jaxpr.constvars, consts, strict=True))
+  env.update(zip(jaxpr.invars, args, strict=True))
+  for eqn in jaxpr.eqns:
+    ins = [_read(env, x) for x in eqn.invars]
+    if eqn.primitive in _CALLS:
+      inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+      outs = _inlined(inner.jaxpr, inner.consts, ins)
+    else:
+      outs = _bind(eqn, ins)
+    env.update(zip(eqn.outvars, outs, strict=True))
+  return [_read(env, x) for x in jaxpr.outvars]
+
+
+class _Hoisted(NamedTuple):
+  """A value of a mod computed outside the kernels: one tile per grid position it varies with.
+
+  Attributes:
+    var: the mod's jaxpr variable it is.
+    side: ``"q"`` (a tile per query block), ``"k"`` (per key block) or None (one for all).
+    per_m: whether it varies with the table row ``m``.
+    per_r: whether it varies with the batch row ``r``.
+    shape: its shape in the mod (a tile's).
+    is_float: whether it is differentiable.
+    needs: the equations of the mod that compute it, in order.
+  """
+
+  var: Any
+  side: str | None
+  per_m: bool
+  per_r: bool
+  shape: tuple[int, ...]
+  is_float: bool
+  needs: tuple
+
+  @property
+  def block(self) -> tuple[int, ...]:
+    """Its tile as the kernels read it: at least 2-D (TPU blocks are); a query-side vector a
+    column (queries run down the sublanes, as the mods broadcast them), another vector a row."""
+    if len(self.shape) >= 2:
+      return self.shape
+    size = math.prod(self.shape)
+    return (size, 1) if self.side == "q" and self.shape else (1, size)
+
+
+def _outside(deps: frozenset) -> bool:
+  """Whether a value with these dependencies is computed outside the kernels."""
+  return "whole" in deps and "kernel" not in deps and not {"q", "k"} <= deps
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Split:
+  """A mod's jaxpr at the kernel's tile shapes, cut into what runs outside and in the kernels.
+
+  Attributes:
+    name: ``"score_mod"`` or ``"mask_mod"`` (for messages).
+    jaxpr: the mod's jaxpr (jit calls inlined). Inputs: ``s`` for a score mod, then
+      ``m, r, g, q_pos, k_pos``, the whole leaves, the blocked tiles.
+    consts: its constants.
+    hoisted: the values computed outside, which the kernels read.
+    kernel: the equations the kernels run.
+    problem: why the kernel part cannot run on TPU, or None.
+  """
+
+  name: str
+  jaxpr: Any
+  consts: tuple
+  hoisted: tuple[_Hoisted, ...]
+  kernel: tuple
+  problem: str | None
+
+  @property
+  def scores(self) -> int:
+    """How many inputs precede the positions: 1 (the scores) for a score mod, else 0."""
+    return int(self.name == "score_mod")
+
+
+def _split(fn: Callable, name: str, scores: Sequence[jax.ShapeDtypeStruct],
+           index: Sequence[jax.ShapeDtypeStruct], whole: Sequence[jax.ShapeDtypeStruct], treedef,
+           blocked: Sequence[jax.ShapeDtypeStruct]) -> _Split:
+  """Traces the mod ``fn`` at its tile's input shapes (see :class:`_Split`) and cuts it."""
+  n_args = len(scores) + len(index)
+
+  def mod(*args):
+    leaves, tiles = args[n_args:n_args + len(whole)], args[n_args + len(whole):]
+    return fn(*args[:n_args], Operands(jax.tree.unflatten(treedef, leaves), tuple(tiles)))
+
+  avals = [*scores, *index, *whole, *blocked]
+  traced = jax.make_jaxpr(mod)(*avals)
+  flat = jax.make_jaxpr(lambda *args: _inlined(traced.jaxpr, traced.consts, args))(*avals)
+  jaxpr = flat.jaxpr
+  # What each value depends on: the table row, batch row, query and key block of the grid
+  # step ("m", "r", "q", "k"; the heads g are the same in every step), the whole operands
+  # ("whole", captured constants too, and any gather: a read by index, which XLA makes), and
+  # what only the kernel has ("kernel").
+  tags = ([{"kernel"}] * len(scores) + [{"m"}, {"r"}, set(), {"q"}, {"k"}]
+          + [{"whole"}] * len(whole) + [{"kernel"}] * len(blocked))
+  deps = {v: frozenset(t) for v, t in zip(jaxpr.invars, tags, strict=True)}
+  deps.update((v, frozenset({"whole"})) for v in jaxpr.constvars)
+
+  def of(atom) -> frozenset:
+    return frozenset() if isinstance(atom, jax_core.Literal) else deps[atom]
+
+  for eqn in jaxpr.eqns:
+    joint = frozenset().union(*(of(x) for x in eqn.invars))
+    if eqn.primitive is jax_primitives.gather_p:
+      joint |= {"whole"}
+    deps.update((v, joint) for v in eqn.outvars)
+
+  def needs(wanted: set, eqns: Sequence) -> tuple:
+    """The equations of ``eqns`` that compute ``wanted``, in order."""
+    wanted, needed = set(wanted), []
+    for eqn in reversed(eqns):
+      if any(v in wanted for v in eqn.outvars):
+        needed.append(eqn)
+        wanted.update(x for x in eqn.invars if not isinstance(x, jax_core.Literal))
+    return tuple(reversed(needed))
+
+  outputs = {x for x in jaxpr.outvars if not isinstance(x, jax_core.Literal)}
+  # What the kernel computes of the result (not what only feeds the values computed outside).
+  kernel = needs(outputs, [e for e in jaxpr.eqns
+                           if e.outvars and not _outside(deps[e.outvars[0]])])
+  # The values computed outside that the kernel part reads (or that the mod returns).
+  frontier: list = []
+  for atom in [x for eqn in kernel for x in eqn.invars] + list(jaxpr.outvars):
+    if not isinstance(atom, jax_core.Literal) and _outside(deps[atom]) and atom not in frontier:
+      frontier.append(atom)
+
+  hoisted = tuple(
+      _Hoisted(var, "q" if "q" in deps[var] else "k" if "k" in deps[var] else None,
+               "m" in deps[var], "r" in deps[var], tuple(var.aval.shape),
+               bool(jnp.issubdtype(var.aval.dtype, jnp.inexact)), needs({var}, jaxpr.eqns))
+      for var in frontier)
+  problem = None
+  gathers = [e for e in kernel if e.primitive is jax_primitives.gather_p]
+  if gathers:
+    operand, index = gathers[0].invars[:2]
+    by = ("an index computed from the scores or a blocked operand" if "kernel" in of(index)
+          else "an index that depends on both the query and the key position")
+    problem = (f"the {name} gathers from an array of shape {tuple(operand.aval.shape)} by {by} "
+               f"(as table[h, kv_idx - q_idx + D] does): the TPU kernel lowers no gather, and "
+               f"reading it from outside the kernel would take a tile per (query block, key "
+               f"block) pair, O(L * S) memory")
+  return _Split(name, jaxpr, tuple(flat.consts), hoisted, kernel, problem)
+
+
+def _in_kernel(split: _Split, args: Sequence[Any], tiles: Sequence[Any], hoisted: Sequence[Any],
+               narrow: bool) -> jax.Array:
+  """The kernel part of a mod: ``args`` are ``(s,) m, r, g, q_pos, k_pos``, ``tiles`` the
+  blocked tiles, ``hoisted`` the tiles of its values computed outside (with ``narrow``, in
+  32 bits: the kernel part's 64-bit types are computed in 32)."""
+  jaxpr = split.jaxpr
+  env = dict(zip(jaxpr.invars[:len(args)], args, strict=True))
+  env.update(zip(jaxpr.invars[len(jaxpr.invars) - len(tiles):], tiles, strict=True))
+  env.update(zip((h.var for h in split.hoisted), hoisted, strict=True))
+  for eqn in split.kernel:
+    env.update(zip(eqn.outvars, _bind(eqn, [_read(env, x, narrow) for x in eqn.invars], narrow),
+                   strict=True))
+  return jnp.asarray(_read(env, jaxpr.outvars[0], narrow))
+
+
+def _outside_value(split: _Split, h: _Hoisted, leaves: Sequence[jax.Array], geo: _Geometry,
+                   m, r, n) -> jax.Array:
+  """The tile of a hoisted value at table row ``m``, batch row ``r`` and block ``n`` of its side
+  (the positions the kernel's :func:`_tile_at` gives that grid step)."""
+  jaxpr, i32 = split.jaxpr, jnp.int32
+  first_q = n * geo.tile_q if h.side == "q" else 0
+  first_k = n * geo.tile_k if h.side == "k" else 0
+  index = (m, jnp.reshape(r, (1,)), lax.iota(i32, geo.groups),
+           first_q + lax.iota(i32, geo.tile_q), first_k + lax.iota(i32, geo.tile_k))
+  env = dict(zip(jaxpr.constvars, split.consts, strict=True))
+  inputs = jaxpr.invars[split.scores:split.scores + len(index) + len(leaves)]
+  env.update(zip(inputs, (*index, *leaves), strict=True))
+  for eqn in h.needs:
+    env.update(zip(eqn.outvars, _bind(eqn, [_read(env, x) for x in eqn.invars]), strict=True))
+  return jnp.asarray(env[h.var])
+
+
+def _outside_values(split: _Split, leaves: Sequence[jax.Array], geo: _Geometry,
+                    table_rows: int, rows: int, narrow: bool) -> list[jax.Array]:
+  """Every hoisted value of a mod, for every tile: ``(M|1, R|1, n|1, *block)`` arrays (``n``
+  the query or key blocks of its side), in 32 bits with ``narrow``."""
+  arrays = []
+  for h in split.hoisted:
+    varying = (h.per_m, h.per_r, h.side is not None)
+    sizes = (table_rows if h.per_m else 1, rows if h.per_r else 1,
+             {"q": geo.n_q, "k": geo.n_k}.get(cast(str, h.side), 1))
+    fn = functools.partial(_outside_value, split, h, leaves, geo)
+    for axis in (2, 1, 0):  # innermost first: the result's axes come out as (m, r, n)
+      if varying[axis]:
+        fn = jax.vmap(fn, in_axes=tuple(0 if a == axis else None for a in range(3)))
+    x = fn(*(jnp.arange(size, dtype=jnp.int32) if vary else jnp.int32(0)
+             for size, vary in zip(sizes, varying, strict=True)))
+    x = x.reshape(sizes + h.block)
+    arrays.append(x.astype(_narrowed(x.dtype)) if narrow else x)
+  return arrays
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Plan:
+  """The mods of one call as the kernels run them (static; one per shape signature).
+
+  Attributes:
+    score: the score mod's split, or None.
+    mask: the mask mod's split, or None.
+    blocked_float: which blocked operands are float (differentiable).
+    narrow: the kernels compute 64-bit types in 32 bits (all but float64 calls, which only
+      interpret mode runs).
+  """
+
+  score: _Split | None
+  mask: _Split | None
+  blocked_float: tuple[bool, ...]
+  narrow: bool
+
+  @property
+  def score_hoisted(self) -> tuple[_Hoisted, ...]:
+    return () if self.score is None else self.score.hoisted
+
+  @property
+  def hoisted(self) -> tuple[_Hoisted, ...]:
+    """The values computed outside, the score mod's first: the kernels' hoisted inputs."""
+    return self.score_hoisted + (() if self.mask is None else self.mask.hoisted)
+
+  @property
+  def problem(self) -> str | None:
+    return next((s.problem for s in (self.score, self.mask) if s is not None and s.problem),
+                None)
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(mods: Mods, groups: int, tile_q: int, tile_k: int, treedef,
+          whole: tuple[jax.ShapeDtypeStruct, ...], blocked: tuple[jax.ShapeDtypeStruct, ...],
+          dtype, narrow: bool) -> _Plan:
+  """The :class:`_Plan` of ``mods`` for tiles of ``groups`` heads, ``tile_q`` queries and
+  ``tile_k`` keys, whole leaves ``whole`` and blocked tiles ``blocked`` (their avals)."""
+  i32 = jnp.int32
+  index = [jax.ShapeDtypeStruct(shape, i32)
+           for shape in ((), (1,), (groups,), (tile_q,), (tile_k,))]
+  scores = [jax.ShapeDtypeStruct((1, groups, tile_q, tile_k), dtype)]
+  score = None if mods.score is None else _split(mods.score, "score_mod", scores, index, whole,
+                                                 treedef, blocked)
+  mask = None if mods.mask is None else _split(mods.mask, "mask_mod", [], index, whole,
+                                               treedef, blocked)
+  return _Plan(score, mask, tuple(bool(jnp.issubdtype(x.dtype, jnp.inexact)) for x in blocked),
+               narrow)
 
 
 def _group(x: jax.Array, tile: int) -> jax.Array:
@@ -268,8 +547,8 @@ class _Inputs(NamedTuple):
   q: Any
   k: Any
   v: Any
-  whole: list
   blocked: tuple
+  hoisted: list  # the mods' values computed outside (:class:`_Hoisted`), in the plan's order
   d_out: Any = None
   lse: Any = None
   delta: Any = None
@@ -313,43 +592,45 @@ def _merge(values: list, flags: Sequence[bool], chosen: list) -> list:
 
 
 class _Scores(NamedTuple):
-  """A step's scores as a function of what they are differentiated in.
+  """A step's scores as a function of what they are differentiated in, and the mods' inputs.
 
-  ``score(qk, scale, whole_diff, blocked_diff)`` is ``Mods.score(scale * qk)`` with the float
-  operand leaves in ``whole_diff`` and ``blocked_diff`` (empty if not differentiated).
+  ``score(qk, scale, hoisted_diff, blocked_diff)`` is the score mod of ``scale * qk`` with the
+  float values it reads in ``hoisted_diff`` (its values computed outside) and ``blocked_diff``
+  (blocked tiles), both empty if not differentiated.
   """
 
   score: Callable[..., jax.Array]
   scale: jax.Array
-  whole_diff: list
+  hoisted_diff: list
   blocked_diff: list
-  ops: Operands
+  blocked: list  # the blocked tiles (R' = 1, G|1, bq|1, bk|1)
+  mask_hoisted: list  # the tiles of the mask mod's values computed outside
 
 
-def _scores_at(ins: _Inputs, at: _Tile, mods: Mods, layout: _Layout, wrt_operands: bool,
-               dtype) -> _Scores:
-  """The score function of a step, differentiable in the float operands if asked."""
-  whole = [ref[...].reshape(shape) for ref, shape in zip(ins.whole, layout.whole_shapes,
-                                                          strict=True)]
-  blocked = [ref[...][None] for ref in ins.blocked]  # (R' = 1, G|1, bq|1, bk|1)
-  whole_flags = layout.whole_float if wrt_operands else (False,) * len(whole)
-  blocked_flags = layout.blocked_float if wrt_operands else (False,) * len(blocked)
+def _scores_at(ins: _Inputs, at: _Tile, plan: _Plan, dtype, sides: Sequence[str | None] = (),
+               wrt_blocked: bool = False) -> _Scores:
+  """The score function of a step, differentiable in the float values the score mod computes
+  outside for the grid ``sides`` (None: for all blocks) and, with ``wrt_blocked``, in the
+  float blocked operands."""
+  blocked = [ref[...][None] for ref in ins.blocked]
+  hoisted = [ref[...].reshape(h.shape) for ref, h in zip(ins.hoisted, plan.hoisted, strict=True)]
+  n_score = len(plan.score_hoisted)
+  score_hoisted = hoisted[:n_score]
+  hoisted_flags = [h.is_float and h.side in sides for h in plan.score_hoisted]
+  blocked_flags = [f and wrt_blocked for f in plan.blocked_float]
 
-  def ops_of(whole_diff, blocked_diff) -> Operands:
-    return Operands(jax.tree.unflatten(layout.treedef, _merge(whole, whole_flags, whole_diff)),
-                    tuple(_merge(blocked, blocked_flags, blocked_diff)))
-
-  def score(qk, scale, whole_diff, blocked_diff):
+  def score(qk, scale, hoisted_diff, blocked_diff):
     s = qk * scale
-    if mods.score is None:
+    if plan.score is None:
       return s
-    ops = ops_of(whole_diff, blocked_diff)
-    return mods.score(s, at.m, at.rows, at.heads, at.q_pos, at.k_pos, ops).astype(dtype)
+    args = (s, at.m, at.rows, at.heads, at.q_pos, at.k_pos)
+    return _in_kernel(plan.score, args, _merge(blocked, blocked_flags, blocked_diff),
+                      _merge(score_hoisted, hoisted_flags, hoisted_diff), plan.narrow).astype(dtype)
 
-  whole_diff = [x for x, f in zip(whole, whole_flags, strict=True) if f]
-  blocked_diff = [x for x, f in zip(blocked, blocked_flags, strict=True) if f]
-  return _Scores(score, ins.scale[...].reshape(()).astype(dtype), whole_diff, blocked_diff,
-                 ops_of(whole_diff, blocked_diff))
+  return _Scores(score, ins.scale[...].reshape(()).astype(dtype),
+                 [x for x, f in zip(score_hoisted, hoisted_flags, strict=True) if f],
+                 [x for x, f in zip(blocked, blocked_flags, strict=True) if f],
+                 blocked, hoisted[n_score:])
 
 
 def _products(ins: _Inputs, geo: _Geometry, dtype) -> jax.Array:
@@ -358,14 +639,15 @@ def _products(ins: _Inputs, geo: _Geometry, dtype) -> jax.Array:
   return qk.reshape(1, geo.groups, geo.tile_q, geo.tile_k)
 
 
-def _masked(s: jax.Array, at: _Tile, mods: Mods, geo: _Geometry, ops: Operands,
+def _masked(s: jax.Array, at: _Tile, plan: _Plan, geo: _Geometry, scores: _Scores,
             mask: bool, bounds: bool) -> jax.Array:
-  """``s`` at ``-inf`` where a key is padding (with ``bounds``) or ``Mods.mask`` refuses it."""
+  """``s`` at ``-inf`` where a key is padding (with ``bounds``) or the mask mod refuses it."""
   allowed = None
   if bounds:
     allowed = (at.k_pos < geo.kv_len)[None, None, None, :]
-  if mask and mods.mask is not None:
-    by_mod = mods.mask(at.m, at.rows, at.heads, at.q_pos, at.k_pos, ops)
+  if mask and plan.mask is not None:
+    by_mod = _in_kernel(plan.mask, (at.m, at.rows, at.heads, at.q_pos, at.k_pos), scores.blocked,
+                        scores.mask_hoisted, plan.narrow)
     allowed = by_mod if allowed is None else allowed & by_mod
   return s if allowed is None else jnp.where(allowed, s, -jnp.inf)
 
@@ -391,7 +673,7 @@ def _grid_position(tables, key_major: bool):
 
 
 def _forward_kernel(index, full, count, ins: _Inputs, out, lse, row_max, row_sum, acc, *,
-                    mods: Mods, geo: _Geometry, layout: _Layout):
+                    plan: _Plan, geo: _Geometry):
   m, r, i, j, t, n_full, n_listed = _grid_position((index, full, count), key_major=False)
   dtype = acc.dtype
 
@@ -403,9 +685,9 @@ def _forward_kernel(index, full, count, ins: _Inputs, out, lse, row_max, row_sum
 
   def step(mask: bool, bounds: bool):
     at = _tile_at(m, r, i, j, geo)
-    scores = _scores_at(ins, at, mods, layout, False, dtype)
+    scores = _scores_at(ins, at, plan, dtype)
     s = scores.score(_products(ins, geo, dtype), scores.scale, [], [])
-    s = _masked(s, at, mods, geo, scores.ops, mask, bounds).reshape(geo.rows, geo.tile_k)
+    s = _masked(s, at, plan, geo, scores, mask, bounds).reshape(geo.rows, geo.tile_k)
     old_max = row_max[...]
     new_max = jnp.maximum(old_max, jnp.max(s, axis=-1, keepdims=True))
     # While a row has seen no key its maximum is -inf; shifting by 0 then keeps
@@ -433,39 +715,47 @@ def _forward_kernel(index, full, count, ins: _Inputs, out, lse, row_max, row_sum
 
 class _BackwardTile(NamedTuple):
   """A step's probabilities and gradients of ``q @ k^T`` (``(rows, tile_k)``), and the
-  gradients of the scale and the float operands (their tile's part)."""
+  gradients of the scale and of the float values the score mod reads (their tile's part)."""
 
   p: jax.Array
   d_qk: jax.Array
   d_scale: jax.Array
-  d_whole: list
+  d_hoisted: list
   d_blocked: list
 
 
-def _backward_tile(ins: _Inputs, at: _Tile, mods: Mods, geo: _Geometry, layout: _Layout,
-                   mask: bool, bounds: bool, wrt_operands: bool) -> _BackwardTile:
+def _backward_tile(ins: _Inputs, at: _Tile, plan: _Plan, geo: _Geometry, mask: bool,
+                   bounds: bool, sides: Sequence[str | None],
+                   wrt_blocked: bool) -> _BackwardTile:
   """``p = exp(s - lse)``, ``dS = p * (dP - delta)`` and its vjp through the scale and mods.
 
   The scale's gradient is the vjp's too, ``sum(dS' * q @ k^T)`` summed in the compute dtype,
-  so half-precision matmul inputs do not round it.
+  so half-precision matmul inputs do not round it. ``sides`` and ``wrt_blocked`` choose the
+  operand values differentiated (:func:`_scores_at`).
   """
   dtype = ins.lse.dtype
-  scores = _scores_at(ins, at, mods, layout, wrt_operands, dtype)
-  s, vjp = jax.vjp(scores.score, _products(ins, geo, dtype), scores.scale, scores.whole_diff,
+  scores = _scores_at(ins, at, plan, dtype, sides, wrt_blocked)
+  s, vjp = jax.vjp(scores.score, _products(ins, geo, dtype), scores.scale, scores.hoisted_diff,
                    scores.blocked_diff)
   # Masked before the exponent: exp(-inf - lse) is 0, so masked entries carry no gradient.
-  s = _masked(s, at, mods, geo, scores.ops, mask, bounds).reshape(geo.rows, geo.tile_k)
+  s = _masked(s, at, plan, geo, scores, mask, bounds).reshape(geo.rows, geo.tile_k)
   p = jnp.exp(s - _lanes(ins.lse[...], geo.tile_k))
   d_p = _dot(ins.d_out[...], ins.v[...], (1, 1), dtype)
   d_s = p * (d_p - _lanes(ins.delta[...], geo.tile_k))
-  d_qk, d_scale, d_whole, d_blocked = vjp(d_s.reshape(1, geo.groups, geo.tile_q, geo.tile_k))
-  return _BackwardTile(p, d_qk.reshape(geo.rows, geo.tile_k), d_scale, d_whole, d_blocked)
+  d_qk, d_scale, d_hoisted, d_blocked = vjp(d_s.reshape(1, geo.groups, geo.tile_q, geo.tile_k))
+  return _BackwardTile(p, d_qk.reshape(geo.rows, geo.tile_k), d_scale, d_hoisted, d_blocked)
+
+
+def _accumulate(refs: Sequence[Any], grads: Sequence[jax.Array]) -> None:
+  for ref, grad in zip(refs, grads, strict=True):
+    ref[...] += grad.reshape(ref.shape).astype(ref.dtype)
 
 
 def _dq_kernel(index, full, count, ins: _Inputs, dq, d_sums, d_blocked, dq_acc, *,
-               mods: Mods, geo: _Geometry, layout: _Layout):
-  """dq, and per program the partial sums of the scale's and the whole float leaves' gradients
-  (``d_sums``) and the blocked float operands' gradient tiles (``d_blocked``)."""
+               plan: _Plan, geo: _Geometry):
+  """dq, and per program the partial sums of the gradients of the scale and of the score mod's
+  float values computed outside for every block or per query block (``d_sums``), and the
+  blocked float operands' gradient tiles (``d_blocked``)."""
   m, r, i, j, t, n_full, n_listed = _grid_position((index, full, count), key_major=False)
 
   @pl.when(t == 0)
@@ -476,10 +766,9 @@ def _dq_kernel(index, full, count, ins: _Inputs, dq, d_sums, d_blocked, dq_acc, 
 
   def step(mask: bool, bounds: bool):
     at = _tile_at(m, r, i, j, geo)
-    tile = _backward_tile(ins, at, mods, geo, layout, mask, bounds, wrt_operands=True)
+    tile = _backward_tile(ins, at, plan, geo, mask, bounds, (None, "q"), wrt_blocked=True)
     dq_acc[...] += _dot(tile.d_qk, ins.k[...], (1, 0), dq_acc.dtype)
-    for ref, grad in zip(d_sums, (tile.d_scale, *tile.d_whole), strict=True):
-      ref[...] += grad.reshape(ref.shape).astype(ref.dtype)
+    _accumulate(d_sums, (tile.d_scale, *tile.d_hoisted))
     for ref, grad in zip(d_blocked, tile.d_blocked, strict=True):
       # A key-broadcast operand's tile is every step's; a per-key one is this step's alone.
       grad = grad[0].astype(ref.dtype)
@@ -492,20 +781,23 @@ def _dq_kernel(index, full, count, ins: _Inputs, dq, d_sums, d_blocked, dq_acc, 
     dq[...] = dq_acc[...].astype(dq.dtype)
 
 
-def _dkv_kernel(index, full, count, ins: _Inputs, dk, dv, dk_acc, dv_acc, *,
-                mods: Mods, geo: _Geometry, layout: _Layout):
+def _dkv_kernel(index, full, count, ins: _Inputs, dk, dv, d_keys, dk_acc, dv_acc, *,
+                plan: _Plan, geo: _Geometry):
+  """dk, dv, and per key block the gradients of the score mod's float values computed outside
+  per key block (``d_keys``)."""
   m, r, i, j, t, n_full, n_listed = _grid_position((index, full, count), key_major=True)
 
   @pl.when(t == 0)
   def _init():
-    dk_acc[...] = jnp.zeros(dk_acc.shape, dk_acc.dtype)
-    dv_acc[...] = jnp.zeros(dv_acc.shape, dv_acc.dtype)
+    for ref in (dk_acc, dv_acc, *d_keys):
+      ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
   def step(mask: bool, bounds: bool):
     at = _tile_at(m, r, i, j, geo)
-    tile = _backward_tile(ins, at, mods, geo, layout, mask, bounds, wrt_operands=False)
+    tile = _backward_tile(ins, at, plan, geo, mask, bounds, ("k",), wrt_blocked=False)
     dv_acc[...] += _dot(tile.p, ins.d_out[...], (0, 0), dv_acc.dtype)
     dk_acc[...] += _dot(tile.d_qk, ins.q[...], (0, 0), dk_acc.dtype)
+    _accumulate(d_keys, tile.d_hoisted)
 
   _walk(step, n_full, n_listed, t, geo)
 
@@ -530,7 +822,8 @@ def _spec(block_shape, where: Callable[..., tuple], key_major: bool) -> pl.Block
 
 def _query_spec(block: tuple[int, ...], key_major: bool) -> pl.BlockSpec:
   """The spec of ``(M, R, n_q, *block)`` arrays: one block per query block (grouped rows)."""
-  return _spec((None, None, None, *block), lambda m, r, i, j: (m, r, i, 0, 0), key_major)
+  return _spec((None, None, None, *block), lambda m, r, i, j: (m, r, i) + (0,) * len(block),
+               key_major)
 
 
 def _key_spec(geo: _Geometry, width: int, key_major: bool) -> pl.BlockSpec:
@@ -549,74 +842,77 @@ def _blocked_where(x: jax.Array) -> Callable[..., tuple]:
                              i if x.shape[3] > 1 else 0, j if x.shape[4] > 1 else 0)
 
 
-def _in_specs(ins: _Inputs, geo: _Geometry, key_major: bool) -> _Inputs:
+def _hoisted_where(h: _Hoisted) -> Callable[..., tuple]:
+  """The index map of a value computed outside, ``(M|1, R|1, n|1, *block)``: its tile at the
+  step's table row, batch row and block of its side (broadcast dims stay at block 0)."""
+
+  def where(m, r, i, j):
+    n = i if h.side == "q" else j if h.side == "k" else 0
+    return (m if h.per_m else 0, r if h.per_r else 0, n) + (0,) * len(h.block)
+
+  return where
+
+
+def _in_specs(ins: _Inputs, geo: _Geometry, plan: _Plan, key_major: bool) -> _Inputs:
   """The BlockSpecs of a pass's inputs (None where the input is None)."""
 
   def rows_spec(x):
     return None if x is None else _query_spec((geo.rows, x.shape[-1]), key_major)
 
-  def whole_spec(x):
-    return _spec(x.shape, lambda m, r, i, j: (0,) * x.ndim, key_major)
-
   return _Inputs(
-      scale=whole_spec(ins.scale), q=rows_spec(ins.q), k=_key_spec(geo, ins.k.shape[-1], key_major),
-      v=_key_spec(geo, ins.v.shape[-1], key_major), whole=[whole_spec(x) for x in ins.whole],
+      scale=_spec(ins.scale.shape, lambda m, r, i, j: (0, 0), key_major), q=rows_spec(ins.q),
+      k=_key_spec(geo, ins.k.shape[-1], key_major), v=_key_spec(geo, ins.v.shape[-1], key_major),
       blocked=tuple(_spec((None, None, *_blocked_block(x, geo)), _blocked_where(x), key_major)
                     for x in ins.blocked),
+      hoisted=[_spec((None, None, None, *h.block), _hoisted_where(h), key_major)
+               for h in plan.hoisted],
       d_out=rows_spec(ins.d_out), lse=rows_spec(ins.lse), delta=rows_spec(ins.delta),
       zeros=None if ins.zeros is None else [pl.BlockSpec(memory_space=pl.ANY)
                                             for _ in ins.zeros])
 
 
 def _call(kernel, name: str, steps: Steps, ins: _Inputs, out_shape, out_specs, scratch,
-          geo: _Geometry, mods: Mods, layout: _Layout, key_major: bool,
-          aliases: dict[int, int] | None = None):
+          geo: _Geometry, plan: _Plan, key_major: bool, aliases: dict[int, int] | None = None):
   """One pallas_call on the grid ``(M, R, outer block, step)`` of ``steps``."""
   rows, outer, inner = steps.index.shape
   # Grid axes 0-2 write disjoint blocks: cores may split them; steps run in order.
   params = pltpu.CompilerParams(
       dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
   return pl.pallas_call(
-      functools.partial(kernel, mods=mods, geo=geo, layout=layout),
+      functools.partial(kernel, plan=plan, geo=geo),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=3, grid=(rows, ins.q.shape[1], outer, inner),
-          in_specs=[_in_specs(ins, geo, key_major)], out_specs=out_specs,
+          in_specs=[_in_specs(ins, geo, plan, key_major)], out_specs=out_specs,
           scratch_shapes=scratch),
       out_shape=out_shape, compiler_params=params, interpret=geo.interpret,
       input_output_aliases=aliases or {}, name=name)(*steps, ins)
 
 
-def _inputs(q, k, v, operands: Operands, scale, **backward) -> _Inputs:
-  """The kernel inputs: whole leaves and the scale in their (at least 2-D) VMEM shapes."""
-  leaves = [jnp.asarray(x) for x in jax.tree.leaves(operands.whole)]
-  return _Inputs(scale.reshape(1, 1), q, k, v, [x.reshape(_vmem_shape(x.shape)) for x in leaves],
-                 tuple(operands.blocked), **backward)
-
-
-def _forward(q, k, v, blocks: KeyBlocks, operands: Operands, scale, mods: Mods, geo: _Geometry):
+def _forward(q, k, v, blocks: KeyBlocks, blocked, hoisted, scale, plan: _Plan, geo: _Geometry):
   dtype = osm.compute_dtype(q.dtype)
   rows = geo.rows
   steps = block_steps(block_kinds(blocks, geo.n_k))
   lead = q.shape[:3]  # (M, R, n_q)
   out, lse = _call(
-      _forward_kernel, "jmat_block_sparse_fwd", steps, _inputs(q, k, v, operands, scale),
+      _forward_kernel, "jmat_block_sparse_fwd", steps,
+      _Inputs(scale.reshape(1, 1), q, k, v, tuple(blocked), list(hoisted)),
       (jax.ShapeDtypeStruct((*lead, rows, v.shape[-1]), dtype),
        jax.ShapeDtypeStruct((*lead, rows, LANES), dtype)),
       (_query_spec((rows, v.shape[-1]), False), _query_spec((rows, LANES), False)),
       [pltpu.VMEM((rows, LANES), dtype), pltpu.VMEM((rows, LANES), dtype),
        pltpu.VMEM((rows, v.shape[-1]), dtype)],
-      geo, mods, _layout(operands), key_major=False)
+      geo, plan, key_major=False)
   return out, lse[..., 0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _attend(q, k, v, blocks, operands, scale, mods: Mods, geo: _Geometry):
-  return _forward(q, k, v, blocks, operands, scale, mods, geo)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _attend(q, k, v, blocks, blocked, hoisted, scale, plan: _Plan, geo: _Geometry):
+  return _forward(q, k, v, blocks, blocked, hoisted, scale, plan, geo)
 
 
-def _attend_fwd(q, k, v, blocks, operands, scale, mods, geo):
-  out, lse = _forward(q, k, v, blocks, operands, scale, mods, geo)
-  return (out, lse), (q, k, v, blocks, operands, scale, out, lse)
+def _attend_fwd(q, k, v, blocks, blocked, hoisted, scale, plan, geo):
+  out, lse = _forward(q, k, v, blocks, blocked, hoisted, scale, plan, geo)
+  return (out, lse), (q, k, v, blocks, blocked, hoisted, scale, out, lse)
 
 
 def _blocked_gradient(grad: jax.Array, x: jax.Array) -> jax.Array:
@@ -630,12 +926,17 @@ def _blocked_gradient(grad: jax.Array, x: jax.Array) -> jax.Array:
   return jnp.sum(grad, axis=broadcast, keepdims=True).astype(x.dtype)
 
 
-def _attend_bwd(mods: Mods, geo: _Geometry, residuals, cotangents):
-  q, k, v, blocks, operands, scale, out, lse = residuals
+def _hoisted_gradient(grad: jax.Array, x: jax.Array) -> jax.Array:
+  """A value computed outside: its gradient ``(M|1, R|1, n|1, *block)`` from per-program
+  ``(M, R, n, *block)`` tiles (summed over the dims it is broadcast along)."""
+  broadcast = tuple(axis for axis in (0, 1, 2) if x.shape[axis] == 1)
+  return jnp.sum(grad, axis=broadcast, keepdims=True).astype(x.dtype)
+
+
+def _attend_bwd(plan: _Plan, geo: _Geometry, residuals, cotangents):
+  q, k, v, blocks, blocked, hoisted, scale, out, lse = residuals
   d_out, d_lse = cotangents
   dtype = lse.dtype
-  layout = _layout(operands)
-  whole, blocked = operands
   lead = q.shape[:3]  # (M, R, n_q): one partial sum or gradient tile per dq program
 
   def lanes(x):
@@ -646,51 +947,54 @@ def _attend_bwd(mods: Mods, geo: _Geometry, residuals, cotangents):
   lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
   kinds = block_kinds(blocks, geo.n_k)
 
-  summed = [scale] + [jnp.asarray(x) for x, f in zip(jax.tree.leaves(whole), layout.whole_float,
-                                                       strict=True) if f]
-  tiled = [x for x, f in zip(blocked, layout.blocked_float, strict=True) if f]
+  # The score mod's float values computed outside: those for every block or per query block
+  # get their gradients from the dq pass, those per key block from the dk/dv pass.
+  diff = [(n, h.side) for n, h in enumerate(plan.score_hoisted) if h.is_float]
+  by_queries = [n for n, side in diff if side != "k"]
+  by_keys = [n for n, side in diff if side == "k"]
+  summed = [(1, 1)] + [hoisted[n].shape[3:] for n in by_queries]
+  tiled = [x for x, f in zip(blocked, plan.blocked_float, strict=True) if f]
   zeros = [jnp.zeros((*lead, *_blocked_block(x, geo)[:2], geo.padded_k if x.shape[4] > 1 else 1),
                      dtype) for x in tiled]
   # The cotangent of an output of q's dtype, back in it (losslessly) for the matmuls.
-  ins = _inputs(q, k, v, operands, scale, d_out=d_out.astype(q.dtype), lse=lanes(lse),
-                delta=lanes(delta), zeros=zeros)
+  ins = _Inputs(scale.reshape(1, 1), q, k, v, tuple(blocked), list(hoisted),
+                d_out=d_out.astype(q.dtype), lse=lanes(lse), delta=lanes(delta), zeros=zeros)
   first_zero = 3 + len(jax.tree.leaves(ins)) - len(zeros)  # after the 3 scalar-prefetch tables
 
   dq, d_sums, d_tiles = _call(
       _dq_kernel, "jmat_block_sparse_dq", block_steps(kinds), ins,
       (jax.ShapeDtypeStruct(q.shape, q.dtype),
-       [jax.ShapeDtypeStruct((*lead, *_vmem_shape(x.shape)), dtype) for x in summed],
+       [jax.ShapeDtypeStruct((*lead, *block), dtype) for block in summed],
        [jax.ShapeDtypeStruct(x.shape, dtype) for x in zeros]),
       (_query_spec((geo.rows, q.shape[-1]), False),
-       [_query_spec(_vmem_shape(x.shape), False) for x in summed],
+       [_query_spec(block, False) for block in summed],
        [_spec((None, None, None, *_blocked_block(x, geo)),
               lambda m, r, i, j, keys=x.shape[4]: (m, r, i, 0, 0, j if keys > 1 else 0), False)
         for x in tiled]),
-      [pltpu.VMEM((geo.rows, q.shape[-1]), dtype)], geo, mods, layout, key_major=False,
+      [pltpu.VMEM((geo.rows, q.shape[-1]), dtype)], geo, plan, key_major=False,
       aliases={first_zero + n: 1 + len(summed) + n for n in range(len(zeros))})
 
-  dk, dv = _call(
+  key_blocks = [hoisted[n].shape[3:] for n in by_keys]
+  dk, dv, d_keys = _call(
       _dkv_kernel, "jmat_block_sparse_dkv", block_steps(kinds.swapaxes(1, 2)),
       ins._replace(zeros=None),
-      (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-      (_key_spec(geo, k.shape[-1], True), _key_spec(geo, v.shape[-1], True)),
+      (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
+       [jax.ShapeDtypeStruct((*k.shape[:2], geo.n_k, *block), dtype) for block in key_blocks]),
+      (_key_spec(geo, k.shape[-1], True), _key_spec(geo, v.shape[-1], True),
+       [_spec((None, None, None, *block),
+              lambda m, r, i, j, block=block: (m, r, j) + (0,) * len(block), True)
+        for block in key_blocks]),
       [pltpu.VMEM((geo.tile_k, k.shape[-1]), dtype), pltpu.VMEM((geo.tile_k, v.shape[-1]), dtype)],
-      geo, mods, layout, key_major=True)
+      geo, plan, key_major=True)
 
-  d_sums = [jnp.sum(d, axis=(0, 1, 2)).reshape(x.shape).astype(x.dtype)
-            for d, x in zip(d_sums, summed, strict=True)]
-  d_whole = iter(d_sums[1:])
+  d_hoisted = [jnp.zeros_like(x) if _is_float(x) else zero_cotangent(x) for x in hoisted]
+  for n, grad in zip(by_queries + by_keys, d_sums[1:] + d_keys, strict=True):
+    d_hoisted[n] = _hoisted_gradient(grad, hoisted[n])
   d_tiles = iter(d_tiles)
-
-  def whole_cotangent(x):
-    return next(d_whole) if _is_float(jnp.asarray(x)) else zero_cotangent(x)
-
-  def blocked_cotangent(x):
-    return _blocked_gradient(next(d_tiles), x) if _is_float(x) else zero_cotangent(x)
-
-  d_operands = Operands(jax.tree.map(whole_cotangent, whole),
-                        tuple(blocked_cotangent(x) for x in blocked))
-  return dq, dk, dv, jax.tree.map(zero_cotangent, blocks), d_operands, d_sums[0]
+  d_blocked = tuple(_blocked_gradient(next(d_tiles), x) if _is_float(x) else zero_cotangent(x)
+                    for x in blocked)
+  d_scale = jnp.sum(d_sums[0]).reshape(scale.shape).astype(scale.dtype)
+  return dq, dk, dv, jax.tree.map(zero_cotangent, blocks), d_blocked, d_hoisted, d_scale
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -741,14 +1045,37 @@ def attend(
         f"needs {(table_rows, geo.n_q)} (M, query blocks)")
   q_rows, k_rows = geo.n_q * tile_q, geo.padded_k
   e, ev = (pl.cdiv(x.shape[-1], LANES) * LANES for x in (q, v))
+  dtype = osm.compute_dtype(q.dtype)
   whole, blocked = operands
-  blocked = tuple(pad(pad(x, -2, q_rows, True), -1, k_rows, True) for x in blocked)
+  leaves, treedef = jax.tree.flatten(whole)
+  leaves = [jnp.asarray(x) for x in leaves]
+  blocked = tuple(pad(pad(jnp.asarray(x), -2, q_rows, True), -1, k_rows, True) for x in blocked)
+  plan = _plan_of(mods, geo, leaves, treedef, blocked, dtype)
+  if plan.narrow:
+    blocked = tuple(x.astype(_narrowed(x.dtype)) for x in blocked)
+  hoisted = [x for split in (plan.score, plan.mask) if split is not None
+             for x in _outside_values(split, leaves, geo, table_rows, q.shape[1], plan.narrow)]
   out, lse = cast(tuple[jax.Array, jax.Array], _attend(
       _group(pad(pad(q, -2, q_rows), -1, e), tile_q), pad(pad(k, -2, k_rows), -1, e),
-      pad(pad(v, -2, k_rows), -1, ev), blocks, Operands(whole, blocked),
-      jnp.asarray(scale).astype(osm.compute_dtype(q.dtype)), mods, geo))
+      pad(pad(v, -2, k_rows), -1, ev), blocks, blocked, hoisted,
+      jnp.asarray(scale).astype(dtype), plan, geo))
   out = _ungroup(out, groups)[..., :length, :v.shape[-1]].astype(q.dtype)
   return out, _ungroup(lse[..., None], groups)[..., :length, 0]
+
+
+def _plan_of(mods: Mods, geo: _Geometry, leaves: Sequence[Any], treedef, blocked: Sequence[Any],
+             dtype) -> _Plan:
+  """The :class:`_Plan` of a call with whole leaves ``leaves`` and (padded) blocked operands
+  ``blocked`` (arrays or their avals)."""
+  narrow = jnp.dtype(dtype).itemsize < 8
+
+  def aval(shape, dtype):
+    return jax.ShapeDtypeStruct(tuple(shape), _narrowed(dtype) if narrow else np.dtype(dtype))
+
+  return _plan(mods, geo.groups, geo.tile_q, geo.tile_k, treedef,
+               tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves),
+               tuple(aval((1, *_blocked_block(x, geo)), x.dtype) for x in blocked),
+               np.dtype(dtype), narrow)
 
 
 def _aval(x) -> tuple[tuple[int, ...], str]:
@@ -759,12 +1086,15 @@ def unsupported(q, k, v, operands: Operands, mods: Mods, block_q: int,
                 block_k: int) -> str | None:
   """Why the TPU kernel cannot run this attention, or None if it can.
 
-  Refuses block sizes the TPU cannot tile, float64 (Mosaic has none), and
-  mods or operands the Mosaic compiler cannot lower: the forward pass and the
-  gradient are lowered for TPU once per shape signature (well under a second,
-  cached). Mods that index a whole operand with traced positions or heads
-  (a gather, e.g. ``slopes[h]`` or ``document[b, q_pos]``) are the usual
-  case: pass such tables as blocked operands, which the kernel slices.
+  Refuses block sizes the TPU cannot tile, float64 (Mosaic has none), mods
+  that read a whole operand at an index depending on both the query and the
+  key position (``table[h, kv_idx - q_idx + D]``: a gather the kernel cannot
+  make, whose tiles would take O(L * S) memory outside it), and anything else
+  the Mosaic compiler cannot lower: the forward pass and the gradient are
+  lowered for TPU once per shape signature (well under a second, cached).
+  Mods that read whole operands by one position, head or row
+  (``ids[q_idx] == ids[kv_idx]``, ``ids[b, q_idx]``, ``slopes[h]``) run: what
+  they read is computed outside the kernels (see :class:`_Split`).
   """
   length, keys = q.shape[-2], k.shape[-2]
   problem = BlockSizes(block_q, block_k).problem(length, keys)
@@ -786,11 +1116,22 @@ def _lowering_problem(q, k, v, treedef, leaves, mods: Mods, block_q: int,
   def struct(aval):
     return jax.ShapeDtypeStruct(*aval)
 
-  rows, _, _, length, _ = q[0]
-  n_q, n_k = pl.cdiv(length, block_q), pl.cdiv(k[0][-2], block_k)
+  rows, _, groups, length, _ = q[0]
+  keys = k[0][-2]
+  n_q, n_k = pl.cdiv(length, block_q), pl.cdiv(keys, block_k)
   counts = jax.ShapeDtypeStruct((rows, n_q), jnp.int32)
   lists = jax.ShapeDtypeStruct((rows, n_q, n_k), jnp.int32)
   dtype = osm.compute_dtype(q[1])
+  prefix = "jmat block-sparse attention, mosaic (TPU) backend: "
+  whole, blocked = jax.tree.unflatten(treedef, [struct(x) for x in leaves])
+  tiles = BlockSizes(block_q, block_k).tiles(length, keys)
+  geo = _Geometry(length, keys, block_q, block_k, *tiles, groups, False)
+  try:
+    problem = _plan_of(mods, geo, *jax.tree.flatten(whole), blocked, dtype).problem
+  except Exception:  # a mod that cannot be traced at all: the lowering below says why
+    problem = None
+  if problem is not None:
+    return prefix + problem
 
   def gradients(q, k, v, counts, lists, operands, scale):
     def run(q, k, v, operands, scale):
@@ -807,8 +1148,6 @@ def _lowering_problem(q, k, v, treedef, leaves, mods: Mods, block_q: int,
     jax.jit(gradients).trace(*args).lower(lowering_platforms=("tpu",))
   except Exception as error:  # whatever the lowering refuses, the dispatcher falls back on
     summary = (str(error).strip().splitlines() or [""])[0]
-    return (f"jmat block-sparse attention, mosaic (TPU) backend: the Mosaic lowering of these "
-            f"mods and operands failed ({type(error).__name__}: {summary}); mods that index a "
-            f"whole operand by traced position or head (a gather) cannot run on TPU: pass such "
-            f"tables as blocked operands")
+    return (f"{prefix}the Mosaic lowering of these mods and operands failed "
+            f"({type(error).__name__}: {summary})")
   return None
