@@ -1216,3 +1216,103 @@ def check_boolean_index(op: str, axis: int, length: int, table_shape: Shape) -> 
         f"dim has size {size}: the tables have shape {fmt_shape(table_shape)} (B, H, n_q, n_k); "
         f"a boolean index picks entries of the dim, one flag per entry"
     )
+
+
+# --- sequence layouts over a mesh axis (to_layout, from_layout, work_per_device) -------------
+
+
+def check_layout(op: str, layout: object, layouts: Sequence[str]) -> None:
+  """Refuses a layout that is not one of ``layouts`` (listing them)."""
+  if not isinstance(layout, str) or layout not in layouts:
+    valid = ", ".join(repr(name) for name in layouts)
+    raise ValueError(
+        f"jmat.{op}: unknown layout {layout!r}; valid layouts are {valid} (zigzag balances "
+        f"causal attention: device i holds chunks i and 2n-1-i of 2n)"
+    )
+
+
+def check_num_devices(op: str, num_devices: object) -> int:
+  """Checks a number of devices: a positive int; returns it."""
+  if isinstance(num_devices, bool) or not isinstance(num_devices, int | np.integer) or (
+      num_devices < 1):
+    raise ValueError(f"jmat.{op}: num_devices must be a positive int, got {num_devices!r}")
+  return int(num_devices)
+
+
+def check_mesh_axis(op: str, axis_name: object, mesh_axes: dict[str, int]) -> int:
+  """Refuses an ``axis_name`` the mesh does not have; returns the axis's size."""
+  if not isinstance(axis_name, str) or axis_name not in mesh_axes:
+    raise ValueError(
+        f"jmat.{op}: the mesh has no axis {axis_name!r}; its axes are "
+        f"{tuple(mesh_axes)}: pass one of them as axis_name"
+    )
+  return int(mesh_axes[axis_name])
+
+
+def check_layout_axis(op: str, shape: Shape, axis: object) -> int:
+  """Normalises the ``axis`` a layout permutes against ``shape``; returns it as ``0..rank-1``."""
+  if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
+    raise TypeError(f"jmat.{op}: axis must be an int, got {axis!r}")
+  rank = len(shape)
+  if not -rank <= axis < rank:
+    valid = f"axis must be in {-rank}..{rank - 1}" if rank else "it has no axis to lay out"
+    raise shape_error(op, f"axis {axis} is out of range", _described("x", shape),
+                      f"x is {rank}-D: {valid}")
+  return int(axis) % rank
+
+
+def check_layout_length(
+    op: str, shape: Shape, axis: int, layout: str, chunks: int, devices: int,
+    axis_name: str | None = None,
+) -> None:
+  """Refuses an ``axis`` whose length does not split into the layout's equal chunks."""
+  length = shape[axis]
+  if length % chunks:
+    over = f"the {devices} devices" + (f" of mesh axis {axis_name!r}" if axis_name else "")
+    raise shape_error(
+        op,
+        f"the length {length} of axis {axis} is not divisible by the {chunks} chunks of layout "
+        f"{layout!r} over {over}",
+        _described("x", shape),
+        f"pad axis {axis} to a multiple of {chunks} (e.g. {-(-length // chunks) * chunks})",
+    )
+
+
+def check_layout_blocks(
+    op: str, seq_lengths: tuple[int, int], block_size: tuple[int, int], layout: str,
+    chunks: int, devices: int,
+) -> None:
+  """Refuses a block mask whose query length does not split into chunks of whole query blocks."""
+  q_len, block_q = seq_lengths[0], block_size[0]
+  where = (f"the block_mask has seq_lengths {tuple(seq_lengths)} and BLOCK_SIZE "
+           f"{tuple(block_size)}")
+  advice = (f"layout {layout!r} over {devices} devices cuts the queries into {chunks} chunks: "
+            f"Q_LEN must be a multiple of {chunks} * BLOCK_SIZE[0] = {chunks * block_q}")
+  if q_len % chunks:
+    raise shape_error(op, f"Q_LEN {q_len} is not divisible by the {chunks} chunks", where,
+                      advice)
+  if (q_len // chunks) % block_q:
+    raise shape_error(
+        op, f"a chunk of {q_len // chunks} queries is not a whole number of query blocks of "
+        f"{block_q}", where, advice + " (or a BLOCK_SIZE[0] that divides Q_LEN / chunks)")
+
+
+def check_layout_sharding(op: str, shape: Shape, spec: Sequence[object], axis: int,
+                          axis_name: str) -> None:
+  """Refuses an ``x`` whose other dims are already sharded over the layout's own mesh axis."""
+  for dim, entry in enumerate(spec):
+    names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    if dim != axis and axis_name in names:
+      raise ValueError(
+          f"jmat.{op}: x of shape {fmt_shape(shape)} has dim {dim} sharded over mesh axis "
+          f"{axis_name!r}, the axis dim {axis} is to be laid out over; shard dim {dim} over "
+          f"another mesh axis, or reshard it first (jax.sharding.reshard)"
+      )
+
+
+def not_a_block_mask_error(op: str, block_mask: object) -> TypeError:
+  """The error for a ``block_mask`` argument that is no :class:`jmat.BlockMask`."""
+  return TypeError(
+      f"jmat.{op}: block_mask must be a jmat.BlockMask (from jmat.create_block_mask or "
+      f"BlockMask.from_kv_blocks), got {type(block_mask).__name__}"
+  )
