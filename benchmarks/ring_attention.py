@@ -80,11 +80,12 @@ def formulas(h: int, q_len: int, k_len: int, e: int, ev: int, devices: int, item
   return {
       "ring": 2 * kv_block + 2 * h * tq * tk * acc_itemsize + carry,
       "gathered_kv": devices * kv_block,
-      "allgather": devices * kv_block + 2 * h * lb * k_len * acc_itemsize + carry,
+      "allgather": devices * kv_block + 2 * h * tq * tk * acc_itemsize + carry,
       "forward_sent": (devices - 1) * kv_block,
       "ring_backward_sent": (devices - 1) * kv_block
       + devices * h * sb * (e + ev) * acc_itemsize,
-      "allgather_backward_sent": (devices - 1) * kv_block,
+      "allgather_backward_sent": (devices - 1) * kv_block
+      + (devices - 1) * h * sb * (e + ev) * acc_itemsize,
   }
 
 

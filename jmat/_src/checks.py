@@ -536,11 +536,7 @@ def check_ring_attention(
     axis_name: the mesh axis the sequence dim is sharded over.
     mesh_axes: the mesh's axis names and sizes.
   """
-  if axis_name not in mesh_axes:
-    raise ValueError(
-        f"jmat.{op}: the mesh has no axis {axis_name!r}; its axes are "
-        f"{tuple(mesh_axes)}: pass one of them as axis_name"
-    )
+  devices = check_mesh_axis(op, axis_name, mesh_axes)
   check_attention_shapes(op, query, key, value, enable_gqa=False)
   shapes = (query, key, value)
   listed = _listed(_ATTENTION_NAMES, shapes)
@@ -550,7 +546,6 @@ def check_ring_attention(
         "sequence-sharded attention does not broadcast them: repeat or expand the inputs "
         "(grouped key/value heads too) to equal leading dims",
     )
-  devices = mesh_axes[axis_name]
   for name, shape in zip(_ATTENTION_NAMES, shapes, strict=True):
     if shape[-2] % devices:
       raise shape_error(
@@ -1316,3 +1311,44 @@ def not_a_block_mask_error(op: str, block_mask: object) -> TypeError:
       f"jmat.{op}: block_mask must be a jmat.BlockMask (from jmat.create_block_mask or "
       f"BlockMask.from_kv_blocks), got {type(block_mask).__name__}"
   )
+
+
+# --- sequence-sharded attention (jmat.parallel) ---
+
+
+def check_sequence_split(op: str, query: Shape, key: Shape, value: Shape, chunks: int,
+                         layout: str, axis_name: str) -> None:
+  """Refuses sequence lengths the layout cannot cut into ``chunks`` equal chunks."""
+  listed = _listed(_ATTENTION_NAMES, (query, key, value))
+  for name, shape in zip(_ATTENTION_NAMES, (query, key, value), strict=True):
+    if shape[-2] % chunks:
+      raise shape_error(
+          op,
+          f"the sequence length {shape[-2]} of {name} does not split into the {chunks} equal "
+          f"chunks of layout={layout!r} over mesh axis {axis_name!r}",
+          listed,
+          f"pad the sequence to a multiple of {chunks}",
+      )
+
+
+def check_causal_with_block_mask(op: str, is_causal: bool) -> None:
+  """Refuses ``is_causal`` together with a ``block_mask`` (the mask says it all)."""
+  if is_causal:
+    raise ValueError(
+        f"jmat.{op}: is_causal=True with a block_mask; put the causal rule in the mask_mod "
+        f"(e.g. and_masks(jmat.mods.causal_mask, your_mask)) and drop is_causal"
+    )
+
+
+def check_chunks_hold_blocks(op: str, chunk: tuple[int, int], block: tuple[int, int],
+                             layout: str, devices: int) -> None:
+  """Refuses a block_mask whose blocks do not tile each device's chunks of the sequence."""
+  for what, size, block_size in zip(("query", "key"), chunk, block, strict=True):
+    if size % block_size:
+      raise shape_error(
+          op,
+          f"a {what} chunk of {size} positions (layout={layout!r} over {devices} devices) is "
+          f"not a whole number of the block_mask's {block_size}-blocks",
+          f"block_mask BLOCK_SIZE={block}, chunks of {chunk}",
+          "build the block_mask with a BLOCK_SIZE that divides the chunk, or pad the sequence",
+      )

@@ -48,7 +48,7 @@ def _hoist(fn: Callable, *examples) -> tuple[Callable, list[jax.Array]]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Layout:
+class Layout:
   """How ``(b, h)`` maps onto the kernel's ``(M, R, G)`` table rows, shared rows and groups.
 
   A mask shared by the heads (``mask_heads == 1``) computes all heads of a
@@ -82,7 +82,7 @@ class _Layout:
     return jnp.broadcast_to(b, shape), jnp.broadcast_to(h, shape)
 
 
-class _Captured(NamedTuple):
+class Captured(NamedTuple):
   """The arrays flex's mods captured: the kernel's whole operands, every one an explicit input.
 
   Attributes:
@@ -94,8 +94,8 @@ class _Captured(NamedTuple):
   mask_consts: tuple[jax.Array, ...]
 
 
-def _to_kernel(x: jax.Array, mask_batch: int, mask_heads: int, group: int, is_query: bool):
-  """``(B, H, T, D)`` -> the kernel's ``(M, R, [G,] T, D)`` for the :class:`_Layout`."""
+def to_kernel(x: jax.Array, mask_batch: int, mask_heads: int, group: int, is_query: bool):
+  """``(B, H, T, D)`` -> the kernel's ``(M, R, [G,] T, D)`` for the :class:`Layout`."""
   batch, heads, length, dim = x.shape
   if mask_heads == 1:
     if is_query:
@@ -110,7 +110,7 @@ def _to_kernel(x: jax.Array, mask_batch: int, mask_heads: int, group: int, is_qu
   return x[:, :, None] if is_query else x
 
 
-def _from_kernel(x: jax.Array, batch: int, heads: int, mask_batch: int, mask_heads: int):
+def from_kernel(x: jax.Array, batch: int, heads: int, mask_batch: int, mask_heads: int):
   """The kernel's ``(M, R, G, L, ...)`` output back to ``(B, H, L, ...)``."""
   if mask_heads != 1 and mask_batch == 1:
     return jnp.swapaxes(x[:, :, 0], 0, 1)
@@ -273,7 +273,26 @@ def _flex_call(query, key, value, score_mod, block_mask, scale, enable_gqa: bool
     return None, ((batch, heads, length, v_dim), query.dtype)
 
   group = heads // kv_heads
-  layout = _Layout(heads, kv_heads, mask_batch, mask_heads)
+  mods, whole = flex_mods(score_mod, mask_mod, dtype,
+                          Layout(heads, kv_heads, mask_batch, mask_heads))
+  q = to_kernel(query, mask_batch, mask_heads, group, is_query=True)
+  k = to_kernel(key, mask_batch, mask_heads, group, is_query=False)
+  v = to_kernel(value, mask_batch, mask_heads, group, is_query=False)
+  call = block_sparse.Call(q, k, v, blocks, block_sparse.Operands(whole), scale, mods=mods,
+                           block_q=block_q, block_k=block_k, needs_max=needs_max)
+  return call, functools.partial(from_kernel, batch=batch, heads=heads, mask_batch=mask_batch,
+                                 mask_heads=mask_heads)
+
+
+def flex_mods(score_mod: ScoreMod | None, mask_mod: Callable | None, dtype,
+              layout: Layout) -> tuple[block_sparse.Mods, Captured]:
+  """torch-style scalar mods as the kernel's :class:`~jmat._src.block_sparse.Mods`.
+
+  The arrays they capture are hoisted into the returned :class:`Captured` (the
+  kernel's whole operands); the mods read them from there, lift the scalar
+  functions to score tiles with ``jax.vmap`` and find a tile's batch and head
+  from ``(m, r, g)`` by ``layout``.
+  """
   index = jax.ShapeDtypeStruct((), jnp.int32)
   score_fn: Callable[..., jax.Array] | None = None
   mask_fn: Callable[..., jax.Array] | None = None
@@ -300,15 +319,7 @@ def _flex_call(query, key, value, score_mod, block_mask, scale, enable_gqa: bool
 
     mask_fn = lifted_mask
 
-  mods = block_sparse.Mods(score_fn, mask_fn)
-  q = _to_kernel(query, mask_batch, mask_heads, group, is_query=True)
-  k = _to_kernel(key, mask_batch, mask_heads, group, is_query=False)
-  v = _to_kernel(value, mask_batch, mask_heads, group, is_query=False)
-  whole = _Captured(tuple(score_consts), tuple(mask_consts))
-  call = block_sparse.Call(q, k, v, blocks, block_sparse.Operands(whole), scale, mods=mods,
-                           block_q=block_q, block_k=block_k, needs_max=needs_max)
-  return call, functools.partial(_from_kernel, batch=batch, heads=heads, mask_batch=mask_batch,
-                                 mask_heads=mask_heads)
+  return block_sparse.Mods(score_fn, mask_fn), Captured(tuple(score_consts), tuple(mask_consts))
 
 
 def flex_attention_backend(

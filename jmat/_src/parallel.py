@@ -26,8 +26,11 @@ ring keeps turning. (The causal work is unbalanced, device ``i`` computes
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +38,11 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
-from jmat._src import block_sparse, checks, online_softmax, sharding
+from jmat._src import block_sparse, checks, layouts, online_softmax, sharding
+from jmat._src.block_mask import BlockMask, ScoreMod, checked_mod
+from jmat._src.flex_attention import Layout, flex_mods, from_kernel, to_kernel
 from jmat._src.kernels import xla
+from jmat._src.products import operands as as_operands
 
 _Blocks = tuple[jax.Array, ...]
 
@@ -71,143 +77,227 @@ def _hidden(first_query: int | jax.Array, first_key: int | jax.Array, queries: i
   return not visible if isinstance(visible, bool) else jnp.logical_not(visible)
 
 
-def _causal_mask(first_query: int | jax.Array, first_key: int | jax.Array, queries: int, keys: int):
-  """The ``(queries, keys)`` causal mask of a tile whose corner is at the given positions."""
-  rows = first_query + lax.broadcasted_iota(jnp.int32, (queries, keys), 0)
-  cols = first_key + lax.broadcasted_iota(jnp.int32, (queries, keys), 1)
-  return block_sparse.causal(rows, cols)
-
-
 def _causal(m, r, g, q_pos, k_pos, operands):
   del m, r, g, operands
   return block_sparse.causal(q_pos[:, None], k_pos[None, :])
 
 
-def _ring(n: int, axis_name: str, is_causal: bool, block_size: tuple[int, int],
-          manual_axes: tuple[str, ...]):
-  """The per-device ring attention of ``shard_map`` (``n`` devices along ``axis_name``).
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """How one device runs its part of a sequence-sharded attention (static).
 
-  ``manual_axes`` are the mesh axes the ``shard_map`` is manual over: the
-  operands vary over all of them, and so must the loop's carry. Each step is
-  one call of the block-sparse kernel's forward (or backward) loop on the
-  device's query block and the visiting key/value block, with the causal block
-  map of that pair: a pair the mask hides lists no block and costs nothing.
+  Attributes:
+    n: devices along ``axis_name``.
+    axis_name: the mesh axis the sequence is sharded over.
+    manual_axes: the mesh axes the ``shard_map`` is manual over.
+    chunks: the global chunk ids each device holds, in local order (the layout).
+    geo: one query chunk and one key chunk, and the kernel's blocks in them.
+    mods: the kernel's score and mask functions (positions are global).
+    tables: ``"map"`` (slices of the global block map), ``"causal"`` or ``"dense"``.
+    gather: all-gather the keys and values instead of passing them around the ring.
+    to_q: a local query (or output) shard in the public layout -> the kernel's ``(M, R, G, T, D)``.
+    to_kv: a local key or value shard -> the kernel's ``(M, R, T, D)``.
+    back: the kernel's ``(M, R, G, T, ...)`` -> the public layout of the local query shard.
   """
+
+  n: int
+  axis_name: str
+  manual_axes: tuple[str, ...]
+  chunks: tuple[tuple[int, ...], ...]
+  geo: block_sparse.Geometry
+  mods: block_sparse.Mods
+  tables: str
+  gather: bool
+  to_q: Callable[[jax.Array], jax.Array]
+  to_kv: Callable[[jax.Array], jax.Array]
+  back: Callable[[jax.Array, jax.Array], jax.Array]
+
+  def key_blocks(self, block_map, a, b) -> block_sparse.KeyBlocks:
+    """The kernel's table of global query chunk ``a`` against global key chunk ``b``."""
+    geo = self.geo
+    if self.tables == "map":
+      rows, cols = geo.q_len // geo.block_q, geo.kv_len // geo.block_k
+      part = lax.dynamic_slice(block_map, (0, a * rows, b * cols),
+                               (block_map.shape[0], rows, cols))
+      return block_sparse.key_blocks_from_dense(part == 1, part == 2)
+    sizes = (geo.q_len, geo.kv_len, geo.block_q, geo.block_k)
+    if self.tables == "causal":
+      return block_sparse.causal_key_blocks(*sizes, q_offset=a * geo.q_len,
+                                            k_offset=b * geo.kv_len)
+    return block_sparse.dense_key_blocks(*sizes)
+
+  def parts(self, x: jax.Array, length: int) -> list[jax.Array]:
+    """A local shard's chunks along the sequence axis (-2 of the kernel's layout)."""
+    return [x[..., c * length:(c + 1) * length, :] for c in range(len(self.chunks[0]))]
+
+
+def _context_parallel(plan: _Plan):
+  """The per-device attention of ``shard_map``: ``f(q, k, v, scale, whole, block_map)``.
+
+  ``q``, ``k``, ``v`` are the device's shards in the public layout (its chunks
+  concatenated), ``whole`` what the mods read (replicated), ``block_map`` the
+  global ``(M, n_q, n_k)`` block map (replicated; only with ``tables == "map"``).
+  Returns ``(out, lse)``, each in the public layout. A (query chunk, key chunk)
+  pair whose table lists no block costs nothing: the kernel's loops have no
+  trip; the key/value chunks still move on around the ring.
+  """
+  n, axis_name = plan.n, plan.axis_name
   to_next = [(i, (i + 1) % n) for i in range(n)]
-  mods = block_sparse.Mods(mask=_causal if is_causal else None)
 
-  def rotate(blocks: _Blocks) -> _Blocks:
-    return tuple(lax.ppermute(x, axis_name, to_next) for x in blocks)
+  def chunk_ids():
+    # Made where it is used: a traced constant must not be closed over by the custom_vjp.
+    return jnp.asarray(plan.chunks, jnp.int32)
+  cq, ck = plan.geo.q_len, plan.geo.kv_len
 
-  def scan_ring(step, state, blocks: _Blocks):
-    """Runs ``state, blocks = step(state, blocks, t)`` for ``t = 1 .. n-1``.
+  def rotate(xs):
+    return tuple(lax.ppermute(x, axis_name, to_next) for x in xs)
 
-    ``blocks`` are rotated to the next device before each step, so at step ``t``
-    device ``i`` holds the blocks that started on device ``(i - t) mod n``.
+  def visit(state, kv, step, grads=()):
+    """Runs ``state, grads = step(state, kv_j, grads_j, j)`` for every device ``j``'s shards.
+
+    ``kv`` are this device's key/value shards, ``grads`` gradient accumulators
+    shaped like them. On the ring, the shards move on to the next device with the
+    transfer started before the compute on the current ones (at step ``t`` a device
+    holds what device ``here - t`` started with) and the accumulators travel with
+    them, home again after ``n`` moves. With ``gather`` every device gathers every
+    shard first and keeps one accumulator per device's shard, summed where the shard
+    lives at the end (a reduce-scatter).
     """
+    here = lax.axis_index(axis_name)
+    if plan.gather:
+      gathered = tuple(lax.all_gather(x, axis_name) for x in kv)
+      grads = tuple(lax.pcast(jnp.zeros((n,) + g.shape, g.dtype), plan.manual_axes,
+                              to="varying") for g in grads)
+
+      def at(carry, j):
+        state, grads = carry
+        state, updated = step(state, tuple(x[j] for x in gathered),
+                              tuple(g[j] for g in grads), j)
+        return (state, tuple(g.at[j].set(u) for g, u in zip(grads, updated, strict=True))), None
+
+      (state, grads), _ = lax.scan(at, (state, grads), jnp.arange(n))
+      return state, tuple(lax.psum_scatter(g, axis_name) for g in grads)
 
     def body(carry, t):
-      state, blocks = carry
-      return step(state, rotate(blocks), t), None
+      state, kv, grads = carry
+      following = rotate(kv)  # issued before the compute that needs only the current shards
+      state, grads = step(state, kv, grads, (here - t) % n)
+      return (state, following, rotate(grads)), None
 
-    (state, blocks), _ = lax.scan(body, (state, blocks), jnp.arange(1, n))
-    return state, blocks
+    (state, _, grads), _ = lax.scan(body, (state, kv, grads), jnp.arange(n))
+    return state, grads
 
-  def as_kernel(x, grouped):
-    """A local ``(*lead, T, D)`` block as the kernel's ``(1, N, [1,] T, D)``."""
-    x = x.reshape((1, math.prod(x.shape[:-2])) + x.shape[-2:])
-    return x[:, :, None] if grouped else x
-
-  def layout(q, k):
-    # Tiles divide the local lengths, so the blocks that travel need no padding.
-    q_len, k_len = q.shape[-2], k.shape[-2]
-    geo = block_sparse.Geometry(q_len, k_len,
-                                block_sparse.block_for(q_len, block_size[0], dividing=True),
-                                block_sparse.block_for(k_len, block_size[1], dividing=True))
-    return as_kernel(q, True), geo
-
-  def key_blocks(geo, here, there):
-    offsets = {"q_offset": here * geo.q_len, "k_offset": there * geo.kv_len}
-    sizes = (geo.q_len, geo.kv_len, geo.block_q, geo.block_k)
-    if is_causal:
-      return block_sparse.causal_key_blocks(*sizes, **offsets), offsets
-    return block_sparse.dense_key_blocks(*sizes), offsets
-
-  def forward(q, k, v, scale):
+  def forward(q, k, v, scale, whole, block_map):
     here = lax.axis_index(axis_name)
-    q_k, geo = layout(q, k)
+    mine = chunk_ids()[here]
+    q_k = plan.to_q(q)
     q_s, rest = xla.prescale(q_k, scale)
+    q_parts = plan.parts(q_s, cq)
+    dtype = _dtype(q)
+    empty = online_softmax.online_softmax_init(q_k.shape[:3], cq, v.shape[-1], dtype=dtype)
+    carries = [lax.pcast(empty, plan.manual_axes, to="varying") for _ in q_parts]
+    operands = block_sparse.Operands(whole, ())
 
-    def fold(carry, k, v, there):
-      blocks, offsets = key_blocks(geo, here, there)
-      return xla.forward_blocks(carry, q_s, as_kernel(k, False), as_kernel(v, False), blocks,
-                                block_sparse.Operands(), rest, mods=mods, geo=geo, **offsets)
+    def step(carries, kv, grads, j):
+      theirs = chunk_ids()[j]
+      k_parts, v_parts = (plan.parts(plan.to_kv(x), ck) for x in kv)
+      carries = list(carries)
+      for a, q_a in enumerate(q_parts):
+        for b, (k_b, v_b) in enumerate(zip(k_parts, v_parts, strict=True)):
+          carries[a] = xla.forward_blocks(
+              carries[a], q_a, k_b, v_b, plan.key_blocks(block_map, mine[a], theirs[b]),
+              operands, rest, mods=plan.mods, geo=plan.geo, q_offset=mine[a] * cq,
+              k_offset=theirs[b] * ck)
+      return carries, grads
 
-    empty = online_softmax.online_softmax_init(q_k.shape[:3], q_k.shape[3], v.shape[-1],
-                                               dtype=_dtype(q))
-    # Typed like the carry the folds return: varying over the manual mesh axes.
-    empty = lax.pcast(empty, manual_axes, to="varying")
-
-    def step(carry, kv, t):
-      k, v = kv
-      return fold(carry, k, v, (here - t) % n), kv
-
-    # The blocks travel in their own (*lead, S / n, E) shape: only they cross devices.
-    carry, _ = scan_ring(step, fold(empty, k, v, here), (k, v))
-    out = online_softmax.online_softmax_finish(carry, q.dtype)[0, :, 0]
-    lse = online_softmax.online_softmax_logsumexp(carry)
-    return out.reshape(q.shape[:-1] + (v.shape[-1],)), lse
+    carries, _ = visit(carries, (k, v), step)
+    out = jnp.concatenate([online_softmax.online_softmax_finish(c, dtype) for c in carries], -2)
+    lse = jnp.concatenate([online_softmax.online_softmax_logsumexp(c) for c in carries], -1)
+    return plan.back(out, q).astype(q.dtype), plan.back(lse[..., None], q)[..., 0], lse
 
   @jax.custom_vjp
-  def ring(q, k, v, scale):
-    return forward(q, k, v, scale)[0]
+  def attend(q, k, v, scale, whole, block_map):
+    return forward(q, k, v, scale, whole, block_map)[:2]
 
-  def ring_fwd(q, k, v, scale):
-    out, lse = forward(q, k, v, scale)
-    return out, (q, k, v, scale, out, lse)
+  def attend_fwd(q, k, v, scale, whole, block_map):
+    out, lse, lse_k = forward(q, k, v, scale, whole, block_map)
+    return (out, lse), (q, k, v, scale, whole, block_map, out, lse_k)
 
-  def ring_bwd(residuals, d_out):
-    q, k, v, scale, out, lse = residuals
+  def attend_bwd(residuals, cotangents):
+    q, k, v, scale, whole, block_map, out, lse = residuals
+    d_out, d_lse = cotangents
     here = lax.axis_index(axis_name)
+    mine = chunk_ids()[here]
     dtype = lse.dtype
-    q_k, geo = layout(q, k)
+    q_k = plan.to_q(q)
     q_s = block_sparse.backward_queries(q_k, scale)
-    d_out_k, out_k = (as_kernel(x.astype(dtype), True) for x in (d_out, out))
-    # d loss / d lse, summed over the output row: the softmax's "delta" term.
-    delta = jnp.sum(d_out_k * out_k, axis=-1)
+    d_out_k = plan.to_q(d_out.astype(dtype))
+    # d loss / d lse, summed over the output row, less the lse's own cotangent: "delta".
+    delta = (jnp.sum(d_out_k * plan.to_q(out.astype(dtype)), axis=-1)
+             - plan.to_q(d_lse.astype(dtype)[..., None])[..., 0])
+    # Rows that saw no key have lse = -inf: +inf makes their probabilities exactly 0.
+    lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
+    rows = [plan.parts(x, cq) for x in (q_s, d_out_k)]
+    rows += [[x[..., c * cq:(c + 1) * cq] for c in range(len(plan.chunks[0]))]
+             for x in (lse, delta)]
+    floats = [x for x in jax.tree.leaves(whole) if jnp.issubdtype(x.dtype, jnp.inexact)]
 
-    def step(dq, blocks, t):
-      k, v, dk, dv = blocks
-      key_table, offsets = key_blocks(geo, here, (here - t) % n)
-      dq, dk_k, dv_k, _ = xla.backward_blocks(
-          (dq, as_kernel(dk, False), as_kernel(dv, False), []), q_s, as_kernel(k, False),
-          as_kernel(v, False), key_table, block_sparse.Operands(), None, d_out_k, lse, delta,
-          mods=mods, geo=geo, **offsets)
-      return dq, (k, v, dk_k.reshape(dk.shape), dv_k.reshape(dv.shape))
+    def transposed(layout, x, grad):
+      # The public layout's gradient: the layout's transpose (a reshape, or a sum over the
+      # query heads that share a key/value head where it repeated them), in the compute dtype.
+      return jax.linear_transpose(layout, x.astype(dtype))(grad)[0]
+    operands = block_sparse.Operands(whole, ())
 
-    zeros = tuple(jnp.zeros_like(x, dtype=dtype) for x in (q_k, k, v))
-    dq, (_, _, dk, dv) = step(zeros[0], (k, v, *zeros[1:]), 0)
-    # The key/value blocks travel together with their gradient accumulators; after
-    # n - 1 moves each accumulator sits one device before its block's home.
-    dq, (_, _, dk, dv) = scan_ring(step, dq, (k, v, dk, dv))
-    dk, dv = rotate((dk, dv))
-    dq, d_scale = block_sparse.scale_gradients(dq, q_k, scale)
-    # scale is the same on every device: its gradient is the sum of every device's part.
-    d_scale = lax.psum(d_scale, manual_axes)
-    return (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
-            d_scale)
+    def step(state, kv, grads, j):
+      dqs, d_ops = state
+      (k_j, v_j), (dk_j, dv_j) = kv, grads
+      theirs = chunk_ids()[j]
+      k_parts, v_parts = (plan.parts(plan.to_kv(x), ck) for x in (k_j, v_j))
+      dk_parts, dv_parts = (plan.parts(x, ck) for x in (dk_j, dv_j))
+      dqs = list(dqs)
+      for a in range(len(dqs)):
+        for b in range(len(k_parts)):
+          dqs[a], dk_parts[b], dv_parts[b], d_ops = xla.backward_blocks(
+              (dqs[a], dk_parts[b], dv_parts[b], d_ops), rows[0][a], k_parts[b], v_parts[b],
+              plan.key_blocks(block_map, mine[a], theirs[b]), operands, None, rows[1][a],
+              rows[2][a], rows[3][a], mods=plan.mods, geo=plan.geo, q_offset=mine[a] * cq,
+              k_offset=theirs[b] * ck)
+      return (dqs, d_ops), tuple(jnp.concatenate(x, -2) for x in (dk_parts, dv_parts))
 
-  ring.defvjp(ring_fwd, ring_bwd)
-  return ring
+    # Accumulators, typed like what the loops return: varying over the manual mesh axes.
+    zeros = [[jnp.zeros(r.shape, dtype) for r in rows[0]],
+             [jnp.zeros(x.shape, dtype) for x in floats],
+             tuple(jnp.zeros(plan.to_kv(x).shape, dtype) for x in (k, v))]
+    dqs, d_ops, zeros_kv = jax.tree.map(
+        lambda x: lax.pcast(x, plan.manual_axes, to="varying"), zeros)
+    state = (dqs, d_ops)
+    (dqs, d_ops), (dk, dv) = visit(state, (k, v), step, zeros_kv)
+    dq, d_scale = block_sparse.scale_gradients(jnp.concatenate(dqs, -2), q_k, scale)
+    # scale and the captured arrays are the same on every device: their gradients are the sums
+    # of every device's part.
+    d_scale = lax.psum(d_scale, plan.manual_axes)
+    d_floats = iter([lax.psum(x, plan.manual_axes) for x in d_ops])
+    d_whole = jax.tree.map(
+        lambda x: next(d_floats).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact)
+        else block_sparse.zero_cotangent(x), whole)
+    return (transposed(plan.to_q, q, dq).astype(q.dtype),
+            transposed(plan.to_kv, k, dk).astype(k.dtype),
+            transposed(plan.to_kv, v, dv).astype(v.dtype), d_scale, d_whole,
+            block_sparse.zero_cotangent(block_map))
+
+  attend.defvjp(attend_fwd, attend_bwd)
+  return attend
 
 
 def _dtype(x: jax.Array):
   return online_softmax.compute_dtype(x.dtype)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("mesh", "axis_name", "is_causal", "block_size")
-)
+_STATIC = ("mesh", "axis_name", "is_causal", "block_size", "score_mod", "enable_gqa",
+           "return_lse", "layout")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def ring_attention(
     query: ArrayLike,
     key: ArrayLike,
@@ -219,43 +309,72 @@ def ring_attention(
     is_causal: bool = False,
     scale: ArrayLike | None = None,
     block_size: int | tuple[int, int] = 512,
-) -> jax.Array:
-  """Scaled dot-product attention with the sequence sharded over a mesh axis (ring attention).
+    score_mod: ScoreMod | None = None,
+    block_mask: BlockMask | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    layout: str = "contiguous",
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """Attention with the sequence sharded over a mesh axis (ring attention), SDPA's or flex's.
 
   Computes what ``jmat.scaled_dot_product_attention(query, key, value,
-  is_causal=is_causal, scale=scale)`` computes, but the sequence dimension
-  (``-2``) of all three inputs is split into ``n = mesh.shape[axis_name]`` blocks,
-  one per device. Each device keeps its query block; the key/value blocks are
-  passed around the ring with ``lax.ppermute`` and folded into an online softmax,
-  so no device holds more than two key/value blocks. Causal blocks that are
-  entirely masked are skipped. Gradients (a second ring pass) are exact.
+  is_causal=is_causal, scale=scale)`` computes, or with ``score_mod``,
+  ``block_mask`` or ``enable_gqa`` what ``jmat.flex_attention`` computes, but
+  the sequence dimension (``-2``) of the inputs is sharded over the ``n =
+  mesh.shape[axis_name]`` devices of a mesh axis. Each device keeps its query
+  shard; the key/value shards are passed around the ring with ``lax.ppermute``
+  (the next transfer started before the current step's compute) and folded into
+  an online softmax with the block-sparse kernel, so no device holds more than two
+  key/value shards. A (query shard, key shard) pair whose blocks the mask hides
+  costs nothing: its kernel loops have no trip; the shards still move on.
+  Gradients (a second ring pass) are exact, also those of ``scale`` and of the
+  float arrays the mods capture.
+
+  ``layout`` says how the arrays passed in lay the sequence over the devices:
+  ``"contiguous"`` (device ``i`` holds the ``i``-th of ``n`` chunks) or
+  ``"zigzag"`` (``2n`` chunks, device ``i`` holds chunks ``i`` and ``2n-1-i``:
+  causal work is balanced). :func:`to_layout` puts a globally ordered array into
+  a layout, :func:`from_layout` back; the BlockMask, the mods and ``is_causal``
+  always speak of global positions, and the result comes in the layout of the
+  inputs. :func:`work_per_device` counts each device's blocks.
 
   Other mesh axes are left to jit's partitioner: shard the batch or head dims
   of the inputs over them (data or head parallelism) and they stay sharded.
 
   Args:
-    query: ``(*lead, L, E)``.
-    key: ``(*lead, S, E)``.
-    value: ``(*lead, S, Ev)``.
+    query: ``(*lead, L, E)``; ``(B, H, L, E)`` with score_mod, block_mask or enable_gqa.
+    key: ``(*lead, S, E)``; ``(B, Hkv, S, E)`` with flex's arguments.
+    value: ``(*lead, S, Ev)``; ``(B, Hkv, S, Ev)``.
     mesh: the device mesh.
     axis_name: the mesh axis the sequence dimension is sharded over.
     is_causal: torch's top-left causal mask (query ``l`` sees key ``s`` iff ``s <= l``).
     scale: the factor of ``q @ k^T`` (a number or a 0-d array, differentiable);
       ``1 / sqrt(E)`` if ``None``.
     block_size: the query and key block sizes (int or pair) each device's
-      key/value block is folded in: the scores a device holds at once are
-      ``block_size`` blocks, not ``(L / n, S / n)``.
+      key/value shard is folded in, without a block_mask (with one, its
+      ``BLOCK_SIZE``): the scores a device holds at once are one block.
+    score_mod: flex's ``(score, b, h, q_idx, kv_idx) -> score`` (global positions).
+    block_mask: a :class:`~jmat.attention.BlockMask` for the global sequence
+      (:func:`jmat.create_block_mask` with the global lengths); a device's chunk
+      must be a whole number of its blocks.
+    enable_gqa: grouped-query attention (key/value heads divide query heads).
+    return_lse: also return the natural-log logsumexp ``(*lead, L)``.
+    layout: ``"contiguous"`` or ``"zigzag"``.
 
   Returns:
     Array of shape ``(*lead, L, Ev)`` and the query's dtype, sharded like
-    ``query`` (sequence over ``axis_name``).
+    ``query`` (sequence over ``axis_name``, in ``layout``); with ``return_lse``
+    also the logsumexp.
 
   Raises:
-    ShapeError: if the inputs are not attention operands of equal leading dims,
-      or ``L`` or ``S`` is not divisible by the size of ``axis_name``.
-    ValueError: if ``axis_name`` is not an axis of ``mesh``, or ``block_size``
-      is not a positive int or pair.
-    TypeError: if the dtypes differ or are not floating point.
+    ShapeError: inputs that are not attention operands (of equal leading dims
+      without flex's arguments), lengths the layout cannot split evenly over the
+      axis, a block_mask built for another global length, or chunks that are not
+      whole mask blocks.
+    ValueError: ``axis_name`` not an axis of ``mesh``, an unknown layout, a
+      ``block_size`` that is not a positive int or pair, is_causal with a
+      block_mask (put the causal rule in the mask_mod).
+    TypeError: dtypes that differ or are not floating point.
 
   Example:
     >>> mesh = jax.make_mesh((1,), ("seq",))
@@ -263,15 +382,12 @@ def ring_attention(
     >>> jmat.parallel.ring_attention(q, k, v, mesh=mesh, axis_name="seq", is_causal=True).shape
     (2, 4, 3)
   """
-  op = "parallel.ring_attention"
-  query, key, value = _checked(op, query, key, value, mesh, axis_name)
-  blocks = checks.check_block_size(op, block_size)
-  factor = online_softmax.attention_scale(op, scale, query.shape[-1], _dtype(query))
-  ring = functools.partial(_ring, mesh.shape[axis_name], axis_name, is_causal, blocks)
-  return _shard_sequence(op, ring, query, key, value, factor, mesh, axis_name)
+  return _sequence_parallel("parallel.ring_attention", query, key, value, mesh, axis_name,
+                            is_causal, scale, block_size, score_mod, block_mask, enable_gqa,
+                            return_lse, layout, gather=False)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "axis_name", "is_causal"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def allgather_attention(
     query: ArrayLike,
     key: ArrayLike,
@@ -282,15 +398,22 @@ def allgather_attention(
     axis_name: str,
     is_causal: bool = False,
     scale: ArrayLike | None = None,
-) -> jax.Array:
+    block_size: int | tuple[int, int] = 512,
+    score_mod: ScoreMod | None = None,
+    block_mask: BlockMask | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    layout: str = "contiguous",
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """The simple alternative to :func:`ring_attention`: every device gathers all keys and values.
 
   Same arguments, result and sharding as :func:`ring_attention`; each device
-  all-gathers the key/value blocks and attends its query block to the whole
-  sequence in one online-softmax step. It moves as many bytes as the ring but
-  holds the full keys and values (and an ``(L / n, S)`` score block) on every
-  device; it is here as the baseline of the memory comparison in
-  ``docs/distributed.md`` and of ``benchmarks/ring_attention.py``.
+  all-gathers the key/value shards once and folds them into its queries with the
+  same block-sparse kernel (the backward pass sums every device's key/value
+  gradients where the shard lives: a reduce-scatter). It moves as many bytes as
+  the ring but holds the full keys and values on every device; it is the
+  baseline of the memory comparison in ``docs/distributed.md`` and of
+  ``benchmarks/ring_attention.py``.
 
   Example:
     >>> mesh = jax.make_mesh((1,), ("seq",))
@@ -298,22 +421,91 @@ def allgather_attention(
     >>> jmat.parallel.allgather_attention(q, k, v, mesh=mesh, axis_name="seq").shape
     (2, 4, 3)
   """
-  op = "parallel.allgather_attention"
-  query, key, value = _checked(op, query, key, value, mesh, axis_name)
-  factor = online_softmax.attention_scale(op, scale, query.shape[-1], _dtype(query))
+  return _sequence_parallel("parallel.allgather_attention", query, key, value, mesh,
+                            axis_name, is_causal, scale, block_size, score_mod, block_mask,
+                            enable_gqa, return_lse, layout, gather=True)
 
-  def local(q, k, v, scale):
-    k, v = (lax.all_gather(x, axis_name, axis=x.ndim - 2, tiled=True) for x in (k, v))
-    here = lax.axis_index(axis_name)
-    q_len = q.shape[-2]
-    mask = _causal_mask(here * q_len, 0, q_len, k.shape[-2]) if is_causal else None
-    empty = online_softmax.online_softmax_init(
-        q.shape[:-2], q_len, v.shape[-1], dtype=_dtype(q)
-    )
-    carry = online_softmax.online_softmax_update(empty, q, k, v, scale=scale, mask=mask)
-    return online_softmax.online_softmax_finish(carry, q.dtype)
 
-  return _shard_sequence(op, lambda _: local, query, key, value, factor, mesh, axis_name)
+def _sequence_parallel(op: str, query, key, value, mesh: Mesh, axis_name: str,
+                       is_causal: bool, scale, block_size, score_mod, block_mask,
+                       enable_gqa: bool, return_lse: bool, layout: str, *, gather: bool):
+  """Checks the inputs, plans each device's part and runs it under ``shard_map``."""
+  flex = score_mod is not None or block_mask is not None or enable_gqa
+  if flex:
+    query, key, value = as_operands(op, query, key, value, names=("query", "key", "value"))
+    checks.check_attention_dtypes(op, [x.dtype for x in (query, key, value)],
+                                  ("query", "key", "value"))
+    checks.check_flex_shapes(op, query.shape, key.shape, value.shape, enable_gqa)
+    checks.check_mesh_axis(op, axis_name, dict(mesh.shape))
+  else:
+    query, key, value = _checked(op, query, key, value, mesh, axis_name)
+  n = mesh.shape[axis_name]
+  chunks = layouts.device_chunks(layout, n, op=op)
+  count = len(chunks[0]) * n
+  checks.check_sequence_split(op, query.shape, key.shape, value.shape, count, layout,
+                              axis_name)
+  length, keys, dim = query.shape[-2], key.shape[-2], query.shape[-1]
+  chunk_q, chunk_k = length // count, keys // count
+  dtype = _dtype(query)
+  factor = online_softmax.attention_scale(op, scale, dim, dtype)
+  whole: Any = ()
+  block_map = jnp.zeros((1, 1, 1), jnp.int8)
+  if block_mask is not None:
+    checks.check_causal_with_block_mask(op, is_causal)
+    checks.check_block_mask_fits(op, block_mask.shape, query.shape, key.shape)
+    block_q, block_k = block_mask.BLOCK_SIZE
+    checks.check_chunks_hold_blocks(op, (chunk_q, chunk_k), (block_q, block_k), layout, n)
+    block_map = block_sparse.block_map(block_mask.key_blocks(op),
+                                       block_sparse.ceil_div(keys, block_k)).astype(jnp.int8)
+    tables = "map"
+  else:
+    block_q, block_k = checks.check_block_size(op, block_size)
+    block_q = block_sparse.block_for(chunk_q, block_q, dividing=True)
+    block_k = block_sparse.block_for(chunk_k, block_k, dividing=True)
+    tables = "causal" if is_causal else "dense"
+  if flex:
+    batch, heads = query.shape[:2]
+    kv_heads = key.shape[1]
+    mask_batch, mask_heads = block_mask.shape[:2] if block_mask is not None else (1, 1)
+    mask_mod = None
+    if block_mask is not None:
+      mask_mod = checked_mod(op, "mask_mod", block_mask.mask_mod)
+    if score_mod is not None:
+      checked_mod(op, "score_mod", score_mod, dtype)
+    mods, whole = flex_mods(score_mod, mask_mod, dtype,
+                            Layout(heads, kv_heads, mask_batch, mask_heads))
+    if is_causal:
+      mods = block_sparse.Mods(mods.score, _causal)
+    group = heads // kv_heads
+    to_q = functools.partial(to_kernel, mask_batch=mask_batch, mask_heads=mask_heads,
+                             group=group, is_query=True)
+    to_kv = functools.partial(to_kernel, mask_batch=mask_batch, mask_heads=mask_heads,
+                              group=group, is_query=False)
+
+    def back(y, q):
+      return from_kernel(y, batch=q.shape[0], heads=heads, mask_batch=mask_batch,
+                         mask_heads=mask_heads)
+  else:
+    mods = block_sparse.Mods(mask=_causal if is_causal else None)
+
+    def to_q(x):
+      return x.reshape((1, math.prod(x.shape[:-2]), 1) + x.shape[-2:])
+
+    def to_kv(x):
+      return x.reshape((1, math.prod(x.shape[:-2])) + x.shape[-2:])
+
+    def back(y, q):
+      return y.reshape(q.shape[:-2] + y.shape[3:])
+
+  def make_local(manual_axes):
+    plan = _Plan(n, axis_name, manual_axes, chunks,
+                 block_sparse.Geometry(chunk_q, chunk_k, block_q, block_k), mods, tables,
+                 gather, to_q, to_kv, back)
+    return _context_parallel(plan)
+
+  out, lse = _shard_sequence(op, make_local, query, key, value, (factor, whole, block_map),
+                             mesh, axis_name)
+  return (out, lse) if return_lse else out
 
 
 def _checked(
@@ -333,26 +525,27 @@ def _checked(
   return query, key, value
 
 
-def _shard_sequence(
-    op: str, make_local, query, key, value, scale, mesh: Mesh, axis_name: str
-) -> jax.Array:
-  """Runs ``make_local(manual_axes)(q, k, v, scale)`` per device, dim -2 sharded over
-  ``axis_name`` and ``scale`` replicated."""
+def _shard_sequence(op: str, make_local, query, key, value, replicated, mesh: Mesh,
+                    axis_name: str):
+  """Runs ``make_local(manual_axes)(q, k, v, *replicated)`` per device: dim -2 of q, k, v
+  sharded over ``axis_name``, ``replicated`` on every device; returns ``(out, lse)``."""
   lead = _explicit_lead_spec(op, query, axis_name)
   spec = PartitionSpec(*lead, axis_name, None)
+  everywhere = jax.tree.map(lambda _: PartitionSpec(), replicated)
   if axis_name in sharding.explicit_axes(mesh):
     # An Explicit mesh types the operands' sharding: place them as the shard_map expects.
     placed = NamedSharding(mesh, spec)
     query, key, value = (jax.sharding.reshard(x, placed) for x in (query, key, value))
-    scale = jax.sharding.reshard(scale, NamedSharding(mesh, PartitionSpec()))
+    replicated = jax.tree.map(
+        lambda x: jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec())), replicated)
   manual_axes = (axis_name, *sorted(sharding.spec_axes(lead)))
   return jax.shard_map(
       make_local(manual_axes),
       mesh=mesh,
-      in_specs=(spec, spec, spec, PartitionSpec()),
-      out_specs=spec,
+      in_specs=(spec, spec, spec, *everywhere),
+      out_specs=(spec, PartitionSpec(*lead, axis_name)),
       axis_names=frozenset(manual_axes),
-  )(query, key, value, scale)
+  )(query, key, value, *replicated)
 
 
 def _explicit_lead_spec(op: str, query: jax.Array, axis_name: str) -> tuple:

@@ -489,7 +489,7 @@ def test_ring_attention_memory_matches_the_formulas(monkeypatch, is_causal, leng
 
   def temp(fn):
     options = dict(mesh=m, axis_name="seq", is_causal=is_causal)
-    if tile and fn is jmat.parallel.ring_attention:
+    if tile:
       options["block_size"] = tile
     compiled = jax.jit(functools.partial(fn.__wrapped__, **options)).lower(arg, arg, arg).compile()
     stats = compiled.memory_analysis()
@@ -497,9 +497,10 @@ def test_ring_attention_memory_matches_the_formulas(monkeypatch, is_causal, leng
     return stats.temp_size_in_bytes
 
   ring, gathered = temp(jmat.parallel.ring_attention), temp(jmat.parallel.allgather_attention)
-  # Gathering must hold every key and value and at least one full row of scores per query.
+  # Gathering holds every key and value, and tiles of scores as the ring does.
   score_rows = h * (length // n) * length * 4
-  assert formula["gathered_kv"] + score_rows <= gathered <= formula["allgather"]
+  assert formula["gathered_kv"] <= gathered
+  assert 0.75 * formula["allgather"] <= gathered <= 1.5 * formula["allgather"]
   # The ring: two key/value blocks, two tiles of scores and the carry (causal: plus the
   # mask and the masked copy of a score tile).
   assert 0.75 * formula["ring"] <= ring <= 1.5 * formula["ring"]
