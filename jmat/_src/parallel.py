@@ -117,8 +117,8 @@ class _Plan:
     geo = self.geo
     if self.tables == "map":
       rows, cols = geo.q_len // geo.block_q, geo.kv_len // geo.block_k
-      part = lax.dynamic_slice(block_map, (0, a * rows, b * cols),
-                               (block_map.shape[0], rows, cols))
+      starts = [jnp.asarray(x, jnp.int32) for x in (0, a * rows, b * cols)]
+      part = lax.dynamic_slice(block_map, starts, (block_map.shape[0], rows, cols))
       return block_sparse.key_blocks_from_dense(part == 1, part == 2)
     sizes = (geo.q_len, geo.kv_len, geo.block_q, geo.block_k)
     if self.tables == "causal":
@@ -166,8 +166,7 @@ def _context_parallel(plan: _Plan):
     here = lax.axis_index(axis_name)
     if plan.gather:
       gathered = tuple(lax.all_gather(x, axis_name) for x in kv)
-      grads = tuple(lax.pcast(jnp.zeros((n,) + g.shape, g.dtype), plan.manual_axes,
-                              to="varying") for g in grads)
+      grads = tuple(jnp.zeros((n,) + g.shape, g.dtype) for g in grads)
 
       def at(carry, j):
         state, grads = carry
@@ -195,7 +194,7 @@ def _context_parallel(plan: _Plan):
     q_parts = plan.parts(q_s, cq)
     dtype = _dtype(q)
     empty = online_softmax.online_softmax_init(q_k.shape[:3], cq, v.shape[-1], dtype=dtype)
-    carries = [lax.pcast(empty, plan.manual_axes, to="varying") for _ in q_parts]
+    carries = [empty for _ in q_parts]
     operands = block_sparse.Operands(whole, ())
 
     def step(carries, kv, grads, j):
@@ -264,19 +263,14 @@ def _context_parallel(plan: _Plan):
               k_offset=theirs[b] * ck)
       return (dqs, d_ops), tuple(jnp.concatenate(x, -2) for x in (dk_parts, dv_parts))
 
-    # Accumulators, typed like what the loops return: varying over the manual mesh axes.
-    zeros = [[jnp.zeros(r.shape, dtype) for r in rows[0]],
-             [jnp.zeros(x.shape, dtype) for x in floats],
-             tuple(jnp.zeros(plan.to_kv(x).shape, dtype) for x in (k, v))]
-    dqs, d_ops, zeros_kv = jax.tree.map(
-        lambda x: lax.pcast(x, plan.manual_axes, to="varying"), zeros)
-    state = (dqs, d_ops)
+    state = ([jnp.zeros(r.shape, dtype) for r in rows[0]],
+             [jnp.zeros(x.shape, dtype) for x in floats])
+    zeros_kv = tuple(jnp.zeros(plan.to_kv(x).shape, dtype) for x in (k, v))
     (dqs, d_ops), (dk, dv) = visit(state, (k, v), step, zeros_kv)
     dq, d_scale = block_sparse.scale_gradients(jnp.concatenate(dqs, -2), q_k, scale)
     # scale and the captured arrays are the same on every device: their gradients are the sums
-    # of every device's part.
-    d_scale = lax.psum(d_scale, plan.manual_axes)
-    d_floats = iter([lax.psum(x, plan.manual_axes) for x in d_ops])
+    # of every device's part, which shard_map's transpose adds up (see _shard_sequence).
+    d_floats = iter(d_ops)
     d_whole = jax.tree.map(
         lambda x: next(d_floats).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact)
         else block_sparse.zero_cotangent(x), whole)
@@ -545,6 +539,11 @@ def _shard_sequence(op: str, make_local, query, key, value, replicated, mesh: Me
       in_specs=(spec, spec, spec, *everywhere),
       out_specs=(spec, PartitionSpec(*lead, axis_name)),
       axis_names=frozenset(manual_axes),
+      # Unchecked: the mods run as jaxprs whose primitives are bound as they are, device-varying
+      # positions beside constants that are not (a checked shard_map would refuse the mix).
+      # The transpose then sums the cotangents of the replicated inputs (the scale, captured
+      # arrays) over the devices, which the backward pass leaves to it.
+      check_vma=False,
   )(query, key, value, *replicated)
 
 
