@@ -5,7 +5,8 @@
 Each process starts JAX on 4 simulated CPU devices, joins the others through
 ``jax.distributed.initialize`` (gloo collectives between processes) and runs, over
 the mesh of every process's devices, ``jmat.parallel.ring_attention`` (values and
-gradients, causal and not) and a batch-sharded ``jmat.bmm``. Every process checks the
+gradients, causal and not; a packed batch of documents in the zigzag layout) and a
+batch-sharded ``jmat.bmm``. Every process checks the
 shards it holds against numpy in float64 and prints one JSON line of its largest errors;
 it exits non-zero if one is over the float32 tolerance of tests/cases.py.
 """
@@ -34,6 +35,7 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jmat  # noqa: E402
+import jmat._src.layouts  # noqa: E402
 from tests.cases import attention_reference, attention_reference_vjp, tolerance  # noqa: E402
 
 
@@ -88,6 +90,30 @@ def run(process_id: int, num_processes: int, port: int) -> dict[str, float]:
     want = attention_reference_vjp(q, k, v, d_out, is_causal=is_causal)
     for label, got, grad in zip("qkv", vjp(cotangent), want[:3], strict=True):
       errors[f"ring {name} d{label}"] = _error(got, grad)
+
+  # A packed batch of documents, causal within each, in the zigzag layout: the host lays the
+  # global arrays out as jmat.parallel.to_layout would and each process keeps its shards.
+  ids = np.repeat(np.arange(4), [10, 30, 16, length - 56])
+  documents = jmat.create_block_mask(
+      jmat.mods.generate_doc_mask_mod(jmat.mods.causal_mask, ids), None, None, length, length,
+      BLOCK_SIZE=4)
+  chunk = length // (2 * devices)
+  order = np.concatenate([np.arange(c * chunk, (c + 1) * chunk)
+                          for pair in jmat._src.layouts.device_chunks("zigzag", devices)
+                          for c in pair])
+  laid = [_global(x[..., order, :], mesh, spec) for x in (q, k, v, d_out)]
+
+  def documents_ring(q, k, v):
+    return jmat.parallel.ring_attention(q, k, v, mesh=mesh, axis_name="seq",
+                                        block_mask=documents, layout="zigzag")
+
+  out, vjp = jax.vjp(documents_ring, *laid[:3])
+  allowed = (ids[:, None] == ids[None, :]) & np.tri(length, dtype=bool)
+  want = attention_reference_vjp(q, k, v, d_out, allowed=allowed)
+  errors["ring documents zigzag out"] = _error(
+      out, np.asarray(attention_reference(q, k, v, allowed=allowed))[..., order, :])
+  for label, got, grad in zip("qkv", vjp(laid[3]), want[:3], strict=True):
+    errors[f"ring documents zigzag d{label}"] = _error(got, grad[..., order, :])
 
   data = jax.make_mesh((devices,), ("data",), axis_types=(AxisType.Auto,))
   a = rng.standard_normal((2 * devices, 3, 5)).astype(np.float32)
