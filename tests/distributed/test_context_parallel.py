@@ -9,7 +9,9 @@ the scale, a captured float table) are checked against the numpy float64 oracle 
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import pathlib
 import re
 
 import jax
@@ -200,3 +202,14 @@ def test_refusals_name_the_sizes_and_what_is_valid(fn):
                                             r"heads: query has shape \(1, 2, 128, 8\)"):
     fn(q, jnp.ones((1, 3, L, 8)), jnp.ones((1, 3, L, 8)), mesh=MESH, axis_name="seq",
        enable_gqa=True)
+
+
+def test_the_long_context_training_example_learns():
+  """examples/long_context_training.py: a training step on packed documents, zigzag, 8 devices."""
+  spec = importlib.util.spec_from_file_location(
+      "long_context_training",
+      pathlib.Path(__file__).resolve().parents[2] / "examples" / "long_context_training.py")
+  example = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(example)
+  losses = example.train(256, steps=4)
+  assert np.isfinite(losses).all() and (np.diff(losses) < 0).all()
