@@ -116,9 +116,12 @@ def _unsupported(backend: str, call: block_sparse.Call, options: KernelOptions) 
   call = _fitted(backend, call)
   if call.needs_max:
     return "max_scores (return_aux) is computed by the XLA backend only"
+  # A Triton kernel run in interpret mode needs no CUDA lowering (which jax 0.11 refuses on a
+  # machine without a GPU).
+  probe = {"probe": not options.interpret} if backend == "TRITON" else {}
   return _module(backend).unsupported(call.q, call.k, call.v, call.operands, call.mods,
                                       call.block_q, call.block_k,
-                                      **_tunables(backend, options))
+                                      **_tunables(backend, options), **probe)
 
 
 def choose(call: block_sparse.Call, platform: str, options: KernelOptions) -> Choice:

@@ -859,7 +859,7 @@ def attend(
 
 
 def unsupported(q, k, v, operands: Operands, mods: Mods, block_q: int, block_k: int, *,
-                block_sizes: BlockSizes = BlockSizes()) -> str | None:
+                block_sizes: BlockSizes = BlockSizes(), probe: bool = True) -> str | None:
   """Why the Triton kernels cannot run this call, or None when they can.
 
   The tiling rules are checked first (block sizes, head dims); then the
@@ -875,6 +875,7 @@ def unsupported(q, k, v, operands: Operands, mods: Mods, block_q: int, block_k: 
     mods: the mods.
     block_q, block_k: the block table's blocks.
     block_sizes: the tiles.
+    probe: lower the kernels for CUDA to find what Triton refuses (off in interpret mode).
 
   Returns:
     The reason, naming the rule or the lowering error; None when supported.
@@ -882,6 +883,8 @@ def unsupported(q, k, v, operands: Operands, mods: Mods, block_q: int, block_k: 
   geo = _geometry(q.shape, k.shape, v.shape, block_q, block_k)
   if isinstance(geo, str):
     return geo
+  if not probe:  # interpret mode runs anywhere: no lowering for CUDA to try
+    return None
   leaves, tree = jax.tree.flatten(operands)
   signature = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, *leaves))
   return _lowering_failure(signature, tree, mods, block_q, block_k, block_sizes)
