@@ -10,7 +10,6 @@ the scale, a captured float table) are checked against the numpy float64 oracle 
 from __future__ import annotations
 
 import importlib.util
-import os
 import pathlib
 import re
 
@@ -24,15 +23,9 @@ from jax.sharding import PartitionSpec as P
 import jmat
 from jmat import mods
 from tests.cases import attention_reference, tolerance
+from tests.distributed import require_8_devices
 
-if jax.device_count() < 8:
-  if os.environ.get("JMAT_REQUIRE_8_DEVICES"):
-    raise RuntimeError(f"8 devices were required, {jax.device_count()} exist")
-  pytest.skip(
-      "needs 8 devices: run through tests/test_parallel.py (XLA_FLAGS="
-      "--xla_force_host_platform_device_count=8)",
-      allow_module_level=True,
-  )
+require_8_devices()
 
 RNG = np.random.default_rng(17)
 L = 128  # 8 devices x 2 zigzag chunks x 8 positions: 8-position blocks

@@ -10,7 +10,6 @@ collectives run.
 from __future__ import annotations
 
 import collections
-import os
 import re
 
 import jax
@@ -21,16 +20,10 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jmat
+from tests.distributed import require_8_devices
 from tests.test_layouts import expected_positions
 
-if jax.device_count() < 8:
-  if os.environ.get("JMAT_REQUIRE_8_DEVICES"):
-    raise RuntimeError(f"8 devices were required, {jax.device_count()} exist")
-  pytest.skip(
-      "needs 8 devices: run through tests/test_parallel.py (XLA_FLAGS="
-      "--xla_force_host_platform_device_count=8)",
-      allow_module_level=True,
-  )
+require_8_devices()
 
 LAYOUTS = ("contiguous", "zigzag")
 _COLLECTIVE = re.compile(

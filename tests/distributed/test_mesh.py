@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import os
 import re
 
 import jax
@@ -25,15 +24,9 @@ import jmat
 from benchmarks import ring_attention as ring_bench
 from jmat._src import online_softmax
 from tests.cases import attention_reference, attention_reference_vjp, tolerance
+from tests.distributed import require_8_devices
 
-if jax.device_count() < 8:
-  if os.environ.get("JMAT_REQUIRE_8_DEVICES"):
-    raise RuntimeError(f"8 devices were required, {jax.device_count()} exist")
-  pytest.skip(
-      "needs 8 devices: run through tests/test_parallel.py (XLA_FLAGS="
-      "--xla_force_host_platform_device_count=8)",
-      allow_module_level=True,
-  )
+require_8_devices()
 
 torch = pytest.importorskip("torch")
 
