@@ -57,6 +57,20 @@ def test_one_device_ring_is_plain_attention(fn, is_causal):
   np.testing.assert_allclose(np.asarray(out), want, **tolerance(np.float64))
 
 
+@pytest.mark.parametrize("fn", [jmat.parallel.ring_attention, jmat.parallel.allgather_attention,
+                                jmat.scaled_dot_product_attention])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_empty_embedding_gives_the_mean_of_the_visible_values_as_sdpa(fn, is_causal):
+  """E = 0: every score is 0 whatever the scale (SDPA's default is 1 there, not 1 / sqrt(0))."""
+  v = np.random.default_rng(1).standard_normal((2, 6, 3))
+  q = k = np.zeros((2, 6, 0))
+  sdpa = fn is jmat.scaled_dot_product_attention
+  options = {} if sdpa else {"mesh": MESH, "axis_name": "seq"}
+  out = fn(q, k, v, is_causal=is_causal, **options)
+  want = attention_reference(q, k, v, is_causal=is_causal, scale=1.0)
+  np.testing.assert_allclose(np.asarray(out), want, **tolerance(np.float64))
+
+
 MESH = jax.make_mesh((1,), ("seq",))
 
 
