@@ -6,6 +6,9 @@ torch-oracle tests (semantics, refusals shared with torch, multi-head attention 
 torch weights) are in tests/parity/test_torch_attention.py.
 """
 
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -294,3 +297,24 @@ def test_blockwise_causal_never_touches_blocks_above_the_diagonal():
   # Query blocks [0, 16) and [16, 32) end before key 40: their key loops stop earlier.
   np.testing.assert_allclose(blockwise[:, :32], want, **tolerance(np.float64))
   assert np.isnan(dense[:, :32]).all()  # the dense kernel does touch every block
+
+
+def test_blockwise_float64_gradient_does_not_abort_xla_cpu():
+  """jaxlib 0.10.2's XLA:CPU aborted the process (LLVM "Cannot select: X86ISD::SUBV_BROADCAST_LOAD
+  ... multiply_bitcast_fusion") compiling the float64 blockwise backward on AVX-512 CPUs (AMD
+  Zen 4), where the backward selected masked probabilities and multiplied them. Run in a child
+  process: an abort would take the test run with it. It can only fail on such a CPU."""
+  program = """
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_enable_x64", True)
+import jmat
+q, k, v, g = (jnp.asarray(np.random.default_rng(i).standard_normal((2, 3, 8, 16)))
+              for i in range(4))
+def loss(q, k, v):
+  return (jmat.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                            implementation="blockwise") * g).sum()
+print(float(jax.grad(loss, argnums=(0, 1, 2))(q, k, v)[0].sum()))
+"""
+  result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
