@@ -407,3 +407,92 @@ def test_a_gpu_run_reports_tflops_over_computed_blocks_and_the_share_of_the_peak
   else:
     assert float(cell.removesuffix("%")) == pytest.approx(mine["pct_of_device_peak"], rel=0.05)
   assert "TFLOP/s over the computed blocks" in block  # the "In short" line
+
+
+# --- the ring suite (benchmarks/ring_attention.py): layouts and masks on 8 simulated devices --
+RING_MASKS = ("causal", "sliding window", "documents", "prefix-LM", "none")
+
+
+def _ring_allowed(kind: str, length: int) -> np.ndarray:
+  """The ring suite's masks, densely, in numpy (the documents from the suite's packed lengths)."""
+  from benchmarks.ring_attention import WINDOW, document_lengths
+
+  q, kv = np.arange(length)[:, None], np.arange(length)[None, :]
+  ids = np.repeat(np.arange(len(document_lengths(length))), document_lengths(length))
+  return {
+      "causal": kv <= q,
+      "sliding window": (kv <= q) & (q - kv <= WINDOW),
+      "documents": (kv <= q) & (ids[q] == ids[kv]),
+      "prefix-LM": (kv <= q) | (kv < length // 4),
+      "none": np.zeros((length, length), bool),
+  }[kind]
+
+
+def _ring_rows(layout: str, length: int, devices: int = 8) -> list[np.ndarray]:
+  """The global positions each device holds: contiguous runs, or chunks i and 2n-1-i."""
+  if layout == "contiguous":
+    return list(np.arange(length).reshape(devices, -1))
+  chunks = np.arange(length).reshape(2 * devices, -1)
+  return [np.concatenate([chunks[i], chunks[2 * devices - 1 - i]]) for i in range(devices)]
+
+
+@pytest.mark.parametrize("length", [2048, 4096, 16384])
+def test_ring_document_lengths_pack_the_sequence(length):
+  from benchmarks.ring_attention import document_lengths
+
+  lengths = document_lengths(length)
+  assert sum(lengths) == length and min(lengths) >= 1
+  longer = document_lengths(2 * length)
+  assert lengths[:-1] == longer[: len(lengths) - 1]  # the same seed packs the same documents
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("kind", RING_MASKS)
+def test_ring_mask_mods_are_the_numpy_masks_and_cut_to_one_device(kind, layout):
+  import jmat
+  from benchmarks.ring_attention import mask_mod, only_device
+
+  length, device = 2048, 5
+  allowed = _ring_allowed(kind, length)
+  mod = mask_mod(kind, length)
+  dense = jmat.attention.create_mask(mod, None, None, length, length)[0, 0]
+  np.testing.assert_array_equal(np.asarray(dense), allowed)
+  alone = np.zeros_like(allowed)
+  rows = _ring_rows(layout, length)[device]
+  alone[rows] = allowed[rows]
+  cut = jmat.attention.create_mask(only_device(mod, device, layout, length), None, None,
+                                   length, length)[0, 0]
+  np.testing.assert_array_equal(np.asarray(cut), alone)
+
+
+def test_ring_suite_reports_layouts_and_masks_on_8_simulated_devices(tmp_path):
+  """A small run of ``python -m benchmarks.ring_attention --time``: both tables, every record,
+  the blocks per device against the numpy masks, per-device memory against the formulas."""
+  from benchmarks.ring_attention import BATCH, HEAD_DIM, HEADS, formulas
+
+  out, length = tmp_path / "ring.json", 2048
+  command = [sys.executable, "-m", "benchmarks.ring_attention", "--lengths", "64",
+             "--mask-lengths", str(length), "--time", "--out", str(out)]
+  done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "| L | variant | pass |" in done.stdout and "| L | mask | layout |" in done.stdout
+  results = json.loads(out.read_text())
+  assert {(p["variant"], p["pass"]) for p in results["points"]} == {
+      (v, p) for v in ("ring", "allgather", "blockwise, 1 device")
+      for p in ("forward", "forward+backward")}
+  records = {(r["mask"], r["layout"]): r for r in results["layouts"]}
+  assert set(records) == {(m, lay) for m in RING_MASKS for lay in ("contiguous", "zigzag")}
+  gathered = formulas(BATCH * HEADS, length, length, HEAD_DIM, HEAD_DIM, 8, 4)["gathered_kv"]
+  for (kind, layout), r in records.items():
+    touched = _touched_blocks(_ring_allowed(kind, length), 128)
+    blocks = [int(touched[np.unique(rows // 128)].sum()) for rows in _ring_rows(layout, length)]
+    assert r["work"] == blocks, (kind, layout)
+    assert isinstance(r["time_s"], float)
+    if kind == "none":
+      assert r["max_over_mean"] is None and r["busiest_time_s"] is None
+    else:
+      assert r["max_over_mean"] == pytest.approx(max(blocks) / np.mean(blocks))
+      assert blocks[r["busiest_device"]] == max(blocks)
+      assert isinstance(r["busiest_time_s"], float)
+    # A device holds about the formula's blocks, tiles and carry, less than all keys and values.
+    assert 0.75 * r["formula_temp_bytes"] <= r["temp_bytes"] < gathered, (kind, layout)
