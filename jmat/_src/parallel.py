@@ -17,11 +17,14 @@ with their gradient accumulators, so the backward pass is ``O(L / n)`` per
 device as well (plain autodiff through the ring would keep every block that
 passed by).
 
-Causality is the kernel's block map of each (query block, key/value block)
-pair, with the blocks' sequence offsets: tiles the mask hides are not listed,
-so a device computes nothing for them but still forwards its blocks and the
-ring keeps turning. (The causal work is unbalanced, device ``i`` computes
-``i + 1`` blocks; a striped or zig-zag layout would even it out.)
+Masks are the kernel's block tables of each (query chunk, key chunk) pair, with
+global positions: the causal block map with the chunks' offsets, or the slice of
+a global BlockMask's block map (flex's score_mod and mask_mod run in the kernel
+as in ``jmat.flex_attention``). Blocks a mask hides are not listed, so a device
+computes nothing for them but still forwards its chunks and the ring keeps
+turning. With a contiguous layout causal work is unbalanced (device ``i``
+computes ``i + 1`` chunks); ``layout="zigzag"`` (:mod:`jmat._src.layouts`) gives
+every device two chunks from opposite ends and evens it out.
 """
 
 from __future__ import annotations
