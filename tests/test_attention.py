@@ -318,3 +318,23 @@ print(float(jax.grad(loss, argnums=(0, 1, 2))(q, k, v)[0].sum()))
   result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
                           timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("call", ["sdpa", "flex", "ring"])
+@pytest.mark.parametrize("scale, error, words", [
+    (2 + 1j, TypeError, r"scale has dtype complex(64|128); it must be a real number"),
+    (np.ones(3), jmat.ShapeError, r"scale is not a scalar: scale has shape \(3,\); pass one "
+                                  r"factor for every score"),
+    (True, TypeError, r"scale has dtype bool; it must be a real number"),
+])
+def test_a_scale_that_is_not_a_real_scalar_is_refused(call, scale, error, words):
+  x = jnp.ones((1, 2, 4, 3))
+  fns = {
+      "sdpa": (jmat.scaled_dot_product_attention, "scaled_dot_product_attention", {}),
+      "flex": (jmat.flex_attention, "flex_attention", {}),
+      "ring": (jmat.parallel.ring_attention, r"parallel\.ring_attention",
+               {"mesh": jax.make_mesh((1,), ("seq",)), "axis_name": "seq"}),
+  }
+  fn, name, options = fns[call]
+  with pytest.raises(error, match=rf"jmat\.{name}: {words}"):
+    fn(x, x, x, scale=scale, **options)

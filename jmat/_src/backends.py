@@ -79,7 +79,7 @@ class Choice(NamedTuple):
   reason: str
 
 
-def _module(backend: str):
+def _module(backend: str) -> Any:
   return xla if backend == "XLA" else importlib.import_module(_MODULES[backend])
 
 

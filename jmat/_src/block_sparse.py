@@ -78,7 +78,7 @@ class Operands(NamedTuple):
   """
 
   whole: Any = ()
-  blocked: tuple[jax.Array, ...] = ()
+  blocked: tuple[Any, ...] = ()
 
 
 class KeyBlocks(NamedTuple):

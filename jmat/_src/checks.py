@@ -9,6 +9,7 @@ operation, the shapes as Python tuples (or the dtypes) and what would be valid.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -598,7 +599,7 @@ def check_attention_scale(op: str, scale: object) -> None:
         f"jmat.{op}: scale has dtype {_dtype_name(np.dtype(dtype))}; it must be a real "
         f"number (e.g. a float32 scalar), the factor of query @ key^T"
     )
-  shape = tuple(np.shape(scale))
+  shape = tuple(getattr(scale, "shape", ()))
   if shape:
     raise shape_error(
         op, "scale is not a scalar", f"scale has shape {fmt_shape(shape)}",
@@ -1296,7 +1297,7 @@ def check_layout_sharding(op: str, shape: Shape, spec: Sequence[object], axis: i
                           axis_name: str) -> None:
   """Refuses an ``x`` whose other dims are already sharded over the layout's own mesh axis."""
   for dim, entry in enumerate(spec):
-    names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    names = (entry,) if isinstance(entry, str) else tuple(cast(Sequence[str], entry or ()))
     if dim != axis and axis_name in names:
       raise ValueError(
           f"jmat.{op}: x of shape {fmt_shape(shape)} has dim {dim} sharded over mesh axis "

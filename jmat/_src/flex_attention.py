@@ -240,7 +240,7 @@ def _flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa:
 
 
 def _flex_call(query, key, value, score_mod, block_mask, scale, enable_gqa: bool,
-               needs_max: bool):
+               needs_max: bool) -> tuple[Any, Any]:
   """Checks flex's inputs and builds the kernel's call.
 
   Returns:

@@ -479,9 +479,11 @@ def _sequence_parallel(op: str, query, key, value, mesh: Mesh, axis_name: str,
     to_kv = functools.partial(to_kernel, mask_batch=mask_batch, mask_heads=mask_heads,
                               group=group, is_query=False)
 
-    def back(y, q):
+    def back_flex(y, q):
       return from_kernel(y, batch=q.shape[0], heads=heads, mask_batch=mask_batch,
                          mask_heads=mask_heads)
+
+    back = back_flex
   else:
     mods = block_sparse.Mods(mask=_causal if is_causal else None)
 
@@ -491,8 +493,10 @@ def _sequence_parallel(op: str, query, key, value, mesh: Mesh, axis_name: str,
     def to_kv(x):
       return x.reshape((1, math.prod(x.shape[:-2])) + x.shape[-2:])
 
-    def back(y, q):
+    def back_plain(y, q):
       return y.reshape(q.shape[:-2] + y.shape[3:])
+
+    back = back_plain
 
   def make_local(manual_axes):
     plan = _Plan(n, axis_name, manual_axes, chunks,
