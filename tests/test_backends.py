@@ -303,3 +303,29 @@ def test_coarsen_marks_a_block_full_only_when_every_block_inside_is():
   # 2 x 2 groups of the fine map, the last column padded with never-visited blocks
   np.testing.assert_array_equal(coarse, [[[2, 1, 0], [1, 0, 0]]])
   np.testing.assert_array_equal(block_sparse.block_map(blocks, 5), fine)
+
+
+@pytest.mark.parametrize("backend", ["TRITON", "MOSAIC"])
+def test_the_lse_output_of_a_pallas_kernel_is_differentiable(backend):
+  q, k, v = randn(1, 2, 37, 8), randn(1, 2, 37, 8), randn(1, 2, 37, 8)
+  u, w = randn(1, 2, 37), randn(1, 2, 37, 8)
+  block = (8, 128) if backend == "MOSAIC" else (16, 16)
+  causal = jmat.create_block_mask(mods.causal_mask, None, None, 37, 37, BLOCK_SIZE=block)
+  options = {"BACKEND": backend, "INTERPRET": True}
+
+  def loss(q):
+    out, aux = jmat.flex_attention(q, k, v, block_mask=causal, kernel_options=options,
+                                   return_aux=AuxRequest(lse=True))
+    return jnp.sum(out * w) + jnp.sum(aux.lse * u)
+
+  def oracle(q):
+    out, lse = attention_reference(q, k, v, is_causal=True, return_lse=True)
+    return np.sum(out * w) + np.sum(lse * u)
+
+  with jax.default_matmul_precision("highest"):
+    grad = jax.grad(loss)(jnp.asarray(q))
+  direction = randn(*q.shape, dtype=np.float64)
+  q64 = q.astype(np.float64)
+  want = (oracle(q64 + 1e-6 * direction) - oracle(q64 - 1e-6 * direction)) / 2e-6
+  np.testing.assert_allclose(np.sum(np.asarray(grad, np.float64) * direction), want,
+                             rtol=2e-4, atol=2e-4)

@@ -206,3 +206,37 @@ def test_the_long_context_training_example_learns():
   spec.loader.exec_module(example)
   losses = example.train(256, steps=4)
   assert np.isfinite(losses).all() and (np.diff(losses) < 0).all()
+
+
+@pytest.mark.parametrize("fn", [jmat.parallel.ring_attention, jmat.parallel.allgather_attention])
+def test_the_lse_output_is_differentiable(fn):
+  """A loss of both outputs: the backward's delta takes the lse's cotangent too."""
+  q, k, v = randn(1, 2, L, 8), randn(1, 2, L, 8), randn(1, 2, L, 8)
+  u, w = randn(1, 2, L), randn(1, 2, L, 8)
+  window = jmat.create_block_mask(mods.generate_sliding_window(24), None, None, L, L,
+                                  BLOCK_SIZE=BLOCK)
+  allowed = _window(np.arange(L)[:, None], np.arange(L)[None, :])
+
+  def loss(q, k, v):
+    placed = [jmat.parallel.to_layout(x, MESH, "seq", "zigzag") for x in (q, k, v)]
+    out, lse = fn(*placed, mesh=MESH, axis_name="seq", block_mask=window, layout="zigzag",
+                  return_lse=True)
+    out = jmat.parallel.from_layout(out, MESH, "seq", "zigzag")
+    lse = jmat.parallel.from_layout(lse[..., None], MESH, "seq", "zigzag")[..., 0]
+    return jnp.sum(out * w) + jnp.sum(lse * u)
+
+  def oracle(q, k, v):
+    out, lse = attention_reference(q, k, v, allowed=allowed, return_lse=True)
+    return np.sum(out * w) + np.sum(lse * u)
+
+  with jax.default_matmul_precision("highest"):
+    grads = jax.grad(loss, argnums=(0, 1, 2))(*map(jnp.asarray, (q, k, v)))
+  args = [q, k, v]
+  for n, name in enumerate("qkv"):
+    direction = randn(*args[n].shape)
+    moved = [list(args), list(args)]
+    moved[0][n] = args[n] + 1e-6 * direction
+    moved[1][n] = args[n] - 1e-6 * direction
+    want = (oracle(*moved[0]) - oracle(*moved[1])) / 2e-6
+    np.testing.assert_allclose(np.sum(np.asarray(grads[n]) * direction), want, rtol=1e-6,
+                               atol=1e-6, err_msg=f"d {name}")
