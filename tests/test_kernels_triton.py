@@ -440,7 +440,7 @@ def test_key_major_blocks_transpose_the_table(lists):
     state = np.where(j < full_num[..., None], 2, np.where(j < (full_num + num)[..., None], 1, 0))
     blocks = block_sparse.KeyBlocks(jnp.asarray(num, jnp.int32), None,
                                     jnp.asarray(full_num, jnp.int32), None)
-  by_key = triton.key_major_blocks(blocks, n_k)
+  by_key = block_sparse.key_major_blocks(blocks, n_k)
   for name, count, listed, kind in (("full", by_key.full_num, by_key.full_indices, 2),
                                     ("partial", by_key.num, by_key.indices, 1)):
     for row, j in np.ndindex(m, n_k):

@@ -147,20 +147,43 @@ def causal_key_blocks(
   return KeyBlocks(partial[None].astype(jnp.int32), None, full[None].astype(jnp.int32), None)
 
 
+# What a (query block, key block) pair of a table is, in block_map's int32 map.
+NEVER, PARTIAL, FULL = 0, 1, 2
+
+
 def block_map(blocks: KeyBlocks, n_k: int) -> jax.Array:
-  """The ``(M, n_q, n_k)`` int32 map of a table: 0 never visited, 1 partial, 2 full."""
-  t = jnp.arange(n_k, dtype=jnp.int32)
+  """The ``(M, n_q, n_k)`` int32 map of a table: NEVER visited, PARTIAL or FULL per block pair.
+
+  Ranges (index lists None) are materialised; in index lists, the filler after
+  the listed entries may repeat an index (a listed one stays marked) or lie past
+  ``n_k`` (dropped).
+  """
+  t = jax.lax.iota(jnp.int32, n_k)
 
   def listed(num, indices, first):
     if indices is None:  # ranges: blocks first .. first + num - 1
       return (t >= first[..., None]) & (t < (first + num)[..., None])
-    return jnp.zeros(indices.shape, jnp.bool_).at[
-        jnp.arange(indices.shape[0])[:, None, None], jnp.arange(indices.shape[1])[None, :, None],
-        indices].max(t < num[..., None])
+    m, i, s = (jax.lax.broadcasted_iota(jnp.int32, indices.shape, a) for a in range(3))
+    return jnp.zeros(num.shape + (n_k,), jnp.bool_).at[m, i, indices].max(
+        s < num[..., None], mode="drop")
 
   full = listed(blocks.full_num, blocks.full_indices, jnp.zeros_like(blocks.full_num))
   partial = listed(blocks.num, blocks.indices, blocks.full_num)
-  return jnp.where(full, 2, jnp.where(partial, 1, 0)).astype(jnp.int32)
+  return jnp.where(full, FULL, jnp.where(partial, PARTIAL, NEVER)).astype(jnp.int32)
+
+
+def key_major_blocks(blocks: KeyBlocks, n_k: int) -> KeyBlocks:
+  """The key-major copy of a table: for every key block, its full and partial query blocks.
+
+  What a dk/dv pass that loops over query blocks per key block reads (as
+  splash attention's ``MaskInfo`` for its dkv kernel), so that no two programs
+  write the same key block. ``n_k`` is the number of key blocks.
+
+  Returns:
+    A :class:`KeyBlocks` with ``num``/``full_num`` ``(M, n_k)`` and index lists ``(M, n_k, n_q)``.
+  """
+  by_key = jnp.swapaxes(block_map(blocks, n_k), 1, 2)
+  return key_blocks_from_dense(by_key == PARTIAL, by_key == FULL)
 
 
 def coarsen(blocks: KeyBlocks, n_k: int, factor_q: int, factor_k: int) -> KeyBlocks:

@@ -57,11 +57,19 @@ from jax.extend import core as jax_core
 from jax.extend.core import primitives as jax_primitives
 
 from jmat._src import online_softmax as osm
-from jmat._src.block_sparse import KeyBlocks, Mods, Operands, pad, zero_cotangent
+from jmat._src.block_sparse import (
+    FULL,
+    NEVER,
+    KeyBlocks,
+    Mods,
+    Operands,
+    block_map,
+    pad,
+    zero_cotangent,
+)
 
 SUBLANES = 8  # rows of a TPU vreg: the query tile is a multiple of it
 LANES = 128  # lanes of a TPU vreg: the key tile and the padded head dims are multiples of it
-EMPTY, PARTIAL, FULL = 0, 1, 2  # what a (query block, key block) pair of a table is
 
 Interpret = bool | pltpu.InterpretParams
 
@@ -145,24 +153,6 @@ class Steps(NamedTuple):
   count: jax.Array
 
 
-def block_kinds(blocks: KeyBlocks, n_k: int) -> jax.Array:
-  """The ``(M, n_q, n_k)`` int32 map of a table: EMPTY, PARTIAL or FULL per block pair.
-
-  Materialises the ranges of a table whose index lists are None.
-  """
-  rows, n_q = blocks.num.shape
-  step = jnp.arange(n_k, dtype=jnp.int32)
-  kinds = jnp.zeros((rows, n_q, n_k), jnp.int32)
-  m = jnp.arange(rows)[:, None, None]
-  i = jnp.arange(n_q)[None, :, None]
-  for kind, num, indices, first in ((FULL, blocks.full_num, blocks.full_indices, 0),
-                                    (PARTIAL, blocks.num, blocks.indices, blocks.full_num)):
-    listed = (jnp.asarray(first)[..., None] + step) if indices is None else indices
-    listed = jnp.clip(jnp.broadcast_to(listed, kinds.shape), 0, n_k - 1)
-    kinds = kinds.at[m, i, listed].max(jnp.where(step < num[..., None], kind, EMPTY))
-  return kinds
-
-
 def block_steps(kinds: jax.Array) -> Steps:
   """The :class:`Steps` of a kinds map, its rows the outer blocks.
 
@@ -171,7 +161,7 @@ def block_steps(kinds: jax.Array) -> Steps:
   """
   order = jnp.argsort(-kinds, axis=-1, stable=True)  # full, then partial, then empty
   full = jnp.sum(kinds == FULL, axis=-1, dtype=jnp.int32)
-  count = jnp.sum(kinds != EMPTY, axis=-1, dtype=jnp.int32)
+  count = jnp.sum(kinds != NEVER, axis=-1, dtype=jnp.int32)
   last = jnp.maximum(count - 1, 0)[..., None]
   step = jnp.minimum(jnp.arange(kinds.shape[-1], dtype=jnp.int32), last)
   return Steps(jnp.take_along_axis(order, step, axis=-1).astype(jnp.int32), full, count)
@@ -891,7 +881,7 @@ def _call(kernel, name: str, steps: Steps, ins: _Inputs, out_shape, out_specs, s
 def _forward(q, k, v, blocks: KeyBlocks, blocked, hoisted, scale, plan: _Plan, geo: _Geometry):
   dtype = osm.compute_dtype(q.dtype)
   rows = geo.rows
-  steps = block_steps(block_kinds(blocks, geo.n_k))
+  steps = block_steps(block_map(blocks, geo.n_k))
   lead = q.shape[:3]  # (M, R, n_q)
   out, lse = _call(
       _forward_kernel, "jmat_block_sparse_fwd", steps,
@@ -945,7 +935,7 @@ def _attend_bwd(plan: _Plan, geo: _Geometry, residuals, cotangents):
   delta = jnp.sum(d_out.astype(dtype) * out.astype(dtype), axis=-1) - d_lse.astype(dtype)
   # Rows that saw no key have lse = -inf: an lse of +inf makes their p exactly 0.
   lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
-  kinds = block_kinds(blocks, geo.n_k)
+  kinds = block_map(blocks, geo.n_k)
 
   # The score mod's float values computed outside: those for every block or per query block
   # get their gradients from the dq pass, those per key block from the dk/dv pass.

@@ -17,7 +17,8 @@ three Pallas kernels that lower to Triton (``pl.pallas_call`` with
   ``jax.ref.addupdate``, atomic on the GPU: a broadcast blocked operand or a
   gathered table entry receives from many programs).
 * dk/dv pass: one program per (key tile, ``m``, ``r``) over a key-major copy
-  of the table (:func:`key_major_blocks`), so dk and dv need no atomics.
+  of the table (:func:`jmat._src.block_sparse.key_major_blocks`), so dk and dv
+  need no atomics.
 
 Triton tiles are powers of two: L and S are padded to whole table blocks, a
 table block to a power of two, E and Ev to powers of two of at least 16 (the
@@ -57,7 +58,7 @@ from jmat._src.block_sparse import (
   KeyBlocks,
   Mods,
   Operands,
-  key_blocks_from_dense,
+  key_major_blocks,
   pad,
   zero_cotangent,
 )
@@ -679,36 +680,6 @@ def _forward(q, k, v, blocks: KeyBlocks, operands: Operands, scale, cfg: _Config
       interpret=cfg.interpret,
       name="jmat_block_sparse_forward",
   )(blocks, scale, q, k, v, operands)
-
-
-def _block_maps(blocks: KeyBlocks, n_k: int) -> tuple[jax.Array, jax.Array]:
-  """Boolean ``(M, n_q, n_k)`` maps of the full and the partial blocks of a table."""
-  j = lax.iota(jnp.int32, n_k)
-
-  def listed(num, indices, first):
-    if indices is None:
-      return (j >= first[..., None]) & (j < (first + num)[..., None])
-    m, i, t = (lax.broadcasted_iota(jnp.int32, indices.shape, a) for a in range(3))
-    # The filler after the listed entries may repeat an index: max keeps a listed one True.
-    return jnp.zeros(num.shape + (n_k,), jnp.bool_).at[m, i, indices].max(
-        t < num[..., None], mode="drop")
-
-  full = listed(blocks.full_num, blocks.full_indices, jnp.zeros_like(blocks.full_num))
-  return full, listed(blocks.num, blocks.indices, blocks.full_num)
-
-
-def key_major_blocks(blocks: KeyBlocks, n_k: int) -> KeyBlocks:
-  """The key-major copy of a table: for every key block, its full and partial query blocks.
-
-  What a dk/dv pass that loops over query blocks per key block reads (as
-  splash attention's ``MaskInfo`` for its dkv kernel), so that no two programs
-  write the same key block. ``n_k`` is the number of key blocks.
-
-  Returns:
-    A :class:`KeyBlocks` with ``num``/``full_num`` ``(M, n_k)`` and index lists ``(M, n_k, n_q)``.
-  """
-  full, partial = _block_maps(blocks, n_k)
-  return key_blocks_from_dense(jnp.swapaxes(partial, 1, 2), jnp.swapaxes(full, 1, 2))
 
 
 def _backward(cfg: _Config, q, k, v, blocks, operands, scale, d_out, lse, delta):
