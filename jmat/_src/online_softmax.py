@@ -184,6 +184,18 @@ def online_softmax_update(
   return online_softmax_fold(carry, s, v)
 
 
+def seen_a_key(row_max: jax.Array) -> jax.Array:
+  """Whether each query has seen a key: its running maximum is no longer ``-inf``.
+
+  The one test of "this row saw a key" for every backend. It reads the maximum,
+  never ``row_sum > 0``: a NaN score (a NaN in q, k or a score_mod's result)
+  makes the maximum and the sum NaN, and ``NaN > 0`` is False, which would turn
+  the NaN row into a silent 0. ``NaN != -inf`` is True, so the NaN comes out,
+  as torch's; a row whose keys are all masked keeps ``-inf`` and gives 0.
+  """
+  return row_max != -jnp.inf
+
+
 def online_softmax_finish(carry: Carry, dtype: DTypeLike) -> jax.Array:
   """The attention output of a finished carry: ``acc / row_sum``, cast to ``dtype``.
 
@@ -193,7 +205,7 @@ def online_softmax_finish(carry: Carry, dtype: DTypeLike) -> jax.Array:
 
   Returns:
     Array of shape ``(*lead, Lq, Ev)``; rows that saw no unmasked key are 0
-    (torch's convention), not NaN.
+    (torch's convention), not NaN; a row with a NaN score is NaN (torch's too).
 
   Example:
     >>> carry = jmat.attention.online_softmax_init((), 2, 3)
@@ -201,8 +213,8 @@ def online_softmax_finish(carry: Carry, dtype: DTypeLike) -> jax.Array:
     [[0. 0. 0.]
      [0. 0. 0.]]
   """
-  acc, _, row_sum = carry
-  seen = row_sum > 0
+  acc, row_max, row_sum = carry
+  seen = seen_a_key(row_max)
   denominator = jnp.where(seen, row_sum, 1.0)
   return jnp.where(seen[..., None], acc / denominator[..., None], 0.0).astype(dtype)
 
@@ -215,7 +227,8 @@ def online_softmax_logsumexp(carry: Carry) -> jax.Array:
 
   Returns:
     Array of shape ``(*lead, Lq)`` in the carry's dtype; ``-inf`` for a query
-    that saw no unmasked key (torch's flex_attention convention).
+    that saw no unmasked key (torch's flex_attention convention), NaN for one
+    with a NaN score.
 
   Example:
     >>> carry = jmat.attention.online_softmax_init((), 1, 1)
@@ -224,5 +237,5 @@ def online_softmax_logsumexp(carry: Carry) -> jax.Array:
     1.3863
   """
   _, row_max, row_sum = carry
-  seen = row_sum > 0
+  seen = seen_a_key(row_max)
   return jnp.where(seen, row_max + jnp.log(jnp.where(seen, row_sum, 1.0)), -jnp.inf)
