@@ -184,16 +184,18 @@ def online_softmax_update(
   return online_softmax_fold(carry, s, v)
 
 
-def seen_a_key(row_max: jax.Array) -> jax.Array:
-  """Whether each query has seen a key: its running maximum is no longer ``-inf``.
+def seen_a_key(row_sum: jax.Array) -> jax.Array:
+  """Whether each query has seen a key: ``row_sum != 0``.
 
-  The one test of "this row saw a key" for every backend. It reads the maximum,
-  never ``row_sum > 0``: a NaN score (a NaN in q, k or a score_mod's result)
-  makes the maximum and the sum NaN, and ``NaN > 0`` is False, which would turn
-  the NaN row into a silent 0. ``NaN != -inf`` is True, so the NaN comes out,
-  as torch's; a row whose keys are all masked keeps ``-inf`` and gives 0.
+  The one test of "this row saw a key" for every backend. A row that saw a key
+  has ``row_sum >= 1`` (its largest score adds ``exp(0)``); one that saw only
+  masked (``-inf``) entries has exactly 0. A NaN score makes the sum NaN, and
+  ``NaN != 0`` is True, so the NaN comes out, as torch's; ``row_sum > 0`` would
+  be False and turn the NaN row into a silent 0. The running maximum cannot
+  answer it either: XLA's vectorised max reductions may skip NaN, so a row of
+  NaN scores can keep a maximum of ``-inf``.
   """
-  return row_max != -jnp.inf
+  return row_sum != 0
 
 
 def online_softmax_finish(carry: Carry, dtype: DTypeLike) -> jax.Array:
@@ -213,8 +215,8 @@ def online_softmax_finish(carry: Carry, dtype: DTypeLike) -> jax.Array:
     [[0. 0. 0.]
      [0. 0. 0.]]
   """
-  acc, row_max, row_sum = carry
-  seen = seen_a_key(row_max)
+  acc, _, row_sum = carry
+  seen = seen_a_key(row_sum)
   denominator = jnp.where(seen, row_sum, 1.0)
   return jnp.where(seen[..., None], acc / denominator[..., None], 0.0).astype(dtype)
 
@@ -237,5 +239,5 @@ def online_softmax_logsumexp(carry: Carry) -> jax.Array:
     1.3863
   """
   _, row_max, row_sum = carry
-  seen = seen_a_key(row_max)
+  seen = seen_a_key(row_sum)
   return jnp.where(seen, row_max + jnp.log(jnp.where(seen, row_sum, 1.0)), -jnp.inf)

@@ -240,3 +240,33 @@ def test_the_lse_output_is_differentiable(fn):
     want = (oracle(*moved[0]) - oracle(*moved[1])) / 2e-6
     np.testing.assert_allclose(np.sum(np.asarray(grads[n]) * direction), want, rtol=1e-6,
                                atol=1e-6, err_msg=f"d {name}")
+
+
+# --- NaN and inf (issue 20): where torch's SDPA has them, on 4 devices --------------------------
+
+MESH4 = jax.make_mesh((4,), ("seq",), axis_types=(AxisType.Auto,), devices=jax.devices()[:4])
+
+
+@pytest.mark.parametrize("fn", ["ring", "allgather"])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("case", ["nan query row", "nan key", "inf value", "+inf query row",
+                                  "nan batch element"])
+def test_nan_and_inf_come_out_where_torch_has_them(fn, is_causal, case):
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(5)
+  q, k, v = (rng.standard_normal((2, 2, 32, 4)) for _ in range(3))
+  bad = {"nan query row": (q, (0, 1, 9, 1), np.nan), "nan key": (k, (0, 0, 11, 2), np.nan),
+         "inf value": (v, (1, 0, 0, 0), np.inf), "+inf query row": (q, (1, 1, 9), np.inf),
+         "nan batch element": (q, (1,), np.nan)}
+  array, where, value = bad[case]
+  array[where] = value
+  want = torch.nn.functional.scaled_dot_product_attention(
+      *(torch.tensor(x) for x in (q, k, v)), is_causal=is_causal).numpy()
+  assert not np.all(np.isfinite(want)) and np.any(np.isfinite(want))
+  attend = jmat.parallel.ring_attention if fn == "ring" else jmat.parallel.allgather_attention
+  got = np.asarray(attend(*(jax.device_put(x, NamedSharding(MESH4, P(None, None, "seq")))
+                            for x in (q, k, v)),
+                          mesh=MESH4, axis_name="seq", is_causal=is_causal, block_size=4))
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+  np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+  np.testing.assert_allclose(got, want, equal_nan=True, **tolerance(np.float64))

@@ -697,7 +697,7 @@ def _forward_kernel(index, full, count, ins: _Inputs, out, lse, row_max, row_sum
   @pl.when(t == pl.num_programs(3) - 1)
   def _finish():
     total = row_sum[...]
-    seen = osm.seen_a_key(row_max[...])
+    seen = osm.seen_a_key(total)
     safe = jnp.where(seen, total, 1.0)
     out[...] = (acc[...] / _lanes(safe, acc.shape[-1])).astype(out.dtype)
     lse[...] = jnp.where(seen, row_max[...] + jnp.log(safe), -jnp.inf)
