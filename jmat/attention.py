@@ -14,6 +14,7 @@ from jmat._src.attention import (
     multi_head_attention,
     scaled_dot_product_attention,
 )
+from jmat._src.backends import kernel_platforms
 from jmat._src.block_mask import (
     BlockMask,
     and_masks,
@@ -49,6 +50,7 @@ __all__ = [
     "flex_attention",
     "flex_attention_backend",
     "init_multi_head_attention",
+    "kernel_platforms",
     "multi_head_attention",
     "noop_mask",
     "online_softmax_finish",

@@ -160,7 +160,10 @@ def test_cudnn_is_refused_with_the_reason_where_it_cannot_run_the_call():
 
 
 def _lowered(fn, *args, platform):
-  return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  """The program of ``fn`` lowered for ``platform`` from this CPU machine: AUTO holds the fused
+  kernel of a platform it is told to trace (``kernel_platforms``)."""
+  with jmat.attention.kernel_platforms(platform):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
 def _flex(q, k, v, score_mod=None, block_mask=None):
@@ -329,3 +332,41 @@ def test_the_lse_output_of_a_pallas_kernel_is_differentiable(backend):
   want = (oracle(q64 + 1e-6 * direction) - oracle(q64 - 1e-6 * direction)) / 2e-6
   np.testing.assert_allclose(np.sum(np.asarray(grad, np.float64) * direction), want,
                              rtol=2e-4, atol=2e-4)
+
+
+# --- what AUTO traces: the local platform's kernel, others only when asked ------------------------
+
+def _pallas_calls(fn, *args) -> int:
+  return str(jax.make_jaxpr(fn)(*args)).count("pallas_call")
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_auto_on_a_cpu_traces_no_pallas_kernel_unless_told_to(grad):
+  """A CPU-only program under AUTO is the XLA program (nothing else traced or probed); inside
+  ``kernel_platforms("cuda", "tpu")`` the same function holds both fused kernels."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the local platform is not a CPU")
+  q = jnp.zeros((1, 2, 256, 64), jnp.bfloat16)
+  block_mask = jmat.create_block_mask(mods.causal_mask, None, None, 256, 256)
+
+  def f(q):
+    return jmat.flex_attention(q, q, q, block_mask=block_mask).astype(jnp.float32).sum()
+
+  fn = jax.grad(f) if grad else f
+  assert _pallas_calls(fn, q) == 0
+  with jmat.attention.kernel_platforms("cuda", "tpu"):
+    assert _pallas_calls(fn, q) >= (6 if grad else 2)
+    with pytest.raises(ValueError, match=r"jmat\.attention\.kernel_platforms: platform='gpu' "
+                                         r"is not one jax lowers for; use one of 'cpu', 'cuda'"):
+      jmat.attention.kernel_platforms("gpu")
+
+
+def test_kernel_platforms_is_part_of_the_jit_cache_key():
+  """A function traced on the CPU alone is traced again inside kernel_platforms (not a stale
+  XLA-only program lowered for cuda)."""
+  q = jax.ShapeDtypeStruct((1, 2, 128, 64), jnp.bfloat16)
+  f = jax.jit(lambda q: jmat.flex_attention(q, q, q))
+  f.trace(q).lower(lowering_platforms=("cpu",))
+  with jmat.attention.kernel_platforms("cuda"):
+    assert TRITON_CALL in f.trace(q).lower(lowering_platforms=("cuda",)).as_text()
+  assert TRITON_CALL not in f.trace(q).lower(lowering_platforms=("cuda",)).as_text()

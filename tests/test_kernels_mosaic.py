@@ -512,7 +512,8 @@ def test_flex_documents_lower_to_the_tpu_kernels_reading_o_l_ids_in_32_bits(per_
                                                  enable_gqa=True, platform="tpu")
   assert choice.backend == "MOSAIC", choice.reason
   for fn, kernels in [(forward, 1), (gradient(), 3)]:
-    text = jax.jit(fn).trace(q, kv, kv).lower(lowering_platforms=("tpu",)).as_text()
+    with jmat.attention.kernel_platforms("tpu"):
+      text = jax.jit(fn).trace(q, kv, kv).lower(lowering_platforms=("tpu",)).as_text()
     assert text.count("tpu_custom_call") == kernels
   calls = [eqn for eqn in _kernel_eqns(jax.make_jaxpr(gradient({"BACKEND": "MOSAIC"}))(
       q, kv, kv).jaxpr) if eqn.primitive.name == "pallas_call"]

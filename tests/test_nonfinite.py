@@ -7,8 +7,9 @@ Oracles: torch 2.13's SDPA (its default CPU kernel, float64) and eager
 flex_attention (float64) on the same inputs. torch's SDPA backends disagree on
 one point: its math backend adds ``-inf`` to a masked NaN score (still NaN), so a
 NaN key poisons rows that may not see it; its default kernel and flex select
-masked entries out, and jmat follows them: a row is NaN only through what it sees. Ring and all-gather attention are tested on 4
-simulated devices in tests/distributed/test_context_parallel.py.
+masked entries out, and jmat follows them: a row is NaN only through what it sees.
+Ring and all-gather attention are tested on 4 simulated devices in
+tests/distributed/test_context_parallel.py.
 """
 
 from __future__ import annotations

@@ -28,7 +28,10 @@ from jmat._src.kernels import xla
 BACKENDS = ("AUTO", "XLA", "TRITON", "MOSAIC")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 # The Pallas kernel of each accelerator platform; every other platform runs XLA.
-_FUSED = {"cuda": "TRITON", "tpu": "MOSAIC"}
+FUSED = {"cuda": "TRITON", "tpu": "MOSAIC"}
+# The platforms AUTO holds a branch for (None: the local one). In jit's cache key, so a function
+# traced under one setting is traced again under another.
+_KERNEL_PLATFORMS = jax.make_user_context(None)
 _MODULES = {"TRITON": "jmat._src.kernels.triton", "MOSAIC": "jmat._src.kernels.mosaic"}
 # torch 2.13's kernel_options keys that mean in jmat what they mean in torch's Triton kernels,
 # as the fields of the Triton kernel's BlockSizes: the forward's query and key tiles (BLOCK_M,
@@ -131,7 +134,7 @@ def choose(call: block_sparse.Call, platform: str, options: KernelOptions) -> Ch
     if reason is not None:
       return Choice(options.backend, f"refused: {reason}")
     return Choice(options.backend, "asked for with kernel_options BACKEND")
-  fused = _FUSED.get(platform)
+  fused = FUSED.get(platform)
   if fused is None:
     return Choice("XLA", f"{platform}: the XLA loops are the kernel for this platform")
   reason = _unsupported(fused, call, options)
@@ -155,20 +158,72 @@ def attend(op: str, call: block_sparse.Call, options: KernelOptions, *,
       checks.refuse_backend(op, "TRITON", reason)
     # The Triton kernel on GPUs, interpreted where there is no fused kernel for the call (CPUs;
     # TPUs when the Mosaic kernel cannot run it): a Pallas kernel everywhere, never XLA's loops.
-    per_platform = {"cuda": _branch("TRITON", options)}
+    branches = {"cuda": _branch("TRITON", options)}
     if _unsupported("MOSAIC", call, options) is None:
-      per_platform["tpu"] = _branch("MOSAIC", options)
+      branches["tpu"] = _branch("MOSAIC", options)
     interpreted = dataclasses.replace(options, interpret=True)
+    # Asked for by name: every platform's branch, whichever platform the program is lowered for.
     return jax.lax.platform_dependent(call, default=_branch("TRITON", interpreted),
-                                      **{**per_platform, **(override or {})})
+                                      **{**branches, **(override or {})})
   if options.backend != "AUTO":
     reason = _unsupported(options.backend, call, options)
     if reason is not None:
       checks.refuse_backend(op, options.backend, reason)
     return _run(options.backend, call, options)
-  per_platform = {p: _branch(choose(call, p, options).backend, options) for p in _FUSED}
-  return jax.lax.platform_dependent(call, default=_branch("XLA", options),
-                                    **{**per_platform, **(override or {})})
+  branches = {p: _branch(choose(call, p, options).backend, options)
+              for p in FUSED if p in traced_platforms()}
+  return per_platform(_branch("XLA", options), {**branches, **(override or {})})(call)
+
+
+def kernel_platforms(*platforms: str):
+  """A context in which ``AUTO`` traces the fused kernels of ``platforms``.
+
+  ``AUTO`` chooses a call's kernel where the platform is known, at lowering, so
+  one jitted function can hold a branch per platform. Tracing a Pallas kernel
+  and checking that it can run the call costs time, so by default ``AUTO``
+  holds the branch of the local platform only (``jax.default_backend()``): on
+  a CPU machine nothing but the XLA loops is traced (a CPU-only program
+  compiles as fast as with ``{"BACKEND": "XLA"}``), on a GPU or TPU machine its
+  fused kernel. To lower or export for another platform from this machine,
+  trace under this context: the setting is part of jit's cache key, so a
+  function traced before is traced again.
+
+  Args:
+    *platforms: among ``"cpu"``, ``"cuda"``, ``"rocm"``, ``"tpu"``; none at all
+      means the local platform again.
+
+  Example:
+    >>> f = jax.jit(lambda q: jmat.flex_attention(q, q, q))
+    >>> q = jax.ShapeDtypeStruct((1, 2, 128, 64), jnp.bfloat16)
+    >>> with jmat.attention.kernel_platforms("cuda"):
+    ...   text = f.trace(q).lower(lowering_platforms=("cuda",)).as_text()
+    >>> "triton" in text
+    True
+  """
+  for platform in platforms:
+    checks.check_platform("attention.kernel_platforms", platform, PLATFORMS)
+  return _KERNEL_PLATFORMS(tuple(sorted(set(platforms))) or None)
+
+
+def traced_platforms() -> tuple[str, ...]:
+  """The platforms ``AUTO`` holds a branch for: :func:`kernel_platforms`' or the local one."""
+  chosen = _KERNEL_PLATFORMS.value
+  if chosen is not None:
+    return chosen
+  local = jax.default_backend()
+  return ("cuda", "rocm") if local == "gpu" else (local,)
+
+
+def per_platform(default: Callable, branches: Mapping[str, Callable]) -> Callable:
+  """``default``, or ``lax.platform_dependent`` over the ``branches`` of the traced platforms.
+
+  Where no traced platform has a branch (a CPU machine, by default), ``default``
+  itself: nothing else is traced.
+  """
+  kept = {p: f for p, f in branches.items() if p in traced_platforms()}
+  if not kept:
+    return default
+  return lambda *args: jax.lax.platform_dependent(*args, default=default, **kept)
 
 
 def _branch(backend: str, options: KernelOptions):

@@ -272,6 +272,10 @@ class Call:
     block_k: keys of a key block.
     needs_max: the caller also wants every query's largest score (flex's ``max_scores``).
     chains: the xla backend's CPU chains (see ``kernels.xla.forward_blocks``).
+    q_offset: the position of query row 0 (int32 scalar, may be traced): what the mods see
+      is ``q_offset + row``; ring attention's (query chunk, key chunk) pairs pass their
+      chunks' global offsets. Bounds (padding) are checked on rows, not positions.
+    k_offset: the position of key row 0.
   """
 
   q: jax.Array
@@ -285,6 +289,8 @@ class Call:
   block_k: int = _static()
   needs_max: bool = _static(False)
   chains: int = _static(1)
+  q_offset: jax.Array | int = 0
+  k_offset: jax.Array | int = 0
 
 
 def retiled(call: Call, block_q: int, block_k: int) -> Call:

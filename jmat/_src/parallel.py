@@ -41,7 +41,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
-from jmat._src import block_sparse, checks, layouts, online_softmax, sharding
+from jmat._src import backends, block_sparse, checks, layouts, online_softmax, sharding
 from jmat._src.block_mask import BlockMask, ScoreMod, checked_mod
 from jmat._src.flex_attention import Layout, flex_mods, from_kernel, to_kernel
 from jmat._src.kernels import xla
@@ -134,6 +134,55 @@ class _Plan:
     return [x[..., c * length:(c + 1) * length, :] for c in range(len(self.chunks[0]))]
 
 
+def _chunk_ids(plan: _Plan) -> jax.Array:
+  """``(n, chunks per device)`` int32: the global chunk ids of every device.
+
+  Made where it is used: a traced constant must not be closed over by a custom_vjp.
+  """
+  return jnp.asarray(plan.chunks, jnp.int32)
+
+
+def _visit(plan: _Plan, state, kv, step, grads=()):
+  """Runs ``state, grads = step(state, kv_j, grads_j, j)`` for every device ``j``'s shards.
+
+  ``kv`` are this device's key/value shards, ``grads`` gradient accumulators
+  shaped like them. On the ring, the shards move on to the next device with the
+  transfer started before the compute on the current ones (at step ``t`` a device
+  holds what device ``here - t`` started with) and the accumulators travel with
+  them, home again after ``n`` moves. With ``gather`` every device gathers every
+  shard first and keeps one accumulator per device's shard, summed where the shard
+  lives at the end (a reduce-scatter).
+  """
+  n, axis_name = plan.n, plan.axis_name
+  here = lax.axis_index(axis_name)
+  if plan.gather:
+    gathered = tuple(lax.all_gather(x, axis_name) for x in kv)
+    grads = tuple(jnp.zeros((n,) + g.shape, g.dtype) for g in grads)
+
+    def at(carry, j):
+      state, grads = carry
+      state, updated = step(state, tuple(x[j] for x in gathered),
+                            tuple(g[j] for g in grads), j)
+      return (state, tuple(g.at[j].set(u) for g, u in zip(grads, updated, strict=True))), None
+
+    (state, grads), _ = lax.scan(at, (state, grads), jnp.arange(n))
+    return state, tuple(lax.psum_scatter(g, axis_name) for g in grads)
+
+  to_next = [(i, (i + 1) % n) for i in range(n)]
+
+  def rotate(xs):
+    return tuple(lax.ppermute(x, axis_name, to_next) for x in xs)
+
+  def body(carry, t):
+    state, kv, grads = carry
+    following = rotate(kv)  # issued before the compute that needs only the current shards
+    state, grads = step(state, kv, grads, (here - t) % n)
+    return (state, following, rotate(grads)), None
+
+  (state, _, grads), _ = lax.scan(body, (state, kv, grads), jnp.arange(n))
+  return state, grads
+
+
 def _context_parallel(plan: _Plan):
   """The per-device attention of ``shard_map``: ``f(q, k, v, scale, whole, block_map)``.
 
@@ -144,50 +193,10 @@ def _context_parallel(plan: _Plan):
   pair whose table lists no block costs nothing: the kernel's loops have no
   trip; the key/value chunks still move on around the ring.
   """
-  n, axis_name = plan.n, plan.axis_name
-  to_next = [(i, (i + 1) % n) for i in range(n)]
-
-  def chunk_ids():
-    # Made where it is used: a traced constant must not be closed over by the custom_vjp.
-    return jnp.asarray(plan.chunks, jnp.int32)
+  axis_name = plan.axis_name
+  visit = functools.partial(_visit, plan)
+  chunk_ids = functools.partial(_chunk_ids, plan)
   cq, ck = plan.geo.q_len, plan.geo.kv_len
-
-  def rotate(xs):
-    return tuple(lax.ppermute(x, axis_name, to_next) for x in xs)
-
-  def visit(state, kv, step, grads=()):
-    """Runs ``state, grads = step(state, kv_j, grads_j, j)`` for every device ``j``'s shards.
-
-    ``kv`` are this device's key/value shards, ``grads`` gradient accumulators
-    shaped like them. On the ring, the shards move on to the next device with the
-    transfer started before the compute on the current ones (at step ``t`` a device
-    holds what device ``here - t`` started with) and the accumulators travel with
-    them, home again after ``n`` moves. With ``gather`` every device gathers every
-    shard first and keeps one accumulator per device's shard, summed where the shard
-    lives at the end (a reduce-scatter).
-    """
-    here = lax.axis_index(axis_name)
-    if plan.gather:
-      gathered = tuple(lax.all_gather(x, axis_name) for x in kv)
-      grads = tuple(jnp.zeros((n,) + g.shape, g.dtype) for g in grads)
-
-      def at(carry, j):
-        state, grads = carry
-        state, updated = step(state, tuple(x[j] for x in gathered),
-                              tuple(g[j] for g in grads), j)
-        return (state, tuple(g.at[j].set(u) for g, u in zip(grads, updated, strict=True))), None
-
-      (state, grads), _ = lax.scan(at, (state, grads), jnp.arange(n))
-      return state, tuple(lax.psum_scatter(g, axis_name) for g in grads)
-
-    def body(carry, t):
-      state, kv, grads = carry
-      following = rotate(kv)  # issued before the compute that needs only the current shards
-      state, grads = step(state, kv, grads, (here - t) % n)
-      return (state, following, rotate(grads)), None
-
-    (state, _, grads), _ = lax.scan(body, (state, kv, grads), jnp.arange(n))
-    return state, grads
 
   def forward(q, k, v, scale, whole, block_map):
     here = lax.axis_index(axis_name)
@@ -244,10 +253,7 @@ def _context_parallel(plan: _Plan):
              for x in (lse, delta)]
     floats = [x for x in jax.tree.leaves(whole) if jnp.issubdtype(x.dtype, jnp.inexact)]
 
-    def transposed(layout, x, grad):
-      # The public layout's gradient: the layout's transpose (a reshape, or a sum over the
-      # query heads that share a key/value head where it repeated them), in the compute dtype.
-      return jax.linear_transpose(layout, x.astype(dtype))(grad)[0]
+    transposed = functools.partial(_transposed, dtype=dtype)
     operands = block_sparse.Operands(whole, ())
 
     def step(state, kv, grads, j):
@@ -281,6 +287,177 @@ def _context_parallel(plan: _Plan):
             transposed(plan.to_kv, k, dk).astype(k.dtype),
             transposed(plan.to_kv, v, dv).astype(v.dtype), d_scale, d_whole,
             block_sparse.zero_cotangent(block_map))
+
+  attend.defvjp(attend_fwd, attend_bwd)
+  return attend
+
+
+def _per_device(op: str, plan: _Plan, options: backends.KernelOptions):
+  """Each device's attention on the kernel ``options`` ask for.
+
+  The XLA loops fold every pair into one online-softmax carry
+  (:func:`_context_parallel`); a fused kernel (Triton, Mosaic) runs each pair as
+  one kernel call and merges the pairs by lse (:func:`_fused_pairs`). Under
+  ``AUTO`` the choice is made where the platform is known
+  (:func:`jmat._src.backends.per_platform`): the fused kernel of an accelerator,
+  the XLA loops elsewhere.
+  """
+  on_xla = _context_parallel(plan)
+  if options.backend == "XLA":
+    return on_xla
+  fused = _fused_pairs(plan, lambda call: backends.attend(op, call, options))
+  if options.backend != "AUTO":
+    return fused
+  return backends.per_platform(on_xla, {p: fused for p in backends.FUSED})
+
+
+def _transposed(layout, x, grad, *, dtype):
+  """The public layout's gradient: the layout's transpose (a reshape, or a sum over the query
+  heads that share a key/value head where it repeated them), in the compute dtype."""
+  return jax.linear_transpose(layout, x.astype(dtype))(grad)[0]
+
+
+def _merge_weights(lse_part: jax.Array, lse: jax.Array) -> jax.Array:
+  """``exp(lse_part - lse)``: the share of a part's softmax in the whole (0 where the part saw
+  nothing, also where nothing was seen at all; NaN stays NaN)."""
+  return jnp.where(jnp.isneginf(lse_part), 0.0, jnp.exp(lse_part - lse))
+
+
+def _fused_pairs(plan: _Plan, run: Callable[[block_sparse.Call], tuple]):
+  """:func:`_context_parallel`'s function on a fused kernel: ``run(call) -> (out, lse)``.
+
+  Each (query chunk, key chunk) pair is one call of the block-sparse kernel's
+  backend dispatch (the Triton or Mosaic kernel on an accelerator) with the
+  chunks' global position offsets and their slice of the global block map; the
+  pairs' normalised outputs are merged by their lse (``out = sum_j
+  exp(lse_j - lse) out_j``, ``lse = logsumexp_j lse_j``), as ring flash attention
+  does. A pair whose table lists no block is skipped (``lax.cond``). The backward
+  pass is a second trip around the ring: each pair's kernel call is differentiated
+  (its own fused backward) with the cotangents the merge gives it,
+  ``exp(lse_j - lse) * d_out`` for ``out_j`` and
+  ``exp(lse_j - lse) * (rowsum(d_out * (out_j - out)) + d_lse)`` for ``lse_j``.
+  """
+  axis_name = plan.axis_name
+  visit = functools.partial(_visit, plan)
+  chunk_ids = functools.partial(_chunk_ids, plan)
+  cq, ck = plan.geo.q_len, plan.geo.kv_len
+
+  def pair(q_a, k_b, v_b, scale, whole, block_map, a, b):
+    """``(out, lse)`` of query chunk ``a`` against key chunk ``b`` (compute dtype)."""
+    blocks = plan.key_blocks(block_map, a, b)
+    call = block_sparse.Call(q_a, k_b, v_b, blocks, block_sparse.Operands(whole, ()), scale,
+                             mods=plan.mods, block_q=plan.geo.block_q,
+                             block_k=plan.geo.block_k, q_offset=a * cq, k_offset=b * ck)
+    dtype = _dtype(q_a)
+
+    def nothing(call):
+      shape = call.q.shape[:-1]
+      return (jnp.zeros(shape + call.v.shape[-1:], dtype), jnp.full(shape, -jnp.inf, dtype))
+
+    def something(call):
+      out, lse = run(call)[:2]
+      return out.astype(dtype), lse.astype(dtype)
+
+    listed = jnp.any(blocks.num > 0) | jnp.any(blocks.full_num > 0)
+    return lax.cond(listed, something, nothing, call)
+
+  def forward(q, k, v, scale, whole, block_map):
+    mine = chunk_ids()[lax.axis_index(axis_name)]
+    q_parts = plan.parts(plan.to_q(q), cq)
+    dtype = _dtype(q)
+    shape = q_parts[0].shape[:-1]
+    state = [(jnp.zeros(shape + v.shape[-1:], dtype), jnp.full(shape, -jnp.inf, dtype))
+             for _ in q_parts]
+
+    def step(state, kv, grads, j):
+      theirs = chunk_ids()[j]
+      k_parts, v_parts = (plan.parts(plan.to_kv(x), ck) for x in kv)
+      state = list(state)
+      for a, q_a in enumerate(q_parts):
+        for b, (k_b, v_b) in enumerate(zip(k_parts, v_parts, strict=True)):
+          out_ab, lse_ab = pair(q_a, k_b, v_b, scale, whole, block_map, mine[a], theirs[b])
+          out_a, lse_a = state[a]
+          lse_new = jnp.logaddexp(lse_a, lse_ab)
+          out_a = (_merge_weights(lse_a, lse_new)[..., None] * out_a
+                   + _merge_weights(lse_ab, lse_new)[..., None] * out_ab)
+          state[a] = (out_a, lse_new)
+      return state, grads
+
+    state, _ = visit(state, (k, v), step)
+    out = jnp.concatenate([o for o, _ in state], -2)
+    lse = jnp.concatenate([x for _, x in state], -1)
+    return plan.back(out, q).astype(q.dtype), plan.back(lse[..., None], q)[..., 0], out, lse
+
+  @jax.custom_vjp
+  def attend(q, k, v, scale, whole, block_map):
+    return forward(q, k, v, scale, whole, block_map)[:2]
+
+  def attend_fwd(q, k, v, scale, whole, block_map):
+    out, lse, out_k, lse_k = forward(q, k, v, scale, whole, block_map)
+    return (out, lse), (q, k, v, scale, whole, block_map, out_k, lse_k)
+
+  def attend_bwd(residuals, cotangents):
+    q, k, v, scale, whole, block_map, out, lse = residuals
+    d_out, d_lse = cotangents
+    mine = chunk_ids()[lax.axis_index(axis_name)]
+    dtype = lse.dtype
+    q_k = plan.to_q(q)
+    d_out_k = plan.to_q(d_out.astype(dtype))
+    d_lse_k = plan.to_q(d_lse.astype(dtype)[..., None])[..., 0]
+    rows = [plan.parts(x, cq) for x in (q_k, d_out_k, out)]
+    rows += [[x[..., c * cq:(c + 1) * cq] for c in range(len(plan.chunks[0]))]
+             for x in (lse, d_lse_k)]
+    whole_leaves, whole_tree = jax.tree.flatten(whole)
+    floats = [jnp.issubdtype(x.dtype, jnp.inexact) for x in whole_leaves]
+
+    def pair_vjp(q_a, k_b, v_b, a, b, out_a, lse_a, d_out_a, d_lse_a):
+      def f(q_a, k_b, v_b, scale, float_leaves):
+        it = iter(float_leaves)
+        leaves = [next(it) if f else x for x, f in zip(whole_leaves, floats, strict=True)]
+        return pair(q_a, k_b, v_b, scale, jax.tree.unflatten(whole_tree, leaves), block_map,
+                    a, b)
+
+      float_leaves = [x for x, f in zip(whole_leaves, floats, strict=True) if f]
+      (out_ab, lse_ab), vjp = jax.vjp(f, q_a, k_b, v_b, scale, float_leaves)
+      w = _merge_weights(lse_ab, lse_a)
+      g_out = w[..., None] * d_out_a
+      g_lse = w * (jnp.sum(d_out_a * (out_ab - out_a), axis=-1) + d_lse_a)
+      return vjp((g_out, g_lse))
+
+    def step(state, kv, grads, j):
+      dqs, d_scale, d_floats = state
+      (k_j, v_j), (dk_j, dv_j) = kv, grads
+      theirs = chunk_ids()[j]
+      k_parts, v_parts = (plan.parts(plan.to_kv(x), ck) for x in (k_j, v_j))
+      dk_parts, dv_parts = (plan.parts(x, ck) for x in (dk_j, dv_j))
+      dqs = list(dqs)
+      for a in range(len(dqs)):
+        for b in range(len(k_parts)):
+          dq, dk, dv, ds, df = pair_vjp(
+              rows[0][a], k_parts[b], v_parts[b], mine[a], theirs[b], rows[2][a], rows[3][a],
+              rows[1][a], rows[4][a])
+          dqs[a] = dqs[a] + dq.astype(dtype)
+          dk_parts[b] = dk_parts[b] + dk.astype(dtype)
+          dv_parts[b] = dv_parts[b] + dv.astype(dtype)
+          d_scale = d_scale + ds.astype(dtype)
+          d_floats = [x + g.astype(x.dtype) for x, g in zip(d_floats, df, strict=True)]
+      return (dqs, d_scale, d_floats), tuple(jnp.concatenate(x, -2) for x in (dk_parts, dv_parts))
+
+    state = ([jnp.zeros(r.shape, dtype) for r in rows[0]], jnp.zeros((), dtype),
+             [jnp.zeros(x.shape, dtype) for x, f in zip(whole_leaves, floats, strict=True) if f])
+    zeros_kv = tuple(jnp.zeros(plan.to_kv(x).shape, dtype) for x in (k, v))
+    (dqs, d_scale, d_floats), (dk, dv) = visit(state, (k, v), step, zeros_kv)
+    transposed = functools.partial(_transposed, dtype=dtype)
+    # scale and the captured arrays are the same on every device: shard_map's transpose sums
+    # every device's part of their gradients (see _shard_sequence).
+    d_floats = iter(d_floats)
+    d_whole = jax.tree.unflatten(whole_tree, [
+        next(d_floats).astype(x.dtype) if f else block_sparse.zero_cotangent(x)
+        for x, f in zip(whole_leaves, floats, strict=True)])
+    return (transposed(plan.to_q, q, jnp.concatenate(dqs, -2)).astype(q.dtype),
+            transposed(plan.to_kv, k, dk).astype(k.dtype),
+            transposed(plan.to_kv, v, dv).astype(v.dtype), d_scale.astype(scale.dtype),
+            d_whole, block_sparse.zero_cotangent(block_map))
 
   attend.defvjp(attend_fwd, attend_bwd)
   return attend
@@ -425,7 +602,8 @@ def allgather_attention(
 
 def _sequence_parallel(op: str, query, key, value, mesh: Mesh, axis_name: str,
                        is_causal: bool, scale, block_size, score_mod, block_mask,
-                       enable_gqa: bool, return_lse: bool, layout: str, *, gather: bool):
+                       enable_gqa: bool, return_lse: bool, layout: str, *, gather: bool,
+                       options: backends.KernelOptions = backends.DEFAULT):
   """Checks the inputs, plans each device's part and runs it under ``shard_map``."""
   flex = score_mod is not None or block_mask is not None or enable_gqa
   if flex:
@@ -502,7 +680,7 @@ def _sequence_parallel(op: str, query, key, value, mesh: Mesh, axis_name: str,
     plan = _Plan(n, axis_name, manual_axes, chunks,
                  block_sparse.Geometry(chunk_q, chunk_k, block_q, block_k), mods, tables,
                  gather, to_q, to_kv, back)
-    return _context_parallel(plan)
+    return _per_device(op, plan, options)
 
   out, lse = _shard_sequence(op, make_local, query, key, value, (factor, whole, block_map),
                              mesh, axis_name)

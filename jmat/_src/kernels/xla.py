@@ -333,28 +333,29 @@ def prescale(q: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array | Non
   return q, scale
 
 
-def _forward(q, k, v, blocks, operands, scale, mods: Mods, geo: Geometry, chains: int):
+def _forward(q, k, v, blocks, operands, scale, offsets, mods: Mods, geo: Geometry,
+             chains: int):
   dtype = osm.compute_dtype(q.dtype)
   q_s, rest = prescale(q, scale)
   carry = osm.online_softmax_init(q.shape[:3], q.shape[3], v.shape[-1], dtype=dtype)
   carry = forward_blocks(carry, q_s, k, v, blocks, operands, rest, mods=mods, geo=geo,
-                         chains=chains)
+                         q_offset=offsets[0], k_offset=offsets[1], chains=chains)
   return osm.online_softmax_finish(carry, q.dtype), osm.online_softmax_logsumexp(carry), carry[1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _attend(q, k, v, blocks, operands, scale, mods: Mods, geo: Geometry, chains: int):
-  return _forward(q, k, v, blocks, operands, scale, mods, geo, chains)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _attend(q, k, v, blocks, operands, scale, offsets, mods: Mods, geo: Geometry, chains: int):
+  return _forward(q, k, v, blocks, operands, scale, offsets, mods, geo, chains)
 
 
-def _attend_fwd(q, k, v, blocks, operands, scale, mods, geo, chains):
-  out, lse, row_max = _forward(q, k, v, blocks, operands, scale, mods, geo, chains)
-  return (out, lse, row_max), (q, k, v, blocks, operands, scale, out, lse)
+def _attend_fwd(q, k, v, blocks, operands, scale, offsets, mods, geo, chains):
+  out, lse, row_max = _forward(q, k, v, blocks, operands, scale, offsets, mods, geo, chains)
+  return (out, lse, row_max), (q, k, v, blocks, operands, scale, offsets, out, lse)
 
 
 def _attend_bwd(mods: Mods, geo: Geometry, chains: int, residuals, cotangents):
   del chains  # the backward pass has no chains
-  q, k, v, blocks, operands, scale, out, lse = residuals
+  q, k, v, blocks, operands, scale, offsets, out, lse = residuals
   d_out, d_lse, _ = cotangents  # the row maxima are returned without gradient
   dtype = lse.dtype
   d_out = d_out.astype(dtype)
@@ -366,7 +367,7 @@ def _attend_bwd(mods: Mods, geo: Geometry, chains: int, residuals, cotangents):
            [jnp.zeros(x.shape, dtype) for x in floats])
   dq, dk, dv, d_floats = backward_blocks(
       grads, backward_queries(q, scale), k, v, blocks, operands, None, d_out, lse, delta,
-      mods=mods, geo=geo)
+      mods=mods, geo=geo, q_offset=offsets[0], k_offset=offsets[1])
   dq, d_scale = scale_gradients(dq, q, scale)
   d_floats = iter(d_floats)
 
@@ -376,7 +377,8 @@ def _attend_bwd(mods: Mods, geo: Geometry, chains: int, residuals, cotangents):
 
   d_operands = Operands(jax.tree.map(cotangent, whole), tuple(cotangent(x) for x in blocked))
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
-          jax.tree.map(zero_cotangent, blocks), d_operands, d_scale)
+          jax.tree.map(zero_cotangent, blocks), d_operands, d_scale,
+          jax.tree.map(zero_cotangent, offsets))
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -396,6 +398,8 @@ def attend(
     block_k: int,
     chains: int = 1,
     with_max: bool = False,
+    q_offset: int | jax.Array = 0,
+    k_offset: int | jax.Array = 0,
 ) -> tuple[jax.Array, ...]:
   """Block-sparse attention of ``q (M, R, G, L, E)`` over ``k, v (M, R, S, E|Ev)``.
 
@@ -408,7 +412,9 @@ def attend(
   ``(M|1, R|1, G|1, L|1, S|1)``;
   ``chains``: see :func:`forward_blocks`. With ``with_max`` also every
   query's largest score ``(M, R, G, L)`` (``-inf`` where it saw no key; no
-  gradient flows through it, as torch's ``max_scores``).
+  gradient flows through it, as torch's ``max_scores``). ``q_offset`` and
+  ``k_offset``: the positions of query and key row 0 (see
+  :class:`~jmat._src.block_sparse.Call`).
   """
   length, keys = q.shape[-2], k.shape[-2]
   geo = Geometry(length, keys, block_q, block_k)
@@ -416,7 +422,8 @@ def attend(
   blocked = tuple(pad(pad(x, -2, lp, True), -1, sp, True) for x in operands.blocked)
   out, lse, row_max = cast(tuple[jax.Array, jax.Array, jax.Array], _attend(
       pad(q, -2, lp), pad(k, -2, sp), pad(v, -2, sp), blocks, Operands(operands.whole, blocked),
-      jnp.asarray(scale), mods, geo, chains))
+      jnp.asarray(scale), (jnp.asarray(q_offset, jnp.int32), jnp.asarray(k_offset, jnp.int32)),
+      mods, geo, chains))
   if with_max:
     return out[..., :length, :], lse[..., :length], lax.stop_gradient(row_max[..., :length])
   return out[..., :length, :], lse[..., :length]
@@ -426,4 +433,4 @@ def run(call: Call):
   """:func:`attend` on a :class:`~jmat._src.block_sparse.Call`: ``(out, lse[, max])``."""
   return attend(call.q, call.k, call.v, call.blocks, call.operands, call.scale, mods=call.mods,
                 block_q=call.block_q, block_k=call.block_k, chains=call.chains,
-                with_max=call.needs_max)
+                with_max=call.needs_max, q_offset=call.q_offset, k_offset=call.k_offset)
