@@ -109,15 +109,16 @@ def _backward_defaults(half: bool, head: int) -> tuple[Launch, Launch]:
   and keys; ``M2``/``N2``: the dq pass' queries and key step), ``(64, 64, 64, 64, 3, 4)``
   below, ``(64, 64, 64, 64, 2, 4)`` above, and 16s for float32. jmat's dk/dv program holds its
   tiles of K and V and the mods' loads in registers beside the two ``(BLOCK_N1, E)``
-  accumulators: at 128 keys it spills 4 KiB, at 64 keys with 3 stages 200 bytes (documents),
-  so it runs 64 keys and 2 stages; its dq pass runs 64 queries (128 spill with documents).
+  accumulators: at 128 keys it spills 4 KiB, at 64 keys stepping 64 query rows 200-280
+  bytes (documents), so it steps 32 query rows over 64 keys with 2 stages; its dq pass runs
+  64 queries (128 spill 50-60 bytes with documents).
   """
   if not half:
     return Launch(16, 16, 4, 1), Launch(16, 16, 4, 1)
   if head < 64:
     return Launch(64, 64, 4, 3), Launch(64, 64, 4, 3)
   if head <= 128:
-    return Launch(64, 64, 8, 3), Launch(64, 64, 8, 2)
+    return Launch(64, 64, 8, 3), Launch(32, 64, 8, 2)
   return Launch(64, 64, 4, 2), Launch(64, 64, 4, 2)
 
 
@@ -128,9 +129,9 @@ class BlockSizes:
   The defaults follow torch's flex attention defaults for an H100 (its
   ``CUDAConfigHeuristic``) where jmat's kernels compile without spills for
   sm_90a: bfloat16/float16 with head dim 128 runs the forward on 128 x 64
-  tiles with 8 warps and 3 stages (torch's), both backward passes on 64 x 64
-  tiles (torch's dq pass takes 128 queries and its dk/dv pass 128 keys: those
-  spill here); float32 gets smaller tiles (TF32 operands take twice the
+  tiles with 8 warps and 3 stages (torch's), the dq pass on 64 queries by 64
+  keys, the dk/dv pass on 64 keys stepping 32 query rows (torch's take 128
+  queries and 128 keys: those spill here); float32 gets smaller tiles (TF32 operands take twice the
   registers). A tile is at most one table block: a longer table block is cut into tiles
   (so callers may build tables with any power-of-two blocks). Query tiles
   count the rows of all ``G`` stacked heads: ``block_q=128`` with ``G = 4`` is
