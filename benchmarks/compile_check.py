@@ -18,8 +18,9 @@ and their input types. ``--strict`` exits 1 unless every kernel compiles, spills
 ``--target tpu`` (Mosaic on libtpu's compile-only TPU topologies) is not written yet.
 
 Cases (bfloat16, B=1, H=16, L=4096, D=128 unless named): flex causal, window 1024, documents,
-causal + softcap, GQA 16:4, d=64, float16, and SDPA causal; each as the forward and as the
-gradient of q, k, v (the forward of a gradient run also holds AUTO's probe of the backward).
+causal + softcap, GQA 16:4, d=64, float16, SDPA causal, and decoding (16 queries, GQA 16:4,
+no mask); each as the forward and as the gradient of q, k, v (the forward of a gradient run
+also holds AUTO's probe of the backward).
 """
 
 from __future__ import annotations
@@ -52,17 +53,18 @@ def _spec(heads: int = H, length: int = L, d: int = 128, dtype: Any = jnp.bfloat
 
 
 def _flex(mask_mod=None, score_mod=None, kv_heads: int = H, d: int = 128, length: int = L,
-          dtype: Any = jnp.bfloat16):
+          dtype: Any = jnp.bfloat16, queries: int | None = None):
   import jmat
 
-  block_mask = None if mask_mod is None else jmat.create_block_mask(mask_mod, None, None, length,
+  queries = length if queries is None else queries
+  block_mask = None if mask_mod is None else jmat.create_block_mask(mask_mod, None, None, queries,
                                                                    length)
 
   def forward(q, k, v):
     return jmat.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
                                enable_gqa=kv_heads != H, kernel_options={"BACKEND": "TRITON"})
 
-  return forward, (_spec(d=d, length=length, dtype=dtype), _spec(kv_heads, length, d, dtype),
+  return forward, (_spec(d=d, length=queries, dtype=dtype), _spec(kv_heads, length, d, dtype),
                    _spec(kv_heads, length, d, dtype))
 
 
@@ -98,6 +100,8 @@ def _cases() -> dict[str, Callable[[], tuple[Callable[..., Any], tuple[Any, ...]
       "flex_causal_d64": lambda: _flex(mods.causal_mask, d=64),
       "flex_causal_f16": lambda: _flex(mods.causal_mask, dtype=jnp.float16),
       "sdpa_causal": _sdpa_causal,
+      # decoding: 16 new queries against 4096 keys (the forward splits the keys)
+      "flex_decode16_gqa4": lambda: _flex(kv_heads=4, queries=16),
   }
 
 
@@ -114,7 +118,7 @@ def capture_triton(out: Path, wanted: list[str]) -> list[dict[str, Any]]:
     result = lower(jaxpr, grid_mapping, *args, **kwargs)
     caller = sys._getframe(1).f_locals  # the registration's launch parameters
     captured.append(dict(name=caller.get("name"), num_warps=caller.get("num_warps"),
-                         num_stages=caller.get("num_stages"),
+                         num_stages=caller.get("num_stages"), grid=list(result.grid),
                          text=result.module.operation.get_asm(enable_debug_info=False)))
     return result
 
@@ -145,7 +149,7 @@ def capture_triton(out: Path, wanted: list[str]) -> list[dict[str, Any]]:
           seen.add(digest)
           stem = f"{case}.{kind}.{c['name']}.{digest}"
           (out / f"{stem}.ttir").write_text(c["text"])
-          meta = {k: c[k] for k in ("name", "num_warps", "num_stages")}
+          meta = {k: c[k] for k in ("name", "num_warps", "num_stages", "grid")}
           (out / f"{stem}.json").write_text(json.dumps(
               meta | {"dtype": str(args[0].dtype), "case": case, "kind": kind}))
         records.append(dict(case=case, kind=kind, error=error, kernels=len(seen)))

@@ -152,6 +152,12 @@ CASES = [
     # becomes the kernel's 64 keys, whose padding full blocks must now mask.
     Case("decode", 1, 2, 4, 1, 53, 16, 16, 1, 53, np.float16,
          ranges=lambda: block_sparse.dense_key_blocks(1, 53, 1, 53)),
+    # Decoding split 3 ways (flash-decoding): 2 queries x 2 heads over 7 key blocks; query 0 sees
+    # keys of the first split only (the others give it -inf to merge), query 1 some of each.
+    Case("decode_splits", 1, 2, 2, 2, 100, 16, 16, 16, 16, "bfloat16", mask=blocked_mask,
+         blocked=lambda rng: (np.concatenate([np.arange(100) < 10, rng.random(100) > 0.3]
+                                             ).reshape(1, 1, 1, 2, 100),),
+         sizes=triton.BlockSizes(16, 16, 16, 16, 16, 16, num_splits=3)),
     # A ring attention chunk pair: queries 40..76 against keys 13..57 (global positions), causal
     # within documents whose ids are gathered at global positions, a softcap, table blocks of 32
     # cut into tiles of 16 (the flat loop's inner tiles).
@@ -576,3 +582,23 @@ def test_every_kernel_tells_xla_its_cost():
     assert cost.flops == 2 * 64 * pairs * products[call.params["name"]]
     assert cost.transcendentals == pairs
     assert cost.bytes_accessed >= 3 * 2 * 2 * 200 * 64 * 2  # q, k, v read once in bfloat16
+
+
+def test_decoding_splits_the_keys_across_programs():
+  """One query tile per row and few rows: the forward grid splits the key tiles (flash-decoding),
+  up to one program per key tile; a long query side gets one program per query tile."""
+
+  def grid(length: int, block_q: int) -> tuple[int, ...]:
+    blocks = block_sparse.dense_key_blocks(length, 4096, block_q, 128)
+
+    def forward(q, k, v):
+      return triton.attend(q, k, v, blocks, ((), ()), jnp.float32(1.0),
+                           mods=block_sparse.Mods(), block_q=block_q, block_k=128)
+
+    k = jax.ShapeDtypeStruct((1, 2, 4096, 128), jnp.bfloat16)
+    q = jax.ShapeDtypeStruct((1, 2, 4, length, 128), jnp.bfloat16)
+    (call,) = pallas_calls(forward, q, k, k)
+    return tuple(call.params["grid_mapping"].grid)
+
+  assert grid(1, 1) == (16, 1, 2)  # 16 splits of 64 key tiles, 2 rows
+  assert grid(4096, 128) == (4096 * 4 // 128, 1, 2)  # 4 stacked heads: 32 positions a tile

@@ -71,6 +71,8 @@ _MIN_DOT = 16
 # and shared memory (FlashAttention's limit too).
 _MAX_HEAD_DIM = 256
 _TILES = ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv", "block_k_dkv")
+# Programs that keep a GPU busy (an H100 has 132 streaming multiprocessors).
+_BUSY = 128
 
 
 def _next_pow2(n: int) -> int:
@@ -147,6 +149,9 @@ class BlockSizes:
     block_k_dkv: keys of a dk/dv-pass program.
     num_warps: warps per program of every pass (None: each pass' default).
     num_stages: software-pipelining stages of the loops over tiles (None: each pass' default).
+    num_splits: forward programs sharing the key tiles of one query tile, merged by their
+      lse (flash-decoding); None splits where there is one query tile per row and fewer
+      programs than a GPU has streaming multiprocessors (decoding), 1 never.
 
   Raises:
     ValueError: a tile that is not a power of two of at least 16.
@@ -160,6 +165,7 @@ class BlockSizes:
   block_k_dkv: int | None = None
   num_warps: int | None = None
   num_stages: int | None = None
+  num_splits: int | None = None
 
   def __post_init__(self):
     for name in _TILES:
@@ -168,6 +174,10 @@ class BlockSizes:
         raise ValueError(
             f"{_NAME}: BlockSizes.{name}={size!r} is not a Triton tile; valid tiles are powers "
             f"of two from {_MIN_DOT}: 16, 32, 64, 128, 256")
+    if self.num_splits is not None and not (isinstance(self.num_splits, int)
+                                            and self.num_splits >= 1):
+      raise ValueError(f"{_NAME}: BlockSizes.num_splits={self.num_splits!r} is not a number of "
+                       f"programs; give a positive int, or None to choose")
 
   def launches(self, head: int, dtype: Any) -> dict[str, Launch]:
     """The ``forward``, ``dq`` and ``dkv`` kernels' launches for head dim ``head`` and ``dtype``.
@@ -533,13 +543,15 @@ def _mma(a: jax.Array, b: jax.Array, contract: tuple[int, int], out: Any) -> jax
 
 
 def _visit(blocks: KeyBlocks, m: jax.Array, i: jax.Array, per_block: int,
-           body: Callable[[bool, jax.Array, Any], Any], carry: Any) -> Any:
+           body: Callable[[bool, jax.Array, Any], Any], carry: Any,
+           split: tuple[jax.Array, int] | None = None) -> Any:
   """Runs ``carry = body(masked, tile, carry)`` over the tiles of block ``i``'s listed blocks.
 
   ``blocks`` holds refs; the full blocks come first, then the partial ones
   (``masked``); each listed block is ``per_block`` tiles (``tile`` counts
   tiles). One flat loop per kind over all their tiles, so that Triton can
   software-pipeline the loads of the next tile behind this one's products.
+  ``split = (s, n)``: only the ``s``-th of ``n`` equal shares of each kind's tiles.
   """
 
   def listed(masked, num, indices, first, carry):
@@ -550,7 +562,13 @@ def _visit(blocks: KeyBlocks, m: jax.Array, i: jax.Array, per_block: int,
       j = first + b if indices is None else indices[m, i, b]
       return body(masked, j * per_block + u, carry)
 
-    return lax.fori_loop(0, num[m, i] * per_block, step, carry)
+    tiles = num[m, i] * per_block
+    if split is None:
+      return lax.fori_loop(0, tiles, step, carry)
+    s, n = split
+    s = s.astype(tiles.dtype)
+    return lax.fori_loop(lax.div(s * tiles, jnp.asarray(n, tiles.dtype)),
+                         lax.div((s + 1) * tiles, jnp.asarray(n, tiles.dtype)), step, carry)
 
   carry = listed(False, blocks.full_num, blocks.full_indices, 0, carry)
   return listed(True, blocks.num, blocks.indices, blocks.full_num[m, i], carry)
@@ -569,6 +587,14 @@ def _operand_refs(operands) -> tuple[list[Any], Any, Sequence[Any]]:
 def _program() -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(tile, m, r)``: the tile axis first, so programs sharing keys and values run together."""
   return pl.program_id(0), pl.program_id(1), pl.program_id(2)
+
+
+def _split_program(t: Any, splits: int) -> tuple[Any, Any]:
+  """``(query tile, key split)`` of a forward program whose grid axis 0 is ``tiles * splits``."""
+  if splits == 1:
+    return t, 0
+  n = jnp.asarray(splits, jnp.int32)
+  return lax.div(t, n), lax.rem(t, n)
 
 
 def _offsets(offsets_ref) -> tuple[jax.Array, jax.Array]:
@@ -594,10 +620,11 @@ def _fold(carry: osm.Carry, s: jax.Array, v: jax.Array) -> osm.Carry:
           row_sum * rescale + jnp.sum(p, axis=-1))
 
 
-def _forward_kernel(tiling: _Tiling, blocks, scale_ref, offsets_ref, q_ref, k_ref, v_ref,
-                    operands, out_ref, lse_ref):
+def _forward_kernel(tiling: _Tiling, splits: int, blocks, scale_ref, offsets_ref, q_ref, k_ref,
+                    v_ref, operands, out_ref, lse_ref):
   geo, tq, tk = tiling.geo, tiling.tq, tiling.tk
   tile, m, r = _program()
+  tile, split = _split_program(tile, splits)
   q0, k0 = _offsets(offsets_ref)
   whole_refs, whole_tree, blocked_refs = _operand_refs(operands)
   scale = scale_ref[...]
@@ -616,7 +643,8 @@ def _forward_kernel(tiling: _Tiling, blocks, scale_ref, offsets_ref, q_ref, k_re
     return _fold(carry, s, v_ref[pl.ds(col, tk), :])
 
   carry = osm.online_softmax_init((), tiling.rows, geo.v_head_p, dtype=scale.dtype)
-  carry = _visit(blocks, m, tile // (geo.block_q // tq), geo.block_k // tk, fold, carry)
+  carry = _visit(blocks, m, tile // (geo.block_q // tq), geo.block_k // tk, fold, carry,
+                 None if splits == 1 else (split, splits))
   out_ref[...] = osm.online_softmax_finish(carry, out_ref.dtype).reshape(out_ref.shape)
   _, row_max, row_sum = carry
   seen = osm.seen_a_key(row_max)
@@ -800,12 +828,41 @@ def _per_row(*tail: int | None) -> pl.BlockSpec:
   return pl.BlockSpec((None, None, *tail), lambda t, m, r: (m, r) + (0,) * len(tail))
 
 
-def _query_tiles(geo: _Geometry, tq: int) -> tuple[pl.BlockSpec, pl.BlockSpec, pl.BlockSpec]:
-  """Specs of program ``(t, m, r)``'s query tile: ``(q (Gp, tq, Ep), out (Gp, tq, Evp), rows)``."""
+def _query_tiles(geo: _Geometry, tq: int,
+                 splits: int = 1) -> tuple[pl.BlockSpec, pl.BlockSpec, pl.BlockSpec]:
+  """Specs of program ``(t, m, r)``'s query tile: ``(q (Gp, tq, Ep), out (Gp, tq, Evp), rows)``.
+
+  With ``splits``, ``t`` is ``tile * splits + split`` and the outputs have a
+  leading split axis.
+  """
   gp = geo.groups_p
-  return (pl.BlockSpec((None, None, gp, tq, geo.head_p), lambda t, m, r: (m, r, 0, t, 0)),
-          pl.BlockSpec((None, None, gp, tq, geo.v_head_p), lambda t, m, r: (m, r, 0, t, 0)),
-          pl.BlockSpec((None, None, gp, tq), lambda t, m, r: (m, r, 0, t)))
+  q = pl.BlockSpec((None, None, gp, tq, geo.head_p),
+                   lambda t, m, r: (m, r, 0, _split_program(t, splits)[0], 0))
+  if splits == 1:
+    return (q, pl.BlockSpec((None, None, gp, tq, geo.v_head_p), lambda t, m, r: (m, r, 0, t, 0)),
+            pl.BlockSpec((None, None, gp, tq), lambda t, m, r: (m, r, 0, t)))
+
+  def at(t, m, r, *tail):
+    tile, split = _split_program(t, splits)
+    return (split, m, r, 0, tile, *tail)
+
+  return (q, pl.BlockSpec((None, None, None, gp, tq, geo.v_head_p), lambda t, m, r: at(t, m, r, 0)),
+          pl.BlockSpec((None, None, None, gp, tq), at))
+
+
+def _splits(cfg: _Config, tiling: _Tiling, programs: int) -> int:
+  """Key splits of the forward: flash-decoding's, where the query tiles leave the GPU idle.
+
+  One query tile per row (decoding: L = 1..16 queries per sequence) makes as
+  few programs as rows; the listed key tiles are then shared out among up to
+  16 programs per row (at most one per key tile), merged by their lse.
+  """
+  if cfg.sizes.num_splits is not None:
+    return cfg.sizes.num_splits
+  geo = cfg.geo
+  if geo.q_pad // tiling.tq > 1 or programs >= _BUSY:
+    return 1
+  return max(1, min(16, geo.n_k * (geo.block_k // tiling.tk), _BUSY // programs))
 
 
 def _forward(q, k, v, blocks: KeyBlocks, operands: Operands, scale, offsets, cfg: _Config):
@@ -813,21 +870,37 @@ def _forward(q, k, v, blocks: KeyBlocks, operands: Operands, scale, offsets, cfg
   tiling = cfg.tiling("forward")
   lead = q.shape[:2]
   gp, tq, dtype = geo.groups_p, tiling.tq, scale.dtype
-  q_tile, out_tile, lse_tile = _query_tiles(geo, tq)
-  return pl.pallas_call(
-      functools.partial(_forward_kernel, tiling),
-      grid=(geo.q_pad // tq,) + lead,
+  tiles = geo.q_pad // tq
+  splits = _splits(cfg, tiling, tiles * math.prod(lead))
+  q_tile, out_tile, lse_tile = _query_tiles(geo, tq, splits)
+  out_shape = lead + (gp, geo.q_pad)
+  out, lse = pl.pallas_call(
+      functools.partial(_forward_kernel, tiling, splits),
+      grid=(tiles * splits,) + lead,
       in_specs=[_whole_spec(blocks), pl.no_block_spec, pl.no_block_spec, q_tile,
                 _per_row(geo.kv_pad, geo.head_p), _per_row(geo.kv_pad, geo.v_head_p),
                 _whole_spec(operands)],
       out_specs=[out_tile, lse_tile],
-      out_shape=[jax.ShapeDtypeStruct(lead + (gp, geo.q_pad, geo.v_head_p), q.dtype),
-                 jax.ShapeDtypeStruct(lead + (gp, geo.q_pad), dtype)],
+      # Split programs write float32 partial results for the merge below.
+      out_shape=[jax.ShapeDtypeStruct((splits,) * (splits > 1) + out_shape + (geo.v_head_p,),
+                                      q.dtype if splits == 1 else dtype),
+                 jax.ShapeDtypeStruct((splits,) * (splits > 1) + out_shape, dtype)],
       compiler_params=cfg.params("forward"),
-      cost_estimate=cfg.cost("forward", lead, geo.q_pad // tq),
+      cost_estimate=cfg.cost("forward", lead, tiles),
       interpret=cfg.interpret,
       name="jmat_block_sparse_forward",
   )(blocks, scale, offsets, q, k, v, operands)
+  if splits == 1:
+    return out, lse
+  # Flash-decoding's merge: each split's output weighs exp(its lse - the total lse).
+  # A row no split saw stays 0 and -inf; a NaN in any split comes out.
+  top = jnp.max(lse, axis=0)
+  empty = jnp.isneginf(top)
+  top = jnp.where(empty, 0.0, top)
+  weight = jnp.exp(lse - top)
+  total = jnp.sum(weight, axis=0)
+  merged = jnp.sum(weight[..., None] * out, axis=0) / jnp.where(empty, 1.0, total)[..., None]
+  return merged.astype(q.dtype), jnp.where(empty, -jnp.inf, top + jnp.log(total))
 
 
 def _backward(cfg: _Config, q, k, v, blocks, operands, scale, offsets, d_out, lse2, delta):
