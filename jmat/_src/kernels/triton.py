@@ -133,12 +133,13 @@ class BlockSizes:
   sm_90a: bfloat16/float16 with head dim 128 runs the forward on 128 x 64
   tiles with 8 warps and 3 stages (torch's), the dq pass on 64 queries by 64
   keys, the dk/dv pass on 64 keys stepping 32 query rows (torch's take 128
-  queries and 128 keys: those spill here); float32 gets smaller tiles (TF32 operands take twice the
-  registers). A tile is at most one table block: a longer table block is cut into tiles
-  (so callers may build tables with any power-of-two blocks). Query tiles
-  count the rows of all ``G`` stacked heads: ``block_q=128`` with ``G = 4`` is
-  32 query positions per head (torch's ``BLOCK_M`` counts positions of one
-  head; at least ``16 // G`` here, so decoding with GQA wastes no rows).
+  queries and 128 keys: those spill here); float32 gets torch's smaller
+  tiles (TF32 operands take twice the registers). A tile is at most one
+  table block: a longer table block is cut into tiles (so callers may build
+  tables with any power-of-two blocks). Query tiles count the rows of all
+  ``G`` stacked heads: ``block_q=128`` with ``G = 4`` is 32 query positions
+  per head (torch's ``BLOCK_M`` counts positions of one head; at least
+  ``16 // G`` here, so decoding with GQA wastes no rows).
 
   Attributes:
     block_q: query rows of a forward program (all heads of a group together).
