@@ -431,6 +431,8 @@ def test_untileable_sizes_raise_value_errors_naming_the_valid_ones():
                   block_q=24, block_k=16)
   with pytest.raises(ValueError, match=r"block_k_dq=48 .* 16, 32, 64, 128"):
     triton.BlockSizes(block_k_dq=48)
+  with pytest.raises(ValueError, match=r"num_splits=0 .* positive int"):
+    triton.BlockSizes(num_splits=0)
 
 
 def test_empty_sides_see_nothing():

@@ -20,8 +20,9 @@ three Pallas kernels that lower to Triton (``pl.pallas_call`` with
   of the table (:func:`jmat._src.block_sparse.key_major_blocks`), so dk and dv
   need no atomics.
 
-Triton tiles are powers of two: L and S are padded to whole table blocks, a
-table block to a power of two, E and Ev to powers of two of at least 16 (the
+Triton tiles are powers of two: L is padded to whole table blocks (K and V
+are not: keys past S are masked loads that read zeros), a table block to a
+power of two, E and Ev to powers of two of at least 16 (the
 smallest ``tl.dot``), G to a power of two (the extra heads have zero queries,
 show the mods the last real head's index, and are dropped). A table block may be longer than
 a tile (it is then cut into tiles, each inheriting the block's full/partial
@@ -602,6 +603,24 @@ def _offsets(offsets_ref) -> tuple[jax.Array, jax.Array]:
   return offsets_ref[0], offsets_ref[1]
 
 
+def _key_rows(geo: _Geometry, col: jax.Array, tk: int) -> jax.Array | None:
+  """Which of keys ``col .. col + tk`` exist, as a ``(tk, 1)`` load mask; None if all may.
+
+  K and V are not padded to whole blocks: a tile past the last key reads
+  zeros through a masked load instead (the key bounds mask its scores).
+  """
+  if geo.kv_pad == geo.kv_len:
+    return None
+  return (col + lax.iota(jnp.int32, tk) < geo.kv_len)[:, None]
+
+
+def _load_keys(ref, geo: _Geometry, col: jax.Array, tk: int) -> jax.Array:
+  """Keys (or values) ``col .. col + tk`` of a row's ``(S, E)`` ref; missing keys read 0."""
+  mask = _key_rows(geo, col, tk)
+  view = ref.at[pl.ds(col, tk), :]
+  return view[...] if mask is None else plgpu.load(view, mask=mask, other=0)
+
+
 # --- kernels -----------------------------------------------------------------------------------
 
 
@@ -637,11 +656,12 @@ def _forward_kernel(tiling: _Tiling, splits: int, blocks, scale_ref, offsets_ref
     at = _At(m, r, row, col, q0, k0)
     runner = _ModRunner(whole_refs)
     blocked = tiling.blocked(blocked_refs, at)
-    s = tiling.logits(q, k_ref[pl.ds(col, tk), :], scale, at, whole_tree, blocked, runner)
+    s = tiling.logits(q, _load_keys(k_ref, geo, col, tk), scale, at, whole_tree, blocked,
+                      runner)
     ok = tiling.allowed(masked, at, whole_tree, blocked, runner)
     if ok is not None:
       s = jnp.where(ok, s, -jnp.inf)
-    return _fold(carry, s, v_ref[pl.ds(col, tk), :])
+    return _fold(carry, s, _load_keys(v_ref, geo, col, tk))
 
   carry = osm.online_softmax_init((), tiling.rows, geo.v_head_p, dtype=scale.dtype)
   carry = _visit(blocks, m, tile // (geo.block_q // tq), geo.block_k // tk, fold, carry,
@@ -723,9 +743,9 @@ def _dq_kernel(tiling: _Tiling, blocks, scale_ref, offsets_ref, q_ref, k_ref, v_
   def step(masked, key_tile, dq):
     col = pl.multiple_of(key_tile * tk, tk)
     at = _At(m, r, row, col, q0, k0)
-    k = k_ref[pl.ds(col, tk), :]
-    grads = _tile_grads(tiling, masked, at, q, k, v_ref[pl.ds(col, tk), :], scale, d_out, lse2,
-                        delta, operands, operand_grads=True)
+    k = _load_keys(k_ref, geo, col, tk)
+    grads = _tile_grads(tiling, masked, at, q, k, _load_keys(v_ref, geo, col, tk), scale, d_out,
+                        lse2, delta, operands, operand_grads=True)
     # Tiles of other programs add into the same entries (broadcast dims, shared table entries).
     for ref, d in zip(d_blocked_refs, grads.d_blocked, strict=True):
       addupdate(ref, tiling.blocked_index(ref.shape, at), d.astype(ref.dtype))
@@ -751,8 +771,9 @@ def _dkv_kernel(tiling: _Tiling, blocks, scale_ref, offsets_ref, q_ref, k_ref, v
   q0, k0 = _offsets(offsets_ref)
   operands = _operand_refs(operands)
   scale = scale_ref[...]
-  k, v = k_ref[...], v_ref[...]
   col = pl.multiple_of(tile * tk, tk)
+  mask = _key_rows(geo, col, tk)
+  k, v = ((x[...] if mask is None else plgpu.load(x, mask=mask, other=0)) for x in (k_ref, v_ref))
 
   def step(masked, query_tile, carry):
     dk, dv = carry
@@ -768,8 +789,11 @@ def _dkv_kernel(tiling: _Tiling, blocks, scale_ref, offsets_ref, q_ref, k_ref, v
 
   carry = (jnp.zeros((tk, geo.head_p), scale.dtype), jnp.zeros((tk, geo.v_head_p), scale.dtype))
   dk, dv = _visit(blocks, m, tile // (geo.block_k // tk), geo.block_q // tq, step, carry)
-  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
+  for ref, d in ((dk_ref, dk * scale), (dv_ref, dv)):
+    if mask is None:
+      ref[...] = d.astype(ref.dtype)
+    else:
+      plgpu.store(ref, d.astype(ref.dtype), mask=mask)
 
 
 # --- calls -------------------------------------------------------------------------------------
@@ -879,7 +903,7 @@ def _forward(q, k, v, blocks: KeyBlocks, operands: Operands, scale, offsets, cfg
       functools.partial(_forward_kernel, tiling, splits),
       grid=(tiles * splits,) + lead,
       in_specs=[_whole_spec(blocks), pl.no_block_spec, pl.no_block_spec, q_tile,
-                _per_row(geo.kv_pad, geo.head_p), _per_row(geo.kv_pad, geo.v_head_p),
+                _per_row(geo.kv_len, geo.head_p), _per_row(geo.kv_len, geo.v_head_p),
                 _whole_spec(operands)],
       out_specs=[out_tile, lse_tile],
       # Split programs write float32 partial results for the merge below.
@@ -922,8 +946,8 @@ def _backward(cfg: _Config, q, k, v, blocks, operands, scale, offsets, d_out, ls
   dq, d_scale, d_whole, d_blocked = pl.pallas_call(
       functools.partial(_dq_kernel, tiling),
       grid=(n_tiles,) + lead,
-      in_specs=tables + [q_tile, _per_row(geo.kv_pad, geo.head_p),
-                         _per_row(geo.kv_pad, geo.v_head_p), do_tile, row_tile, row_tile,
+      in_specs=tables + [q_tile, _per_row(geo.kv_len, geo.head_p),
+                         _per_row(geo.kv_len, geo.v_head_p), do_tile, row_tile, row_tile,
                          _whole_spec(operands), _whole_spec(zeros)],
       out_specs=[q_tile, pl.BlockSpec((None, None, None), lambda t, m, r: (t, m, r)),
                  _whole_spec(zeros[0]), _whole_spec(zeros[1])],
@@ -1055,8 +1079,7 @@ def attend(
   blocked = tuple(pad(pad(pad(jnp.asarray(x), 2, geo.groups_p, True), 3, geo.q_pad, True),
                        4, geo.kv_pad, True) for x in blocked)
   q = pad(pad(pad(q, 2, geo.groups_p), 3, geo.q_pad), 4, geo.head_p)
-  k = pad(pad(k, 2, geo.kv_pad), 3, geo.head_p)
-  v = pad(pad(v, 2, geo.kv_pad), 3, geo.v_head_p)
+  k, v = pad(k, 3, geo.head_p), pad(v, 3, geo.v_head_p)  # keys past S: masked loads
   offsets = jnp.stack([jnp.asarray(q_offset, jnp.int32), jnp.asarray(k_offset, jnp.int32)])
   cfg = _Config(geo, block_sizes, mods, interpret, jnp.dtype(q.dtype))
   out, lse = cast(tuple[jax.Array, jax.Array], _attend(
