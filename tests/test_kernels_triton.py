@@ -11,6 +11,7 @@ the gradient compile to the Triton custom call.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from jax.extend import core as jax_core
 
 from jmat._src import block_sparse
 from jmat._src.kernels import triton
@@ -56,6 +58,9 @@ class Case:
   ranges: Callable[[], block_sparse.KeyBlocks] | None = None  # a range table instead of lists
   empty_query_block: bool = False  # row 0 of the table lists nothing for query block 1
   sizes: triton.BlockSizes = triton.BlockSizes(16, 16, 16, 16, 16, 16)
+  # Ring attention's chunk pairs: the positions of query and key row 0 (traced in `run`).
+  q_offset: int = 0
+  k_offset: int = 0
 
 
 def causal(xp, b, h, q, k, whole, blocked):
@@ -147,6 +152,19 @@ CASES = [
     # becomes the kernel's 64 keys, whose padding full blocks must now mask.
     Case("decode", 1, 2, 4, 1, 53, 16, 16, 1, 53, np.float16,
          ranges=lambda: block_sparse.dense_key_blocks(1, 53, 1, 53)),
+    # Decoding split 3 ways (flash-decoding): 2 queries x 2 heads over 7 key blocks; query 0 sees
+    # keys of the first split only (the others give it -inf to merge), query 1 some of each.
+    Case("decode_splits", 1, 2, 2, 2, 100, 16, 16, 16, 16, "bfloat16", mask=blocked_mask,
+         blocked=lambda rng: (np.concatenate([np.arange(100) < 10, rng.random(100) > 0.3]
+                                             ).reshape(1, 1, 1, 2, 100),),
+         sizes=triton.BlockSizes(16, 16, 16, 16, 16, 16, num_splits=3)),
+    # A ring attention chunk pair: queries 40..76 against keys 13..57 (global positions), causal
+    # within documents whose ids are gathered at global positions, a softcap, table blocks of 32
+    # cut into tiles of 16 (the flat loop's inner tiles).
+    Case("offsets_documents", 1, 2, 2, 37, 45, 16, 16, 32, 32, mask=documents, score=softcap,
+         whole=lambda rng: {"docs": np.array([[0] * 30 + [1] * 50,
+                                              [0] * 10 + [1] * 35 + [2] * 35])},
+         q_offset=40, k_offset=13),
 ]
 
 
@@ -155,7 +173,7 @@ def grids(case: Case, xp=np):
   shape = (case.m, case.r, case.g, case.length, case.keys)
   r, g, q, k = (xp.arange(n).reshape([n if a == axis else 1 for a in range(5)])
                 for axis, n in list(enumerate(shape))[1:])
-  return r, r * case.g + g, q, k
+  return r, r * case.g + g, q + case.q_offset, k + case.k_offset
 
 
 def block_maps(allowed: np.ndarray, case: Case) -> tuple[np.ndarray, np.ndarray]:
@@ -284,16 +302,17 @@ def run(case: Case, qkv, whole, blocked, blocks, scale, d_out, d_lse, interpret=
   float_names = floats(whole)
   float_blocked = [i for i, x in enumerate(blocked) if is_float(x)]
 
-  def attend(q, k, v, scale, whole_f, blocked_f):
+  def attend(q, k, v, scale, whole_f, blocked_f, offsets):
     ops_whole = {n: whole_f.get(n, x) for n, x in whole.items()}
     ops_blocked = tuple(blocked_f.get(i, x) for i, x in enumerate(blocked))
     return triton.attend(q, k, v, blocks, (ops_whole, ops_blocked), scale, mods=mods,
                          block_q=case.block_q, block_k=case.block_k, interpret=interpret,
-                         block_sizes=case.sizes)
+                         block_sizes=case.sizes, q_offset=offsets[0], k_offset=offsets[1])
 
   @jax.jit
-  def values_and_grads(q, k, v, scale, whole_f, blocked_f):
-    (out, lse), vjp = jax.vjp(attend, q, k, v, scale, whole_f, blocked_f)
+  def values_and_grads(q, k, v, scale, whole_f, blocked_f, offsets):
+    (out, lse), vjp = jax.vjp(functools.partial(attend, offsets=offsets), q, k, v, scale,
+                              whole_f, blocked_f)
     return out, lse, vjp((d_out.astype(out.dtype), d_lse.astype(lse.dtype)))
 
   compute = compute_dtype(case)  # scale's dtype; the float operands' too, as callers pass them
@@ -301,7 +320,8 @@ def run(case: Case, qkv, whole, blocked, blocks, scale, d_out, d_lse, interpret=
   blocked_f = {i: jnp.asarray(blocked[i], compute) for i in float_blocked}
   with jax.default_matmul_precision("highest"):
     out, lse, grads = values_and_grads(*(jnp.asarray(x) for x in qkv),
-                                       jnp.asarray(scale, compute), whole_f, blocked_f)
+                                       jnp.asarray(scale, compute), whole_f, blocked_f,
+                                       jnp.asarray([case.q_offset, case.k_offset], jnp.int32))
   d_q, d_k, d_v, d_scale, d_whole, d_blocked = grads
   named = {"q": d_q, "k": d_k, "v": d_v, "scale": d_scale}
   named.update({f"whole {n}": d_whole[n] for n in float_names})
@@ -364,7 +384,8 @@ def test_forward_and_gradient_lower_to_the_triton_kernel(case):
 
   def attend(q, k, v, scale):
     return triton.attend(q, k, v, blocks, (whole, blocked), scale, mods=mods,
-                         block_q=case.block_q, block_k=case.block_k, block_sizes=case.sizes)
+                         block_q=case.block_q, block_k=case.block_k, block_sizes=case.sizes,
+                         q_offset=case.q_offset, k_offset=case.k_offset)
 
   def loss(*args):
     out, lse = attend(*args)
@@ -410,6 +431,8 @@ def test_untileable_sizes_raise_value_errors_naming_the_valid_ones():
                   block_q=24, block_k=16)
   with pytest.raises(ValueError, match=r"block_k_dq=48 .* 16, 32, 64, 128"):
     triton.BlockSizes(block_k_dq=48)
+  with pytest.raises(ValueError, match=r"num_splits=0 .* positive int"):
+    triton.BlockSizes(num_splits=0)
 
 
 def test_empty_sides_see_nothing():
@@ -447,3 +470,137 @@ def test_key_major_blocks_transpose_the_table(lists):
       got = np.asarray(listed)[row, j, :np.asarray(count)[row, j]]
       np.testing.assert_array_equal(got, np.flatnonzero(state[row, :, j] == kind),
                                     err_msg=f"{name} {row, j}")
+
+
+def pallas_calls(fn, *args) -> list[Any]:
+  """The ``pallas_call`` equations of ``fn``'s jaxpr (at any depth)."""
+  found: list[Any] = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        found.append(eqn)
+      for sub in jax_core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def kernel_products(fn, *args) -> dict[str, list[Any]]:
+  """The ``dot_general`` equations inside each Pallas kernel of ``fn``'s jaxpr, by kernel name."""
+  found: dict[str, list[Any]] = {}
+
+  def dots(jaxpr, into):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        into.append(eqn)
+      for sub in jax_core.jaxprs_in_params(eqn.params):
+        dots(sub, into)
+
+  for call in pallas_calls(fn, *args):
+    dots(call.params["jaxpr"], found.setdefault(call.params["name"], []))
+  return found
+
+
+def gradient_of_attend(dtype):
+  """``(grad fn, args)`` of a causal call of the kernel with ``dtype`` inputs (d = 64)."""
+  blocks = block_sparse.causal_key_blocks(200, 200, 64, 64)
+  mods = kernel_mods(dataclasses.replace(CASES[1], score=softcap))
+
+  def loss(q, k, v, scale):
+    out, lse = triton.attend(q, k, v, blocks, ((), ()), scale, mods=mods, block_q=64,
+                             block_k=64)
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0))
+
+  args = [jax.ShapeDtypeStruct((1, 2, 2, 200, 64), dtype)] + [
+      jax.ShapeDtypeStruct((1, 2, 200, 64), dtype)] * 2 + [jax.ShapeDtypeStruct((), jnp.float32)]
+  return jax.grad(loss, argnums=(0, 1, 2, 3)), args
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_products_take_half_precision_operands(dtype):
+  """Every product of the three kernels (QK^T, P@V, dO@V^T, dS@K, dS^T@Q, P^T@dO) multiplies
+  ``dtype`` operands into float32, as FlashAttention's: a float32 operand would run as TF32 at
+  half the tensor-core rate with twice the registers."""
+  grad, args = gradient_of_attend(dtype)
+  found = kernel_products(grad, *args)
+  # forward: 2; dq: QK^T, dO V^T, dS K; dk/dv: QK^T, dO V^T, dS^T Q, P^T dO; in the loop over
+  # full blocks and in the loop over partial ones
+  assert {name: len(eqns) for name, eqns in found.items()} == {
+      "jmat_block_sparse_forward": 4, "jmat_block_sparse_dq": 6, "jmat_block_sparse_dkv": 8}
+  for name, eqns in found.items():
+    for eqn in eqns:
+      assert [x.aval.dtype for x in eqn.invars] == [jnp.dtype(dtype)] * 2, (name, eqn)
+      assert eqn.outvars[0].aval.dtype == jnp.float32, (name, eqn)
+
+
+@pytest.mark.parametrize("precision", [None, "highest"])
+def test_float32_products_follow_the_default_matmul_precision(precision):
+  """float32 operands: TF32 under the default precision, full float32 under "highest" (what the
+  Triton lowering makes of a ``dot_general``'s precision), as ``jnp.matmul``."""
+  grad, args = gradient_of_attend(jnp.float32)
+  with jax.default_matmul_precision(precision):
+    found = kernel_products(grad, *args)
+    matmul = jax.make_jaxpr(jnp.matmul)(jnp.ones((2, 2)), jnp.ones((2, 2))).eqns[0]
+  want = matmul.params["precision"]
+  assert want == (None if precision is None else (jax.lax.Precision.HIGHEST,) * 2)
+  assert sum(len(eqns) for eqns in found.values()) == 18
+  for name, eqns in found.items():
+    for eqn in eqns:
+      assert [x.aval.dtype for x in eqn.invars] == [jnp.dtype(jnp.float32)] * 2, (name, eqn)
+      assert eqn.params["precision"] == want, (name, eqn)
+
+
+def test_default_forward_tiles_are_torchs_h100_flex_defaults():
+  """torch's flex forward defaults for sm90 (read from torch's CUDAConfigHeuristic), except half
+  precision with head dim 64, which takes 8 warps (4 spill, says the sm90 compile check)."""
+  from torch._inductor.template_heuristics.triton import CUDAConfigHeuristic
+
+  torch_h100 = CUDAConfigHeuristic().h100_default_flex_config
+  for (dtype, head), want in torch_h100.items():
+    if head & (head - 1):  # the kernel pads 192 to 256 and runs 256's tiles
+      continue
+    got = triton.BlockSizes().launches(head, jnp.dtype(str(dtype).removeprefix("torch.")))
+    warps = 8 if (dtype != torch.float32 and head == 64) else want.num_warps
+    assert got["forward"] == (want.block_m, want.block_n, warps, want.num_stages), (dtype, head)
+  given = triton.BlockSizes(block_q=32, num_warps=2).launches(128, jnp.bfloat16)
+  assert given["forward"] == (32, 64, 2, 3) and given["dkv"].num_warps == 2
+
+
+def test_every_kernel_tells_xla_its_cost():
+  """A ``pl.CostEstimate`` on each pallas_call (XLA's scheduler otherwise sees it as free): at
+  least the products of the listed blocks (here every block of the causal table is listed at
+  most once, and the estimate is the bound with every block listed)."""
+  grad, args = gradient_of_attend(jnp.bfloat16)
+  calls = pallas_calls(grad, *args)
+  assert sorted(c.params["name"] for c in calls) == [
+      "jmat_block_sparse_dkv", "jmat_block_sparse_dq", "jmat_block_sparse_forward"]
+  pairs = 2 * 2 * 256 * 256  # R * G * padded L * padded S: (4 tiles of 64)^2 blocks
+  products = {"jmat_block_sparse_forward": 2, "jmat_block_sparse_dq": 3,
+              "jmat_block_sparse_dkv": 4}
+  for call in calls:
+    cost = call.params["cost_estimate"]
+    assert cost.flops == 2 * 64 * pairs * products[call.params["name"]]
+    assert cost.transcendentals == pairs
+    assert cost.bytes_accessed >= 3 * 2 * 2 * 200 * 64 * 2  # q, k, v read once in bfloat16
+
+
+def test_decoding_splits_the_keys_across_programs():
+  """One query tile per row and few rows: the forward grid splits the key tiles (flash-decoding),
+  up to one program per key tile; a long query side gets one program per query tile."""
+
+  def grid(length: int, block_q: int) -> tuple[int, ...]:
+    blocks = block_sparse.dense_key_blocks(length, 4096, block_q, 128)
+
+    def forward(q, k, v):
+      return triton.attend(q, k, v, blocks, ((), ()), jnp.float32(1.0),
+                           mods=block_sparse.Mods(), block_q=block_q, block_k=128)
+
+    k = jax.ShapeDtypeStruct((1, 2, 4096, 128), jnp.bfloat16)
+    q = jax.ShapeDtypeStruct((1, 2, 4, length, 128), jnp.bfloat16)
+    (call,) = pallas_calls(forward, q, k, k)
+    return tuple(call.params["grid_mapping"].grid)
+
+  assert grid(1, 1) == (16, 1, 2)  # 16 splits of 64 key tiles, 2 rows
+  assert grid(4096, 128) == (4096 * 4 // 128, 1, 2)  # 4 stacked heads: 32 positions a tile

@@ -20,8 +20,9 @@ three Pallas kernels that lower to Triton (``pl.pallas_call`` with
   of the table (:func:`jmat._src.block_sparse.key_major_blocks`), so dk and dv
   need no atomics.
 
-Triton tiles are powers of two: L and S are padded to whole table blocks, a
-table block to a power of two, E and Ev to powers of two of at least 16 (the
+Triton tiles are powers of two: L is padded to whole table blocks (K and V
+are not: keys past S are masked loads that read zeros), a table block to a
+power of two, E and Ev to powers of two of at least 16 (the
 smallest ``tl.dot``), G to a power of two (the extra heads have zero queries,
 show the mods the last real head's index, and are dropped). A table block may be longer than
 a tile (it is then cut into tiles, each inheriting the block's full/partial
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, cast
 
@@ -70,6 +72,8 @@ _MIN_DOT = 16
 # and shared memory (FlashAttention's limit too).
 _MAX_HEAD_DIM = 256
 _TILES = ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv", "block_k_dkv")
+# Programs that keep a GPU busy (an H100 has 132 streaming multiprocessors).
+_BUSY = 128
 
 
 def _next_pow2(n: int) -> int:
@@ -80,16 +84,63 @@ def _is_pow2(n: int) -> bool:
   return n > 0 and n & (n - 1) == 0
 
 
+class Launch(NamedTuple):
+  """One kernel's tile ``(rows, keys)`` and launch parameters, as resolved for a call."""
+
+  rows: int
+  keys: int
+  num_warps: int
+  num_stages: int
+
+
+# The anchor of the default tiles: torch's flex attention defaults for an H100
+# (torch/_inductor/template_heuristics/triton.py, CUDAConfigHeuristic), by whether the inputs are
+# half precision (bfloat16/float16) and the head dim, where the sm90 compile check
+# (`python -m benchmarks.compile_check --target sm90`) finds no spill in jmat's kernels. Forward:
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); other head dims get (64, 64, 4, 3). Head dim 64 in
+# half precision takes 8 warps where torch's takes 4 (4 spill 300 bytes here).
+_FORWARD = {(True, 64): (128, 128, 8, 3), (True, 128): (128, 64, 8, 3),
+            (True, 256): (64, 32, 4, 3), (False, 64): (128, 32, 4, 3),
+            (False, 128): (32, 64, 4, 3), (False, 256): (32, 32, 4, 3)}
+
+
+def _backward_defaults(half: bool, head: int) -> tuple[Launch, Launch]:
+  """The ``(dq, dkv)`` launches: torch's sm90 backward, cut where jmat's kernels would spill.
+
+  torch's are ``(BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_stages, num_warps)`` =
+  ``(64, 128, 128, 64, 3, 8)`` for head dims 64-128 (``M1``/``N1``: the dk/dv pass' query step
+  and keys; ``M2``/``N2``: the dq pass' queries and key step), ``(64, 64, 64, 64, 3, 4)``
+  below, ``(64, 64, 64, 64, 2, 4)`` above, and 16s for float32. jmat's dk/dv program holds its
+  tiles of K and V and the mods' loads in registers beside the two ``(BLOCK_N1, E)``
+  accumulators: at 128 keys it spills 4 KiB, at 64 keys stepping 64 query rows 200-280
+  bytes (documents), so it steps 32 query rows over 64 keys with 2 stages; its dq pass runs
+  64 queries (128 spill 50-60 bytes with documents).
+  """
+  if not half:
+    return Launch(16, 16, 4, 1), Launch(16, 16, 4, 1)
+  if head < 64:
+    return Launch(64, 64, 4, 3), Launch(64, 64, 4, 3)
+  if head <= 128:
+    return Launch(64, 64, 8, 3), Launch(32, 64, 8, 2)
+  return Launch(64, 64, 4, 2), Launch(64, 64, 4, 2)
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """The tiles and launch parameters of the Triton kernels (defaults for NVIDIA GPUs).
+  """The tiles and launch parameters of the Triton kernels; None picks them by head dim and dtype.
 
-  A tile is at most one table block: a longer table block is cut into tiles
-  (so callers may build tables with any power-of-two blocks; ``block_q`` and
-  ``block_k`` here are good table blocks too). Query tiles count the rows of
-  all ``G`` stacked heads: ``block_q=128`` with ``G = 4`` is 32 query
-  positions per head (at least ``16 // G``, so decoding with GQA wastes no
-  rows).
+  The defaults follow torch's flex attention defaults for an H100 (its
+  ``CUDAConfigHeuristic``) where jmat's kernels compile without spills for
+  sm_90a: bfloat16/float16 with head dim 128 runs the forward on 128 x 64
+  tiles with 8 warps and 3 stages (torch's), the dq pass on 64 queries by 64
+  keys, the dk/dv pass on 64 keys stepping 32 query rows (torch's take 128
+  queries and 128 keys: those spill here); float32 gets torch's smaller
+  tiles (TF32 operands take twice the registers). A tile is at most one
+  table block: a longer table block is cut into tiles (so callers may build
+  tables with any power-of-two blocks). Query tiles count the rows of all
+  ``G`` stacked heads: ``block_q=128`` with ``G = 4`` is 32 query positions
+  per head (torch's ``BLOCK_M`` counts positions of one head; at least
+  ``16 // G`` here, so decoding with GQA wastes no rows).
 
   Attributes:
     block_q: query rows of a forward program (all heads of a group together).
@@ -98,29 +149,57 @@ class BlockSizes:
     block_k_dq: keys per step of the dq pass.
     block_q_dkv: query rows per step of the dk/dv pass.
     block_k_dkv: keys of a dk/dv-pass program.
-    num_warps: warps per program; None is 4 for padded head dims up to 64, 8 above.
-    num_stages: software-pipelining stages of the loops over blocks.
+    num_warps: warps per program of every pass (None: each pass' default).
+    num_stages: software-pipelining stages of the loops over tiles (None: each pass' default).
+    num_splits: forward programs sharing the key tiles of one query tile, merged by their
+      lse (flash-decoding); None splits where there is one query tile per row and fewer
+      programs than a GPU has streaming multiprocessors (decoding), 1 never.
 
   Raises:
     ValueError: a tile that is not a power of two of at least 16.
   """
 
-  block_q: int = 128
-  block_k: int = 64
-  block_q_dq: int = 64
-  block_k_dq: int = 64
-  block_q_dkv: int = 64
-  block_k_dkv: int = 64
+  block_q: int | None = None
+  block_k: int | None = None
+  block_q_dq: int | None = None
+  block_k_dq: int | None = None
+  block_q_dkv: int | None = None
+  block_k_dkv: int | None = None
   num_warps: int | None = None
-  num_stages: int = 2
+  num_stages: int | None = None
+  num_splits: int | None = None
 
   def __post_init__(self):
     for name in _TILES:
       size = getattr(self, name)
-      if not (isinstance(size, int) and _is_pow2(size) and size >= _MIN_DOT):
+      if size is not None and not (isinstance(size, int) and _is_pow2(size) and size >= _MIN_DOT):
         raise ValueError(
             f"{_NAME}: BlockSizes.{name}={size!r} is not a Triton tile; valid tiles are powers "
             f"of two from {_MIN_DOT}: 16, 32, 64, 128, 256")
+    if self.num_splits is not None and not (isinstance(self.num_splits, int)
+                                            and self.num_splits >= 1):
+      raise ValueError(f"{_NAME}: BlockSizes.num_splits={self.num_splits!r} is not a number of "
+                       f"programs; give a positive int, or None to choose")
+
+  def launches(self, head: int, dtype: Any) -> dict[str, Launch]:
+    """The ``forward``, ``dq`` and ``dkv`` kernels' launches for head dim ``head`` and ``dtype``.
+
+    Example:
+      >>> BlockSizes().launches(128, jnp.bfloat16)["forward"]
+      Launch(rows=128, keys=64, num_warps=8, num_stages=3)
+    """
+    half = jnp.dtype(dtype).itemsize == 2
+    padded = max(_next_pow2(head), 64)
+    forward = Launch(*_FORWARD.get((half, padded), (64, 64, 4, 3)))
+    dq, dkv = _backward_defaults(half, head)
+
+    def given(launch: Launch, rows: int | None, keys: int | None) -> Launch:
+      return Launch(rows or launch.rows, keys or launch.keys,
+                    self.num_warps or launch.num_warps, self.num_stages or launch.num_stages)
+
+    return {"forward": given(forward, self.block_q, self.block_k),
+            "dq": given(dq, self.block_q_dq, self.block_k_dq),
+            "dkv": given(dkv, self.block_q_dkv, self.block_k_dkv)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,14 +435,25 @@ class _ModRunner:
 
 # --- tiles -------------------------------------------------------------------------------------
 
+# Scores are folded in base 2 (exp2 is one instruction on a GPU): log2(e) goes into the scale.
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+
 
 class _At(NamedTuple):
-  """Where a tile is: table row, batch/head row, first query row and first key (int32 scalars)."""
+  """Where a tile is: table row, batch/head row, first query row and first key (int32 scalars).
+
+  ``q0``/``k0`` are the positions of the call's query and key row 0 (ring
+  attention's chunk offsets): the mods see ``q0 + row + i``, the bounds checks
+  the rows themselves.
+  """
 
   m: jax.Array
   r: jax.Array
   row: jax.Array
   col: jax.Array
+  q0: jax.Array
+  k0: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,8 +474,8 @@ class _Tiling:
     geo = self.geo
     # The padding heads read the mods' tables as the last real head (in bounds on the device).
     g = jnp.minimum(lax.iota(jnp.int32, geo.groups_p), geo.groups - 1)
-    return (jnp.full((1,), at.r, jnp.int32), g, at.row + lax.iota(jnp.int32, self.tq),
-            at.col + lax.iota(jnp.int32, self.tk))
+    return (jnp.full((1,), at.r, jnp.int32), g, at.q0 + at.row + lax.iota(jnp.int32, self.tq),
+            at.k0 + at.col + lax.iota(jnp.int32, self.tk))
 
   def blocked_index(self, shape: tuple[int, ...], at: _At) -> tuple[Any, ...]:
     """The indexer of a blocked operand ``(M|1, R|1, Gp|1, Lp|1, Sp|1)`` at a tile."""
@@ -417,7 +507,8 @@ class _Tiling:
     if not (masked or self.geo.bound_full):
       return None
     r, g, q_pos, k_pos = self.positions(at)
-    ok = jnp.broadcast_to((k_pos < self.geo.kv_len)[None, :], (self.rows, self.tk))
+    keys = at.col + lax.iota(jnp.int32, self.tk)  # bounds: the call's own rows, not positions
+    ok = jnp.broadcast_to((keys < self.geo.kv_len)[None, :], (self.rows, self.tk))
     if masked and self.mods.mask is not None:
       mask = runner(self.mods.mask, (at.m, r, g, q_pos, k_pos), whole_tree, blocked)
       shape = (1, self.geo.groups_p, self.tq, self.tk)
@@ -426,42 +517,60 @@ class _Tiling:
 
   def kept(self, ok: jax.Array | None, at: _At) -> jax.Array:
     """``ok`` on the real rows only: padding heads and queries get no gradient (nor NaN)."""
-    _, g, q_pos, _ = self.positions(at)
+    rows = at.row + lax.iota(jnp.int32, self.tq)
     real = (lax.iota(jnp.int32, self.geo.groups_p) < self.geo.groups)[:, None] & (
-        q_pos < self.geo.q_len)[None, :]
+        rows < self.geo.q_len)[None, :]
     real = jnp.broadcast_to(real.reshape(self.rows, 1), (self.rows, self.tk))
     return real if ok is None else real & ok
 
+  def logits(self, q: jax.Array, k: jax.Array, scale: jax.Array, at: _At, whole_tree: Any,
+             blocked: tuple[jax.Array, ...], runner: _ModRunner) -> jax.Array:
+    """The scores of a tile in base 2: ``log2(e) * Mods.score(scale * q @ k^T)``."""
+    qk = _mma(q, k, (1, 1), scale.dtype)
+    if self.mods.score is None:
+      return qk * (scale * _LOG2E)
+    return self.scored(qk * scale, at, whole_tree, blocked, runner) * _LOG2E
 
-def _products(q: jax.Array, k: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(q @ k^T, scale * q @ k^T)`` in the compute dtype (``scale``'s)."""
-  s = lax.dot_general(q, k.astype(q.dtype), (((1,), (1,)), ((), ())),
-                      preferred_element_type=scale.dtype)
-  return s, s * scale
 
+def _mma(a: jax.Array, b: jax.Array, contract: tuple[int, int], out: Any) -> jax.Array:
+  """A tensor-core product: operands in ``b``'s dtype (the input dtype), accumulated in ``out``.
 
-def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int] = (1, 0)) -> jax.Array:
-  """A 2-D product in ``a``'s dtype (the compute dtype), contracting ``a``'s and ``b``'s dims."""
-  return lax.dot_general(a, b.astype(a.dtype), (((contract[0],), (contract[1],)), ((), ())),
-                         preferred_element_type=a.dtype)
+  ``a`` is cast to ``b``'s dtype (P to V's, dS to K's or Q's, as FlashAttention
+  and torch do): bfloat16/float16 operands run at the half-precision rate;
+  float32 ones follow ``jax.default_matmul_precision`` as ``jnp.matmul`` does
+  (TF32 under the default, full float32 under ``"highest"``).
+  """
+  return lax.dot_general(a.astype(b.dtype), b, (((contract[0],), (contract[1],)), ((), ())),
+                         preferred_element_type=out)
 
 
 def _visit(blocks: KeyBlocks, m: jax.Array, i: jax.Array, per_block: int,
-           body: Callable[[bool, jax.Array, Any], Any], carry: Any) -> Any:
+           body: Callable[[bool, jax.Array, Any], Any], carry: Any,
+           split: tuple[jax.Array, int] | None = None) -> Any:
   """Runs ``carry = body(masked, tile, carry)`` over the tiles of block ``i``'s listed blocks.
 
   ``blocks`` holds refs; the full blocks come first, then the partial ones
-  (``masked``); each listed block is ``per_block`` tiles (``tile`` counts tiles).
+  (``masked``); each listed block is ``per_block`` tiles (``tile`` counts
+  tiles). One flat loop per kind over all their tiles, so that Triton can
+  software-pipeline the loads of the next tile behind this one's products.
+  ``split = (s, n)``: only the ``s``-th of ``n`` equal shares of each kind's tiles.
   """
 
   def listed(masked, num, indices, first, carry):
-    def block(t, carry):
-      j = first + t if indices is None else indices[m, i, t]
-      if per_block == 1:
-        return body(masked, j, carry)
-      return lax.fori_loop(0, per_block, lambda u, c: body(masked, j * per_block + u, c), carry)
+    def step(t, carry):
+      # lax's div/rem (the counts are not negative): jnp's floor division does not lower.
+      per = jnp.asarray(per_block, t.dtype)
+      b, u = (t, 0) if per_block == 1 else (lax.div(t, per), lax.rem(t, per))
+      j = first + b if indices is None else indices[m, i, b]
+      return body(masked, j * per_block + u, carry)
 
-    return lax.fori_loop(0, num[m, i], block, carry)
+    tiles = num[m, i] * per_block
+    if split is None:
+      return lax.fori_loop(0, tiles, step, carry)
+    s, n = split
+    s = s.astype(tiles.dtype)
+    return lax.fori_loop(lax.div(s * tiles, jnp.asarray(n, tiles.dtype)),
+                         lax.div((s + 1) * tiles, jnp.asarray(n, tiles.dtype)), step, carry)
 
   carry = listed(False, blocks.full_num, blocks.full_indices, 0, carry)
   return listed(True, blocks.num, blocks.indices, blocks.full_num[m, i], carry)
@@ -482,13 +591,61 @@ def _program() -> tuple[jax.Array, jax.Array, jax.Array]:
   return pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
 
+def _split_program(t: Any, splits: int) -> tuple[Any, Any]:
+  """``(query tile, key split)`` of a forward program whose grid axis 0 is ``tiles * splits``."""
+  if splits == 1:
+    return t, 0
+  n = jnp.asarray(splits, jnp.int32)
+  return lax.div(t, n), lax.rem(t, n)
+
+
+def _offsets(offsets_ref) -> tuple[jax.Array, jax.Array]:
+  return offsets_ref[0], offsets_ref[1]
+
+
+def _key_rows(geo: _Geometry, col: jax.Array, tk: int) -> jax.Array | None:
+  """Which of keys ``col .. col + tk`` exist, as a ``(tk, 1)`` load mask; None if all may.
+
+  K and V are not padded to whole blocks: a tile past the last key reads
+  zeros through a masked load instead (the key bounds mask its scores).
+  """
+  if geo.kv_pad == geo.kv_len:
+    return None
+  return (col + lax.iota(jnp.int32, tk) < geo.kv_len)[:, None]
+
+
+def _load_keys(ref, geo: _Geometry, col: jax.Array, tk: int) -> jax.Array:
+  """Keys (or values) ``col .. col + tk`` of a row's ``(S, E)`` ref; missing keys read 0."""
+  mask = _key_rows(geo, col, tk)
+  view = ref.at[pl.ds(col, tk), :]
+  return view[...] if mask is None else plgpu.load(view, mask=mask, other=0)
+
+
 # --- kernels -----------------------------------------------------------------------------------
 
 
-def _forward_kernel(tiling: _Tiling, blocks, scale_ref, q_ref, k_ref, v_ref, operands, out_ref,
-                    lse_ref):
+def _fold(carry: osm.Carry, s: jax.Array, v: jax.Array) -> osm.Carry:
+  """:func:`online_softmax_fold` in base 2 with ``P`` in ``v``'s dtype for ``P @ V``.
+
+  ``s`` are base-2 scores (``-inf`` masked); the running maximum is in base 2
+  too. The kernel's custom vjp differentiates it, so nothing is held out here.
+  """
+  acc, row_max, row_sum = carry
+  new_max = jnp.maximum(row_max, jnp.max(s, axis=-1))
+  # While a row has seen no key its maximum is -inf: shift by 0, not by -inf (no NaN).
+  shift = jnp.where(jnp.isneginf(new_max), 0.0, new_max)
+  p = jnp.exp2(s - shift[:, None])
+  rescale = jnp.exp2(row_max - shift)
+  return (acc * rescale[:, None] + _mma(p, v, (1, 0), acc.dtype), new_max,
+          row_sum * rescale + jnp.sum(p, axis=-1))
+
+
+def _forward_kernel(tiling: _Tiling, splits: int, blocks, scale_ref, offsets_ref, q_ref, k_ref,
+                    v_ref, operands, out_ref, lse_ref):
   geo, tq, tk = tiling.geo, tiling.tq, tiling.tk
   tile, m, r = _program()
+  tile, split = _split_program(tile, splits)
+  q0, k0 = _offsets(offsets_ref)
   whole_refs, whole_tree, blocked_refs = _operand_refs(operands)
   scale = scale_ref[...]
   q = q_ref[...].reshape(tiling.rows, geo.head_p)
@@ -496,26 +653,29 @@ def _forward_kernel(tiling: _Tiling, blocks, scale_ref, q_ref, k_ref, v_ref, ope
 
   def fold(masked, key_tile, carry):
     col = pl.multiple_of(key_tile * tk, tk)
-    at = _At(m, r, row, col)
+    at = _At(m, r, row, col, q0, k0)
     runner = _ModRunner(whole_refs)
     blocked = tiling.blocked(blocked_refs, at)
-    _, s = _products(q, k_ref[pl.ds(col, tk), :], scale)
-    s = tiling.scored(s, at, whole_tree, blocked, runner)
+    s = tiling.logits(q, _load_keys(k_ref, geo, col, tk), scale, at, whole_tree, blocked,
+                      runner)
     ok = tiling.allowed(masked, at, whole_tree, blocked, runner)
     if ok is not None:
       s = jnp.where(ok, s, -jnp.inf)
-    return osm.online_softmax_fold(carry, s, v_ref[pl.ds(col, tk), :])
+    return _fold(carry, s, _load_keys(v_ref, geo, col, tk))
 
   carry = osm.online_softmax_init((), tiling.rows, geo.v_head_p, dtype=scale.dtype)
-  carry = _visit(blocks, m, tile // (geo.block_q // tq), geo.block_k // tk, fold, carry)
+  carry = _visit(blocks, m, tile // (geo.block_q // tq), geo.block_k // tk, fold, carry,
+                 None if splits == 1 else (split, splits))
   out_ref[...] = osm.online_softmax_finish(carry, out_ref.dtype).reshape(out_ref.shape)
-  lse_ref[...] = osm.online_softmax_logsumexp(carry).reshape(lse_ref.shape)
+  _, row_max, row_sum = carry
+  seen = osm.seen_a_key(row_max)
+  lse = jnp.where(seen, (row_max + jnp.log2(jnp.where(seen, row_sum, 1.0))) * _LN2, -jnp.inf)
+  lse_ref[...] = lse.reshape(lse_ref.shape)
 
 
 class _TileGrads(NamedTuple):
   """One tile of the backward pass: probabilities, score cotangents, operand cotangents."""
 
-  s0: jax.Array  # q @ k^T, unscaled: what scale multiplies
   p: jax.Array  # softmax probabilities, 0 where masked or padding
   d_s1: jax.Array  # cotangent of the scaled scores (before Mods.score)
   d_blocked: list[jax.Array]  # of the float blocked tiles
@@ -524,21 +684,26 @@ class _TileGrads(NamedTuple):
   d_loaded: dict[int, jax.Array]  # of the float whole leaves the mods read whole
 
 
-def _tile_grads(tiling: _Tiling, masked: bool, at: _At, q, k, v, scale, d_out, lse, delta,
+def _tile_grads(tiling: _Tiling, masked: bool, at: _At, q, k, v, scale, d_out, lse2, delta,
                 operands, operand_grads: bool) -> _TileGrads:
-  """FlashAttention-2's backward of one tile: ``p = exp(s - lse)``, ``ds = p * (dp - delta)``.
+  """FlashAttention-2's backward of one tile: ``p = 2^(s - lse)``, ``ds = p * (dp - delta)``.
 
-  ``ds`` goes back through ``Mods.score`` with ``jax.vjp``; with
-  ``operand_grads``, what the mods read from the float operands (blocked
-  tiles, gathered or whole-read whole leaves) is a vjp input too, so their
-  cotangents come out.
+  ``lse2`` is the log-sum-exp in base 2. ``ds`` goes back through
+  ``Mods.score`` with ``jax.vjp``; with ``operand_grads``, what the mods read
+  from the float operands (blocked tiles, gathered or whole-read whole leaves)
+  is a vjp input too, so their cotangents come out.
   """
   whole_refs, whole_tree, blocked_refs = operands
   blocked = tiling.blocked(blocked_refs, at)
   trainable = [operand_grads and _inexact(ref) for ref in whole_refs]
   is_float = [operand_grads and _inexact(x) for x in blocked]
-  s0, s1 = _products(q, k, scale)
   keep = tiling.kept(tiling.allowed(masked, at, whole_tree, blocked, _ModRunner(whole_refs)), at)
+  dp = _mma(d_out, v, (1, 1), scale.dtype)
+  if tiling.mods.score is None and not any(is_float):
+    p = jnp.where(keep, jnp.exp2(tiling.logits(q, k, scale, at, whole_tree, blocked,
+                                               _ModRunner(whole_refs)) - lse2), 0.0)
+    return _TileGrads(p, jnp.where(keep, p * (dp - delta), 0.0), [], [], [], {})
+  s1 = _mma(q, k, (1, 1), scale.dtype) * scale
   # A first run records what the mods read from the float whole leaves; the vjp replays it.
   record = _ModRunner(whole_refs, trainable)
   if any(trainable):
@@ -553,32 +718,34 @@ def _tile_grads(tiling: _Tiling, masked: bool, at: _At, q, k, v, scale, d_out, l
     return tiling.scored(s1, at, whole_tree, tiles, runner)
 
   s2, vjp = jax.vjp(scores, s1, floats, [g.value for g in record.gathers], loaded)
-  p = jnp.where(keep, jnp.exp(s2 - lse), 0.0)
-  d_s1, d_blocked, d_gathered, d_loaded = vjp(p * (_dot(d_out, v, (1, 1)) - delta))
-  return _TileGrads(s0, p, jnp.where(keep, d_s1, 0.0), d_blocked, record.gathers, d_gathered,
+  p = jnp.where(keep, jnp.exp2(s2 * _LOG2E - lse2), 0.0)
+  # Padding rows may hold NaN (an inf score of a padding head): only the kept entries go back.
+  d_s1, d_blocked, d_gathered, d_loaded = vjp(jnp.where(keep, p * (dp - delta), 0.0))
+  return _TileGrads(p, jnp.where(keep, d_s1, 0.0), d_blocked, record.gathers, d_gathered,
                     d_loaded)
 
 
-def _dq_kernel(tiling: _Tiling, blocks, scale_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-               delta_ref, operands, _zeros, dq_ref, d_scale_ref, d_whole_refs, d_blocked_refs):
+def _dq_kernel(tiling: _Tiling, blocks, scale_ref, offsets_ref, q_ref, k_ref, v_ref, do_ref,
+               lse_ref, delta_ref, operands, _zeros, dq_ref, d_scale_ref, d_whole_refs,
+               d_blocked_refs):
   geo, tq, tk = tiling.geo, tiling.tq, tiling.tk
   tile, m, r = _program()
+  q0, k0 = _offsets(offsets_ref)
   operands = _operand_refs(operands)
   d_whole = dict(zip([i for i, ref in enumerate(operands[0]) if _inexact(ref)], d_whole_refs,
                      strict=True))
   scale = scale_ref[...]
   q = q_ref[...].reshape(tiling.rows, geo.head_p)
   d_out = do_ref[...].reshape(tiling.rows, geo.v_head_p)
-  lse, delta = (x[...].reshape(tiling.rows, 1) for x in (lse_ref, delta_ref))
+  lse2, delta = (x[...].reshape(tiling.rows, 1) for x in (lse_ref, delta_ref))
   row = pl.multiple_of(tile * tq, tq)
 
-  def step(masked, key_tile, carry):
-    dq, d_scale = carry
+  def step(masked, key_tile, dq):
     col = pl.multiple_of(key_tile * tk, tk)
-    at = _At(m, r, row, col)
-    k = k_ref[pl.ds(col, tk), :]
-    grads = _tile_grads(tiling, masked, at, q, k, v_ref[pl.ds(col, tk), :], scale, d_out, lse,
-                        delta, operands, operand_grads=True)
+    at = _At(m, r, row, col, q0, k0)
+    k = _load_keys(k_ref, geo, col, tk)
+    grads = _tile_grads(tiling, masked, at, q, k, _load_keys(v_ref, geo, col, tk), scale, d_out,
+                        lse2, delta, operands, operand_grads=True)
     # Tiles of other programs add into the same entries (broadcast dims, shared table entries).
     for ref, d in zip(d_blocked_refs, grads.d_blocked, strict=True):
       addupdate(ref, tiling.blocked_index(ref.shape, at), d.astype(ref.dtype))
@@ -588,22 +755,25 @@ def _dq_kernel(tiling: _Tiling, blocks, scale_ref, q_ref, k_ref, v_ref, do_ref, 
     for i, d in grads.d_loaded.items():
       ref = d_whole[i]
       addupdate(ref, tuple(slice(None) for _ in ref.shape), d.reshape(ref.shape).astype(ref.dtype))
-    return dq + _dot(grads.d_s1, k), d_scale + jnp.sum(grads.d_s1 * grads.s0)
+    return dq + _mma(grads.d_s1, k, (1, 0), scale.dtype)
 
-  carry = (jnp.zeros((tiling.rows, geo.head_p), scale.dtype), jnp.zeros((), scale.dtype))
-  dq, d_scale = _visit(blocks, m, tile // (geo.block_q // tq), geo.block_k // tk, step, carry)
-  dq_ref[...] = (dq * scale).reshape(dq_ref.shape)
-  d_scale_ref[...] = d_scale
+  dq = _visit(blocks, m, tile // (geo.block_q // tq), geo.block_k // tk, step,
+              jnp.zeros((tiling.rows, geo.head_p), scale.dtype))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype).reshape(dq_ref.shape)
+  # d scale = sum(d s1 * q @ k^T) = sum(q * (d s1 @ k)): one reduction after the pass.
+  d_scale_ref[...] = jnp.sum(dq * q.astype(scale.dtype))
 
 
-def _dkv_kernel(tiling: _Tiling, blocks, scale_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                delta_ref, operands, dk_ref, dv_ref):
+def _dkv_kernel(tiling: _Tiling, blocks, scale_ref, offsets_ref, q_ref, k_ref, v_ref, do_ref,
+                lse_ref, delta_ref, operands, dk_ref, dv_ref):
   geo, tq, tk = tiling.geo, tiling.tq, tiling.tk
   tile, m, r = _program()
+  q0, k0 = _offsets(offsets_ref)
   operands = _operand_refs(operands)
   scale = scale_ref[...]
-  k, v = k_ref[...], v_ref[...]
   col = pl.multiple_of(tile * tk, tk)
+  mask = _key_rows(geo, col, tk)
+  k, v = ((x[...] if mask is None else plgpu.load(x, mask=mask, other=0)) for x in (k_ref, v_ref))
 
   def step(masked, query_tile, carry):
     dk, dv = carry
@@ -611,15 +781,19 @@ def _dkv_kernel(tiling: _Tiling, blocks, scale_ref, q_ref, k_ref, v_ref, do_ref,
     rows = pl.ds(row, tq)
     q = q_ref[:, rows, :].reshape(tiling.rows, geo.head_p)
     d_out = do_ref[:, rows, :].reshape(tiling.rows, geo.v_head_p)
-    lse, delta = (x[:, rows].reshape(tiling.rows, 1) for x in (lse_ref, delta_ref))
-    grads = _tile_grads(tiling, masked, _At(m, r, row, col), q, k, v, scale, d_out, lse,
-                        delta, operands, operand_grads=False)  # the dq pass gives those
-    return dk + _dot(grads.d_s1, q, (0, 0)), dv + _dot(grads.p, d_out, (0, 0))
+    lse2, delta = (x[:, rows].reshape(tiling.rows, 1) for x in (lse_ref, delta_ref))
+    grads = _tile_grads(tiling, masked, _At(m, r, row, col, q0, k0), q, k, v, scale, d_out,
+                        lse2, delta, operands, operand_grads=False)  # the dq pass gives those
+    return (dk + _mma(grads.d_s1, q, (0, 0), scale.dtype),
+            dv + _mma(grads.p, d_out, (0, 0), scale.dtype))
 
   carry = (jnp.zeros((tk, geo.head_p), scale.dtype), jnp.zeros((tk, geo.v_head_p), scale.dtype))
   dk, dv = _visit(blocks, m, tile // (geo.block_k // tk), geo.block_q // tq, step, carry)
-  dk_ref[...] = dk * scale
-  dv_ref[...] = dv
+  for ref, d in ((dk_ref, dk * scale), (dv_ref, dv)):
+    if mask is None:
+      ref[...] = d.astype(ref.dtype)
+    else:
+      plgpu.store(ref, d.astype(ref.dtype), mask=mask)
 
 
 # --- calls -------------------------------------------------------------------------------------
@@ -633,15 +807,40 @@ class _Config:
   sizes: BlockSizes
   mods: Mods
   interpret: bool
+  dtype: Any  # the inputs'
 
-  def tiling(self, rows: int, keys: int) -> _Tiling:
-    return _Tiling(self.geo, *self.geo.tiles(rows, keys), self.mods)
+  def launch(self, kind: str) -> Launch:
+    return self.sizes.launches(max(self.geo.head_p, self.geo.v_head_p), self.dtype)[kind]
 
-  def params(self) -> plgpu.CompilerParams:
-    warps = self.sizes.num_warps
-    if warps is None:
-      warps = 4 if max(self.geo.head_p, self.geo.v_head_p) <= 64 else 8
-    return plgpu.CompilerParams(num_warps=warps, num_stages=self.sizes.num_stages)
+  def tiling(self, kind: str) -> _Tiling:
+    launch = self.launch(kind)
+    return _Tiling(self.geo, *self.geo.tiles(launch.rows, launch.keys), self.mods)
+
+  def params(self, kind: str) -> plgpu.CompilerParams:
+    launch = self.launch(kind)
+    return plgpu.CompilerParams(num_warps=launch.num_warps, num_stages=launch.num_stages)
+
+  def cost(self, kind: str, lead: tuple[int, ...], tiles: int) -> pl.CostEstimate:
+    """An upper bound of the work of a pass (every table block listed) for XLA's scheduler.
+
+    ``tiles``: how many programs per ``(m, r)`` re-read the other side.
+    """
+    geo, size = self.geo, jnp.dtype(self.dtype).itemsize
+    heads = math.prod(lead)
+    pairs = heads * geo.groups_p * geo.q_pad * geo.kv_pad
+    queries = heads * geo.groups_p * geo.q_pad  # rows of q, out, dO, lse
+    e, ev = geo.head_p, geo.v_head_p
+    keys = heads * geo.kv_pad * (e + ev) * size
+    rows = queries * (e + ev) * size
+    if kind == "forward":
+      return pl.CostEstimate(flops=2 * pairs * (e + ev), transcendentals=pairs,
+                             bytes_accessed=rows + 4 * queries + tiles * keys)
+    if kind == "dq":  # reads q, dO, lse, delta and keys/values per tile; writes dq
+      return pl.CostEstimate(flops=2 * pairs * (2 * e + ev), transcendentals=pairs,
+                             bytes_accessed=rows + queries * e * size + 8 * queries
+                             + tiles * keys)
+    return pl.CostEstimate(flops=2 * pairs * (2 * e + 2 * ev), transcendentals=pairs,
+                           bytes_accessed=2 * keys + tiles * (rows + 8 * queries))
 
 
 def _whole_spec(tree):
@@ -654,35 +853,82 @@ def _per_row(*tail: int | None) -> pl.BlockSpec:
   return pl.BlockSpec((None, None, *tail), lambda t, m, r: (m, r) + (0,) * len(tail))
 
 
-def _query_tiles(geo: _Geometry, tq: int) -> tuple[pl.BlockSpec, pl.BlockSpec, pl.BlockSpec]:
-  """Specs of program ``(t, m, r)``'s query tile: ``(q (Gp, tq, Ep), out (Gp, tq, Evp), rows)``."""
+def _query_tiles(geo: _Geometry, tq: int,
+                 splits: int = 1) -> tuple[pl.BlockSpec, pl.BlockSpec, pl.BlockSpec]:
+  """Specs of program ``(t, m, r)``'s query tile: ``(q (Gp, tq, Ep), out (Gp, tq, Evp), rows)``.
+
+  With ``splits``, ``t`` is ``tile * splits + split`` and the outputs have a
+  leading split axis.
+  """
   gp = geo.groups_p
-  return (pl.BlockSpec((None, None, gp, tq, geo.head_p), lambda t, m, r: (m, r, 0, t, 0)),
-          pl.BlockSpec((None, None, gp, tq, geo.v_head_p), lambda t, m, r: (m, r, 0, t, 0)),
-          pl.BlockSpec((None, None, gp, tq), lambda t, m, r: (m, r, 0, t)))
+  q = pl.BlockSpec((None, None, gp, tq, geo.head_p),
+                   lambda t, m, r: (m, r, 0, _split_program(t, splits)[0], 0))
+  if splits == 1:
+    return (q, pl.BlockSpec((None, None, gp, tq, geo.v_head_p), lambda t, m, r: (m, r, 0, t, 0)),
+            pl.BlockSpec((None, None, gp, tq), lambda t, m, r: (m, r, 0, t)))
+
+  def at(t, m, r, *tail):
+    tile, split = _split_program(t, splits)
+    return (split, m, r, 0, tile, *tail)
+
+  return (q, pl.BlockSpec((None, None, None, gp, tq, geo.v_head_p), lambda t, m, r: at(t, m, r, 0)),
+          pl.BlockSpec((None, None, None, gp, tq), at))
 
 
-def _forward(q, k, v, blocks: KeyBlocks, operands: Operands, scale, cfg: _Config):
+def _splits(cfg: _Config, tiling: _Tiling, programs: int) -> int:
+  """Key splits of the forward: flash-decoding's, where the query tiles leave the GPU idle.
+
+  One query tile per row (decoding: L = 1..16 queries per sequence) makes as
+  few programs as rows; the listed key tiles are then shared out among up to
+  16 programs per row (at most one per key tile), merged by their lse.
+  """
+  if cfg.sizes.num_splits is not None:
+    return cfg.sizes.num_splits
   geo = cfg.geo
-  tiling = cfg.tiling(cfg.sizes.block_q, cfg.sizes.block_k)
+  if geo.q_pad // tiling.tq > 1 or programs >= _BUSY:
+    return 1
+  return max(1, min(16, geo.n_k * (geo.block_k // tiling.tk), _BUSY // programs))
+
+
+def _forward(q, k, v, blocks: KeyBlocks, operands: Operands, scale, offsets, cfg: _Config):
+  geo = cfg.geo
+  tiling = cfg.tiling("forward")
   lead = q.shape[:2]
   gp, tq, dtype = geo.groups_p, tiling.tq, scale.dtype
-  q_tile, out_tile, lse_tile = _query_tiles(geo, tq)
-  return pl.pallas_call(
-      functools.partial(_forward_kernel, tiling),
-      grid=(geo.q_pad // tq,) + lead,
-      in_specs=[_whole_spec(blocks), pl.no_block_spec, q_tile, _per_row(geo.kv_pad, geo.head_p),
-                _per_row(geo.kv_pad, geo.v_head_p), _whole_spec(operands)],
+  tiles = geo.q_pad // tq
+  splits = _splits(cfg, tiling, tiles * math.prod(lead))
+  q_tile, out_tile, lse_tile = _query_tiles(geo, tq, splits)
+  out_shape = lead + (gp, geo.q_pad)
+  out, lse = pl.pallas_call(
+      functools.partial(_forward_kernel, tiling, splits),
+      grid=(tiles * splits,) + lead,
+      in_specs=[_whole_spec(blocks), pl.no_block_spec, pl.no_block_spec, q_tile,
+                _per_row(geo.kv_len, geo.head_p), _per_row(geo.kv_len, geo.v_head_p),
+                _whole_spec(operands)],
       out_specs=[out_tile, lse_tile],
-      out_shape=[jax.ShapeDtypeStruct(lead + (gp, geo.q_pad, geo.v_head_p), q.dtype),
-                 jax.ShapeDtypeStruct(lead + (gp, geo.q_pad), dtype)],
-      compiler_params=cfg.params(),
+      # Split programs write float32 partial results for the merge below.
+      out_shape=[jax.ShapeDtypeStruct((splits,) * (splits > 1) + out_shape + (geo.v_head_p,),
+                                      q.dtype if splits == 1 else dtype),
+                 jax.ShapeDtypeStruct((splits,) * (splits > 1) + out_shape, dtype)],
+      compiler_params=cfg.params("forward"),
+      cost_estimate=cfg.cost("forward", lead, tiles),
       interpret=cfg.interpret,
       name="jmat_block_sparse_forward",
-  )(blocks, scale, q, k, v, operands)
+  )(blocks, scale, offsets, q, k, v, operands)
+  if splits == 1:
+    return out, lse
+  # Flash-decoding's merge: each split's output weighs exp(its lse - the total lse).
+  # A row no split saw stays 0 and -inf; a NaN in any split comes out.
+  top = jnp.max(lse, axis=0)
+  empty = jnp.isneginf(top)
+  top = jnp.where(empty, 0.0, top)
+  weight = jnp.exp(lse - top)
+  total = jnp.sum(weight, axis=0)
+  merged = jnp.sum(weight[..., None] * out, axis=0) / jnp.where(empty, 1.0, total)[..., None]
+  return merged.astype(q.dtype), jnp.where(empty, -jnp.inf, top + jnp.log(total))
 
 
-def _backward(cfg: _Config, q, k, v, blocks, operands, scale, d_out, lse, delta):
+def _backward(cfg: _Config, q, k, v, blocks, operands, scale, offsets, d_out, lse2, delta):
   """``(dq, dk, dv, d_scale, d_whole (float leaves), d_blocked (float operands))``."""
   geo = cfg.geo
   lead, gp, dtype = q.shape[:2], geo.groups_p, scale.dtype
@@ -690,33 +936,34 @@ def _backward(cfg: _Config, q, k, v, blocks, operands, scale, d_out, lse, delta)
   # A scalar leaf's gradient is (1,): Triton adds to a ref through an index.
   zeros = ([jnp.zeros(x.shape or (1,), dtype) for x in jax.tree.leaves(whole) if _inexact(x)],
            [jnp.zeros(x.shape, dtype) for x in blocked if _inexact(x)])
-  tables = [_whole_spec(blocks), pl.no_block_spec]
-  ins = (blocks, scale, q, k, v, d_out, lse, delta, operands)
+  tables = [_whole_spec(blocks), pl.no_block_spec, pl.no_block_spec]
+  ins = (blocks, scale, offsets, q, k, v, d_out, lse2, delta, operands)
 
-  tiling = cfg.tiling(cfg.sizes.block_q_dq, cfg.sizes.block_k_dq)
+  tiling = cfg.tiling("dq")
   q_tile, do_tile, row_tile = _query_tiles(geo, tiling.tq)
   n_tiles = geo.q_pad // tiling.tq
   n_zeros = len(zeros[0]) + len(zeros[1])
   dq, d_scale, d_whole, d_blocked = pl.pallas_call(
       functools.partial(_dq_kernel, tiling),
       grid=(n_tiles,) + lead,
-      in_specs=tables + [q_tile, _per_row(geo.kv_pad, geo.head_p),
-                         _per_row(geo.kv_pad, geo.v_head_p), do_tile, row_tile, row_tile,
+      in_specs=tables + [q_tile, _per_row(geo.kv_len, geo.head_p),
+                         _per_row(geo.kv_len, geo.v_head_p), do_tile, row_tile, row_tile,
                          _whole_spec(operands), _whole_spec(zeros)],
       out_specs=[q_tile, pl.BlockSpec((None, None, None), lambda t, m, r: (t, m, r)),
                  _whole_spec(zeros[0]), _whole_spec(zeros[1])],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, dtype),
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((n_tiles,) + lead, dtype),
                  [jax.ShapeDtypeStruct(x.shape, dtype) for x in zeros[0]],
                  [jax.ShapeDtypeStruct(x.shape, dtype) for x in zeros[1]]],
       # The operands' gradients start at zero and are added to in place.
       input_output_aliases={len(jax.tree.leaves(ins)) + n: 2 + n for n in range(n_zeros)},
-      compiler_params=cfg.params(),
+      compiler_params=cfg.params("dq"),
+      cost_estimate=cfg.cost("dq", lead, n_tiles),
       interpret=cfg.interpret,
       name="jmat_block_sparse_dq",
   )(*ins, zeros)
 
-  tiling = cfg.tiling(cfg.sizes.block_q_dkv, cfg.sizes.block_k_dkv)
+  tiling = cfg.tiling("dkv")
   tk = tiling.tk
   dk_tile = pl.BlockSpec((None, None, tk, geo.head_p), lambda t, m, r: (m, r, t, 0))
   dv_tile = pl.BlockSpec((None, None, tk, geo.v_head_p), lambda t, m, r: (m, r, t, 0))
@@ -724,38 +971,41 @@ def _backward(cfg: _Config, q, k, v, blocks, operands, scale, d_out, lse, delta)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, tiling),
       grid=(geo.kv_pad // tk,) + lead,
-      in_specs=[_whole_spec(by_key), pl.no_block_spec, _per_row(gp, geo.q_pad, geo.head_p),
-                dk_tile, dv_tile, _per_row(gp, geo.q_pad, geo.v_head_p),
-                _per_row(gp, geo.q_pad), _per_row(gp, geo.q_pad), _whole_spec(operands)],
+      in_specs=[_whole_spec(by_key), pl.no_block_spec, pl.no_block_spec,
+                _per_row(gp, geo.q_pad, geo.head_p), dk_tile, dv_tile,
+                _per_row(gp, geo.q_pad, geo.v_head_p), _per_row(gp, geo.q_pad),
+                _per_row(gp, geo.q_pad), _whole_spec(operands)],
       out_specs=[dk_tile, dv_tile],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)],
-      compiler_params=cfg.params(),
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=cfg.params("dkv"),
+      cost_estimate=cfg.cost("dkv", lead, geo.kv_pad // tk),
       interpret=cfg.interpret,
       name="jmat_block_sparse_dkv",
   )(by_key, *ins[1:])
   return dq, dk, dv, jnp.sum(d_scale), d_whole, d_blocked
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attend(q, k, v, blocks, operands, scale, cfg: _Config):
-  return _forward(q, k, v, blocks, operands, scale, cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _attend(q, k, v, blocks, operands, scale, offsets, cfg: _Config):
+  return _forward(q, k, v, blocks, operands, scale, offsets, cfg)
 
 
-def _attend_fwd(q, k, v, blocks, operands, scale, cfg: _Config):
-  out, lse = _forward(q, k, v, blocks, operands, scale, cfg)
-  return (out, lse), (q, k, v, blocks, operands, scale, out, lse)
+def _attend_fwd(q, k, v, blocks, operands, scale, offsets, cfg: _Config):
+  out, lse = _forward(q, k, v, blocks, operands, scale, offsets, cfg)
+  return (out, lse), (q, k, v, blocks, operands, scale, offsets, out, lse)
 
 
 def _attend_bwd(cfg: _Config, residuals, cotangents):
-  q, k, v, blocks, operands, scale, out, lse = residuals
+  q, k, v, blocks, operands, scale, offsets, out, lse = residuals
   d_out, d_lse = cotangents
   dtype = lse.dtype
-  d_out = d_out.astype(dtype)
-  delta = jnp.sum(d_out * out.astype(dtype), axis=-1) - d_lse.astype(dtype)
+  # dO stays in the input dtype (a tensor-core operand); delta is a float32 (or float64) sum.
+  d_out = d_out.astype(q.dtype)
+  delta = jnp.sum(d_out.astype(dtype) * out.astype(dtype), axis=-1) - d_lse.astype(dtype)
   # Rows that saw no key have lse = -inf: an lse of +inf makes their p exactly 0.
-  lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
+  lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * _LOG2E)
   dq, dk, dv, d_scale, d_whole, d_blocked = _backward(
-      cfg, q, k, v, blocks, operands, scale, d_out, lse, delta)
+      cfg, q, k, v, blocks, operands, scale, offsets, d_out, lse2, delta)
   d_whole, d_blocked = iter(d_whole), iter(d_blocked)
 
   def cotangent(x, grads):
@@ -766,8 +1016,8 @@ def _attend_bwd(cfg: _Config, residuals, cotangents):
   whole, blocked = operands
   d_operands = Operands(jax.tree.map(lambda x: cotangent(x, d_whole), whole),
                         tuple(cotangent(x, d_blocked) for x in blocked))
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
-          jax.tree.map(zero_cotangent, blocks), d_operands, d_scale.astype(scale.dtype))
+  return (dq, dk, dv, jax.tree.map(zero_cotangent, blocks), d_operands,
+          d_scale.astype(scale.dtype), zero_cotangent(offsets))
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -786,6 +1036,8 @@ def attend(
     block_k: int,
     interpret: bool = False,
     block_sizes: BlockSizes = BlockSizes(),
+    q_offset: int | jax.Array = 0,
+    k_offset: int | jax.Array = 0,
 ) -> tuple[jax.Array, jax.Array]:
   """Block-sparse attention of ``q (M, R, G, L, E)`` over ``k, v (M, R, S, E|Ev)`` with Triton.
 
@@ -793,12 +1045,18 @@ def attend(
   blocks of ``(block_q, block_k)`` and never marks full a block holding
   padding keys; ``mods`` and ``operands = (whole, blocked)`` as there, blocked
   operands ``(M|1, R|1, G|1, L|1, S|1)``. Differentiable in ``q``, ``k``,
-  ``v``, ``scale`` and the float operand leaves.
+  ``v``, ``scale`` and the float operand leaves. The products take their
+  operands in the input dtype and accumulate in float32 (float64 for float64
+  inputs); ``out`` and the gradients of q, k, v come out in the inputs' dtypes.
 
   Args:
     q, k, v, blocks, operands, scale, mods, block_q, block_k: as the xla backend's.
     interpret: run the kernels in Pallas' interpreter (on any platform; tests).
     block_sizes: the kernels' tiles and launch parameters.
+    q_offset: the position of query row 0 as the mods see it (a Python int or an
+      int32 scalar, traced or not: ring attention's chunk offsets); the tables
+      and the bounds stay the call's own.
+    k_offset: the position of key row 0, likewise.
 
   Returns:
     ``(out (M, R, G, L, Ev), lse (M, R, G, L))``: ``out`` in q's dtype, ``lse``
@@ -821,11 +1079,11 @@ def attend(
   blocked = tuple(pad(pad(pad(jnp.asarray(x), 2, geo.groups_p, True), 3, geo.q_pad, True),
                        4, geo.kv_pad, True) for x in blocked)
   q = pad(pad(pad(q, 2, geo.groups_p), 3, geo.q_pad), 4, geo.head_p)
-  k = pad(pad(k, 2, geo.kv_pad), 3, geo.head_p)
-  v = pad(pad(v, 2, geo.kv_pad), 3, geo.v_head_p)
-  cfg = _Config(geo, block_sizes, mods, interpret)
+  k, v = pad(k, 3, geo.head_p), pad(v, 3, geo.v_head_p)  # keys past S: masked loads
+  offsets = jnp.stack([jnp.asarray(q_offset, jnp.int32), jnp.asarray(k_offset, jnp.int32)])
+  cfg = _Config(geo, block_sizes, mods, interpret, jnp.dtype(q.dtype))
   out, lse = cast(tuple[jax.Array, jax.Array], _attend(
-      q, k, v, blocks, Operands(whole, blocked), jnp.asarray(scale).astype(dtype), cfg))
+      q, k, v, blocks, Operands(whole, blocked), jnp.asarray(scale).astype(dtype), offsets, cfg))
   return out[:, :, :groups, :length, :v_head], lse[:, :, :groups, :length]
 
 
