@@ -236,4 +236,5 @@ def _run(backend: str, call: block_sparse.Call, options: KernelOptions):
   call = _fitted(backend, call)
   return _module(backend).attend(call.q, call.k, call.v, call.blocks, call.operands, call.scale,
                                  mods=call.mods, block_q=call.block_q, block_k=call.block_k,
-                                 interpret=options.interpret, **_tunables(backend, options))
+                                 interpret=options.interpret, q_offset=call.q_offset,
+                                 k_offset=call.k_offset, **_tunables(backend, options))
