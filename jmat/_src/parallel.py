@@ -290,11 +290,21 @@ def _dtype(x: jax.Array):
   return online_softmax.compute_dtype(x.dtype)
 
 
-_STATIC = ("mesh", "axis_name", "is_causal", "block_size", "score_mod", "enable_gqa",
-           "return_lse", "layout")
+def _statics(op: str, mesh: Mesh, axis_name: str, is_causal: bool,
+             block_size: int | tuple[int, int], enable_gqa: bool, return_lse: bool,
+             layout: str) -> dict[str, Any]:
+  """The static arguments, checked before the jitted call (where jit would hash ``mesh=None``
+  or a list of devices with its own message) and normalised (bools, a block-size pair)."""
+  checks.check_mesh(op, mesh)
+  checks.check_mesh_axis(op, axis_name, dict(mesh.shape))
+  checks.check_layout(op, layout, layouts.LAYOUTS)
+  return {"mesh": mesh, "axis_name": axis_name, "layout": layout,
+          "is_causal": checks.check_flag(op, "is_causal", is_causal),
+          "block_size": checks.check_block_size(op, block_size),
+          "enable_gqa": checks.check_flag(op, "enable_gqa", enable_gqa),
+          "return_lse": checks.check_flag(op, "return_lse", return_lse)}
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
 def ring_attention(
     query: ArrayLike,
     key: ArrayLike,
@@ -371,7 +381,9 @@ def ring_attention(
     ValueError: ``axis_name`` not an axis of ``mesh``, an unknown layout, a
       ``block_size`` that is not a positive int or pair, is_causal with a
       block_mask (put the causal rule in the mask_mod).
-    TypeError: dtypes that differ or are not floating point.
+    TypeError: dtypes that differ or are not floating point, a ``mesh`` that
+      is no ``jax.sharding.Mesh``, a flag (is_causal, enable_gqa, return_lse)
+      that is no bool.
 
   Example:
     >>> mesh = jax.make_mesh((1,), ("seq",))
@@ -379,12 +391,13 @@ def ring_attention(
     >>> jmat.parallel.ring_attention(q, k, v, mesh=mesh, axis_name="seq", is_causal=True).shape
     (2, 4, 3)
   """
-  return _sequence_parallel("parallel.ring_attention", query, key, value, mesh, axis_name,
-                            is_causal, scale, block_size, score_mod, block_mask, enable_gqa,
-                            return_lse, layout, gather=False)
+  op = "parallel.ring_attention"
+  return _sequence_parallel_jit(
+      op, query, key, value, scale=scale, score_mod=score_mod, block_mask=block_mask,
+      gather=False, **_statics(op, mesh, axis_name, is_causal, block_size, enable_gqa,
+                               return_lse, layout))
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
 def allgather_attention(
     query: ArrayLike,
     key: ArrayLike,
@@ -418,9 +431,11 @@ def allgather_attention(
     >>> jmat.parallel.allgather_attention(q, k, v, mesh=mesh, axis_name="seq").shape
     (2, 4, 3)
   """
-  return _sequence_parallel("parallel.allgather_attention", query, key, value, mesh,
-                            axis_name, is_causal, scale, block_size, score_mod, block_mask,
-                            enable_gqa, return_lse, layout, gather=True)
+  op = "parallel.allgather_attention"
+  return _sequence_parallel_jit(
+      op, query, key, value, scale=scale, score_mod=score_mod, block_mask=block_mask,
+      gather=True, **_statics(op, mesh, axis_name, is_causal, block_size, enable_gqa,
+                              return_lse, layout))
 
 
 def _sequence_parallel(op: str, query, key, value, mesh: Mesh, axis_name: str,
@@ -507,6 +522,12 @@ def _sequence_parallel(op: str, query, key, value, mesh: Mesh, axis_name: str,
   out, lse = _shard_sequence(op, make_local, query, key, value, (factor, whole, block_map),
                              mesh, axis_name)
   return (out, lse) if return_lse else out
+
+
+_sequence_parallel_jit = jax.jit(
+    _sequence_parallel,
+    static_argnames=("op", "mesh", "axis_name", "is_causal", "block_size", "score_mod",
+                     "enable_gqa", "return_lse", "layout", "gather"))
 
 
 def _checked(
