@@ -74,13 +74,13 @@ def kernel_options(op: str, options: Mapping[str, Any] | None) -> KernelOptions:
   backend, and refused under the user's key (``BLOCK_M``), not the kernel's field.
   """
   options = checks.check_kernel_options(op, options, OPTION_KEYS, BACKENDS)
-  from jmat._src.kernels import triton
-
   fields = {}
   for key, value in options.items():
     field = _TRITON_FIELDS.get(key) or _TRITON_FIELDS.get(_PREFIXED.get(key, ""))
     if field is None:
       continue
+    from jmat._src.kernels import triton
+
     rule = triton.BlockSizes.rule(field, value)
     if rule is not None:
       raise checks.bad_kernel_option(op, key, value, rule)
