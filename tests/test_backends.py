@@ -37,7 +37,6 @@ def randn(*shape, dtype=np.float32):
                            r"'TRITON', 'MOSAIC'"),
     ({"BLOCK_Q": 64}, r"unknown kernel_options key\(s\) \['BLOCK_Q'\]; the valid keys are "
                       r"BACKEND, INTERPRET, BLOCK_M, BLOCK_N"),
-    ({"INTERPRET": 1}, r"INTERPRET=1 must be True or False"),
     ({"BLOCK_M": 0}, r"BLOCK_M=0 must be a positive int"),
     ({"num_warps": True}, r"num_warps=True must be a positive int"),
 ])

@@ -480,6 +480,20 @@ def _kernel_eqns(jaxpr):
         yield from _kernel_eqns(inner)
 
 
+def _pallas_calls(jaxpr):
+  """The pallas_call equations of ``jaxpr``, in a cond's branches too (a backend asked for by
+  name sits in the branch of its platform)."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      yield eqn
+      continue
+    for param in eqn.params.values():
+      for inner in param if isinstance(param, tuple | list) else (param,):
+        inner = getattr(inner, "jaxpr", inner)
+        if isinstance(inner, Jaxpr):
+          yield from _pallas_calls(inner)
+
+
 @pytest.mark.parametrize("per_batch", [False, True], ids=["shared_ids", "per_batch_ids"])
 def test_flex_documents_lower_to_the_tpu_kernels_reading_o_l_ids_in_32_bits(per_batch):
   """The documents mask runs in the Mosaic kernels by default on TPU (forward and gradient),
@@ -515,8 +529,7 @@ def test_flex_documents_lower_to_the_tpu_kernels_reading_o_l_ids_in_32_bits(per_
     with jmat.attention.kernel_platforms("tpu"):
       text = jax.jit(fn).trace(q, kv, kv).lower(lowering_platforms=("tpu",)).as_text()
     assert text.count("tpu_custom_call") == kernels
-  calls = [eqn for eqn in _kernel_eqns(jax.make_jaxpr(gradient({"BACKEND": "MOSAIC"}))(
-      q, kv, kv).jaxpr) if eqn.primitive.name == "pallas_call"]
+  calls = list(_pallas_calls(jax.make_jaxpr(gradient({"BACKEND": "MOSAIC"}))(q, kv, kv).jaxpr))
   assert len(calls) == 3
   for call in calls:
     for operand in call.invars:  # ids and document starts per batch row and head, step tables

@@ -272,12 +272,14 @@ def _cudnn_or(call: block_sparse.Call, allowed, bias, is_causal: bool, *, requir
                                        implementation="cudnn")
     return (jnp.swapaxes(out, 1, 2)[None],)
 
-  if required:
-    return {platform: cudnn for platform in backends.PLATFORMS}
   try:  # cuDNN absent (a CPU machine lowering for cuda): jax says so at trace time
     jax.eval_shape(cudnn, call)
-  except RuntimeError:
+  except RuntimeError as error:
+    if required:
+      raise checks.cudnn_absent(_SDPA, error) from None
     return None
+  if required:
+    return {platform: cudnn for platform in backends.PLATFORMS}
   return {"cuda": cudnn}
 
 

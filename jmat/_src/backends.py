@@ -21,6 +21,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
+import jax.extend
+from jax import core as jax_core
+from jax.interpreters import mlir
 
 from jmat._src import block_sparse, checks
 from jmat._src.kernels import xla
@@ -32,6 +35,8 @@ FUSED = {"cuda": "TRITON", "tpu": "MOSAIC"}
 # The platforms AUTO holds a branch for (None: the local one). In jit's cache key, so a function
 # traced under one setting is traced again under another.
 _KERNEL_PLATFORMS = jax.make_user_context(None)
+# The platforms each Pallas kernel compiles for (elsewhere it runs only interpreted).
+_NATIVE = {"TRITON": ("cuda", "rocm"), "MOSAIC": ("tpu",)}
 _MODULES = {"TRITON": "jmat._src.kernels.triton", "MOSAIC": "jmat._src.kernels.mosaic"}
 # torch 2.13's kernel_options keys that mean in jmat what they mean in torch's Triton kernels,
 # as the fields of the Triton kernel's BlockSizes: the forward's query and key tiles (BLOCK_M,
@@ -66,12 +71,25 @@ DEFAULT = KernelOptions()
 
 
 def kernel_options(op: str, options: Mapping[str, Any] | None) -> KernelOptions:
-  """Checks torch's ``kernel_options`` dict; refuses unknown keys or values, listing the valid."""
-  options = dict(options or {})
-  checks.check_kernel_options(op, options, OPTION_KEYS, BACKENDS)
-  fields = {_TRITON_FIELDS[k]: v for k, v in options.items() if k in _TRITON_FIELDS}
-  fields |= {_TRITON_FIELDS[_PREFIXED[k]]: v for k, v in options.items() if k in _PREFIXED}
-  return KernelOptions(options.get("BACKEND", "AUTO"), bool(options.get("INTERPRET", False)),
+  """Checks torch's ``kernel_options`` dict; refuses unknown keys or values, listing the valid.
+
+  The Triton kernel's tiles and launch parameters are checked here, whatever the
+  backend, and refused under the user's key (``BLOCK_M``), not the kernel's field.
+  """
+  options = checks.check_kernel_options(op, options, OPTION_KEYS, BACKENDS)
+  fields = {}
+  for key, value in options.items():
+    field = _TRITON_FIELDS.get(key) or _TRITON_FIELDS.get(_PREFIXED.get(key, ""))
+    if field is None:
+      continue
+    from jmat._src.kernels import triton
+
+    rule = triton.BlockSizes.rule(field, value)
+    if rule is not None:
+      raise checks.bad_kernel_option(op, key, value, rule)
+    if key in _PREFIXED or field not in fields:  # a prefixed key wins over the plain one
+      fields[field] = value
+  return KernelOptions(options.get("BACKEND", "AUTO"), options.get("INTERPRET", False),
                        tuple(sorted(fields.items())))
 
 
@@ -112,35 +130,70 @@ def _fitted(backend: str, call: block_sparse.Call) -> block_sparse.Call:
                               fit(call.block_k, call.k.shape[-2], mosaic.LANES))
 
 
-def _unsupported(backend: str, call: block_sparse.Call, options: KernelOptions) -> str | None:
-  """Why ``backend`` cannot run ``call`` in its kernel, or None."""
+class _ProbeFailed(NamedTuple):
+  """A kernel's lowering probe failed for another reason than the call (see ``_unsupported``)."""
+
+  error: str
+
+
+def _unsupported(backend: str, call: block_sparse.Call,
+                 options: KernelOptions) -> str | _ProbeFailed | None:
+  """Why ``backend`` cannot run ``call`` in its kernel, or None.
+
+  The answer does not depend on the machine asking: interpret mode lowers
+  nothing for the kernel's platform, so it is not probed (jax 0.11 refuses to
+  lower for cuda on a machine without a GPU), and the Mosaic probe lowers for a
+  fixed TPU. A probe that fails for another reason than the kernel's limits (a
+  jmat bug, a missing device, a crash) is no reason to run another backend:
+  the kernel is kept, and lowering it for its platform raises that error.
+  """
   if backend == "XLA":
     return None
   call = _fitted(backend, call)
   if call.needs_max:
     return "max_scores (return_aux) is computed by the XLA backend only"
-  # A Triton kernel run in interpret mode needs no CUDA lowering (which jax 0.11 refuses on a
-  # machine without a GPU).
-  probe = {"probe": not options.interpret} if backend == "TRITON" else {}
-  return _module(backend).unsupported(call.q, call.k, call.v, call.operands, call.mods,
-                                      call.block_q, call.block_k,
-                                      **_tunables(backend, options), **probe)
+  try:
+    return _module(backend).unsupported(call.q, call.k, call.v, call.operands, call.mods,
+                                        call.block_q, call.block_k,
+                                        **_tunables(backend, options),
+                                        probe=not options.interpret)
+  except Exception as error:  # see above: not a reason to fall back
+    summary = (str(error).strip().splitlines() or [""])[0]
+    return _ProbeFailed(f"{type(error).__name__}: {summary}")
+
+
+def _wrong_platform(backend: str, platform: str, options: KernelOptions) -> bool:
+  """Whether a Pallas kernel asked for by name cannot be compiled for ``platform``."""
+  return not options.interpret and platform not in _NATIVE.get(backend, PLATFORMS)
 
 
 def choose(call: block_sparse.Call, platform: str, options: KernelOptions) -> Choice:
   """The backend ``call`` gets when lowered for ``platform`` under ``options``, and why."""
   if options.backend != "AUTO":
     reason = _unsupported(options.backend, call, options)
-    if reason is not None:
+    if isinstance(reason, str):
       return Choice(options.backend, f"refused: {reason}")
-    return Choice(options.backend, "asked for with kernel_options BACKEND")
+    if _wrong_platform(options.backend, platform, options):
+      where = " and ".join(_NATIVE[options.backend])
+      return Choice(options.backend, f"refused: {platform}: the {options.backend} kernel "
+                                     f"compiles for {where} only; \"INTERPRET\": True runs "
+                                     f"it interpreted")
+    return Choice(options.backend, "asked for with kernel_options BACKEND" + _kept(reason))
   fused = FUSED.get(platform)
   if fused is None:
     return Choice("XLA", f"{platform}: the XLA loops are the kernel for this platform")
   reason = _unsupported(fused, call, options)
-  if reason is None:
-    return Choice(fused, f"{platform}: everything the call needs runs in the {fused} kernel")
+  if not isinstance(reason, str):
+    return Choice(fused, f"{platform}: everything the call needs runs in the {fused} kernel"
+                  + _kept(reason))
   return Choice("XLA", f"{platform}: {fused} cannot run it ({reason})")
+
+
+def _kept(failed: _ProbeFailed | None) -> str:
+  if failed is None:
+    return ""
+  return (f" (its lowering probe failed here, {failed.error}, which says nothing about the "
+          f"call: the kernel is kept, and lowering it for its platform raises that error)")
 
 
 def attend(op: str, call: block_sparse.Call, options: KernelOptions, *,
@@ -154,12 +207,12 @@ def attend(op: str, call: block_sparse.Call, options: KernelOptions, *,
   """
   if options.backend == "PALLAS":
     reason = _unsupported("TRITON", call, options)
-    if reason is not None:
+    if isinstance(reason, str):
       checks.refuse_backend(op, "TRITON", reason)
     # The Triton kernel on GPUs, interpreted where there is no fused kernel for the call (CPUs;
     # TPUs when the Mosaic kernel cannot run it): a Pallas kernel everywhere, never XLA's loops.
     branches = {"cuda": _branch("TRITON", options)}
-    if _unsupported("MOSAIC", call, options) is None:
+    if not isinstance(_unsupported("MOSAIC", call, options), str):
       branches["tpu"] = _branch("MOSAIC", options)
     interpreted = dataclasses.replace(options, interpret=True)
     # Asked for by name: every platform's branch, whichever platform the program is lowered for.
@@ -167,9 +220,16 @@ def attend(op: str, call: block_sparse.Call, options: KernelOptions, *,
                                       **{**branches, **(override or {})})
   if options.backend != "AUTO":
     reason = _unsupported(options.backend, call, options)
-    if reason is not None:
+    if isinstance(reason, str):
       checks.refuse_backend(op, options.backend, reason)
-    return _run(options.backend, call, options)
+    if options.interpret or options.backend not in _NATIVE:
+      return _run(options.backend, call, options)
+    # Decided where the platform is known: a program lowered for a CPU is refused there (by
+    # jmat, before Pallas would be), one exported for the kernel's platform holds the kernel.
+    run = _branch(options.backend, options)
+    refused = _refusal(op, options.backend, jax.eval_shape(run, call))
+    elsewhere = {p: refused(p) for p in PLATFORMS if _wrong_platform(options.backend, p, options)}
+    return jax.lax.platform_dependent(call, default=run, **elsewhere)
   branches = {p: _branch(choose(call, p, options).backend, options)
               for p in FUSED if p in traced_platforms()}
   return per_platform(_branch("XLA", options), {**branches, **(override or {})})(call)
@@ -238,3 +298,30 @@ def _run(backend: str, call: block_sparse.Call, options: KernelOptions):
                                  mods=call.mods, block_q=call.block_q, block_k=call.block_k,
                                  interpret=options.interpret, q_offset=call.q_offset,
                                  k_offset=call.k_offset, **_tunables(backend, options))
+
+
+# A primitive whose lowering raises: the branch of a platform a Pallas kernel asked for by name
+# does not compile for. Tracing it is free, so exporting for the kernel's platform works.
+_refused_p = jax.extend.core.Primitive("jmat_refused_backend")
+_refused_p.multiple_results = True
+_refused_p.def_abstract_eval(lambda *, avals, message: list(avals))
+
+
+def _refused_lowering(ctx, *, avals, message):
+  del ctx, avals
+  raise ValueError(message)
+
+
+mlir.register_lowering(_refused_p, _refused_lowering)
+
+
+def _refusal(op: str, backend: str, shapes):
+  """For a platform, a branch giving ``shapes`` whose lowering raises jmat's refusal there."""
+  leaves, tree = jax.tree.flatten(shapes)
+  avals = tuple(jax_core.ShapedArray(x.shape, x.dtype) for x in leaves)
+
+  def refused(platform: str):
+    message = checks.wrong_platform_message(op, backend, platform, _NATIVE[backend])
+    return lambda call: jax.tree.unflatten(tree, _refused_p.bind(avals=avals, message=message))
+
+  return refused

@@ -343,3 +343,15 @@ def zero_cotangent(x):
   if jnp.issubdtype(x.dtype, jnp.inexact):
     return jnp.zeros_like(x)
   return np.zeros(x.shape, jax.dtypes.float0)
+
+
+def lowering_limitation(error: Exception) -> bool:
+  """Whether a Pallas lowering's ``error`` says the kernel cannot express a call.
+
+  An unimplemented primitive (``NotImplementedError``), a shape or block rule
+  (``ValueError``) or Pallas' own lowering error: a reason to run the call on
+  another backend. Anything else (a jmat bug, a missing device, a crash) says
+  nothing about the call, so a kernel's ``unsupported`` lets it propagate.
+  """
+  return (isinstance(error, NotImplementedError | ValueError)
+          or type(error).__name__ in ("LoweringException", "LoweringError"))

@@ -8,7 +8,8 @@ operation, the shapes as Python tuples (or the dtypes) and what would be valid.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import reprlib
+from collections.abc import Mapping, Sequence
 from typing import cast
 
 import jax
@@ -544,8 +545,8 @@ def check_ring_attention(
   if not query[:-2] == key[:-2] == value[:-2]:
     raise shape_error(
         op, "leading (batch, head) dims differ", listed,
-        "sequence-sharded attention does not broadcast them: repeat or expand the inputs "
-        "(grouped key/value heads too) to equal leading dims",
+        "sequence-sharded attention does not broadcast them: repeat or expand the inputs to "
+        "equal leading dims" + _gqa_hint(query, key, value),
     )
   for name, shape in zip(_ATTENTION_NAMES, shapes, strict=True):
     if shape[-2] % devices:
@@ -557,6 +558,30 @@ def check_ring_attention(
           f"each device holds one block of dim -2: pad the sequence to a multiple of {devices}",
       )
   check_attention_dtypes(op, dtypes, _ATTENTION_NAMES)
+
+
+def _gqa_hint(query: Shape, key: Shape, value: Shape) -> str:
+  """``"; for grouped-query attention ... pass enable_gqa=True"`` where key and value have
+  fewer heads (dim -3) than query, dividing its, and the dims around agree; else ``""``."""
+  if min(len(query), len(key), len(value)) < 3 or key[:-2] != value[:-2]:
+    return ""
+  heads, kv_heads = query[-3], key[-3]
+  if heads == kv_heads or not kv_heads or heads % kv_heads or query[:-3] != key[:-3]:
+    return ""
+  needs_batch = ("" if len(query) == 4
+                 else " with 4-D (B, H, L, E) inputs (add the batch dim: x[None])")
+  return (f"; for grouped-query attention (key/value with {kv_heads} heads, query with "
+          f"{heads}) pass enable_gqa=True{needs_batch}")
+
+
+def check_mesh(op: str, mesh: object) -> None:
+  """Refuses a ``mesh`` that is no :class:`jax.sharding.Mesh` (before jit hashes it)."""
+  if not isinstance(mesh, jax.sharding.Mesh | jax.sharding.AbstractMesh):
+    raise TypeError(
+        f"jmat.{op}: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__} "
+        f"{reprlib.repr(mesh)}; "
+        f"make one from the devices, e.g. mesh=jax.make_mesh((len(jax.devices()),), "
+        f"('seq',)), and pass the name of its axis as axis_name='seq'")
 
 
 def check_ring_lead_sharding(op: str, query: Shape, lead_spec: tuple, axis_name: str) -> None:
@@ -1011,28 +1036,65 @@ def check_block_mask_fits(
 # --- kernel backends (flex_attention's kernel_options, SDPA's implementation) ---
 
 
-def check_kernel_options(op: str, options: dict, keys: Sequence[str],
-                         backends: Sequence[str]) -> None:
-  """Refuses an unknown ``kernel_options`` key or value, listing the valid ones."""
+def check_flag(op: str, name: str, value: object) -> bool:
+  """Refuses a flag that is not a bool (a Python bool or ``np.bool_``); returns it as a bool.
+
+  ``"no"`` and ``1`` are truthy: taking them as True would silently turn on what
+  the caller meant to turn off.
+  """
+  if not isinstance(value, bool | np.bool_):
+    raise TypeError(
+        f"jmat.{op}: {name} must be True or False (a bool), got {type(value).__name__} "
+        f"{value!r}")
+  return bool(value)
+
+
+def _is_int(value: object) -> bool:
+  """A Python or NumPy integer, not a bool (``np.int64(32)`` is an int; ``True`` is not)."""
+  return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+def check_kernel_options(op: str, options: object, keys: Sequence[str],
+                         backends: Sequence[str]) -> dict:
+  """Refuses a ``kernel_options`` that is no dict, or an unknown key or value, listing the valid.
+
+  Returns:
+    The options as a dict with Python values (``np.int64(32)`` becomes ``32``).
+  """
+  if options is None:
+    return {}
+  if not isinstance(options, Mapping):
+    raise TypeError(
+        f"jmat.{op}: kernel_options must be a dict (or None), got {type(options).__name__} "
+        f"{options!r}; it maps option names to values, e.g. kernel_options={{'BACKEND': "
+        f"'XLA'}} (valid keys: {', '.join(keys)})")
   unknown = sorted(str(k) for k in options if k not in keys)
   if unknown:
     raise ValueError(
         f"jmat.{op}: unknown kernel_options key(s) {unknown}; the valid keys are "
         f"{', '.join(keys)}")
-  backend = options.get("BACKEND", "AUTO")
-  if backend not in backends:
+  checked = dict(options)
+  backend = checked.get("BACKEND", "AUTO")
+  if not isinstance(backend, str) or backend not in backends:
     raise ValueError(
         f"jmat.{op}: kernel_options BACKEND={backend!r} is not a backend; use one of "
         f"{', '.join(repr(b) for b in backends)}")
-  interpret = options.get("INTERPRET", False)
-  if not isinstance(interpret, bool):
-    raise ValueError(
-        f"jmat.{op}: kernel_options INTERPRET={interpret!r} must be True or False")
-  for key, value in options.items():
-    if key not in ("BACKEND", "INTERPRET") and (
-        isinstance(value, bool) or not isinstance(value, int) or value < 1):
-      raise ValueError(
-          f"jmat.{op}: kernel_options {key}={value!r} must be a positive int")
+  if "INTERPRET" in checked:
+    checked["INTERPRET"] = check_flag(op, "kernel_options INTERPRET", checked["INTERPRET"])
+  for key, value in checked.items():
+    if key not in ("BACKEND", "INTERPRET"):
+      if not _is_int(value) or value < 1:
+        raise ValueError(
+            f"jmat.{op}: kernel_options {key}={value!r} must be a positive int")
+      checked[key] = int(value)
+  return checked
+
+
+def bad_kernel_option(op: str, key: str, value: int, rule: str) -> ValueError:
+  """The error for a Triton tunable the kernel cannot take, named by the user's key."""
+  return ValueError(
+      f"jmat.{op}: kernel_options {key}={value!r} is not valid for the Triton kernel: {key} "
+      f"must be {rule}")
 
 
 def refuse_backend(op: str, backend: str, reason: str) -> None:
@@ -1043,21 +1105,42 @@ def refuse_backend(op: str, backend: str, reason: str) -> None:
       f"'XLA'")
 
 
-def check_flex_aux(op: str, return_lse: bool, return_aux: object):
-  """The auxiliary outputs asked for, as an ``AuxRequest``; refuses both ways at once (torch)."""
-  from jmat._src.flex_attention import AuxRequest
+def wrong_platform_message(op: str, backend: str, platform: str,
+                           native: Sequence[str]) -> str:
+  """Why a Pallas kernel asked for by name does not compile for ``platform``, and the fixes."""
+  where = " and ".join(native)
+  return (
+      f"jmat.{op}: kernel_options BACKEND={backend!r} compiles the Pallas kernel for "
+      f"{where} only, and this program is lowered for {platform}; add \"INTERPRET\": True "
+      f"to run the Pallas kernel interpreted on {platform} (slow: for tests and debugging), "
+      f"or use BACKEND 'XLA' or 'AUTO' (which runs the XLA loops on {platform} and the fused "
+      f"kernel on a GPU or TPU)")
 
+
+def cudnn_absent(op: str, error: Exception) -> ValueError:
+  """The error for ``implementation="cudnn"`` where jax finds no cuDNN (a machine without GPU)."""
+  return ValueError(
+      f"jmat.{op}: implementation='cudnn' needs cuDNN, which jax does not find here "
+      f"({type(error).__name__}: {error}); use implementation=None (cuDNN on a GPU where it "
+      f"can run the call, the blockwise kernel or dense attention otherwise), 'blockwise', "
+      f"'dense' or 'pallas'")
+
+
+def check_flex_aux(op: str, return_lse: object, return_aux: object,
+                   request: type) -> None:
+  """Refuses ``return_lse`` that is no bool, both ways to ask for the lse at once (torch), or a
+  ``return_aux`` that is no ``request`` (:class:`jmat.attention.AuxRequest`)."""
+  return_lse = check_flag(op, "return_lse", return_lse)
   if return_aux is None:
-    return AuxRequest(lse=bool(return_lse))
+    return
   if return_lse:
     raise ValueError(
         f"jmat.{op}: return_lse and return_aux both given; return_lse is deprecated (torch "
         f"2.13): pass return_aux=AuxRequest(lse=True) alone")
-  if not isinstance(return_aux, AuxRequest):
+  if not isinstance(return_aux, request):
     raise TypeError(
         f"jmat.{op}: return_aux must be a jmat.attention.AuxRequest(lse=..., max_scores=...), "
         f"got {type(return_aux).__name__}")
-  return return_aux
 
 
 def check_platform(op: str, platform: object, platforms: Sequence[str]) -> None:
@@ -1245,10 +1328,16 @@ def check_mesh_axis(op: str, axis_name: object, mesh_axes: dict[str, int]) -> in
   return int(mesh_axes[axis_name])
 
 
+def check_int(op: str, name: str, value: object) -> int:
+  """Refuses ``value`` unless it is an int (``np.int64`` too, not a bool); returns it as one."""
+  if not _is_int(value):
+    raise TypeError(f"jmat.{op}: {name} must be an int, got {value!r}")
+  return int(value)  # type: ignore[arg-type]  (checked above)
+
+
 def check_layout_axis(op: str, shape: Shape, axis: object) -> int:
   """Normalises the ``axis`` a layout permutes against ``shape``; returns it as ``0..rank-1``."""
-  if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
-    raise TypeError(f"jmat.{op}: axis must be an int, got {axis!r}")
+  axis = check_int(op, "axis", axis)
   rank = len(shape)
   if not -rank <= axis < rank:
     valid = f"axis must be in {-rank}..{rank - 1}" if rank else "it has no axis to lay out"

@@ -117,17 +117,31 @@ def from_kernel(x: jax.Array, batch: int, heads: int, mask_batch: int, mask_head
   return x.reshape((batch, heads) + x.shape[3:])
 
 
-class AuxRequest(NamedTuple):
+class _AuxFields(NamedTuple):
+  lse: bool = False
+  max_scores: bool = False
+
+
+class AuxRequest(_AuxFields):
   """Which auxiliary outputs :func:`flex_attention` returns (torch 2.13's ``AuxRequest``).
+
+  A named tuple of two bools, checked when made: ``AuxRequest(lse="no")`` is a
+  TypeError, not a request for the lse.
 
   Attributes:
     lse: the natural-log logsumexp of every query's scores.
     max_scores: every query's largest score (after score_mod and the mask;
       ``-inf`` where it sees no key). Like torch's, it carries no gradient.
+
+  Raises:
+    TypeError: a field that is not a bool.
   """
 
-  lse: bool = False
-  max_scores: bool = False
+  __slots__ = ()
+
+  def __new__(cls, lse: bool = False, max_scores: bool = False):
+    return super().__new__(cls, checks.check_flag("attention.AuxRequest", "lse", lse),
+                           checks.check_flag("attention.AuxRequest", "max_scores", max_scores))
 
 
 class AuxOutput(NamedTuple):
@@ -202,10 +216,14 @@ def flex_attention(
     ShapeError: inputs that are not 4-D, sizes that disagree, head counts that
       differ without ``enable_gqa``, a block_mask built for other sizes.
     TypeError: dtypes that differ or are not floating; a score_mod or mask_mod
-      without torch's signature or not returning a scalar of the right kind.
+      without torch's signature or not returning a scalar of the right kind;
+      kernel_options that is no dict; a flag (enable_gqa, return_lse,
+      INTERPRET) that is no bool.
     ValueError: an unknown kernel_options key or value (the valid ones are
       listed), a Pallas backend that cannot run the call (the reason is named),
-      both return_lse and return_aux.
+      ``"TRITON"`` or ``"MOSAIC"`` without ``"INTERPRET": True`` in a program
+      lowered for a platform that kernel does not compile for (a CPU), both
+      return_lse and return_aux.
 
   Example:
     >>> q = k = v = jnp.ones((1, 2, 300, 16))
@@ -216,12 +234,20 @@ def flex_attention(
     (1, 2, 300, 16)
   """
   options = backends.kernel_options(_OP, kernel_options)
-  aux = checks.check_flex_aux(_OP, return_lse, return_aux)
+  aux = _aux_request(return_lse, return_aux)
   out, lse, max_scores = _flex_attention(query, key, value, score_mod, block_mask, scale,
-                                         enable_gqa, options, aux)
+                                         checks.check_flag(_OP, "enable_gqa", enable_gqa),
+                                         options, aux)
   if return_aux is not None:
     return out, AuxOutput(lse if aux.lse else None, max_scores if aux.max_scores else None)
   return (out, lse) if return_lse else out
+
+
+def _aux_request(return_lse: bool, return_aux: AuxRequest | None) -> AuxRequest:
+  """The auxiliary outputs asked for, by ``return_lse`` (torch's deprecated way) or
+  ``return_aux``."""
+  checks.check_flex_aux(_OP, return_lse, return_aux, AuxRequest)
+  return AuxRequest(lse=bool(return_lse)) if return_aux is None else return_aux
 
 
 @functools.partial(jax.jit, static_argnames=("score_mod", "enable_gqa", "options", "aux"))
@@ -359,7 +385,8 @@ def flex_attention_backend(
   """
   checks.check_platform(_OP, platform, backends.PLATFORMS)
   options = backends.kernel_options(_OP, kernel_options)
-  aux = checks.check_flex_aux(_OP, False, return_aux)
+  aux = _aux_request(False, return_aux)
+  enable_gqa = checks.check_flag(_OP, "enable_gqa", enable_gqa)
   found: list[backends.Choice] = []
 
   def trace(query, key, value, block_mask, scale):

@@ -227,7 +227,22 @@ def _relaid(op: str, x: ArrayLike, mesh: Mesh, axis_name: str, layout: str, axis
                        out_specs=spec, axis_names=manual)(array)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "axis_name", "layout", "axis"))
+@functools.partial(jax.jit, static_argnames=("op", "mesh", "axis_name", "layout", "axis",
+                                             "inverse"))
+def _relaid_jit(op: str, x: ArrayLike, mesh: Mesh, axis_name: str, layout: str, axis: int,
+                inverse: bool) -> jax.Array:
+  return _relaid(op, x, mesh, axis_name, layout, axis, inverse)
+
+
+def _statics(op: str, mesh: Mesh, axis_name: str, layout: str, axis: int) -> int:
+  """Checks the static arguments before the jitted call, where jit would fail to hash some with
+  its own message (``mesh=None``, a list of devices, an ``axis_name`` list); returns ``axis``."""
+  checks.check_mesh(op, mesh)
+  checks.check_mesh_axis(op, axis_name, dict(mesh.shape))
+  checks.check_layout(op, layout, LAYOUTS)
+  return checks.check_int(op, "axis", axis)
+
+
 def to_layout(x: ArrayLike, /, mesh: Mesh, axis_name: str, layout: str, *,
               axis: int = -2) -> jax.Array:
   """A globally ordered array permuted and sharded so that each device holds its chunks.
@@ -262,7 +277,7 @@ def to_layout(x: ArrayLike, /, mesh: Mesh, axis_name: str, layout: str, *,
       number of chunks (``n`` contiguous, ``2n`` zigzag).
     ValueError: ``axis_name`` not an axis of ``mesh``, an unknown layout,
       another dim of ``x`` already sharded over ``axis_name``.
-    TypeError: an ``axis`` that is not an int.
+    TypeError: a ``mesh`` that is no ``jax.sharding.Mesh``, an ``axis`` that is not an int.
 
   Example:
     >>> mesh = jax.make_mesh((1,), ("seq",))
@@ -274,10 +289,10 @@ def to_layout(x: ArrayLike, /, mesh: Mesh, axis_name: str, layout: str, *,
     [[0. 1. 2. 3.]
      [4. 5. 6. 7.]]
   """
-  return _relaid("parallel.to_layout", x, mesh, axis_name, layout, axis, inverse=False)
+  axis = _statics("parallel.to_layout", mesh, axis_name, layout, axis)
+  return _relaid_jit("parallel.to_layout", x, mesh, axis_name, layout, axis, inverse=False)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "axis_name", "layout", "axis"))
 def from_layout(x: ArrayLike, /, mesh: Mesh, axis_name: str, layout: str, *,
                 axis: int = -2) -> jax.Array:
   """The inverse of :func:`to_layout`: an array laid out over ``axis_name`` back in global order.
@@ -305,7 +320,8 @@ def from_layout(x: ArrayLike, /, mesh: Mesh, axis_name: str, layout: str, *,
     >>> jmat.parallel.from_layout(jnp.ones((3, 4, 2)), mesh, "seq", "contiguous").shape
     (3, 4, 2)
   """
-  return _relaid("parallel.from_layout", x, mesh, axis_name, layout, axis, inverse=True)
+  axis = _statics("parallel.from_layout", mesh, axis_name, layout, axis)
+  return _relaid_jit("parallel.from_layout", x, mesh, axis_name, layout, axis, inverse=True)
 
 
 def work_per_device(block_mask: BlockMask, /, num_devices: int, layout: str) -> tuple[int, ...]:

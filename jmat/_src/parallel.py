@@ -467,11 +467,21 @@ def _dtype(x: jax.Array):
   return online_softmax.compute_dtype(x.dtype)
 
 
-_STATIC = ("mesh", "axis_name", "is_causal", "block_size", "score_mod", "enable_gqa",
-           "return_lse", "layout")
+def _statics(op: str, mesh: Mesh, axis_name: str, is_causal: bool,
+             block_size: int | tuple[int, int], enable_gqa: bool, return_lse: bool,
+             layout: str) -> dict[str, Any]:
+  """The static arguments, checked before the jitted call (where jit would hash ``mesh=None``
+  or a list of devices with its own message) and normalised (bools, a block-size pair)."""
+  checks.check_mesh(op, mesh)
+  checks.check_mesh_axis(op, axis_name, dict(mesh.shape))
+  checks.check_layout(op, layout, layouts.LAYOUTS)
+  return {"mesh": mesh, "axis_name": axis_name, "layout": layout,
+          "is_causal": checks.check_flag(op, "is_causal", is_causal),
+          "block_size": checks.check_block_size(op, block_size),
+          "enable_gqa": checks.check_flag(op, "enable_gqa", enable_gqa),
+          "return_lse": checks.check_flag(op, "return_lse", return_lse)}
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
 def ring_attention(
     query: ArrayLike,
     key: ArrayLike,
@@ -488,6 +498,7 @@ def ring_attention(
     enable_gqa: bool = False,
     return_lse: bool = False,
     layout: str = "contiguous",
+    kernel_options: dict[str, Any] | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Attention with the sequence sharded over a mesh axis (ring attention), SDPA's or flex's.
 
@@ -534,6 +545,11 @@ def ring_attention(
     enable_gqa: grouped-query attention (key/value heads divide query heads).
     return_lse: also return the natural-log logsumexp ``(*lead, L)``.
     layout: ``"contiguous"`` or ``"zigzag"``.
+    kernel_options: flex's dict (``BACKEND``, ``INTERPRET``, the Triton tiles): the
+      kernel each (query chunk, key chunk) pair runs on. ``AUTO`` (default) is the
+      fused kernel of an accelerator (Triton on GPUs, Mosaic on TPUs: one kernel
+      call per pair, merged by lse) and the XLA loops on a CPU (every pair folded
+      into one online-softmax carry).
 
   Returns:
     Array of shape ``(*lead, L, Ev)`` and the query's dtype, sharded like
@@ -548,7 +564,9 @@ def ring_attention(
     ValueError: ``axis_name`` not an axis of ``mesh``, an unknown layout, a
       ``block_size`` that is not a positive int or pair, is_causal with a
       block_mask (put the causal rule in the mask_mod).
-    TypeError: dtypes that differ or are not floating point.
+    TypeError: dtypes that differ or are not floating point, a ``mesh`` that
+      is no ``jax.sharding.Mesh``, a flag (is_causal, enable_gqa, return_lse)
+      that is no bool.
 
   Example:
     >>> mesh = jax.make_mesh((1,), ("seq",))
@@ -556,12 +574,14 @@ def ring_attention(
     >>> jmat.parallel.ring_attention(q, k, v, mesh=mesh, axis_name="seq", is_causal=True).shape
     (2, 4, 3)
   """
-  return _sequence_parallel("parallel.ring_attention", query, key, value, mesh, axis_name,
-                            is_causal, scale, block_size, score_mod, block_mask, enable_gqa,
-                            return_lse, layout, gather=False)
+  op = "parallel.ring_attention"
+  return _sequence_parallel_jit(
+      op, query, key, value, scale=scale, score_mod=score_mod, block_mask=block_mask,
+      gather=False, options=backends.kernel_options(op, kernel_options),
+      **_statics(op, mesh, axis_name, is_causal, block_size, enable_gqa,
+                               return_lse, layout))
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
 def allgather_attention(
     query: ArrayLike,
     key: ArrayLike,
@@ -578,6 +598,7 @@ def allgather_attention(
     enable_gqa: bool = False,
     return_lse: bool = False,
     layout: str = "contiguous",
+    kernel_options: dict[str, Any] | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """The simple alternative to :func:`ring_attention`: every device gathers all keys and values.
 
@@ -595,9 +616,12 @@ def allgather_attention(
     >>> jmat.parallel.allgather_attention(q, k, v, mesh=mesh, axis_name="seq").shape
     (2, 4, 3)
   """
-  return _sequence_parallel("parallel.allgather_attention", query, key, value, mesh,
-                            axis_name, is_causal, scale, block_size, score_mod, block_mask,
-                            enable_gqa, return_lse, layout, gather=True)
+  op = "parallel.allgather_attention"
+  return _sequence_parallel_jit(
+      op, query, key, value, scale=scale, score_mod=score_mod, block_mask=block_mask,
+      gather=True, options=backends.kernel_options(op, kernel_options),
+      **_statics(op, mesh, axis_name, is_causal, block_size, enable_gqa,
+                              return_lse, layout))
 
 
 def _sequence_parallel(op: str, query, key, value, mesh: Mesh, axis_name: str,
@@ -685,6 +709,12 @@ def _sequence_parallel(op: str, query, key, value, mesh: Mesh, axis_name: str,
   out, lse = _shard_sequence(op, make_local, query, key, value, (factor, whole, block_map),
                              mesh, axis_name)
   return (out, lse) if return_lse else out
+
+
+_sequence_parallel_jit = jax.jit(
+    _sequence_parallel,
+    static_argnames=("op", "mesh", "axis_name", "is_causal", "block_size", "score_mod",
+                     "enable_gqa", "return_lse", "layout", "gather", "options"))
 
 
 def _checked(

@@ -404,8 +404,10 @@ def test_ring_attention_only_passes_blocks_around_the_ring(case, is_causal):
 
 
 def _fresh_ring(**options):
-  """ring_attention traced anew (the module's tile sizes and update are read at trace time)."""
-  return jax.jit(functools.partial(jmat.parallel.ring_attention.__wrapped__, **options))
+  """ring_attention traced anew (the module's tile sizes and update are read at trace time): its
+  jitted implementation's cached traces are cleared first."""
+  jax.clear_caches()
+  return jax.jit(functools.partial(jmat.parallel.ring_attention, **options))
 
 
 # (L, S, query tile, key tile): one tile per block, and tiles inside the blocks.
@@ -484,7 +486,7 @@ def test_ring_attention_memory_matches_the_formulas(monkeypatch, is_causal, leng
     options = dict(mesh=m, axis_name="seq", is_causal=is_causal)
     if tile:
       options["block_size"] = tile
-    compiled = jax.jit(functools.partial(fn.__wrapped__, **options)).lower(arg, arg, arg).compile()
+    compiled = jax.jit(functools.partial(fn, **options)).lower(arg, arg, arg).compile()
     stats = compiled.memory_analysis()
     assert stats.argument_size_in_bytes == 3 * h * (length // n) * e * 4
     return stats.temp_size_in_bytes

@@ -1,6 +1,6 @@
 """The Pallas Mosaic (TPU) backend of the block-sparse attention kernel.
 
-A drop-in for :func:`jmat._src.block_sparse.attend` (same tables in, same
+A drop-in for :func:`jmat._src.kernels.xla.attend` (same tables in, same
 ``(out, lse)`` and gradients out), written as three Pallas TPU kernels after
 splash attention (``jax/experimental/pallas/ops/tpu/splash_attention/``):
 
@@ -64,6 +64,7 @@ from jmat._src.block_sparse import (
     Mods,
     Operands,
     block_map,
+    lowering_limitation,
     pad,
     zero_cotangent,
 )
@@ -1005,7 +1006,7 @@ def attend(
 ) -> tuple[jax.Array, jax.Array]:
   """Block-sparse attention of ``q (M, R, G, L, E)`` over ``k, v (M, R, S, E|Ev)`` on TPU.
 
-  The Mosaic backend of :func:`jmat._src.block_sparse.attend`, with its
+  The Mosaic backend of the interface of :mod:`jmat._src.block_sparse`, with its
   contract: ``blocks`` lists blocks of ``(block_q, block_k)`` and never marks
   full a block holding padding keys; blocked operands are
   ``(M|1, R|1, G|1, L|1, S|1)``; returns ``(out (M, R, G, L, Ev), lse (M, R, G, L))``,
@@ -1014,7 +1015,7 @@ def attend(
   ``scale`` and the float operand leaves.
 
   Args:
-    q, k, v, blocks, operands, scale, mods: as :func:`jmat._src.block_sparse.attend`.
+    q, k, v, blocks, operands, scale, mods: as :func:`jmat._src.kernels.xla.attend`.
     block_q: query rows per table block (see :class:`BlockSizes` for the valid sizes).
     block_k: keys per table block.
     interpret: run the kernels in Pallas interpret mode (on CPU): True, or
@@ -1073,7 +1074,7 @@ def _aval(x) -> tuple[tuple[int, ...], str]:
 
 
 def unsupported(q, k, v, operands: Operands, mods: Mods, block_q: int,
-                block_k: int) -> str | None:
+                block_k: int, *, probe: bool = True) -> str | None:
   """Why the TPU kernel cannot run this attention, or None if it can.
 
   Refuses block sizes the TPU cannot tile, float64 (Mosaic has none), mods
@@ -1081,10 +1082,21 @@ def unsupported(q, k, v, operands: Operands, mods: Mods, block_q: int,
   key position (``table[h, kv_idx - q_idx + D]``: a gather the kernel cannot
   make, whose tiles would take O(L * S) memory outside it), and anything else
   the Mosaic compiler cannot lower: the forward pass and the gradient are
-  lowered for TPU once per shape signature (well under a second, cached).
+  lowered for TPU once per shape signature (well under a second, cached), for
+  a v5e whatever the machine asking (see :data:`_PROBE_DEVICE`).
   Mods that read whole operands by one position, head or row
   (``ids[q_idx] == ids[kv_idx]``, ``ids[b, q_idx]``, ``slopes[h]``) run: what
   they read is computed outside the kernels (see :class:`_Split`).
+
+  Args:
+    q, k, v, operands, mods, block_q, block_k: the call, as :func:`attend`'s
+      (arrays or anything with ``shape`` and ``dtype``).
+    probe: lower the kernels for TPU to find what Mosaic refuses (off in
+      interpret mode, which lowers nothing for TPU).
+
+  Raises:
+    Exception: a lowering that fails for another reason than the kernel's
+      limits (a jmat bug, a crash): see :func:`~jmat._src.block_sparse.lowering_limitation`.
   """
   length, keys = q.shape[-2], k.shape[-2]
   problem = BlockSizes(block_q, block_k).problem(length, keys)
@@ -1093,9 +1105,17 @@ def unsupported(q, k, v, operands: Operands, mods: Mods, block_q: int,
   if any(jnp.dtype(x.dtype) == jnp.float64 for x in (q, k, v)):
     return ("jmat block-sparse attention, mosaic (TPU) backend: TPUs have no float64 "
             "(use float32 inputs, or the xla backend)")
+  if not probe:
+    return None
   leaves, treedef = jax.tree.flatten(operands)
   return _lowering_problem(_aval(q), _aval(k), _aval(v), treedef,
                            tuple(_aval(x) for x in leaves), mods, block_q, block_k)
+
+
+# The TPU the lowering probe of :func:`unsupported` lowers for (the chip of the tests and of
+# ``tools/tpu-aot``), so its answer does not depend on the machine it is asked on.
+_PROBE_DEVICE = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
+                                            platform="tpu")
 
 
 @functools.lru_cache(maxsize=64)
@@ -1134,9 +1154,17 @@ def _lowering_problem(q, k, v, treedef, leaves, mods: Mods, block_q: int,
   args = (struct(q), struct(k), struct(v), counts, lists,
           jax.tree.unflatten(treedef, [struct(x) for x in leaves]),
           jax.ShapeDtypeStruct((), dtype))
+  target = jax.sharding.get_abstract_mesh()
+  if target.abstract_device is None or target.abstract_device.platform != "tpu":
+    # The lowering reads the TPU generation from the default device (the host's cpu here):
+    # probe for a fixed chip instead, unless the caller already targets a TPU.
+    target = jax.sharding.AbstractMesh((1,), ("_probe",), abstract_device=_PROBE_DEVICE)
   try:
-    jax.jit(gradients).trace(*args).lower(lowering_platforms=("tpu",))
-  except Exception as error:  # whatever the lowering refuses, the dispatcher falls back on
+    with jax.sharding.use_abstract_mesh(target):
+      jax.jit(gradients).trace(*args).lower(lowering_platforms=("tpu",))
+  except Exception as error:
+    if not lowering_limitation(error):
+      raise
     summary = (str(error).strip().splitlines() or [""])[0]
     return (f"{prefix}the Mosaic lowering of these mods and operands failed "
             f"({type(error).__name__}: {summary})")

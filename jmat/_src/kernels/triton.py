@@ -1,6 +1,6 @@
 """The Pallas Triton (GPU) backend of the block-sparse attention kernel.
 
-A drop-in for :func:`jmat._src.block_sparse.attend`: the same block tables,
+A drop-in for :func:`jmat._src.kernels.xla.attend`: the same block tables,
 mods and operands in, the same ``(out, lse)`` and gradients out, computed by
 three Pallas kernels that lower to Triton (``pl.pallas_call`` with
 ``plgpu.CompilerParams``):
@@ -61,6 +61,7 @@ from jmat._src.block_sparse import (
   Mods,
   Operands,
   key_major_blocks,
+  lowering_limitation,
   pad,
   zero_cotangent,
 )
@@ -74,6 +75,8 @@ _MAX_HEAD_DIM = 256
 _TILES = ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv", "block_k_dkv")
 # Programs that keep a GPU busy (an H100 has 132 streaming multiprocessors).
 _BUSY = 128
+# A program has at most 1024 threads: 32 warps of 32.
+_MAX_WARPS = 32
 
 
 def _next_pow2(n: int) -> int:
@@ -156,7 +159,8 @@ class BlockSizes:
       programs than a GPU has streaming multiprocessors (decoding), 1 never.
 
   Raises:
-    ValueError: a tile that is not a power of two of at least 16.
+    ValueError: a tile that is not a power of two of at least 16, ``num_warps``
+      that is not a power of two up to 32, ``num_stages`` below 1.
   """
 
   block_q: int | None = None
@@ -170,16 +174,33 @@ class BlockSizes:
   num_splits: int | None = None
 
   def __post_init__(self):
-    for name in _TILES:
-      size = getattr(self, name)
-      if size is not None and not (isinstance(size, int) and _is_pow2(size) and size >= _MIN_DOT):
-        raise ValueError(
-            f"{_NAME}: BlockSizes.{name}={size!r} is not a Triton tile; valid tiles are powers "
-            f"of two from {_MIN_DOT}: 16, 32, 64, 128, 256")
-    if self.num_splits is not None and not (isinstance(self.num_splits, int)
-                                            and self.num_splits >= 1):
-      raise ValueError(f"{_NAME}: BlockSizes.num_splits={self.num_splits!r} is not a number of "
-                       f"programs; give a positive int, or None to choose")
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      rule = BlockSizes.rule(field.name, value)
+      if rule is not None:
+        raise ValueError(f"{_NAME}: BlockSizes.{field.name}={value!r} is not valid: it must be "
+                         f"{rule}")
+
+  @staticmethod
+  def rule(name: str, value: object) -> str | None:
+    """What field ``name`` must be, in words, when ``value`` breaks the rule; None when valid."""
+    size = value if isinstance(value, int) and not isinstance(value, bool) else None
+    if value is None:  # every field: None chooses by head dim and dtype
+      return None
+    if name in _TILES:
+      if size is not None and _is_pow2(size) and size >= _MIN_DOT:
+        return None
+      return f"a power of two from {_MIN_DOT} (a Triton tile): 16, 32, 64, 128, 256, ..."
+    if name == "num_warps":
+      if size is not None and _is_pow2(size) and size <= _MAX_WARPS:
+        return None
+      return (f"a power of two from 1 to {_MAX_WARPS} (warps per program; Triton takes powers "
+              f"of two): 1, 2, 4, 8, 16, 32")
+    if size is not None and size >= 1:  # num_stages, num_splits
+      return None
+    if name == "num_splits":
+      return "a positive int (forward programs sharing a query tile's keys), or None to choose"
+    return "a positive int (software-pipelining stages)"
 
   def launches(self, head: int, dtype: Any) -> dict[str, Launch]:
     """The ``forward``, ``dq`` and ``dkv`` kernels' launches for head dim ``head`` and ``dtype``.
@@ -1041,7 +1062,7 @@ def attend(
 ) -> tuple[jax.Array, jax.Array]:
   """Block-sparse attention of ``q (M, R, G, L, E)`` over ``k, v (M, R, S, E|Ev)`` with Triton.
 
-  The interface of :func:`jmat._src.block_sparse.attend`: ``blocks`` lists
+  The interface of :func:`jmat._src.kernels.xla.attend`: ``blocks`` lists
   blocks of ``(block_q, block_k)`` and never marks full a block holding
   padding keys; ``mods`` and ``operands = (whole, blocked)`` as there, blocked
   operands ``(M|1, R|1, G|1, L|1, S|1)``. Differentiable in ``q``, ``k``,
@@ -1108,6 +1129,10 @@ def unsupported(q, k, v, operands: Operands, mods: Mods, block_q: int, block_k: 
 
   Returns:
     The reason, naming the rule or the lowering error; None when supported.
+
+  Raises:
+    Exception: a lowering that fails for another reason than the kernels' limits (a jmat
+      bug, a crash): see :func:`~jmat._src.block_sparse.lowering_limitation`.
   """
   geo = _geometry(q.shape, k.shape, v.shape, block_q, block_k)
   if isinstance(geo, str):
@@ -1143,6 +1168,8 @@ def _lowering_failure(signature: tuple[jax.ShapeDtypeStruct, ...], tree, mods: M
     jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(*args).lower(
         lowering_platforms=("cuda",))
   except Exception as error:  # the lowering's own message is the reason
+    if not lowering_limitation(error):
+      raise
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{_NAME}: the kernels do not lower to Triton: {type(error).__name__}: {first}"
   return None
