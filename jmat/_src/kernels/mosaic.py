@@ -146,25 +146,28 @@ class Steps(NamedTuple):
       0 where nothing is listed.
     full: ``(M, n_outer)`` int32, how many steps visit full blocks.
     count: ``(M, n_outer)`` int32, how many steps visit listed blocks.
+    offsets: ``(2,)`` int32, the positions of query row 0 and key row 0 (what the mods see).
   """
 
   index: jax.Array
   full: jax.Array
   count: jax.Array
+  offsets: jax.Array
 
 
-def block_steps(kinds: jax.Array) -> Steps:
+def block_steps(kinds: jax.Array, offsets: jax.Array) -> Steps:
   """The :class:`Steps` of a kinds map, its rows the outer blocks.
 
-  ``block_steps(kinds)`` walks keys per query block; ``block_steps(kinds.swapaxes(1, 2))``
-  is the key-major copy (queries per key block) of the dk/dv pass.
+  ``block_steps(kinds, offsets)`` walks keys per query block;
+  ``block_steps(kinds.swapaxes(1, 2), offsets)`` is the key-major copy (queries per key block)
+  of the dk/dv pass.
   """
   order = jnp.argsort(-kinds, axis=-1, stable=True)  # full, then partial, then empty
   full = jnp.sum(kinds == FULL, axis=-1, dtype=jnp.int32)
   count = jnp.sum(kinds != NEVER, axis=-1, dtype=jnp.int32)
   last = jnp.maximum(count - 1, 0)[..., None]
   step = jnp.minimum(jnp.arange(kinds.shape[-1], dtype=jnp.int32), last)
-  return Steps(jnp.take_along_axis(order, step, axis=-1).astype(jnp.int32), full, count)
+  return Steps(jnp.take_along_axis(order, step, axis=-1).astype(jnp.int32), full, count, offsets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -418,12 +421,12 @@ def _in_kernel(split: _Split, args: Sequence[Any], tiles: Sequence[Any], hoisted
 
 
 def _outside_value(split: _Split, h: _Hoisted, leaves: Sequence[jax.Array], geo: _Geometry,
-                   m, r, n) -> jax.Array:
+                   offsets: jax.Array, m, r, n) -> jax.Array:
   """The tile of a hoisted value at table row ``m``, batch row ``r`` and block ``n`` of its side
   (the positions the kernel's :func:`_tile_at` gives that grid step)."""
   jaxpr, i32 = split.jaxpr, jnp.int32
-  first_q = n * geo.tile_q if h.side == "q" else 0
-  first_k = n * geo.tile_k if h.side == "k" else 0
+  first_q = offsets[0] + (n * geo.tile_q if h.side == "q" else 0)
+  first_k = offsets[1] + (n * geo.tile_k if h.side == "k" else 0)
   index = (m, jnp.reshape(r, (1,)), lax.iota(i32, geo.groups),
            first_q + lax.iota(i32, geo.tile_q), first_k + lax.iota(i32, geo.tile_k))
   env = dict(zip(jaxpr.constvars, split.consts, strict=True))
@@ -435,7 +438,8 @@ def _outside_value(split: _Split, h: _Hoisted, leaves: Sequence[jax.Array], geo:
 
 
 def _outside_values(split: _Split, leaves: Sequence[jax.Array], geo: _Geometry,
-                    table_rows: int, rows: int, narrow: bool) -> list[jax.Array]:
+                    offsets: jax.Array, table_rows: int, rows: int,
+                    narrow: bool) -> list[jax.Array]:
   """Every hoisted value of a mod, for every tile: ``(M|1, R|1, n|1, *block)`` arrays (``n``
   the query or key blocks of its side), in 32 bits with ``narrow``."""
   arrays = []
@@ -443,7 +447,7 @@ def _outside_values(split: _Split, leaves: Sequence[jax.Array], geo: _Geometry,
     varying = (h.per_m, h.per_r, h.side is not None)
     sizes = (table_rows if h.per_m else 1, rows if h.per_r else 1,
              {"q": geo.n_q, "k": geo.n_k}.get(cast(str, h.side), 1))
-    fn = functools.partial(_outside_value, split, h, leaves, geo)
+    fn = functools.partial(_outside_value, split, h, leaves, geo, offsets)
     for axis in (2, 1, 0):  # innermost first: the result's axes come out as (m, r, n)
       if varying[axis]:
         fn = jax.vmap(fn, in_axes=tuple(0 if a == axis else None for a in range(3)))
@@ -530,7 +534,7 @@ class _Inputs(NamedTuple):
   """The arrays of one pallas_call (their refs inside the kernel); None where a pass needs none.
 
   Query-side arrays are grouped ``(M, R, n_q, G * tile_q, D)``; ``lse`` and ``delta`` are
-  lane-replicated ``(..., 128)``.
+  ``(M, R, n_q, 1, G * tile_q)``, one value per row.
   """
 
   scale: Any
@@ -542,27 +546,32 @@ class _Inputs(NamedTuple):
   d_out: Any = None
   lse: Any = None
   delta: Any = None
+  d_lse: Any = None  # the lse's cotangent, as lse (the dq pass's correction)
   zeros: list | None = None  # aliased to the blocked operands' gradients: unvisited tiles stay 0
 
 
 class _Tile(NamedTuple):
-  """What the mods get of a grid step: table row, batch row, heads, query and key positions."""
+  """What the mods get of a grid step: table row, batch row, heads, query and key positions
+  (shifted by the call's offsets), and the keys' rows in this call (for the bounds check)."""
 
   m: jax.Array
   rows: jax.Array
   heads: jax.Array
   q_pos: jax.Array
   k_pos: jax.Array
+  k_row: jax.Array
 
 
-def _tile_at(m, r, i, j, geo: _Geometry) -> _Tile:
+def _tile_at(m, r, i, j, offsets, geo: _Geometry) -> _Tile:
   # Each index vector is made in the layout the mods broadcast it back to (queries down the
   # sublanes, keys along the lanes, heads on a leading dim), so the two reshapes cancel.
   def iota(shape, axis, start=0):
     return (start + lax.broadcasted_iota(jnp.int32, shape, axis)).reshape(-1)
 
+  k_row = iota((1, geo.tile_k), 1, j * geo.tile_k)
+  q_offset, k_offset = (offsets[np.int32(n)] for n in range(2))  # 32-bit indices under x64 too
   return _Tile(m, jnp.full((1, 1, 1, 1), r, jnp.int32).reshape(-1), iota((1, geo.groups, 1, 1), 1),
-               iota((geo.tile_q, 1), 0, i * geo.tile_q), iota((1, geo.tile_k), 1, j * geo.tile_k))
+               iota((geo.tile_q, 1), 0, q_offset + i * geo.tile_q), k_offset + k_row, k_row)
 
 
 def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int], dtype) -> jax.Array:
@@ -634,7 +643,7 @@ def _masked(s: jax.Array, at: _Tile, plan: _Plan, geo: _Geometry, scores: _Score
   """``s`` at ``-inf`` where a key is padding (with ``bounds``) or the mask mod refuses it."""
   allowed = None
   if bounds:
-    allowed = (at.k_pos < geo.kv_len)[None, None, None, :]
+    allowed = (at.k_row < geo.kv_len)[None, None, None, :]
   if mask and plan.mask is not None:
     by_mod = _in_kernel(plan.mask, (at.m, at.rows, at.heads, at.q_pos, at.k_pos), scores.blocked,
                         scores.mask_hoisted, plan.narrow)
@@ -642,10 +651,11 @@ def _masked(s: jax.Array, at: _Tile, plan: _Plan, geo: _Geometry, scores: _Score
   return s if allowed is None else jnp.where(allowed, s, -jnp.inf)
 
 
-def _walk(step: Callable[[bool, bool], None], full, count, t, geo: _Geometry) -> None:
+def _walk(step: Callable[[bool, bool], None], where: _Position, geo: _Geometry) -> None:
   """Runs ``step(mask, bounds)`` at a listed step: full blocks skip the mask, partial ones not."""
-  pl.when(t < full)(lambda: step(False, geo.bounds_in_full))
-  pl.when((t >= full) & (t < count))(lambda: step(True, geo.bounds))
+  t = where.t
+  pl.when(t < where.full)(lambda: step(False, geo.bounds_in_full))
+  pl.when((t >= where.full) & (t < where.count))(lambda: step(True, geo.bounds))
 
 
 def _blocks_of_step(index, m, outer, t, key_major: bool) -> tuple:
@@ -654,17 +664,29 @@ def _blocks_of_step(index, m, outer, t, key_major: bool) -> tuple:
   return (listed, outer) if key_major else (outer, listed)
 
 
-def _grid_position(tables, key_major: bool):
-  """``(m, r, i, j, t, full, count)`` of the current grid step (inside a kernel)."""
-  index, full, count = tables
+class _Position(NamedTuple):
+  """Where a grid step is (inside a kernel): its tile, step, and its outer block's counts."""
+
+  at: _Tile
+  t: jax.Array
+  full: jax.Array
+  count: jax.Array
+
+
+def _grid_position(tables: Steps, geo: _Geometry, key_major: bool) -> _Position:
+  """The :class:`_Position` of the current grid step, from the scalar-prefetched ``tables``."""
   m, r, outer, t = (pl.program_id(axis) for axis in range(4))
-  i, j = _blocks_of_step(index, m, outer, t, key_major)
-  return m, r, i, j, t, full[m, outer], count[m, outer]
+  i, j = _blocks_of_step(tables.index, m, outer, t, key_major)
+  full, count = (x[m, outer].astype(jnp.int32) for x in (tables.full, tables.count))
+  return _Position(_tile_at(m, r, i, j, tables.offsets, geo), t, full, count)
 
 
-def _forward_kernel(index, full, count, ins: _Inputs, out, lse, row_max, row_sum, acc, *,
-                    plan: _Plan, geo: _Geometry):
-  m, r, i, j, t, n_full, n_listed = _grid_position((index, full, count), key_major=False)
+def _forward_kernel(index, full, count, offsets, ins: _Inputs, out, lse, low, row_max, row_sum,
+                    acc, *, plan: _Plan, geo: _Geometry):
+  """The output, lse, and with ``low`` (a list of one ref, else empty) what rounding the output
+  to its half-precision dtype lost, in that dtype (the backward's ``delta``)."""
+  where = _grid_position(Steps(index, full, count, offsets), geo, key_major=False)
+  at, t = where.at, where.t
   dtype = acc.dtype
 
   @pl.when(t == 0)
@@ -674,7 +696,6 @@ def _forward_kernel(index, full, count, ins: _Inputs, out, lse, row_max, row_sum
     acc[...] = jnp.zeros(acc.shape, dtype)
 
   def step(mask: bool, bounds: bool):
-    at = _tile_at(m, r, i, j, geo)
     scores = _scores_at(ins, at, plan, dtype)
     s = scores.score(_products(ins, geo, dtype), scores.scale, [], [])
     s = _masked(s, at, plan, geo, scores, mask, bounds).reshape(geo.rows, geo.tile_k)
@@ -687,20 +708,24 @@ def _forward_kernel(index, full, count, ins: _Inputs, out, lse, row_max, row_sum
     rescale = jnp.exp(old_max - shift)
     row_sum[...] = rescale * row_sum[...] + jnp.sum(p, axis=-1, keepdims=True)
     row_max[...] = new_max
-    # p @ v in the compute dtype (as splash): the output, and the backward's delta = rowsum(dO * O)
-    # from it, keep their precision (the scale's gradient is a sum that mostly cancels).
-    weighted = _dot(p, ins.v[...].astype(dtype), (1, 0), dtype)
+    # p @ v on v's dtype (bfloat16 products at the MXU's rate for half-precision inputs), summed
+    # in the compute dtype, as splash and FlashAttention do.
+    weighted = _dot(p, ins.v[...], (1, 0), dtype)
     acc[...] = _lanes(rescale, acc.shape[-1]) * acc[...] + weighted
 
-  _walk(step, n_full, n_listed, t, geo)
+  _walk(step, where, geo)
 
   @pl.when(t == pl.num_programs(3) - 1)
   def _finish():
     total = row_sum[...]
     seen = osm.seen_a_key(row_max[...])
     safe = jnp.where(seen, total, 1.0)
-    out[...] = (acc[...] / _lanes(safe, acc.shape[-1])).astype(out.dtype)
-    lse[...] = jnp.where(seen, row_max[...] + jnp.log(safe), -jnp.inf)
+    result = acc[...] / _lanes(safe, acc.shape[-1])
+    out[...] = result.astype(out.dtype)
+    for ref in low:
+      ref[...] = (result - out[...].astype(result.dtype)).astype(ref.dtype)
+    # One value per row, the rows along the lanes: the column's transpose, row 0.
+    lse[...] = jnp.where(seen, row_max[...] + jnp.log(safe), -jnp.inf).T[:1]
 
 
 class _BackwardTile(NamedTuple):
@@ -712,28 +737,47 @@ class _BackwardTile(NamedTuple):
   d_scale: jax.Array
   d_hoisted: list
   d_blocked: list
+  d_s_sum: jax.Array | None = None
+  p_slope: jax.Array | None = None
 
 
 def _backward_tile(ins: _Inputs, at: _Tile, plan: _Plan, geo: _Geometry, mask: bool,
-                   bounds: bool, sides: Sequence[str | None],
-                   wrt_blocked: bool) -> _BackwardTile:
+                   bounds: bool, sides: Sequence[str | None], wrt_blocked: bool,
+                   row_sums: bool = False) -> _BackwardTile:
   """``p = exp(s - lse)``, ``dS = p * (dP - delta)`` and its vjp through the scale and mods.
 
   The scale's gradient is the vjp's too, ``sum(dS' * q @ k^T)`` summed in the compute dtype,
   so half-precision matmul inputs do not round it. ``sides`` and ``wrt_blocked`` choose the
-  operand values differentiated (:func:`_scores_at`).
+  operand values differentiated (:func:`_scores_at`). With ``row_sums``, also the per-row sums
+  of ``dS`` and of ``p * ds/dscale`` (``(rows, 1)``, for :func:`_dq_kernel`'s correction).
   """
   dtype = ins.lse.dtype
   scores = _scores_at(ins, at, plan, dtype, sides, wrt_blocked)
-  s, vjp = jax.vjp(scores.score, _products(ins, geo, dtype), scores.scale, scores.hoisted_diff,
-                   scores.blocked_diff)
+  qk = _products(ins, geo, dtype)
+  s, vjp = jax.vjp(scores.score, qk, scores.scale, scores.hoisted_diff, scores.blocked_diff)
   # Masked before the exponent: exp(-inf - lse) is 0, so masked entries carry no gradient.
   s = _masked(s, at, plan, geo, scores, mask, bounds).reshape(geo.rows, geo.tile_k)
-  p = jnp.exp(s - _lanes(ins.lse[...], geo.tile_k))
+  p = jnp.exp(s - _column(ins.lse))
   d_p = _dot(ins.d_out[...], ins.v[...], (1, 1), dtype)
-  d_s = p * (d_p - _lanes(ins.delta[...], geo.tile_k))
+  d_s = p * (d_p - _column(ins.delta))
   d_qk, d_scale, d_hoisted, d_blocked = vjp(d_s.reshape(1, geo.groups, geo.tile_q, geo.tile_k))
-  return _BackwardTile(p, d_qk.reshape(geo.rows, geo.tile_k), d_scale, d_hoisted, d_blocked)
+  tile = _BackwardTile(p, d_qk.reshape(geo.rows, geo.tile_k), d_scale, d_hoisted, d_blocked)
+  if not row_sums:
+    return tile
+  if plan.score is None:
+    slope = qk
+  else:
+    _, slope = jax.jvp(lambda scale: scores.score(qk, scale, scores.hoisted_diff,
+                                                  scores.blocked_diff),
+                       (scores.scale,), (jnp.ones_like(scores.scale),))
+  slope = jnp.where(p > 0, p * slope.reshape(p.shape), 0.0)
+  return tile._replace(d_s_sum=jnp.sum(d_s, axis=-1, keepdims=True),
+                       p_slope=jnp.sum(slope, axis=-1, keepdims=True))
+
+
+def _column(ref) -> jax.Array:
+  """A ``(1, rows)`` statistic (one value per query row) as a ``(rows, 1)`` column."""
+  return ref[...].reshape(-1, 1)
 
 
 def _accumulate(refs: Sequence[Any], grads: Sequence[jax.Array]) -> None:
@@ -741,41 +785,54 @@ def _accumulate(refs: Sequence[Any], grads: Sequence[jax.Array]) -> None:
     ref[...] += grad.reshape(ref.shape).astype(ref.dtype)
 
 
-def _dq_kernel(index, full, count, ins: _Inputs, dq, d_sums, d_blocked, dq_acc, *,
-               plan: _Plan, geo: _Geometry):
+def _dq_kernel(index, full, count, offsets, ins: _Inputs, dq, d_sums, d_blocked, dq_acc,
+               d_s_sum, p_slope, *, plan: _Plan, geo: _Geometry):
   """dq, and per program the partial sums of the gradients of the scale and of the score mod's
   float values computed outside for every block or per query block (``d_sums``), and the
-  blocked float operands' gradient tiles (``d_blocked``)."""
-  m, r, i, j, t, n_full, n_listed = _grid_position((index, full, count), key_major=False)
+  blocked float operands' gradient tiles (``d_blocked``).
+
+  The scale's gradient is corrected for ``delta``'s rounding: exactly, a row's ``dS`` sums to
+  its ``d_lse`` (``delta = rowsum(p * dP) - d_lse``), but ``delta`` comes from a rounded output
+  (half-precision ``p @ v`` and output), so the row sums' differences ``e`` from ``d_lse`` are
+  the error; the scale's gradient, a sum that mostly cancels, would be off by
+  ``sum_rows(e * rowsum(p * ds/dscale))``: subtracted.
+  """
+  where = _grid_position(Steps(index, full, count, offsets), geo, key_major=False)
+  t = where.t
 
   @pl.when(t == 0)
   def _init():
     # Also the gradient tile of a query block that lists nothing, written back as it is.
-    for ref in (dq_acc, *d_sums, *d_blocked):
+    for ref in (dq_acc, *d_sums, *d_blocked, d_s_sum, p_slope):
       ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
   def step(mask: bool, bounds: bool):
-    at = _tile_at(m, r, i, j, geo)
-    tile = _backward_tile(ins, at, plan, geo, mask, bounds, (None, "q"), wrt_blocked=True)
+    tile = _backward_tile(ins, where.at, plan, geo, mask, bounds, (None, "q"), wrt_blocked=True,
+                          row_sums=True)
     dq_acc[...] += _dot(tile.d_qk, ins.k[...], (1, 0), dq_acc.dtype)
+    d_s_sum[...] += tile.d_s_sum
+    p_slope[...] += tile.p_slope
     _accumulate(d_sums, (tile.d_scale, *tile.d_hoisted))
     for ref, grad in zip(d_blocked, tile.d_blocked, strict=True):
       # A key-broadcast operand's tile is every step's; a per-key one is this step's alone.
       grad = grad[0].astype(ref.dtype)
       ref[...] = ref[...] + grad if ref.shape[-1] == 1 else grad
 
-  _walk(step, n_full, n_listed, t, geo)
+  _walk(step, where, geo)
 
   @pl.when(t == pl.num_programs(3) - 1)
   def _finish():
     dq[...] = dq_acc[...].astype(dq.dtype)
+    error = d_s_sum[...] - _column(ins.d_lse)  # exactly, dS sums to d_lse per row
+    d_sums[0][...] -= jnp.sum(error * p_slope[...]).reshape(d_sums[0].shape)
 
 
-def _dkv_kernel(index, full, count, ins: _Inputs, dk, dv, d_keys, dk_acc, dv_acc, *,
+def _dkv_kernel(index, full, count, offsets, ins: _Inputs, dk, dv, d_keys, dk_acc, dv_acc, *,
                 plan: _Plan, geo: _Geometry):
   """dk, dv, and per key block the gradients of the score mod's float values computed outside
   per key block (``d_keys``)."""
-  m, r, i, j, t, n_full, n_listed = _grid_position((index, full, count), key_major=True)
+  where = _grid_position(Steps(index, full, count, offsets), geo, key_major=True)
+  t = where.t
 
   @pl.when(t == 0)
   def _init():
@@ -783,13 +840,12 @@ def _dkv_kernel(index, full, count, ins: _Inputs, dk, dv, d_keys, dk_acc, dv_acc
       ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
   def step(mask: bool, bounds: bool):
-    at = _tile_at(m, r, i, j, geo)
-    tile = _backward_tile(ins, at, plan, geo, mask, bounds, ("k",), wrt_blocked=False)
+    tile = _backward_tile(ins, where.at, plan, geo, mask, bounds, ("k",), wrt_blocked=False)
     dv_acc[...] += _dot(tile.p, ins.d_out[...], (0, 0), dv_acc.dtype)
     dk_acc[...] += _dot(tile.d_qk, ins.q[...], (0, 0), dk_acc.dtype)
     _accumulate(d_keys, tile.d_hoisted)
 
-  _walk(step, n_full, n_listed, t, geo)
+  _walk(step, where, geo)
 
   @pl.when(t == pl.num_programs(3) - 1)
   def _finish():
@@ -803,8 +859,8 @@ def _dkv_kernel(index, full, count, ins: _Inputs, dk, dv, d_keys, dk_acc, dv_acc
 def _spec(block_shape, where: Callable[..., tuple], key_major: bool) -> pl.BlockSpec:
   """A BlockSpec whose index map ``where(m, r, i, j)`` sees the listed block of each step."""
 
-  def index_map(m, r, outer, t, index, full, count):
-    del full, count
+  def index_map(m, r, outer, t, index, full, count, offsets):
+    del full, count, offsets
     return where(m, r, *_blocks_of_step(index, m, outer, t, key_major))
 
   return pl.BlockSpec(block_shape, index_map)
@@ -849,6 +905,9 @@ def _in_specs(ins: _Inputs, geo: _Geometry, plan: _Plan, key_major: bool) -> _In
   def rows_spec(x):
     return None if x is None else _query_spec((geo.rows, x.shape[-1]), key_major)
 
+  def stats_spec(x):
+    return None if x is None else _query_spec((1, geo.rows), key_major)
+
   return _Inputs(
       scale=_spec(ins.scale.shape, lambda m, r, i, j: (0, 0), key_major), q=rows_spec(ins.q),
       k=_key_spec(geo, ins.k.shape[-1], key_major), v=_key_spec(geo, ins.v.shape[-1], key_major),
@@ -856,7 +915,8 @@ def _in_specs(ins: _Inputs, geo: _Geometry, plan: _Plan, key_major: bool) -> _In
                     for x in ins.blocked),
       hoisted=[_spec((None, None, None, *h.block), _hoisted_where(h), key_major)
                for h in plan.hoisted],
-      d_out=rows_spec(ins.d_out), lse=rows_spec(ins.lse), delta=rows_spec(ins.delta),
+      d_out=rows_spec(ins.d_out), lse=stats_spec(ins.lse), delta=stats_spec(ins.delta),
+      d_lse=stats_spec(ins.d_lse),
       zeros=None if ins.zeros is None else [pl.BlockSpec(memory_space=pl.ANY)
                                             for _ in ins.zeros])
 
@@ -871,38 +931,47 @@ def _call(kernel, name: str, steps: Steps, ins: _Inputs, out_shape, out_specs, s
   return pl.pallas_call(
       functools.partial(kernel, plan=plan, geo=geo),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3, grid=(rows, ins.q.shape[1], outer, inner),
+          num_scalar_prefetch=len(steps), grid=(rows, ins.q.shape[1], outer, inner),
           in_specs=[_in_specs(ins, geo, plan, key_major)], out_specs=out_specs,
           scratch_shapes=scratch),
       out_shape=out_shape, compiler_params=params, interpret=geo.interpret,
       input_output_aliases=aliases or {}, name=name)(*steps, ins)
 
 
-def _forward(q, k, v, blocks: KeyBlocks, blocked, hoisted, scale, plan: _Plan, geo: _Geometry):
+def _forward(q, k, v, blocks: KeyBlocks, blocked, hoisted, scale, offsets, plan: _Plan,
+             geo: _Geometry, residual: bool):
+  """``out (M, R, n_q, rows, Ev)`` in q's dtype, ``lse (M, R, n_q, 1, rows)`` and, with
+  ``residual`` and a half-precision q, the output's rounding error (else None)."""
   dtype = osm.compute_dtype(q.dtype)
   rows = geo.rows
-  steps = block_steps(block_map(blocks, geo.n_k))
+  steps = block_steps(block_map(blocks, geo.n_k), offsets)
   lead = q.shape[:3]  # (M, R, n_q)
-  out, lse = _call(
+  out_spec = _query_spec((rows, v.shape[-1]), False)
+  out_struct = jax.ShapeDtypeStruct((*lead, rows, v.shape[-1]), q.dtype)
+  low = residual and jnp.dtype(q.dtype).itemsize < jnp.dtype(dtype).itemsize
+  out, lse, lows = _call(
       _forward_kernel, "jmat_block_sparse_fwd", steps,
       _Inputs(scale.reshape(1, 1), q, k, v, tuple(blocked), list(hoisted)),
-      (jax.ShapeDtypeStruct((*lead, rows, v.shape[-1]), dtype),
-       jax.ShapeDtypeStruct((*lead, rows, LANES), dtype)),
-      (_query_spec((rows, v.shape[-1]), False), _query_spec((rows, LANES), False)),
+      (out_struct, jax.ShapeDtypeStruct((*lead, 1, rows), dtype), [out_struct] * low),
+      (out_spec, _query_spec((1, rows), False), [out_spec] * low),
       [pltpu.VMEM((rows, LANES), dtype), pltpu.VMEM((rows, LANES), dtype),
        pltpu.VMEM((rows, v.shape[-1]), dtype)],
       geo, plan, key_major=False)
-  return out, lse[..., 0]
+  return out, lse, (lows[0] if lows else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _attend(q, k, v, blocks, blocked, hoisted, scale, plan: _Plan, geo: _Geometry):
-  return _forward(q, k, v, blocks, blocked, hoisted, scale, plan, geo)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def _attend(q, k, v, blocks, blocked, hoisted, scale, offsets, plan: _Plan, geo: _Geometry):
+  out, lse, _ = _forward(q, k, v, blocks, blocked, hoisted, scale, offsets, plan, geo, False)
+  return out, lse
 
 
-def _attend_fwd(q, k, v, blocks, blocked, hoisted, scale, plan, geo):
-  out, lse = _forward(q, k, v, blocks, blocked, hoisted, scale, plan, geo)
-  return (out, lse), (q, k, v, blocks, blocked, hoisted, scale, out, lse)
+def _attend_fwd(q, k, v, blocks, blocked, hoisted, scale, offsets, plan, geo):
+  # A half-precision output keeps what rounding lost beside it (in its dtype): the backward's
+  # delta = rowsum(dO * O) then has float32's precision, which the scale's gradient (a sum that
+  # mostly cancels) needs, at the memory cost of a float32 output only when differentiated.
+  out, lse, low = _forward(q, k, v, blocks, blocked, hoisted, scale, offsets, plan, geo, True)
+  return (out, lse), (q, k, v, blocks, blocked, hoisted, scale, offsets, out, low, lse)
 
 
 def _blocked_gradient(grad: jax.Array, x: jax.Array) -> jax.Array:
@@ -924,15 +993,13 @@ def _hoisted_gradient(grad: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def _attend_bwd(plan: _Plan, geo: _Geometry, residuals, cotangents):
-  q, k, v, blocks, blocked, hoisted, scale, out, lse = residuals
+  q, k, v, blocks, blocked, hoisted, scale, offsets, out, low, lse = residuals
   d_out, d_lse = cotangents
   dtype = lse.dtype
   lead = q.shape[:3]  # (M, R, n_q): one partial sum or gradient tile per dq program
-
-  def lanes(x):
-    return jnp.broadcast_to(x[..., None], (*x.shape, LANES))
-
-  delta = jnp.sum(d_out.astype(dtype) * out.astype(dtype), axis=-1) - d_lse.astype(dtype)
+  out = out.astype(dtype) if low is None else out.astype(dtype) + low.astype(dtype)
+  # delta = rowsum(dO * O) - d_lse, one value per row as lse: (M, R, n_q, 1, rows).
+  delta = jnp.sum(d_out.astype(dtype) * out, axis=-1)[..., None, :] - d_lse.astype(dtype)
   # Rows that saw no key have lse = -inf: an lse of +inf makes their p exactly 0.
   lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
   kinds = block_map(blocks, geo.n_k)
@@ -948,11 +1015,13 @@ def _attend_bwd(plan: _Plan, geo: _Geometry, residuals, cotangents):
                      dtype) for x in tiled]
   # The cotangent of an output of q's dtype, back in it (losslessly) for the matmuls.
   ins = _Inputs(scale.reshape(1, 1), q, k, v, tuple(blocked), list(hoisted),
-                d_out=d_out.astype(q.dtype), lse=lanes(lse), delta=lanes(delta), zeros=zeros)
-  first_zero = 3 + len(jax.tree.leaves(ins)) - len(zeros)  # after the 3 scalar-prefetch tables
+                d_out=d_out.astype(q.dtype), lse=lse, delta=delta, zeros=zeros,
+                d_lse=d_lse.astype(dtype))
+  steps = block_steps(kinds, offsets)
+  first_zero = len(steps) + len(jax.tree.leaves(ins)) - len(zeros)  # after the prefetched tables
 
   dq, d_sums, d_tiles = _call(
-      _dq_kernel, "jmat_block_sparse_dq", block_steps(kinds), ins,
+      _dq_kernel, "jmat_block_sparse_dq", steps, ins,
       (jax.ShapeDtypeStruct(q.shape, q.dtype),
        [jax.ShapeDtypeStruct((*lead, *block), dtype) for block in summed],
        [jax.ShapeDtypeStruct(x.shape, dtype) for x in zeros]),
@@ -961,13 +1030,14 @@ def _attend_bwd(plan: _Plan, geo: _Geometry, residuals, cotangents):
        [_spec((None, None, None, *_blocked_block(x, geo)),
               lambda m, r, i, j, keys=x.shape[4]: (m, r, i, 0, 0, j if keys > 1 else 0), False)
         for x in tiled]),
-      [pltpu.VMEM((geo.rows, q.shape[-1]), dtype)], geo, plan, key_major=False,
+      [pltpu.VMEM((geo.rows, q.shape[-1]), dtype), pltpu.VMEM((geo.rows, 1), dtype),
+       pltpu.VMEM((geo.rows, 1), dtype)], geo, plan, key_major=False,
       aliases={first_zero + n: 1 + len(summed) + n for n in range(len(zeros))})
 
   key_blocks = [hoisted[n].shape[3:] for n in by_keys]
   dk, dv, d_keys = _call(
-      _dkv_kernel, "jmat_block_sparse_dkv", block_steps(kinds.swapaxes(1, 2)),
-      ins._replace(zeros=None),
+      _dkv_kernel, "jmat_block_sparse_dkv", block_steps(kinds.swapaxes(1, 2), offsets),
+      ins._replace(zeros=None, d_lse=None),
       (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
        [jax.ShapeDtypeStruct((*k.shape[:2], geo.n_k, *block), dtype) for block in key_blocks]),
       (_key_spec(geo, k.shape[-1], True), _key_spec(geo, v.shape[-1], True),
@@ -984,7 +1054,8 @@ def _attend_bwd(plan: _Plan, geo: _Geometry, residuals, cotangents):
   d_blocked = tuple(_blocked_gradient(next(d_tiles), x) if _is_float(x) else zero_cotangent(x)
                     for x in blocked)
   d_scale = jnp.sum(d_sums[0]).reshape(scale.shape).astype(scale.dtype)
-  return dq, dk, dv, jax.tree.map(zero_cotangent, blocks), d_blocked, d_hoisted, d_scale
+  return (dq, dk, dv, jax.tree.map(zero_cotangent, blocks), d_blocked, d_hoisted, d_scale,
+          zero_cotangent(offsets))
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -1002,6 +1073,8 @@ def attend(
     block_q: int,
     block_k: int,
     interpret: Interpret = False,
+    q_offset: int | jax.Array = 0,
+    k_offset: int | jax.Array = 0,
 ) -> tuple[jax.Array, jax.Array]:
   """Block-sparse attention of ``q (M, R, G, L, E)`` over ``k, v (M, R, S, E|Ev)`` on TPU.
 
@@ -1019,6 +1092,10 @@ def attend(
     block_k: keys per table block.
     interpret: run the kernels in Pallas interpret mode (on CPU): True, or
       ``pltpu.InterpretParams(...)`` for the TPU interpreter's checks.
+    q_offset: the position of query row 0 (a Python int or a traced int32 scalar): ring
+      attention's chunk offset. The mods see positions ``q_offset + row``; the tables and the
+      key bounds stay in this call's rows.
+    k_offset: the position of key row 0.
 
   Raises:
     ValueError: if the block sizes cannot tile the lengths on TPU, or ``blocks``
@@ -1043,14 +1120,16 @@ def attend(
   plan = _plan_of(mods, geo, leaves, treedef, blocked, dtype)
   if plan.narrow:
     blocked = tuple(x.astype(_narrowed(x.dtype)) for x in blocked)
+  offsets = jnp.stack([jnp.asarray(q_offset, jnp.int32), jnp.asarray(k_offset, jnp.int32)])
   hoisted = [x for split in (plan.score, plan.mask) if split is not None
-             for x in _outside_values(split, leaves, geo, table_rows, q.shape[1], plan.narrow)]
+             for x in _outside_values(split, leaves, geo, offsets, table_rows, q.shape[1],
+                                      plan.narrow)]
   out, lse = cast(tuple[jax.Array, jax.Array], _attend(
       _group(pad(pad(q, -2, q_rows), -1, e), tile_q), pad(pad(k, -2, k_rows), -1, e),
       pad(pad(v, -2, k_rows), -1, ev), blocks, blocked, hoisted,
-      jnp.asarray(scale).astype(dtype), plan, geo))
-  out = _ungroup(out, groups)[..., :length, :v.shape[-1]].astype(q.dtype)
-  return out, _ungroup(lse[..., None], groups)[..., :length, 0]
+      jnp.asarray(scale).astype(dtype), offsets, plan, geo))
+  out = _ungroup(out, groups)[..., :length, :v.shape[-1]]
+  return out, _ungroup(jnp.swapaxes(lse, -1, -2), groups)[..., :length, 0]
 
 
 def _plan_of(mods: Mods, geo: _Geometry, leaves: Sequence[Any], treedef, blocked: Sequence[Any],
