@@ -58,14 +58,15 @@ from jax.extend.core import primitives as jax_primitives
 
 from jmat._src import online_softmax as osm
 from jmat._src.block_sparse import (
-    FULL,
-    NEVER,
-    KeyBlocks,
-    Mods,
-    Operands,
-    block_map,
-    pad,
-    zero_cotangent,
+  FULL,
+  NEVER,
+  KeyBlocks,
+  Mods,
+  Operands,
+  block_map,
+  coarsen,
+  pad,
+  zero_cotangent,
 )
 
 SUBLANES = 8  # rows of a TPU vreg: the query tile is a multiple of it
@@ -134,18 +135,58 @@ class BlockSizes:
             cast(int, _tile(self.block_k, kv_len, LANES)))
 
 
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """How the Mosaic kernels tile a call within a TPU core's memories (the defaults fit v5e/v6e).
+
+  The kernels walk a coarser table than the mask's when the mask's blocks are small: blocks of up
+  to ``largest_q`` query rows by ``largest_k`` keys, each made of whole mask blocks
+  (:func:`jmat._src.block_sparse.coarsen`: a block is full only if all of its mask blocks are),
+  so a TPU step does enough work to pay its fixed cost; coarser still when the tables of a pass
+  would overflow ``table_bytes`` of scalar memory (SMEM). A program's query rows (``G`` heads
+  times the query tile) are then capped so its score tiles stay within ``score_elements`` and
+  its VMEM within ``vmem_bytes``: the query tile is cut below the table's block, never the
+  heads.
+
+  Attributes:
+    largest_q: coarsen the table's query blocks up to this many rows.
+    largest_k: coarsen the table's key blocks up to this many keys.
+    score_elements: at most this many entries in a program's ``(rows, keys)`` score tile.
+    table_bytes: at most this much SMEM for the block tables of one pass.
+    vmem_bytes: the VMEM limit the kernels compile with, when the default scoped limit (16 MiB on
+      v5e) is too small; a call that cannot fit it is refused before compiling.
+  """
+
+  largest_q: int = 512
+  largest_k: int = 512
+  score_elements: int = 512 * 1024
+  table_bytes: int = 256 * 1024
+  vmem_bytes: int = 32 * 2**20
+
+
+DEFAULT_VMEM = 16 * 2**20  # the smallest default scoped VMEM limit (v5e)
+PREFIX = "jmat block-sparse attention, mosaic (TPU) backend: "
+
+
+def _narrow_int(largest: int) -> np.dtype:
+  """The narrowest integer type holding ``0 .. largest`` (splash's MaskInfo narrows so too)."""
+  return np.dtype(next(t for t in (np.int8, np.int16, np.int32) if largest <= np.iinfo(t).max))
+
+
 class Steps(NamedTuple):
   """A block table as a Pallas grid walks it: per outer block, one step per inner block.
 
-  Scalar-prefetched (SMEM), these drive the kernels' BlockSpec index maps.
+  Scalar-prefetched (SMEM), these drive the kernels' BlockSpec index maps. Integer tables are
+  int8 or int16 where their values allow.
 
   Attributes:
-    index: ``(M, n_outer, n_inner)`` int32, the inner block each step visits:
-      the full blocks (ascending), then the partial ones, then the last listed
-      block again (the step skips compute and its tile is not fetched anew);
-      0 where nothing is listed.
-    full: ``(M, n_outer)`` int32, how many steps visit full blocks.
-    count: ``(M, n_outer)`` int32, how many steps visit listed blocks.
+    index: ``(M, n_outer, steps)``, the inner block each step visits: the full blocks
+      (ascending), then the partial ones, then the last listed block again (the step skips
+      compute and its tile is not fetched anew); 0 where nothing is listed. ``steps`` is the
+      longest list when the table is known while tracing (the grid walks no more), else
+      ``n_inner``.
+    full: ``(M, n_outer)``, how many steps visit full blocks.
+    count: ``(M, n_outer)``, how many steps visit listed blocks.
     offsets: ``(2,)`` int32, the positions of query row 0 and key row 0 (what the mods see).
   """
 
@@ -155,25 +196,43 @@ class Steps(NamedTuple):
   offsets: jax.Array
 
 
-def block_steps(kinds: jax.Array, offsets: jax.Array) -> Steps:
-  """The :class:`Steps` of a kinds map, its rows the outer blocks.
+def block_steps(kinds: jax.Array, offsets: jax.Array, steps: int | None = None) -> Steps:
+  """The :class:`Steps` of a kinds map ``(M, n_outer, n_inner)``, its rows the outer blocks,
+  with ``steps`` steps per outer block (default ``n_inner``; at least the longest list).
 
   ``block_steps(kinds, offsets)`` walks keys per query block;
   ``block_steps(kinds.swapaxes(1, 2), offsets)`` is the key-major copy (queries per key block)
   of the dk/dv pass.
   """
+  n_inner = kinds.shape[-1]
+  steps = n_inner if steps is None else steps
+  dtype = _narrow_int(max(n_inner - 1, steps))
   order = jnp.argsort(-kinds, axis=-1, stable=True)  # full, then partial, then empty
   full = jnp.sum(kinds == FULL, axis=-1, dtype=jnp.int32)
   count = jnp.sum(kinds != NEVER, axis=-1, dtype=jnp.int32)
   last = jnp.maximum(count - 1, 0)[..., None]
-  step = jnp.minimum(jnp.arange(kinds.shape[-1], dtype=jnp.int32), last)
-  return Steps(jnp.take_along_axis(order, step, axis=-1).astype(jnp.int32), full, count, offsets)
+  step = jnp.minimum(jnp.arange(steps, dtype=jnp.int32), last)
+  index = jnp.take_along_axis(order[..., :n_inner], step, axis=-1)
+  return Steps(index.astype(dtype), full.astype(dtype), count.astype(dtype), offsets)
+
+
+def _longest_lists(blocks: KeyBlocks, n_k: int) -> tuple[int, int] | None:
+  """The longest list of listed blocks per query block and per key block, if the table is known
+  while tracing (a constant), else None."""
+  try:
+    with jax.ensure_compile_time_eval():
+      listed = np.asarray(block_map(blocks, n_k)) != NEVER
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
+  return (max(int(listed.sum(axis=2).max(initial=0)), 1),
+          max(int(listed.sum(axis=1).max(initial=0)), 1))
 
 
 @dataclasses.dataclass(frozen=True)
 class _Geometry:
-  """Static facts of one call: true lengths, table blocks, kernel tiles, heads per program, and
-  whether (and how) the kernels are interpreted."""
+  """Static facts of one call: true lengths, table blocks (the kernels' coarsened ones), kernel
+  tiles, query tiles per table block, heads per program, steps per grid row of each walk,
+  VMEM limit, and whether (and how) the kernels are interpreted."""
 
   q_len: int
   kv_len: int
@@ -183,6 +242,10 @@ class _Geometry:
   tile_k: int
   groups: int
   interpret: Interpret
+  split: int = 1
+  steps_q: int | None = None  # steps per query tile (forward, dq): None is n_k
+  steps_k: int | None = None  # listed query blocks per key block (dk/dv): None is n_q
+  vmem_limit: int | None = None
 
   @property
   def n_q(self) -> int:
@@ -193,9 +256,18 @@ class _Geometry:
     return pl.cdiv(self.kv_len, self.block_k)
 
   @property
+  def q_tiles(self) -> int:
+    """Query tiles (the forward and dq grids' outer blocks): ``split`` per table block."""
+    return self.n_q * self.split
+
+  @property
   def rows(self) -> int:
-    """Query rows of a program: a query block of every head of the group."""
+    """Query rows of a program: a query tile of every head of the group."""
     return self.groups * self.tile_q
+
+  @property
+  def padded_q(self) -> int:
+    return self.q_tiles * self.tile_q
 
   @property
   def padded_k(self) -> int:
@@ -210,6 +282,82 @@ class _Geometry:
   def bounds_in_full(self) -> bool:
     """Whether full blocks need the bounds check too: the kernel padded past the table's block."""
     return self.bounds and self.tile_k != self.block_k
+
+
+def _factor(block: int, length: int, unit: int, largest: int) -> int:
+  """How many table blocks of ``block`` one coarse block holds: the most whose size is at most
+  ``largest`` (or covers the length) and tiles on TPU."""
+  best = 1
+  for factor in range(2, pl.cdiv(length, block) + 1):
+    size = block * factor
+    if size > largest:
+      break
+    if _tile(size, length, unit) is not None:
+      best = factor
+  return best
+
+
+def _vmem_bytes(rows: int, tile_k: int, e: int, ev: int, itemsize: int) -> int:
+  """A bound on a pass's VMEM: double-buffered query-side and key-side blocks (q, dO, out or dq;
+  k, v, dk, dv), float32 accumulators and statistics, and the score tiles (s, p, dP, dS and the
+  mods' temporaries)."""
+  blocks = 2 * itemsize * (2 * rows * (e + ev) + 2 * tile_k * (e + ev))
+  accumulators = 4 * (rows * (e + ev) + tile_k * (e + ev) + 3 * rows * LANES)
+  return blocks + accumulators + 4 * 6 * rows * tile_k
+
+
+def _geometry(q_shape: tuple[int, ...], k_shape: tuple[int, ...], v_dim: int, dtype,
+              block_q: int, block_k: int, tiling: Tiling, interpret: Interpret) -> _Geometry:
+  """The kernels' tiles of a call (before its tables are known): coarsened table blocks that fit
+  SMEM, the query tile that fits VMEM.
+
+  Raises:
+    ValueError: if the block sizes cannot tile the lengths on TPU, the tables cannot fit SMEM at
+      any coarsening, or one query row per head cannot fit VMEM (naming the limit and the fix).
+  """
+  table_rows, _, groups, length, e = q_shape
+  keys = k_shape[-2]
+  BlockSizes(block_q, block_k).tiles(length, keys)
+  e, ev = (pl.cdiv(d, LANES) * LANES for d in (e, v_dim))
+  itemsize = jnp.dtype(dtype).itemsize
+  largest_q, largest_k = tiling.largest_q, tiling.largest_k
+  while True:
+    coarse_q = block_q * _factor(block_q, length, SUBLANES, max(largest_q, block_q))
+    coarse_k = block_k * _factor(block_k, keys, LANES, max(largest_k, block_k))
+    n_q, n_k = pl.cdiv(length, coarse_q), pl.cdiv(keys, coarse_k)
+    # The larger of the two passes' tables: index (M, n_outer, n_inner), two counts per row.
+    table = max(table_rows * (outer * inner * _narrow_int(inner).itemsize
+                              + 2 * outer * _narrow_int(inner).itemsize)
+                for outer, inner in ((n_q, n_k), (n_k, n_q)))
+    if table <= tiling.table_bytes:
+      break
+    if coarse_q >= length and coarse_k >= keys:
+      break  # one block: the smallest table there is
+    largest_q, largest_k = 2 * max(largest_q, block_q), 2 * max(largest_k, block_k)
+  if table > tiling.table_bytes:
+    raise ValueError(
+        f"{PREFIX}the block tables of {table_rows} masks of {n_q} x {n_k} blocks need {table} "
+        f"bytes of scalar memory, more than the limit of {tiling.table_bytes} (use a larger "
+        f"BLOCK_SIZE, or fewer distinct masks per call)")
+  tile_q, tile_k = BlockSizes(coarse_q, coarse_k).tiles(length, keys)
+  split = 1
+  while (groups * tile_q // split * tile_k > tiling.score_elements
+         or _vmem_bytes(groups * tile_q // split, tile_k, e, ev, itemsize) > tiling.vmem_bytes):
+    finer = next((n for n in range(split + 1, tile_q // SUBLANES + 1)
+                  if (tile_q // SUBLANES) % n == 0), None)
+    if finer is None:
+      break
+    split = finer
+  rows = groups * tile_q // split
+  need = _vmem_bytes(rows, tile_k, e, ev, itemsize)
+  if need > tiling.vmem_bytes:
+    raise ValueError(
+        f"{PREFIX}a program of {groups} query heads x {tile_q // split} query rows by {tile_k} "
+        f"keys (head dims {q_shape[-1]}, {v_dim}) needs about {need / 2**20:.1f} MiB of VMEM, "
+        f"more than the limit of {tiling.vmem_bytes / 2**20:.0f} MiB (use a smaller BLOCK_SIZE "
+        f"for the keys, or fewer query heads per key/value head)")
+  return _Geometry(length, keys, coarse_q, coarse_k, tile_q // split, tile_k, groups, interpret,
+                   split=split, vmem_limit=tiling.vmem_bytes if need > DEFAULT_VMEM else None)
 
 
 def _is_float(x) -> bool:
@@ -446,7 +594,7 @@ def _outside_values(split: _Split, leaves: Sequence[jax.Array], geo: _Geometry,
   for h in split.hoisted:
     varying = (h.per_m, h.per_r, h.side is not None)
     sizes = (table_rows if h.per_m else 1, rows if h.per_r else 1,
-             {"q": geo.n_q, "k": geo.n_k}.get(cast(str, h.side), 1))
+             {"q": geo.q_tiles, "k": geo.n_k}.get(cast(str, h.side), 1))
     fn = functools.partial(_outside_value, split, h, leaves, geo, offsets)
     for axis in (2, 1, 0):  # innermost first: the result's axes come out as (m, r, n)
       if varying[axis]:
@@ -660,7 +808,7 @@ def _walk(step: Callable[[bool, bool], None], where: _Position, geo: _Geometry) 
 
 def _blocks_of_step(index, m, outer, t, key_major: bool) -> tuple:
   """``(query block, key block)`` of a step: its grid's outer block and the block it lists."""
-  listed = index[m, outer, t]
+  listed = index[m, outer, t].astype(jnp.int32)
   return (listed, outer) if key_major else (outer, listed)
 
 
@@ -921,21 +1069,47 @@ def _in_specs(ins: _Inputs, geo: _Geometry, plan: _Plan, key_major: bool) -> _In
                                             for _ in ins.zeros])
 
 
+def _cost(ins: _Inputs, out_shape, grid: tuple[int, ...], geo: _Geometry,
+          width: int) -> pl.CostEstimate:
+  """What a pass costs, for XLA's scheduler: per grid step, products of ``width`` summed widths
+  (e.g. ``E + Ev`` for the forward's ``q @ k^T`` and ``p @ v``) over a ``rows x tile_k`` tile,
+  one exponential per score; every operand and result read or written once (a bound from
+  below: key tiles are read once per query tile)."""
+  steps = math.prod(grid)
+  scores = steps * geo.rows * geo.tile_k
+  moved = sum(x.size * jnp.dtype(x.dtype).itemsize
+              for x in jax.tree.leaves((ins, out_shape)) if hasattr(x, "dtype"))
+  return pl.CostEstimate(flops=2 * scores * width, transcendentals=scores,
+                         bytes_accessed=int(moved))
+
+
 def _call(kernel, name: str, steps: Steps, ins: _Inputs, out_shape, out_specs, scratch,
-          geo: _Geometry, plan: _Plan, key_major: bool, aliases: dict[int, int] | None = None):
-  """One pallas_call on the grid ``(M, R, outer block, step)`` of ``steps``."""
+          geo: _Geometry, plan: _Plan, key_major: bool, width: int,
+          aliases: dict[int, int] | None = None):
+  """One pallas_call on the grid ``(M, R, outer block, step)`` of ``steps`` (``width``: the
+  summed widths of a step's products, for its cost)."""
   rows, outer, inner = steps.index.shape
+  grid = (rows, ins.q.shape[1], outer, inner)
   # Grid axes 0-2 write disjoint blocks: cores may split them; steps run in order.
   params = pltpu.CompilerParams(
-      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+      vmem_limit_bytes=geo.vmem_limit)
   return pl.pallas_call(
       functools.partial(kernel, plan=plan, geo=geo),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=len(steps), grid=(rows, ins.q.shape[1], outer, inner),
+          num_scalar_prefetch=len(steps), grid=grid,
           in_specs=[_in_specs(ins, geo, plan, key_major)], out_specs=out_specs,
           scratch_shapes=scratch),
       out_shape=out_shape, compiler_params=params, interpret=geo.interpret,
+      cost_estimate=_cost(ins, out_shape, grid, geo, width),
       input_output_aliases=aliases or {}, name=name)(*steps, ins)
+
+
+def _tile_kinds(blocks: KeyBlocks, geo: _Geometry) -> jax.Array:
+  """The ``(M, query tiles, n_k)`` kinds map the kernels walk: a table block's row for each of
+  its ``split`` query tiles."""
+  kinds = block_map(blocks, geo.n_k)
+  return kinds if geo.split == 1 else jnp.repeat(kinds, geo.split, axis=1)
 
 
 def _forward(q, k, v, blocks: KeyBlocks, blocked, hoisted, scale, offsets, plan: _Plan,
@@ -944,8 +1118,8 @@ def _forward(q, k, v, blocks: KeyBlocks, blocked, hoisted, scale, offsets, plan:
   ``residual`` and a half-precision q, the output's rounding error (else None)."""
   dtype = osm.compute_dtype(q.dtype)
   rows = geo.rows
-  steps = block_steps(block_map(blocks, geo.n_k), offsets)
-  lead = q.shape[:3]  # (M, R, n_q)
+  steps = block_steps(_tile_kinds(blocks, geo), offsets, geo.steps_q)
+  lead = q.shape[:3]  # (M, R, query tiles)
   out_spec = _query_spec((rows, v.shape[-1]), False)
   out_struct = jax.ShapeDtypeStruct((*lead, rows, v.shape[-1]), q.dtype)
   low = residual and jnp.dtype(q.dtype).itemsize < jnp.dtype(dtype).itemsize
@@ -956,7 +1130,7 @@ def _forward(q, k, v, blocks: KeyBlocks, blocked, hoisted, scale, offsets, plan:
       (out_spec, _query_spec((1, rows), False), [out_spec] * low),
       [pltpu.VMEM((rows, LANES), dtype), pltpu.VMEM((rows, LANES), dtype),
        pltpu.VMEM((rows, v.shape[-1]), dtype)],
-      geo, plan, key_major=False)
+      geo, plan, key_major=False, width=q.shape[-1] + v.shape[-1])
   return out, lse, (lows[0] if lows else None)
 
 
@@ -1002,7 +1176,7 @@ def _attend_bwd(plan: _Plan, geo: _Geometry, residuals, cotangents):
   delta = jnp.sum(d_out.astype(dtype) * out, axis=-1)[..., None, :] - d_lse.astype(dtype)
   # Rows that saw no key have lse = -inf: an lse of +inf makes their p exactly 0.
   lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
-  kinds = block_map(blocks, geo.n_k)
+  kinds = _tile_kinds(blocks, geo)
 
   # The score mod's float values computed outside: those for every block or per query block
   # get their gradients from the dq pass, those per key block from the dk/dv pass.
@@ -1017,7 +1191,7 @@ def _attend_bwd(plan: _Plan, geo: _Geometry, residuals, cotangents):
   ins = _Inputs(scale.reshape(1, 1), q, k, v, tuple(blocked), list(hoisted),
                 d_out=d_out.astype(q.dtype), lse=lse, delta=delta, zeros=zeros,
                 d_lse=d_lse.astype(dtype))
-  steps = block_steps(kinds, offsets)
+  steps = block_steps(kinds, offsets, geo.steps_q)
   first_zero = len(steps) + len(jax.tree.leaves(ins)) - len(zeros)  # after the prefetched tables
 
   dq, d_sums, d_tiles = _call(
@@ -1032,11 +1206,12 @@ def _attend_bwd(plan: _Plan, geo: _Geometry, residuals, cotangents):
         for x in tiled]),
       [pltpu.VMEM((geo.rows, q.shape[-1]), dtype), pltpu.VMEM((geo.rows, 1), dtype),
        pltpu.VMEM((geo.rows, 1), dtype)], geo, plan, key_major=False,
+      width=2 * q.shape[-1] + v.shape[-1],
       aliases={first_zero + n: 1 + len(summed) + n for n in range(len(zeros))})
 
   key_blocks = [hoisted[n].shape[3:] for n in by_keys]
   dk, dv, d_keys = _call(
-      _dkv_kernel, "jmat_block_sparse_dkv", block_steps(kinds.swapaxes(1, 2), offsets),
+      _dkv_kernel, "jmat_block_sparse_dkv", block_steps(kinds.swapaxes(1, 2), offsets, geo.steps_k),
       ins._replace(zeros=None, d_lse=None),
       (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
        [jax.ShapeDtypeStruct((*k.shape[:2], geo.n_k, *block), dtype) for block in key_blocks]),
@@ -1045,7 +1220,7 @@ def _attend_bwd(plan: _Plan, geo: _Geometry, residuals, cotangents):
               lambda m, r, i, j, block=block: (m, r, j) + (0,) * len(block), True)
         for block in key_blocks]),
       [pltpu.VMEM((geo.tile_k, k.shape[-1]), dtype), pltpu.VMEM((geo.tile_k, v.shape[-1]), dtype)],
-      geo, plan, key_major=True)
+      geo, plan, key_major=True, width=2 * (k.shape[-1] + v.shape[-1]))
 
   d_hoisted = [jnp.zeros_like(x) if _is_float(x) else zero_cotangent(x) for x in hoisted]
   for n, grad in zip(by_queries + by_keys, d_sums[1:] + d_keys, strict=True):
@@ -1075,6 +1250,7 @@ def attend(
     interpret: Interpret = False,
     q_offset: int | jax.Array = 0,
     k_offset: int | jax.Array = 0,
+    tiling: Tiling = Tiling(),
 ) -> tuple[jax.Array, jax.Array]:
   """Block-sparse attention of ``q (M, R, G, L, E)`` over ``k, v (M, R, S, E|Ev)`` on TPU.
 
@@ -1096,21 +1272,31 @@ def attend(
       attention's chunk offset. The mods see positions ``q_offset + row``; the tables and the
       key bounds stay in this call's rows.
     k_offset: the position of key row 0.
+    tiling: how the kernels tile the call within a TPU core's memories (:class:`Tiling`).
 
   Raises:
-    ValueError: if the block sizes cannot tile the lengths on TPU, or ``blocks``
-      has the wrong number of rows or query blocks.
+    ValueError: if the block sizes cannot tile the lengths on TPU, ``blocks`` has the wrong
+      number of rows or query blocks, or the call cannot fit a TPU core's memories (the
+      message names the limit and the fix).
   """
   table_rows, _, groups, length, _ = q.shape
   keys = k.shape[-2]
-  tile_q, tile_k = BlockSizes(block_q, block_k).tiles(length, keys)
-  geo = _Geometry(length, keys, block_q, block_k, tile_q, tile_k, groups, interpret)
-  if blocks.num.shape != (table_rows, geo.n_q):
+  BlockSizes(block_q, block_k).tiles(length, keys)
+  n_q, n_k = pl.cdiv(length, block_q), pl.cdiv(keys, block_k)
+  if blocks.num.shape != (table_rows, n_q):
     raise ValueError(
-        f"jmat block-sparse attention, mosaic (TPU) backend: the table has shape "
-        f"{tuple(blocks.num.shape)}; q of shape {tuple(q.shape)} with block_q={block_q} "
-        f"needs {(table_rows, geo.n_q)} (M, query blocks)")
-  q_rows, k_rows = geo.n_q * tile_q, geo.padded_k
+        f"{PREFIX}the table has shape {tuple(blocks.num.shape)}; q of shape {tuple(q.shape)} "
+        f"with block_q={block_q} needs {(table_rows, n_q)} (M, query blocks)")
+  geo = _geometry(q.shape, k.shape, v.shape[-1], q.dtype, block_q, block_k, tiling, interpret)
+  factors = (geo.block_q // block_q, geo.block_k // block_k)
+  with jax.ensure_compile_time_eval():  # a table known while tracing stays known
+    if factors != (1, 1):
+      blocks = coarsen(blocks, n_k, *factors)
+    longest = _longest_lists(blocks, geo.n_k)
+  if longest is not None:  # the grid walks the longest list, no more (splash's shrunk grid)
+    geo = dataclasses.replace(geo, steps_q=longest[0], steps_k=longest[1] * geo.split)
+  tile_q = geo.tile_q
+  q_rows, k_rows = geo.padded_q, geo.padded_k
   e, ev = (pl.cdiv(x.shape[-1], LANES) * LANES for x in (q, v))
   dtype = osm.compute_dtype(q.dtype)
   whole, blocked = operands
@@ -1193,8 +1379,10 @@ def _lowering_problem(q, k, v, treedef, leaves, mods: Mods, block_q: int,
   dtype = osm.compute_dtype(q[1])
   prefix = "jmat block-sparse attention, mosaic (TPU) backend: "
   whole, blocked = jax.tree.unflatten(treedef, [struct(x) for x in leaves])
-  tiles = BlockSizes(block_q, block_k).tiles(length, keys)
-  geo = _Geometry(length, keys, block_q, block_k, *tiles, groups, False)
+  try:
+    geo = _geometry(q[0], k[0], v[0][-1], q[1], block_q, block_k, Tiling(), False)
+  except ValueError as error:  # the call cannot fit a TPU core's memories
+    return str(error)
   try:
     problem = _plan_of(mods, geo, *jax.tree.flatten(whole), blocked, dtype).problem
   except Exception:  # a mod that cannot be traced at all: the lowering below says why
