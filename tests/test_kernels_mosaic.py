@@ -99,6 +99,13 @@ def positional_biases(s, idx, ops):
   return s + ops[0]["q_bias"][idx.q] + ops[0]["k_bias"][idx.r, idx.k]
 
 
+def floor_divided_rows(s, idx, ops):
+  """A factor by ``(r - 1) // 2`` (-1, 0, 0 for rows 0, 1, 2): an integer floor division, whose
+  jnp form holds an integer sign (rewritten for Mosaic in the kernel)."""
+  del ops
+  return s * (2 + (idx.r - 1) // 2)
+
+
 def dense_mask(idx, ops):
   del idx
   return ops[1][0]
@@ -259,6 +266,8 @@ CASES = {
                                  score=softcap_alibi_biases, whole=alibi_and_temperature,
                                  blocked=three_biases),
     "decode": Case((1, 2, 4, 1, 261, 16, 16), 1, 128, dense_ranges),
+    "floor_divided_rows": Case((1, 3, 1, 37, 130, 16, 16), 16, 128, dense_ranges,
+                               score=floor_divided_rows),
     # Ring attention's chunk pairs: positions shifted by the chunks' offsets (traced int32).
     "causal_chunk_pair_offsets": Case((1, 1, 2, 64, 150, 16, 16), 16, 128,
                                       causal_ranges_at(200, 100), mask=causal,

@@ -5,8 +5,11 @@ A drop-in for :func:`jmat._src.block_sparse.attend` (same tables in, same
 splash attention (``jax/experimental/pallas/ops/tpu/splash_attention/``):
 
 * the forward pass and the dq pass walk the table query-major: a grid
-  ``(M, R, query block, step)`` whose steps are the listed key blocks (full
-  ones, then partial ones) read from scalar-prefetched :class:`Steps` tables.
+  ``(M, R, query tile, step)`` whose steps are the listed key blocks (full
+  ones, then partial ones) read from scalar-prefetched step tables
+  (:mod:`jmat._src.kernels.mosaic_tables`: int8/int16, coarsened to tiles of
+  up to 512 and until they fit SMEM, as many steps as the longest list when
+  the table is known while tracing).
   The tables drive the BlockSpec index maps, so unlisted key blocks are never
   fetched; steps past a query block's list re-point at its last listed block
   (nothing new is fetched) and skip compute. The online-softmax carry
@@ -20,23 +23,29 @@ The mods run in the kernels as far as a TPU can run them: each is traced at the
 tile shapes, and what it reads of the whole operands by a position of one side,
 a head or a row (document ids ``ids[q_idx]``, ``ids[b, kv_idx]``, ALiBi slopes
 ``slopes[h]``) is computed outside the kernels, O(L + S), and read per grid step
-as a blocked operand is (see :class:`_Split`); a read depending on both
+as a blocked operand is (:mod:`jmat._src.kernels.mosaic_mods`); a read depending on both
 positions (``table[h, kv_idx - q_idx + D]``) is refused by :func:`unsupported`.
 
 One program handles a query block of all ``G`` query heads of a key/value head
 (grouped-query attention): queries and everything per query row are grouped as
 ``(M, R, n_q, G * tile_q, D)`` outside the kernels, so the K/V tile fetched
-once serves the ``G`` heads and every product is one 2-D matmul. The online
-softmax statistics are kept lane-replicated (``(rows, 128)``), as splash does.
+once serves the ``G`` heads and every product is one 2-D matmul; the query tile
+is cut below the table's block when ``G`` times it would not fit VMEM. The
+online softmax statistics are kept lane-replicated (``(rows, 128)``) in VMEM,
+as splash does; ``lse`` and ``delta`` travel through HBM one value per row.
 
 TPU tiling: the query tile is a multiple of 8 rows (sublanes), the key tile a
 multiple of 128 (lanes), and head dims are padded to multiples of 128 lanes; a
 length shorter than its block is one block, padded by the kernel. Compute
 dtype: float32 for half and single precision inputs (float64 for float64,
-which only interpret mode runs); ``p @ v`` is summed in it and the output kept
-in it for the backward pass, whose ``delta = rowsum(dO * O)`` would otherwise
-carry half precision's rounding into the scale's gradient (a sum that mostly
-cancels). ``interpret=True`` runs the kernels on CPU.
+which only interpret mode runs): scores, statistics and sums. The products
+take their operands in the input dtype (``p`` cast to v's, bf16 products at
+the MXU's rate), and the output is written in it; when differentiated, a
+half-precision output keeps what rounding lost beside it, and the dq pass
+corrects the scale's gradient for what ``p``'s rounding leaves in ``delta``
+(see :func:`_dq_kernel`). ``q_offset``/``k_offset`` shift the positions the
+mods see (ring attention's chunk pairs). ``interpret=True`` runs the kernels
+on CPU.
 """
 
 from __future__ import annotations
@@ -53,607 +62,38 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.extend import core as jax_core
-from jax.extend.core import primitives as jax_primitives
 
 from jmat._src import online_softmax as osm
-from jmat._src.block_sparse import (
-  FULL,
-  NEVER,
-  KeyBlocks,
-  Mods,
-  Operands,
-  block_map,
-  coarsen,
-  pad,
-  zero_cotangent,
+from jmat._src.block_sparse import KeyBlocks, Mods, Operands, coarsen, pad, zero_cotangent
+from jmat._src.kernels.mosaic_mods import (
+  Hoisted,
+  Plan,
+  in_kernel,
+  make_plan,
+  narrowed,
+  outside_values,
+)
+from jmat._src.kernels.mosaic_tables import (
+  DEFAULT_TILING,
+  LANES,
+  PREFIX,
+  SUBLANES,
+  BlockSizes,
+  Geometry,
+  Interpret,
+  Steps,
+  Tiling,
+  block_steps,
+  geometry,
+  longest_lists,
+  tile_kinds,
 )
 
-SUBLANES = 8  # rows of a TPU vreg: the query tile is a multiple of it
-LANES = 128  # lanes of a TPU vreg: the key tile and the padded head dims are multiples of it
-
-Interpret = bool | pltpu.InterpretParams
-
-
-# --- block sizes and tables (plain XLA, outside the kernels) ------------------------------
-
-
-def _tile(block: int, length: int, unit: int) -> int | None:
-  """The kernel tile of a table block: the block, or a one-block length rounded up to ``unit``."""
-  if block < 1 or (block % unit and block < length):
-    return None
-  return pl.cdiv(max(min(block, length), 1), unit) * unit
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """The tiles of the Mosaic kernels: query rows and keys per block of the block tables.
-
-  The forward, dq and dk/dv passes all walk tables of these blocks (the dk/dv
-  pass a key-major copy of the same table), so they are the backward's tiles
-  too. The defaults are splash attention's.
-
-  Attributes:
-    block_q: query rows per block: a multiple of 8 (TPU sublanes), or at least
-      the query length (one block, which the kernel pads to a multiple of 8).
-    block_k: keys per block: a multiple of 128 (TPU lanes), or at least the key
-      length (one block, padded to a multiple of 128; its padding keys are then
-      bounds-checked even if the table marks the block full).
-  """
-
-  block_q: int = 128
-  block_k: int = 128
-
-  def problem(self, q_len: int, kv_len: int) -> str | None:
-    """Why these blocks cannot tile ``q_len`` queries and ``kv_len`` keys on TPU, or None."""
-    problems = [
-        f"block_{name}={block} does not tile {length} {what} (valid: a multiple of {unit}, "
-        f"i.e. {unit}, {2 * unit}, {3 * unit}, ..., or any size >= {length}, one block)"
-        for name, block, length, what, unit in (
-            ("q", self.block_q, q_len, "queries", SUBLANES),
-            ("k", self.block_k, kv_len, "keys", LANES))
-        if _tile(block, length, unit) is None]
-    if not problems:
-      return None
-    return "jmat block-sparse attention, mosaic (TPU) backend: " + "; ".join(problems)
-
-  def tiles(self, q_len: int, kv_len: int) -> tuple[int, int]:
-    """The kernel's ``(tile_q, tile_k)`` for these lengths.
-
-    Raises:
-      ValueError: if a block size cannot be tiled on TPU (the message names the valid sizes).
-
-    Example:
-      >>> from jmat._src.kernels.mosaic import BlockSizes
-      >>> BlockSizes(block_q=16, block_k=256).tiles(1, 300)
-      (8, 256)
-    """
-    problem = self.problem(q_len, kv_len)
-    if problem is not None:
-      raise ValueError(problem)
-    return (cast(int, _tile(self.block_q, q_len, SUBLANES)),
-            cast(int, _tile(self.block_k, kv_len, LANES)))
-
-
-@dataclasses.dataclass(frozen=True)
-class Tiling:
-  """How the Mosaic kernels tile a call within a TPU core's memories (the defaults fit v5e/v6e).
-
-  The kernels walk a coarser table than the mask's when the mask's blocks are small: blocks of up
-  to ``largest_q`` query rows by ``largest_k`` keys, each made of whole mask blocks
-  (:func:`jmat._src.block_sparse.coarsen`: a block is full only if all of its mask blocks are),
-  so a TPU step does enough work to pay its fixed cost; coarser still when the tables of a pass
-  would overflow ``table_bytes`` of scalar memory (SMEM). A program's query rows (``G`` heads
-  times the query tile) are then capped so its score tiles stay within ``score_elements`` and
-  its VMEM within ``vmem_bytes``: the query tile is cut below the table's block, never the
-  heads.
-
-  Attributes:
-    largest_q: coarsen the table's query blocks up to this many rows.
-    largest_k: coarsen the table's key blocks up to this many keys.
-    score_elements: at most this many entries in a program's ``(rows, keys)`` score tile.
-    table_bytes: at most this much SMEM for the block tables of one pass.
-    vmem_bytes: the VMEM limit the kernels compile with, when the default scoped limit (16 MiB on
-      v5e) is too small; a call that cannot fit it is refused before compiling.
-  """
-
-  largest_q: int = 512
-  largest_k: int = 512
-  score_elements: int = 512 * 1024
-  table_bytes: int = 256 * 1024
-  vmem_bytes: int = 32 * 2**20
-
-
-DEFAULT_VMEM = 16 * 2**20  # the smallest default scoped VMEM limit (v5e)
-PREFIX = "jmat block-sparse attention, mosaic (TPU) backend: "
-
-
-def _narrow_int(largest: int) -> np.dtype:
-  """The narrowest integer type holding ``0 .. largest`` (splash's MaskInfo narrows so too)."""
-  return np.dtype(next(t for t in (np.int8, np.int16, np.int32) if largest <= np.iinfo(t).max))
-
-
-class Steps(NamedTuple):
-  """A block table as a Pallas grid walks it: per outer block, one step per inner block.
-
-  Scalar-prefetched (SMEM), these drive the kernels' BlockSpec index maps. Integer tables are
-  int8 or int16 where their values allow.
-
-  Attributes:
-    index: ``(M, n_outer, steps)``, the inner block each step visits: the full blocks
-      (ascending), then the partial ones, then the last listed block again (the step skips
-      compute and its tile is not fetched anew); 0 where nothing is listed. ``steps`` is the
-      longest list when the table is known while tracing (the grid walks no more), else
-      ``n_inner``.
-    full: ``(M, n_outer)``, how many steps visit full blocks.
-    count: ``(M, n_outer)``, how many steps visit listed blocks.
-    offsets: ``(2,)`` int32, the positions of query row 0 and key row 0 (what the mods see).
-  """
-
-  index: jax.Array
-  full: jax.Array
-  count: jax.Array
-  offsets: jax.Array
-
-
-def block_steps(kinds: jax.Array, offsets: jax.Array, steps: int | None = None) -> Steps:
-  """The :class:`Steps` of a kinds map ``(M, n_outer, n_inner)``, its rows the outer blocks,
-  with ``steps`` steps per outer block (default ``n_inner``; at least the longest list).
-
-  ``block_steps(kinds, offsets)`` walks keys per query block;
-  ``block_steps(kinds.swapaxes(1, 2), offsets)`` is the key-major copy (queries per key block)
-  of the dk/dv pass.
-  """
-  n_inner = kinds.shape[-1]
-  steps = n_inner if steps is None else steps
-  dtype = _narrow_int(max(n_inner - 1, steps))
-  order = jnp.argsort(-kinds, axis=-1, stable=True)  # full, then partial, then empty
-  full = jnp.sum(kinds == FULL, axis=-1, dtype=jnp.int32)
-  count = jnp.sum(kinds != NEVER, axis=-1, dtype=jnp.int32)
-  last = jnp.maximum(count - 1, 0)[..., None]
-  step = jnp.minimum(jnp.arange(steps, dtype=jnp.int32), last)
-  index = jnp.take_along_axis(order[..., :n_inner], step, axis=-1)
-  return Steps(index.astype(dtype), full.astype(dtype), count.astype(dtype), offsets)
-
-
-def _longest_lists(blocks: KeyBlocks, n_k: int) -> tuple[int, int] | None:
-  """The longest list of listed blocks per query block and per key block, if the table is known
-  while tracing (a constant), else None."""
-  try:
-    with jax.ensure_compile_time_eval():
-      listed = np.asarray(block_map(blocks, n_k)) != NEVER
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return None
-  return (max(int(listed.sum(axis=2).max(initial=0)), 1),
-          max(int(listed.sum(axis=1).max(initial=0)), 1))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Geometry:
-  """Static facts of one call: true lengths, table blocks (the kernels' coarsened ones), kernel
-  tiles, query tiles per table block, heads per program, steps per grid row of each walk,
-  VMEM limit, and whether (and how) the kernels are interpreted."""
-
-  q_len: int
-  kv_len: int
-  block_q: int
-  block_k: int
-  tile_q: int
-  tile_k: int
-  groups: int
-  interpret: Interpret
-  split: int = 1
-  steps_q: int | None = None  # steps per query tile (forward, dq): None is n_k
-  steps_k: int | None = None  # listed query blocks per key block (dk/dv): None is n_q
-  vmem_limit: int | None = None
-
-  @property
-  def n_q(self) -> int:
-    return pl.cdiv(self.q_len, self.block_q)
-
-  @property
-  def n_k(self) -> int:
-    return pl.cdiv(self.kv_len, self.block_k)
-
-  @property
-  def q_tiles(self) -> int:
-    """Query tiles (the forward and dq grids' outer blocks): ``split`` per table block."""
-    return self.n_q * self.split
-
-  @property
-  def rows(self) -> int:
-    """Query rows of a program: a query tile of every head of the group."""
-    return self.groups * self.tile_q
-
-  @property
-  def padded_q(self) -> int:
-    return self.q_tiles * self.tile_q
-
-  @property
-  def padded_k(self) -> int:
-    return self.n_k * self.tile_k
-
-  @property
-  def bounds(self) -> bool:
-    """Whether some key tile holds padding keys (checked in partial blocks)."""
-    return self.padded_k != self.kv_len
-
-  @property
-  def bounds_in_full(self) -> bool:
-    """Whether full blocks need the bounds check too: the kernel padded past the table's block."""
-    return self.bounds and self.tile_k != self.block_k
-
-
-def _factor(block: int, length: int, unit: int, largest: int) -> int:
-  """How many table blocks of ``block`` one coarse block holds: the most whose size is at most
-  ``largest`` (or covers the length) and tiles on TPU."""
-  best = 1
-  for factor in range(2, pl.cdiv(length, block) + 1):
-    size = block * factor
-    if size > largest:
-      break
-    if _tile(size, length, unit) is not None:
-      best = factor
-  return best
-
-
-def _vmem_bytes(rows: int, tile_k: int, e: int, ev: int, itemsize: int) -> int:
-  """A bound on a pass's VMEM: double-buffered query-side and key-side blocks (q, dO, out or dq;
-  k, v, dk, dv), float32 accumulators and statistics, and the score tiles (s, p, dP, dS and the
-  mods' temporaries)."""
-  blocks = 2 * itemsize * (2 * rows * (e + ev) + 2 * tile_k * (e + ev))
-  accumulators = 4 * (rows * (e + ev) + tile_k * (e + ev) + 3 * rows * LANES)
-  return blocks + accumulators + 4 * 6 * rows * tile_k
-
-
-def _geometry(q_shape: tuple[int, ...], k_shape: tuple[int, ...], v_dim: int, dtype,
-              block_q: int, block_k: int, tiling: Tiling, interpret: Interpret) -> _Geometry:
-  """The kernels' tiles of a call (before its tables are known): coarsened table blocks that fit
-  SMEM, the query tile that fits VMEM.
-
-  Raises:
-    ValueError: if the block sizes cannot tile the lengths on TPU, the tables cannot fit SMEM at
-      any coarsening, or one query row per head cannot fit VMEM (naming the limit and the fix).
-  """
-  table_rows, _, groups, length, e = q_shape
-  keys = k_shape[-2]
-  BlockSizes(block_q, block_k).tiles(length, keys)
-  e, ev = (pl.cdiv(d, LANES) * LANES for d in (e, v_dim))
-  itemsize = jnp.dtype(dtype).itemsize
-  largest_q, largest_k = tiling.largest_q, tiling.largest_k
-  while True:
-    coarse_q = block_q * _factor(block_q, length, SUBLANES, max(largest_q, block_q))
-    coarse_k = block_k * _factor(block_k, keys, LANES, max(largest_k, block_k))
-    n_q, n_k = pl.cdiv(length, coarse_q), pl.cdiv(keys, coarse_k)
-    # The larger of the two passes' tables: index (M, n_outer, n_inner), two counts per row.
-    table = max(table_rows * (outer * inner * _narrow_int(inner).itemsize
-                              + 2 * outer * _narrow_int(inner).itemsize)
-                for outer, inner in ((n_q, n_k), (n_k, n_q)))
-    if table <= tiling.table_bytes:
-      break
-    if coarse_q >= length and coarse_k >= keys:
-      break  # one block: the smallest table there is
-    largest_q, largest_k = 2 * max(largest_q, block_q), 2 * max(largest_k, block_k)
-  if table > tiling.table_bytes:
-    raise ValueError(
-        f"{PREFIX}the block tables of {table_rows} masks of {n_q} x {n_k} blocks need {table} "
-        f"bytes of scalar memory, more than the limit of {tiling.table_bytes} (use a larger "
-        f"BLOCK_SIZE, or fewer distinct masks per call)")
-  tile_q, tile_k = BlockSizes(coarse_q, coarse_k).tiles(length, keys)
-  split = 1
-  while (groups * tile_q // split * tile_k > tiling.score_elements
-         or _vmem_bytes(groups * tile_q // split, tile_k, e, ev, itemsize) > tiling.vmem_bytes):
-    finer = next((n for n in range(split + 1, tile_q // SUBLANES + 1)
-                  if (tile_q // SUBLANES) % n == 0), None)
-    if finer is None:
-      break
-    split = finer
-  rows = groups * tile_q // split
-  need = _vmem_bytes(rows, tile_k, e, ev, itemsize)
-  if need > tiling.vmem_bytes:
-    raise ValueError(
-        f"{PREFIX}a program of {groups} query heads x {tile_q // split} query rows by {tile_k} "
-        f"keys (head dims {q_shape[-1]}, {v_dim}) needs about {need / 2**20:.1f} MiB of VMEM, "
-        f"more than the limit of {tiling.vmem_bytes / 2**20:.0f} MiB (use a smaller BLOCK_SIZE "
-        f"for the keys, or fewer query heads per key/value head)")
-  return _Geometry(length, keys, coarse_q, coarse_k, tile_q // split, tile_k, groups, interpret,
-                   split=split, vmem_limit=tiling.vmem_bytes if need > DEFAULT_VMEM else None)
+__all__ = ["LANES", "SUBLANES", "BlockSizes", "Interpret", "Tiling", "attend", "unsupported"]
 
 
 def _is_float(x) -> bool:
   return bool(jnp.issubdtype(x.dtype, jnp.inexact))
-
-
-def _narrowed(dtype) -> np.dtype:
-  """``dtype`` in 32 bits if it has 64 (TPUs compute no 64-bit types), else itself."""
-  dtype = np.dtype(dtype)
-  return np.dtype(f"{dtype.kind}4") if dtype.itemsize == 8 and dtype.kind in "iuf" else dtype
-
-
-# --- the mods: what they read of the whole operands is computed outside the kernels -------
-#
-# Mosaic lowers no gather, so a mod reading a captured array by position (document ids
-# ``ids[q_idx]``, per-batch ids ``ids[b, q_idx]``, ALiBi slopes ``slopes[h]``) cannot run in a
-# kernel as written. Each mod is traced once at the kernel's tile shapes and cut along its data
-# flow: every value that depends on the whole operands and on at most one of the query block
-# and the key block (besides the table row m and the batch row r) is computed outside the
-# kernels, in XLA, for every tile at once; the kernels read it through a BlockSpec, one tile
-# per grid step, as they read blocked operands. The rest of the mod (what joins the two sides,
-# the scores, the blocked operands) runs in the kernel. ``ids[q_idx] == ids[kv_idx]`` so reads
-# an O(L) and an O(S) array, and the gradients of float values computed outside flow back
-# through XLA's autodiff of that computation. A value depending on a whole operand and on both
-# positions (``table[h, kv_idx - q_idx + D]``) would need a tile per (query block, key block)
-# pair, O(L * S) memory: it stays in the kernel, where TPUs cannot lower its gather.
-
-_CALLS = (jax_primitives.jit_p, jax_primitives.closed_call_p)
-
-
-def _bind(eqn, ins: Sequence[Any], narrow: bool = False) -> list:
-  """Applies ``eqn``'s primitive to ``ins`` (with ``narrow``, its 64-bit dtype params in 32)."""
-  params = eqn.params
-  if narrow:
-    params = {k: _narrowed(v) if isinstance(v, np.dtype) else v for k, v in params.items()}
-  bound = eqn.primitive.get_bind_params(params)  # (subfuns, params) in older jax versions
-  subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
-  out = eqn.primitive.bind(*subfuns, *ins, **params)
-  return list(out) if eqn.primitive.multiple_results else [out]
-
-
-def _read(env: dict, atom, narrow: bool = False):
-  if not isinstance(atom, jax_core.Literal):
-    return env[atom]
-  value = atom.val
-  return np.asarray(value, _narrowed(np.result_type(value))) if narrow else value
-
-
-def _inlined(jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list:
-  """Evaluates ``jaxpr`` with its jit calls inlined (so a gather inside one can be cut out)."""
-  env = dict(zip(jaxpr.constvars, consts, strict=True))
-  env.update(zip(jaxpr.invars, args, strict=True))
-  for eqn in jaxpr.eqns:
-    ins = [_read(env, x) for x in eqn.invars]
-    if eqn.primitive in _CALLS:
-      inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-      outs = _inlined(inner.jaxpr, inner.consts, ins)
-    else:
-      outs = _bind(eqn, ins)
-    env.update(zip(eqn.outvars, outs, strict=True))
-  return [_read(env, x) for x in jaxpr.outvars]
-
-
-class _Hoisted(NamedTuple):
-  """A value of a mod computed outside the kernels: one tile per grid position it varies with.
-
-  Attributes:
-    var: the mod's jaxpr variable it is.
-    side: ``"q"`` (a tile per query block), ``"k"`` (per key block) or None (one for all).
-    per_m: whether it varies with the table row ``m``.
-    per_r: whether it varies with the batch row ``r``.
-    shape: its shape in the mod (a tile's).
-    is_float: whether it is differentiable.
-    needs: the equations of the mod that compute it, in order.
-  """
-
-  var: Any
-  side: str | None
-  per_m: bool
-  per_r: bool
-  shape: tuple[int, ...]
-  is_float: bool
-  needs: tuple
-
-  @property
-  def block(self) -> tuple[int, ...]:
-    """Its tile as the kernels read it: at least 2-D (TPU blocks are); a query-side vector a
-    column (queries run down the sublanes, as the mods broadcast them), another vector a row."""
-    if len(self.shape) >= 2:
-      return self.shape
-    size = math.prod(self.shape)
-    return (size, 1) if self.side == "q" and self.shape else (1, size)
-
-
-def _outside(deps: frozenset) -> bool:
-  """Whether a value with these dependencies is computed outside the kernels."""
-  return "whole" in deps and "kernel" not in deps and not {"q", "k"} <= deps
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Split:
-  """A mod's jaxpr at the kernel's tile shapes, cut into what runs outside and in the kernels.
-
-  Attributes:
-    name: ``"score_mod"`` or ``"mask_mod"`` (for messages).
-    jaxpr: the mod's jaxpr (jit calls inlined). Inputs: ``s`` for a score mod, then
-      ``m, r, g, q_pos, k_pos``, the whole leaves, the blocked tiles.
-    consts: its constants.
-    hoisted: the values computed outside, which the kernels read.
-    kernel: the equations the kernels run.
-    problem: why the kernel part cannot run on TPU, or None.
-  """
-
-  name: str
-  jaxpr: Any
-  consts: tuple
-  hoisted: tuple[_Hoisted, ...]
-  kernel: tuple
-  problem: str | None
-
-  @property
-  def scores(self) -> int:
-    """How many inputs precede the positions: 1 (the scores) for a score mod, else 0."""
-    return int(self.name == "score_mod")
-
-
-def _split(fn: Callable, name: str, scores: Sequence[jax.ShapeDtypeStruct],
-           index: Sequence[jax.ShapeDtypeStruct], whole: Sequence[jax.ShapeDtypeStruct], treedef,
-           blocked: Sequence[jax.ShapeDtypeStruct]) -> _Split:
-  """Traces the mod ``fn`` at its tile's input shapes (see :class:`_Split`) and cuts it."""
-  n_args = len(scores) + len(index)
-
-  def mod(*args):
-    leaves, tiles = args[n_args:n_args + len(whole)], args[n_args + len(whole):]
-    return fn(*args[:n_args], Operands(jax.tree.unflatten(treedef, leaves), tuple(tiles)))
-
-  avals = [*scores, *index, *whole, *blocked]
-  traced = jax.make_jaxpr(mod)(*avals)
-  flat = jax.make_jaxpr(lambda *args: _inlined(traced.jaxpr, traced.consts, args))(*avals)
-  jaxpr = flat.jaxpr
-  # What each value depends on: the table row, batch row, query and key block of the grid
-  # step ("m", "r", "q", "k"; the heads g are the same in every step), the whole operands
-  # ("whole", captured constants too, and any gather: a read by index, which XLA makes), and
-  # what only the kernel has ("kernel").
-  tags = ([{"kernel"}] * len(scores) + [{"m"}, {"r"}, set(), {"q"}, {"k"}]
-          + [{"whole"}] * len(whole) + [{"kernel"}] * len(blocked))
-  deps = {v: frozenset(t) for v, t in zip(jaxpr.invars, tags, strict=True)}
-  deps.update((v, frozenset({"whole"})) for v in jaxpr.constvars)
-
-  def of(atom) -> frozenset:
-    return frozenset() if isinstance(atom, jax_core.Literal) else deps[atom]
-
-  for eqn in jaxpr.eqns:
-    joint = frozenset().union(*(of(x) for x in eqn.invars))
-    if eqn.primitive is jax_primitives.gather_p:
-      joint |= {"whole"}
-    deps.update((v, joint) for v in eqn.outvars)
-
-  def needs(wanted: set, eqns: Sequence) -> tuple:
-    """The equations of ``eqns`` that compute ``wanted``, in order."""
-    wanted, needed = set(wanted), []
-    for eqn in reversed(eqns):
-      if any(v in wanted for v in eqn.outvars):
-        needed.append(eqn)
-        wanted.update(x for x in eqn.invars if not isinstance(x, jax_core.Literal))
-    return tuple(reversed(needed))
-
-  outputs = {x for x in jaxpr.outvars if not isinstance(x, jax_core.Literal)}
-  # What the kernel computes of the result (not what only feeds the values computed outside).
-  kernel = needs(outputs, [e for e in jaxpr.eqns
-                           if e.outvars and not _outside(deps[e.outvars[0]])])
-  # The values computed outside that the kernel part reads (or that the mod returns).
-  frontier: list = []
-  for atom in [x for eqn in kernel for x in eqn.invars] + list(jaxpr.outvars):
-    if not isinstance(atom, jax_core.Literal) and _outside(deps[atom]) and atom not in frontier:
-      frontier.append(atom)
-
-  hoisted = tuple(
-      _Hoisted(var, "q" if "q" in deps[var] else "k" if "k" in deps[var] else None,
-               "m" in deps[var], "r" in deps[var], tuple(var.aval.shape),
-               bool(jnp.issubdtype(var.aval.dtype, jnp.inexact)), needs({var}, jaxpr.eqns))
-      for var in frontier)
-  problem = None
-  gathers = [e for e in kernel if e.primitive is jax_primitives.gather_p]
-  if gathers:
-    operand, index = gathers[0].invars[:2]
-    by = ("an index computed from the scores or a blocked operand" if "kernel" in of(index)
-          else "an index that depends on both the query and the key position")
-    problem = (f"the {name} gathers from an array of shape {tuple(operand.aval.shape)} by {by} "
-               f"(as table[h, kv_idx - q_idx + D] does): the TPU kernel lowers no gather, and "
-               f"reading it from outside the kernel would take a tile per (query block, key "
-               f"block) pair, O(L * S) memory")
-  return _Split(name, jaxpr, tuple(flat.consts), hoisted, kernel, problem)
-
-
-def _in_kernel(split: _Split, args: Sequence[Any], tiles: Sequence[Any], hoisted: Sequence[Any],
-               narrow: bool) -> jax.Array:
-  """The kernel part of a mod: ``args`` are ``(s,) m, r, g, q_pos, k_pos``, ``tiles`` the
-  blocked tiles, ``hoisted`` the tiles of its values computed outside (with ``narrow``, in
-  32 bits: the kernel part's 64-bit types are computed in 32)."""
-  jaxpr = split.jaxpr
-  env = dict(zip(jaxpr.invars[:len(args)], args, strict=True))
-  env.update(zip(jaxpr.invars[len(jaxpr.invars) - len(tiles):], tiles, strict=True))
-  env.update(zip((h.var for h in split.hoisted), hoisted, strict=True))
-  for eqn in split.kernel:
-    env.update(zip(eqn.outvars, _bind(eqn, [_read(env, x, narrow) for x in eqn.invars], narrow),
-                   strict=True))
-  return jnp.asarray(_read(env, jaxpr.outvars[0], narrow))
-
-
-def _outside_value(split: _Split, h: _Hoisted, leaves: Sequence[jax.Array], geo: _Geometry,
-                   offsets: jax.Array, m, r, n) -> jax.Array:
-  """The tile of a hoisted value at table row ``m``, batch row ``r`` and block ``n`` of its side
-  (the positions the kernel's :func:`_tile_at` gives that grid step)."""
-  jaxpr, i32 = split.jaxpr, jnp.int32
-  first_q = offsets[0] + (n * geo.tile_q if h.side == "q" else 0)
-  first_k = offsets[1] + (n * geo.tile_k if h.side == "k" else 0)
-  index = (m, jnp.reshape(r, (1,)), lax.iota(i32, geo.groups),
-           first_q + lax.iota(i32, geo.tile_q), first_k + lax.iota(i32, geo.tile_k))
-  env = dict(zip(jaxpr.constvars, split.consts, strict=True))
-  inputs = jaxpr.invars[split.scores:split.scores + len(index) + len(leaves)]
-  env.update(zip(inputs, (*index, *leaves), strict=True))
-  for eqn in h.needs:
-    env.update(zip(eqn.outvars, _bind(eqn, [_read(env, x) for x in eqn.invars]), strict=True))
-  return jnp.asarray(env[h.var])
-
-
-def _outside_values(split: _Split, leaves: Sequence[jax.Array], geo: _Geometry,
-                    offsets: jax.Array, table_rows: int, rows: int,
-                    narrow: bool) -> list[jax.Array]:
-  """Every hoisted value of a mod, for every tile: ``(M|1, R|1, n|1, *block)`` arrays (``n``
-  the query or key blocks of its side), in 32 bits with ``narrow``."""
-  arrays = []
-  for h in split.hoisted:
-    varying = (h.per_m, h.per_r, h.side is not None)
-    sizes = (table_rows if h.per_m else 1, rows if h.per_r else 1,
-             {"q": geo.q_tiles, "k": geo.n_k}.get(cast(str, h.side), 1))
-    fn = functools.partial(_outside_value, split, h, leaves, geo, offsets)
-    for axis in (2, 1, 0):  # innermost first: the result's axes come out as (m, r, n)
-      if varying[axis]:
-        fn = jax.vmap(fn, in_axes=tuple(0 if a == axis else None for a in range(3)))
-    x = fn(*(jnp.arange(size, dtype=jnp.int32) if vary else jnp.int32(0)
-             for size, vary in zip(sizes, varying, strict=True)))
-    x = x.reshape(sizes + h.block)
-    arrays.append(x.astype(_narrowed(x.dtype)) if narrow else x)
-  return arrays
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Plan:
-  """The mods of one call as the kernels run them (static; one per shape signature).
-
-  Attributes:
-    score: the score mod's split, or None.
-    mask: the mask mod's split, or None.
-    blocked_float: which blocked operands are float (differentiable).
-    narrow: the kernels compute 64-bit types in 32 bits (all but float64 calls, which only
-      interpret mode runs).
-  """
-
-  score: _Split | None
-  mask: _Split | None
-  blocked_float: tuple[bool, ...]
-  narrow: bool
-
-  @property
-  def score_hoisted(self) -> tuple[_Hoisted, ...]:
-    return () if self.score is None else self.score.hoisted
-
-  @property
-  def hoisted(self) -> tuple[_Hoisted, ...]:
-    """The values computed outside, the score mod's first: the kernels' hoisted inputs."""
-    return self.score_hoisted + (() if self.mask is None else self.mask.hoisted)
-
-  @property
-  def problem(self) -> str | None:
-    return next((s.problem for s in (self.score, self.mask) if s is not None and s.problem),
-                None)
-
-
-@functools.lru_cache(maxsize=64)
-def _plan(mods: Mods, groups: int, tile_q: int, tile_k: int, treedef,
-          whole: tuple[jax.ShapeDtypeStruct, ...], blocked: tuple[jax.ShapeDtypeStruct, ...],
-          dtype, narrow: bool) -> _Plan:
-  """The :class:`_Plan` of ``mods`` for tiles of ``groups`` heads, ``tile_q`` queries and
-  ``tile_k`` keys, whole leaves ``whole`` and blocked tiles ``blocked`` (their avals)."""
-  i32 = jnp.int32
-  index = [jax.ShapeDtypeStruct(shape, i32)
-           for shape in ((), (1,), (groups,), (tile_q,), (tile_k,))]
-  scores = [jax.ShapeDtypeStruct((1, groups, tile_q, tile_k), dtype)]
-  score = None if mods.score is None else _split(mods.score, "score_mod", scores, index, whole,
-                                                 treedef, blocked)
-  mask = None if mods.mask is None else _split(mods.mask, "mask_mod", [], index, whole,
-                                               treedef, blocked)
-  return _Plan(score, mask, tuple(bool(jnp.issubdtype(x.dtype, jnp.inexact)) for x in blocked),
-               narrow)
 
 
 def _group(x: jax.Array, tile: int) -> jax.Array:
@@ -690,7 +130,7 @@ class _Inputs(NamedTuple):
   k: Any
   v: Any
   blocked: tuple
-  hoisted: list  # the mods' values computed outside (:class:`_Hoisted`), in the plan's order
+  hoisted: list  # the mods' values computed outside (:class:`Hoisted`), in the plan's order
   d_out: Any = None
   lse: Any = None
   delta: Any = None
@@ -710,7 +150,7 @@ class _Tile(NamedTuple):
   k_row: jax.Array
 
 
-def _tile_at(m, r, i, j, offsets, geo: _Geometry) -> _Tile:
+def _tile_at(m, r, i, j, offsets, geo: Geometry) -> _Tile:
   # Each index vector is made in the layout the mods broadcast it back to (queries down the
   # sublanes, keys along the lanes, heads on a leading dim), so the two reshapes cancel.
   def iota(shape, axis, start=0):
@@ -754,7 +194,7 @@ class _Scores(NamedTuple):
   mask_hoisted: list  # the tiles of the mask mod's values computed outside
 
 
-def _scores_at(ins: _Inputs, at: _Tile, plan: _Plan, dtype, sides: Sequence[str | None] = (),
+def _scores_at(ins: _Inputs, at: _Tile, plan: Plan, dtype, sides: Sequence[str | None] = (),
                wrt_blocked: bool = False) -> _Scores:
   """The score function of a step, differentiable in the float values the score mod computes
   outside for the grid ``sides`` (None: for all blocks) and, with ``wrt_blocked``, in the
@@ -771,7 +211,7 @@ def _scores_at(ins: _Inputs, at: _Tile, plan: _Plan, dtype, sides: Sequence[str 
     if plan.score is None:
       return s
     args = (s, at.m, at.rows, at.heads, at.q_pos, at.k_pos)
-    return _in_kernel(plan.score, args, _merge(blocked, blocked_flags, blocked_diff),
+    return in_kernel(plan.score, args, _merge(blocked, blocked_flags, blocked_diff),
                       _merge(score_hoisted, hoisted_flags, hoisted_diff), plan.narrow).astype(dtype)
 
   return _Scores(score, ins.scale[...].reshape(()).astype(dtype),
@@ -780,26 +220,26 @@ def _scores_at(ins: _Inputs, at: _Tile, plan: _Plan, dtype, sides: Sequence[str 
                  blocked, hoisted[n_score:])
 
 
-def _products(ins: _Inputs, geo: _Geometry, dtype) -> jax.Array:
+def _products(ins: _Inputs, geo: Geometry, dtype) -> jax.Array:
   """``q @ k^T`` of a step as ``(1, G, tile_q, tile_k)``, the mods' layout."""
   qk = _dot(ins.q[...], ins.k[...], (1, 1), dtype)
   return qk.reshape(1, geo.groups, geo.tile_q, geo.tile_k)
 
 
-def _masked(s: jax.Array, at: _Tile, plan: _Plan, geo: _Geometry, scores: _Scores,
+def _masked(s: jax.Array, at: _Tile, plan: Plan, geo: Geometry, scores: _Scores,
             mask: bool, bounds: bool) -> jax.Array:
   """``s`` at ``-inf`` where a key is padding (with ``bounds``) or the mask mod refuses it."""
   allowed = None
   if bounds:
     allowed = (at.k_row < geo.kv_len)[None, None, None, :]
   if mask and plan.mask is not None:
-    by_mod = _in_kernel(plan.mask, (at.m, at.rows, at.heads, at.q_pos, at.k_pos), scores.blocked,
+    by_mod = in_kernel(plan.mask, (at.m, at.rows, at.heads, at.q_pos, at.k_pos), scores.blocked,
                         scores.mask_hoisted, plan.narrow)
     allowed = by_mod if allowed is None else allowed & by_mod
   return s if allowed is None else jnp.where(allowed, s, -jnp.inf)
 
 
-def _walk(step: Callable[[bool, bool], None], where: _Position, geo: _Geometry) -> None:
+def _walk(step: Callable[[bool, bool], None], where: _Position, geo: Geometry) -> None:
   """Runs ``step(mask, bounds)`` at a listed step: full blocks skip the mask, partial ones not."""
   t = where.t
   pl.when(t < where.full)(lambda: step(False, geo.bounds_in_full))
@@ -821,7 +261,7 @@ class _Position(NamedTuple):
   count: jax.Array
 
 
-def _grid_position(tables: Steps, geo: _Geometry, key_major: bool) -> _Position:
+def _grid_position(tables: Steps, geo: Geometry, key_major: bool) -> _Position:
   """The :class:`_Position` of the current grid step, from the scalar-prefetched ``tables``."""
   m, r, outer, t = (pl.program_id(axis) for axis in range(4))
   i, j = _blocks_of_step(tables.index, m, outer, t, key_major)
@@ -830,7 +270,7 @@ def _grid_position(tables: Steps, geo: _Geometry, key_major: bool) -> _Position:
 
 
 def _forward_kernel(index, full, count, offsets, ins: _Inputs, out, lse, low, row_max, row_sum,
-                    acc, *, plan: _Plan, geo: _Geometry):
+                    acc, *, plan: Plan, geo: Geometry):
   """The output, lse, and with ``low`` (a list of one ref, else empty) what rounding the output
   to its half-precision dtype lost, in that dtype (the backward's ``delta``)."""
   where = _grid_position(Steps(index, full, count, offsets), geo, key_major=False)
@@ -889,7 +329,7 @@ class _BackwardTile(NamedTuple):
   p_slope: jax.Array | None = None
 
 
-def _backward_tile(ins: _Inputs, at: _Tile, plan: _Plan, geo: _Geometry, mask: bool,
+def _backward_tile(ins: _Inputs, at: _Tile, plan: Plan, geo: Geometry, mask: bool,
                    bounds: bool, sides: Sequence[str | None], wrt_blocked: bool,
                    row_sums: bool = False) -> _BackwardTile:
   """``p = exp(s - lse)``, ``dS = p * (dP - delta)`` and its vjp through the scale and mods.
@@ -934,7 +374,7 @@ def _accumulate(refs: Sequence[Any], grads: Sequence[jax.Array]) -> None:
 
 
 def _dq_kernel(index, full, count, offsets, ins: _Inputs, dq, d_sums, d_blocked, dq_acc,
-               d_s_sum, p_slope, *, plan: _Plan, geo: _Geometry):
+               d_s_sum, p_slope, *, plan: Plan, geo: Geometry):
   """dq, and per program the partial sums of the gradients of the scale and of the score mod's
   float values computed outside for every block or per query block (``d_sums``), and the
   blocked float operands' gradient tiles (``d_blocked``).
@@ -976,7 +416,7 @@ def _dq_kernel(index, full, count, offsets, ins: _Inputs, dq, d_sums, d_blocked,
 
 
 def _dkv_kernel(index, full, count, offsets, ins: _Inputs, dk, dv, d_keys, dk_acc, dv_acc, *,
-                plan: _Plan, geo: _Geometry):
+                plan: Plan, geo: Geometry):
   """dk, dv, and per key block the gradients of the score mod's float values computed outside
   per key block (``d_keys``)."""
   where = _grid_position(Steps(index, full, count, offsets), geo, key_major=True)
@@ -1020,12 +460,12 @@ def _query_spec(block: tuple[int, ...], key_major: bool) -> pl.BlockSpec:
                key_major)
 
 
-def _key_spec(geo: _Geometry, width: int, key_major: bool) -> pl.BlockSpec:
+def _key_spec(geo: Geometry, width: int, key_major: bool) -> pl.BlockSpec:
   """The spec of ``(M, R, S, width)`` arrays: one block per key block."""
   return _spec((None, None, geo.tile_k, width), lambda m, r, i, j: (m, r, j, 0), key_major)
 
 
-def _blocked_block(x: jax.Array, geo: _Geometry) -> tuple[int, int, int]:
+def _blocked_block(x: jax.Array, geo: Geometry) -> tuple[int, int, int]:
   """The ``(G|1, bq|1, bk|1)`` tile of a ``(M|1, R|1, G|1, L|1, S|1)`` blocked operand."""
   return (x.shape[2], geo.tile_q if x.shape[3] > 1 else 1, geo.tile_k if x.shape[4] > 1 else 1)
 
@@ -1036,7 +476,7 @@ def _blocked_where(x: jax.Array) -> Callable[..., tuple]:
                              i if x.shape[3] > 1 else 0, j if x.shape[4] > 1 else 0)
 
 
-def _hoisted_where(h: _Hoisted) -> Callable[..., tuple]:
+def _hoisted_where(h: Hoisted) -> Callable[..., tuple]:
   """The index map of a value computed outside, ``(M|1, R|1, n|1, *block)``: its tile at the
   step's table row, batch row and block of its side (broadcast dims stay at block 0)."""
 
@@ -1047,7 +487,7 @@ def _hoisted_where(h: _Hoisted) -> Callable[..., tuple]:
   return where
 
 
-def _in_specs(ins: _Inputs, geo: _Geometry, plan: _Plan, key_major: bool) -> _Inputs:
+def _in_specs(ins: _Inputs, geo: Geometry, plan: Plan, key_major: bool) -> _Inputs:
   """The BlockSpecs of a pass's inputs (None where the input is None)."""
 
   def rows_spec(x):
@@ -1069,7 +509,7 @@ def _in_specs(ins: _Inputs, geo: _Geometry, plan: _Plan, key_major: bool) -> _In
                                             for _ in ins.zeros])
 
 
-def _cost(ins: _Inputs, out_shape, grid: tuple[int, ...], geo: _Geometry,
+def _cost(ins: _Inputs, out_shape, grid: tuple[int, ...], geo: Geometry,
           width: int) -> pl.CostEstimate:
   """What a pass costs, for XLA's scheduler: per grid step, products of ``width`` summed widths
   (e.g. ``E + Ev`` for the forward's ``q @ k^T`` and ``p @ v``) over a ``rows x tile_k`` tile,
@@ -1084,7 +524,7 @@ def _cost(ins: _Inputs, out_shape, grid: tuple[int, ...], geo: _Geometry,
 
 
 def _call(kernel, name: str, steps: Steps, ins: _Inputs, out_shape, out_specs, scratch,
-          geo: _Geometry, plan: _Plan, key_major: bool, width: int,
+          geo: Geometry, plan: Plan, key_major: bool, width: int,
           aliases: dict[int, int] | None = None):
   """One pallas_call on the grid ``(M, R, outer block, step)`` of ``steps`` (``width``: the
   summed widths of a step's products, for its cost)."""
@@ -1105,20 +545,15 @@ def _call(kernel, name: str, steps: Steps, ins: _Inputs, out_shape, out_specs, s
       input_output_aliases=aliases or {}, name=name)(*steps, ins)
 
 
-def _tile_kinds(blocks: KeyBlocks, geo: _Geometry) -> jax.Array:
-  """The ``(M, query tiles, n_k)`` kinds map the kernels walk: a table block's row for each of
-  its ``split`` query tiles."""
-  kinds = block_map(blocks, geo.n_k)
-  return kinds if geo.split == 1 else jnp.repeat(kinds, geo.split, axis=1)
 
 
-def _forward(q, k, v, blocks: KeyBlocks, blocked, hoisted, scale, offsets, plan: _Plan,
-             geo: _Geometry, residual: bool):
+def _forward(q, k, v, blocks: KeyBlocks, blocked, hoisted, scale, offsets, plan: Plan,
+             geo: Geometry, residual: bool):
   """``out (M, R, n_q, rows, Ev)`` in q's dtype, ``lse (M, R, n_q, 1, rows)`` and, with
   ``residual`` and a half-precision q, the output's rounding error (else None)."""
   dtype = osm.compute_dtype(q.dtype)
   rows = geo.rows
-  steps = block_steps(_tile_kinds(blocks, geo), offsets, geo.steps_q)
+  steps = block_steps(tile_kinds(blocks, geo), offsets, geo.steps_q)
   lead = q.shape[:3]  # (M, R, query tiles)
   out_spec = _query_spec((rows, v.shape[-1]), False)
   out_struct = jax.ShapeDtypeStruct((*lead, rows, v.shape[-1]), q.dtype)
@@ -1135,7 +570,7 @@ def _forward(q, k, v, blocks: KeyBlocks, blocked, hoisted, scale, offsets, plan:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
-def _attend(q, k, v, blocks, blocked, hoisted, scale, offsets, plan: _Plan, geo: _Geometry):
+def _attend(q, k, v, blocks, blocked, hoisted, scale, offsets, plan: Plan, geo: Geometry):
   out, lse, _ = _forward(q, k, v, blocks, blocked, hoisted, scale, offsets, plan, geo, False)
   return out, lse
 
@@ -1166,7 +601,7 @@ def _hoisted_gradient(grad: jax.Array, x: jax.Array) -> jax.Array:
   return jnp.sum(grad, axis=broadcast, keepdims=True).astype(x.dtype)
 
 
-def _attend_bwd(plan: _Plan, geo: _Geometry, residuals, cotangents):
+def _attend_bwd(plan: Plan, geo: Geometry, residuals, cotangents):
   q, k, v, blocks, blocked, hoisted, scale, offsets, out, low, lse = residuals
   d_out, d_lse = cotangents
   dtype = lse.dtype
@@ -1176,7 +611,7 @@ def _attend_bwd(plan: _Plan, geo: _Geometry, residuals, cotangents):
   delta = jnp.sum(d_out.astype(dtype) * out, axis=-1)[..., None, :] - d_lse.astype(dtype)
   # Rows that saw no key have lse = -inf: an lse of +inf makes their p exactly 0.
   lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
-  kinds = _tile_kinds(blocks, geo)
+  kinds = tile_kinds(blocks, geo)
 
   # The score mod's float values computed outside: those for every block or per query block
   # get their gradients from the dq pass, those per key block from the dk/dv pass.
@@ -1250,7 +685,7 @@ def attend(
     interpret: Interpret = False,
     q_offset: int | jax.Array = 0,
     k_offset: int | jax.Array = 0,
-    tiling: Tiling = Tiling(),
+    tiling: Tiling = DEFAULT_TILING,
 ) -> tuple[jax.Array, jax.Array]:
   """Block-sparse attention of ``q (M, R, G, L, E)`` over ``k, v (M, R, S, E|Ev)`` on TPU.
 
@@ -1287,12 +722,12 @@ def attend(
     raise ValueError(
         f"{PREFIX}the table has shape {tuple(blocks.num.shape)}; q of shape {tuple(q.shape)} "
         f"with block_q={block_q} needs {(table_rows, n_q)} (M, query blocks)")
-  geo = _geometry(q.shape, k.shape, v.shape[-1], q.dtype, block_q, block_k, tiling, interpret)
+  geo = geometry(q.shape, k.shape, v.shape[-1], q.dtype, block_q, block_k, tiling, interpret)
   factors = (geo.block_q // block_q, geo.block_k // block_k)
   with jax.ensure_compile_time_eval():  # a table known while tracing stays known
     if factors != (1, 1):
       blocks = coarsen(blocks, n_k, *factors)
-    longest = _longest_lists(blocks, geo.n_k)
+    longest = longest_lists(blocks, geo.n_k)
   if longest is not None:  # the grid walks the longest list, no more (splash's shrunk grid)
     geo = dataclasses.replace(geo, steps_q=longest[0], steps_k=longest[1] * geo.split)
   tile_q = geo.tile_q
@@ -1305,10 +740,10 @@ def attend(
   blocked = tuple(pad(pad(jnp.asarray(x), -2, q_rows, True), -1, k_rows, True) for x in blocked)
   plan = _plan_of(mods, geo, leaves, treedef, blocked, dtype)
   if plan.narrow:
-    blocked = tuple(x.astype(_narrowed(x.dtype)) for x in blocked)
+    blocked = tuple(x.astype(narrowed(x.dtype)) for x in blocked)
   offsets = jnp.stack([jnp.asarray(q_offset, jnp.int32), jnp.asarray(k_offset, jnp.int32)])
   hoisted = [x for split in (plan.score, plan.mask) if split is not None
-             for x in _outside_values(split, leaves, geo, offsets, table_rows, q.shape[1],
+             for x in outside_values(split, leaves, geo, offsets, table_rows, q.shape[1],
                                       plan.narrow)]
   out, lse = cast(tuple[jax.Array, jax.Array], _attend(
       _group(pad(pad(q, -2, q_rows), -1, e), tile_q), pad(pad(k, -2, k_rows), -1, e),
@@ -1318,16 +753,16 @@ def attend(
   return out, _ungroup(jnp.swapaxes(lse, -1, -2), groups)[..., :length, 0]
 
 
-def _plan_of(mods: Mods, geo: _Geometry, leaves: Sequence[Any], treedef, blocked: Sequence[Any],
-             dtype) -> _Plan:
-  """The :class:`_Plan` of a call with whole leaves ``leaves`` and (padded) blocked operands
+def _plan_of(mods: Mods, geo: Geometry, leaves: Sequence[Any], treedef, blocked: Sequence[Any],
+             dtype) -> Plan:
+  """The :class:`Plan` of a call with whole leaves ``leaves`` and (padded) blocked operands
   ``blocked`` (arrays or their avals)."""
   narrow = jnp.dtype(dtype).itemsize < 8
 
   def aval(shape, dtype):
-    return jax.ShapeDtypeStruct(tuple(shape), _narrowed(dtype) if narrow else np.dtype(dtype))
+    return jax.ShapeDtypeStruct(tuple(shape), narrowed(dtype) if narrow else np.dtype(dtype))
 
-  return _plan(mods, geo.groups, geo.tile_q, geo.tile_k, treedef,
+  return make_plan(mods, geo.groups, geo.tile_q, geo.tile_k, treedef,
                tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves),
                tuple(aval((1, *_blocked_block(x, geo)), x.dtype) for x in blocked),
                np.dtype(dtype), narrow)
@@ -1349,7 +784,7 @@ def unsupported(q, k, v, operands: Operands, mods: Mods, block_q: int,
   lowered for TPU once per shape signature (well under a second, cached).
   Mods that read whole operands by one position, head or row
   (``ids[q_idx] == ids[kv_idx]``, ``ids[b, q_idx]``, ``slopes[h]``) run: what
-  they read is computed outside the kernels (see :class:`_Split`).
+  they read is computed outside the kernels (:mod:`jmat._src.kernels.mosaic_mods`).
   """
   length, keys = q.shape[-2], k.shape[-2]
   problem = BlockSizes(block_q, block_k).problem(length, keys)
@@ -1380,7 +815,7 @@ def _lowering_problem(q, k, v, treedef, leaves, mods: Mods, block_q: int,
   prefix = "jmat block-sparse attention, mosaic (TPU) backend: "
   whole, blocked = jax.tree.unflatten(treedef, [struct(x) for x in leaves])
   try:
-    geo = _geometry(q[0], k[0], v[0][-1], q[1], block_q, block_k, Tiling(), False)
+    geo = geometry(q[0], k[0], v[0][-1], q[1], block_q, block_k, DEFAULT_TILING, False)
   except ValueError as error:  # the call cannot fit a TPU core's memories
     return str(error)
   try:
