@@ -99,6 +99,13 @@ def positional_biases(s, idx, ops):
   return s + ops[0]["q_bias"][idx.q] + ops[0]["k_bias"][idx.r, idx.k]
 
 
+def floor_divided_rows(s, idx, ops):
+  """A factor by ``(r - 1) // 2`` (-1, 0, 0 for rows 0, 1, 2): an integer floor division, whose
+  jnp form holds an integer sign (rewritten for Mosaic in the kernel)."""
+  del ops
+  return s * (2 + (idx.r - 1) // 2)
+
+
 def dense_mask(idx, ops):
   del idx
   return ops[1][0]
@@ -159,6 +166,16 @@ def causal_ranges(allowed, block_q, block_k):
   return block_sparse.causal_key_blocks(length, keys, block_q, block_k), allowed
 
 
+def causal_ranges_at(q_offset, k_offset):
+  """Causal ranges of a ring attention chunk pair: query row 0 at ``q_offset``, key 0 at
+  ``k_offset``."""
+  def tables(allowed, block_q, block_k):
+    length, keys = allowed.shape[-2:]
+    return block_sparse.causal_key_blocks(length, keys, block_q, block_k, q_offset=q_offset,
+                                          k_offset=k_offset), allowed
+  return tables
+
+
 def dense_ranges(allowed, block_q, block_k):
   length, keys = allowed.shape[-2:]
   return block_sparse.dense_key_blocks(length, keys, block_q, block_k), allowed
@@ -167,9 +184,14 @@ def dense_ranges(allowed, block_q, block_k):
 # --- cases ---------------------------------------------------------------------------------
 
 
+# The kernels walk the tables' own blocks (no coarsening): the cases' small blocks make walks of
+# several steps at small lengths.
+FINE = mosaic.Tiling(largest_q=0, largest_k=0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
-  """One attention problem: sizes, block tables, rules and their operands."""
+  """One attention problem: sizes, block tables, rules and their operands, tiling, offsets."""
 
   shape: tuple[int, int, int, int, int, int, int]  # M, R, G, L, S, E, Ev
   block_q: int
@@ -180,6 +202,8 @@ class Case:
   whole: Callable[..., dict] = lambda *shape: {}
   blocked: Callable[..., tuple] = lambda *shape: ()
   dtype: Any = np.float64
+  tiling: mosaic.Tiling = FINE
+  offsets: tuple[int, int] = (0, 0)  # the positions of query row 0 and key row 0
 
 
 def documents(m, r, g, length, keys):
@@ -242,6 +266,28 @@ CASES = {
                                  score=softcap_alibi_biases, whole=alibi_and_temperature,
                                  blocked=three_biases),
     "decode": Case((1, 2, 4, 1, 261, 16, 16), 1, 128, dense_ranges),
+    "floor_divided_rows": Case((1, 3, 1, 37, 130, 16, 16), 16, 128, dense_ranges,
+                               score=floor_divided_rows),
+    # Ring attention's chunk pairs: positions shifted by the chunks' offsets (traced int32).
+    "causal_chunk_pair_offsets": Case((1, 1, 2, 64, 150, 16, 16), 16, 128,
+                                      causal_ranges_at(200, 100), mask=causal,
+                                      offsets=(200, 100)),
+    "window_chunk_pair_offsets": Case((1, 2, 1, 96, 261, 16, 16), 16, 128, tables_from_mask,
+                                      mask=window(150), offsets=(300, 100)),
+    "softcap_alibi_offsets": Case((1, 2, 2, 37, 261, 16, 24), 16, 128, random_tables,
+                                  score=softcap_alibi_biases, whole=alibi_and_temperature,
+                                  blocked=three_biases, offsets=(40, 7)),
+    # Tables coarsened to larger tiles (blocks of 48 x 256 of 16 x 128 ones), and a query tile cut
+    # below the table's block (G x 8 rows: 3 heads x 32 rows would pass the score-tile cap).
+    "coarsened_tables": Case((1, 2, 1, 150, 261, 16, 24), 16, 128, tables_from_mask,
+                             mask=bottom_right(261 - 150 - 60), score=positional_biases,
+                             whole=biases_and_kept_keys,
+                             tiling=mosaic.Tiling(largest_q=48, largest_k=256)),
+    "query_tiles_below_the_block": Case((1, 1, 3, 150, 150, 24, 16), 32, 128, random_tables,
+                                        mask=causal, score=positional_biases,
+                                        whole=biases_and_kept_keys,
+                                        tiling=mosaic.Tiling(largest_q=0, largest_k=0,
+                                                             score_elements=3 * 8 * 128)),
 }
 
 
@@ -278,13 +324,18 @@ def operands(problem: Problem, floats: dict) -> block_sparse.Operands:
   return whole, blocked
 
 
+def positions(case: Case, m, r, g, q, k) -> Index:
+  """The index arrays the rules see: query and key rows shifted by the case's offsets."""
+  return Index(m, r, g, q + case.offsets[0], k + case.offsets[1])
+
+
 def entry_mask(case: Case, problem: Problem) -> np.ndarray:
   """The case's mask rule over the ``(M, 1|R, 1|G, L, S)`` grid (all True without one)."""
   m, r, g, length, keys, _, _ = case.shape
   if case.mask is None:
     return np.ones((m, 1, 1, length, keys), bool)
-  index = Index(*np.ix_(*(np.arange(n) for n in (m, r, g, length, keys))))
-  allowed = np.asarray(case.mask(index, operands(problem, problem.floats)))
+  allowed = np.asarray(case.mask(positions(case, *np.ix_(*(np.arange(n) for n in (
+      m, r, g, length, keys)))), operands(problem, problem.floats)))
   return np.broadcast_to(allowed, np.broadcast_shapes(allowed.shape, (m, 1, 1, length, keys)))
 
 
@@ -294,7 +345,7 @@ def oracle(case: Case, problem: Problem, allowed: np.ndarray, floats: dict):
   score_fn = None
   if case.score is not None:
     def score_fn(s, *index):
-      return np.asarray(case.score(s, Index(*index), ops))
+      return np.asarray(case.score(s, positions(case, *index), ops))
   k, v = floats["k"][:, :, None], floats["v"][:, :, None]  # one key/value head for G queries
   return attention_reference(floats["q"], k, v, allowed=allowed, score_fn=score_fn,
                              scale=float(floats["scale"]), return_lse=True)
@@ -309,14 +360,15 @@ def kernel_values_and_grads(case: Case, problem: Problem, blocks, d_out, d_lse,
   mods = kernel_mods(case.score, case.mask)
   names = list(problem.floats)
 
-  def attend(*arrays):
-    floats = dict(zip(names, arrays, strict=True))
-    return mosaic.attend(floats["q"], floats["k"], floats["v"], blocks,
-                         operands(problem, floats), floats["scale"], mods=mods,
-                         block_q=case.block_q, block_k=case.block_k, interpret=interpret)
-
   @jax.jit
-  def values_and_grads(*arrays):
+  def values_and_grads(offsets, *arrays):  # traced offsets, as ring attention's
+    def attend(*arrays):
+      floats = dict(zip(names, arrays, strict=True))
+      return mosaic.attend(floats["q"], floats["k"], floats["v"], blocks,
+                           operands(problem, floats), floats["scale"], mods=mods,
+                           block_q=case.block_q, block_k=case.block_k, interpret=interpret,
+                           tiling=case.tiling, q_offset=offsets[0], k_offset=offsets[1])
+
     (out, lse), vjp = jax.vjp(attend, *arrays)
     return out, lse, vjp((d_out.astype(out.dtype), d_lse.astype(lse.dtype)))
 
@@ -324,7 +376,7 @@ def kernel_values_and_grads(case: Case, problem: Problem, blocks, d_out, d_lse,
   arrays = [jnp.asarray(x, dtype if n in ("q", "k", "v") else np.float64)
             for n, x in problem.floats.items()]
   with jax.default_matmul_precision("highest"):
-    out, lse, grads = values_and_grads(*arrays)
+    out, lse, grads = values_and_grads(jnp.asarray(case.offsets, jnp.int32), *arrays)
   return out, lse, dict(zip(names, grads, strict=True))
 
 
@@ -463,6 +515,105 @@ def test_block_sizes_the_tpu_cannot_tile_raise_naming_the_valid_ones(block_q, bl
   with pytest.raises(ValueError, match=re.escape(valid)):
     mosaic.attend(q, k, v, blocks, ((), ()), jnp.asarray(1.0), mods=block_sparse.Mods(),
                   block_q=block_q, block_k=block_k, interpret=True)
+
+
+# --- tables, grids and memory limits ---------------------------------------------------------
+
+
+def _pallas_calls(fn, *args) -> list:
+  return [eqn for eqn in _kernel_eqns(jax.make_jaxpr(fn)(*args).jaxpr)
+          if eqn.primitive.name == "pallas_call"]
+
+
+def _window_tables(length: int, block: int, width: int) -> block_sparse.KeyBlocks:
+  allowed = window(width)(Index(0, 0, 0, np.arange(length)[:, None], np.arange(length)), None)
+  return tables_from_mask(np.asarray(allowed)[None, None, None], block, block)[0]
+
+
+@pytest.mark.parametrize("tiling, steps, dtype", [
+    (FINE, (3, 3), np.int8),  # 2048 / 128 = 16 blocks: a window of 200 lists 2 or 3 per block
+    (mosaic.Tiling(), (2, 2), np.int8)])  # coarsened to 512: 4 blocks, 2 listed per block
+def test_a_known_table_shrinks_the_grid_to_its_longest_list_in_narrow_integers(
+    tiling, steps, dtype):
+  """A window walks the blocks it lists, not every key block (splash's shrunk grid), from int8
+  tables; the forward and dq grids per query block, the dk/dv grid per key block."""
+  length = 2048
+  blocks = _window_tables(length, 128, 200)
+  q = jax.ShapeDtypeStruct((1, 2, 1, length, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, 2, length, 128), jnp.bfloat16)
+
+  def loss(q, k, v):
+    out, _ = mosaic.attend(q, k, v, blocks, ((), ()), jnp.float32(0.1),
+                           mods=kernel_mods(mask=window(200)), block_q=128, block_k=128,
+                           tiling=tiling)
+    return out.astype(jnp.float32).sum()
+
+  calls = _pallas_calls(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv)
+  assert len(calls) == 3
+  for call, walked in zip(calls, (steps[0], steps[0], steps[1]), strict=True):
+    mapping = call.params["grid_mapping"]
+    assert mapping.grid[-1] == walked, mapping.grid
+    tables = call.invars[:mapping.num_index_operands]
+    assert [x.aval.dtype for x in tables[:3]] == [dtype] * 3
+
+
+def test_a_traced_table_walks_every_key_block():
+  length = 1024
+  q = jax.ShapeDtypeStruct((1, 1, 1, length, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, 1, length, 128), jnp.bfloat16)
+
+  def forward(q, k, v, blocks):
+    return mosaic.attend(q, k, v, blocks, ((), ()), jnp.float32(0.1),
+                         mods=kernel_mods(mask=window(200)), block_q=128, block_k=128,
+                         tiling=FINE)
+
+  blocks = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                        _window_tables(length, 128, 200))
+  (call,) = _pallas_calls(forward, q, kv, kv, blocks)
+  assert call.params["grid_mapping"].grid[-1] == length // 128
+
+
+@pytest.mark.parametrize("heads", [16, 64])
+def test_query_rows_per_program_are_capped_and_the_vmem_limit_set(heads):
+  """SDPA's 512-blocks with 16 or 64 query heads per key/value head: the query tile is cut so
+  that a program's rows times keys stay within the cap, and the kernels compile with an
+  explicit VMEM limit where the default would not do."""
+  length, tiling = 2048, mosaic.Tiling()
+  q = jax.ShapeDtypeStruct((1, 1, heads, length, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, 1, length, 128), jnp.bfloat16)
+  blocks = block_sparse.causal_key_blocks(length, length, 512, 512)
+
+  def forward(q, k, v):
+    return mosaic.attend(q, k, v, blocks, ((), ()), jnp.float32(0.1),
+                         mods=kernel_mods(mask=causal), block_q=512, block_k=512)
+
+  (call,) = _pallas_calls(forward, q, kv, kv)
+  rows = next(aval.shape[-2] for aval in (v.aval for v in call.outvars) if aval.ndim == 5)
+  assert rows * 512 <= tiling.score_elements and rows % heads == 0
+  params = call.params["compiler_params"]
+  params = params.get("mosaic_tpu", params) if isinstance(params, dict) else params
+  assert params.vmem_limit_bytes == tiling.vmem_bytes  # the estimate passes v5e's 16 MiB
+  assert call.params["cost_estimate"].flops > 0
+
+
+@pytest.mark.parametrize("tiling, message", [
+    (mosaic.Tiling(vmem_bytes=2**20),
+     re.escape("a program of 8 query heads x 8 query rows by 128 keys (head dims 128, 128) needs "
+               "about ") + r"[0-9.]+" + re.escape(
+                   " MiB of VMEM, more than the limit of 1 MiB (use a smaller BLOCK_SIZE for the "
+                   "keys, or fewer query heads per key/value head)")),
+    # One block (1 x 1 int8 index, two int8 counts) is the smallest table there is.
+    (mosaic.Tiling(largest_q=0, largest_k=0, table_bytes=2),
+     re.escape("the block tables of 1 masks of 1 x 1 blocks need 3 bytes of scalar memory, more "
+               "than the limit of 2 (use a larger BLOCK_SIZE"))])
+def test_a_call_that_cannot_fit_a_tpu_core_is_refused_naming_the_limit_and_the_fix(tiling,
+                                                                                   message):
+  q, k, v = np.zeros((1, 1, 8, 16, 128)), np.zeros((1, 1, 128, 128)), np.zeros((1, 1, 128, 128))
+  blocks = block_sparse.dense_key_blocks(16, 128, 16, 128)
+  with pytest.raises(ValueError, match=message):
+    mosaic.attend(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), blocks,
+                  ((), ()), jnp.asarray(1.0), mods=block_sparse.Mods(), block_q=16, block_k=128,
+                  interpret=True, tiling=tiling)
 
 
 # --- documents through the public API ------------------------------------------------------

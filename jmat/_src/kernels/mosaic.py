@@ -5,8 +5,11 @@ A drop-in for :func:`jmat._src.kernels.xla.attend` (same tables in, same
 splash attention (``jax/experimental/pallas/ops/tpu/splash_attention/``):
 
 * the forward pass and the dq pass walk the table query-major: a grid
-  ``(M, R, query block, step)`` whose steps are the listed key blocks (full
-  ones, then partial ones) read from scalar-prefetched :class:`Steps` tables.
+  ``(M, R, query tile, step)`` whose steps are the listed key blocks (full
+  ones, then partial ones) read from scalar-prefetched step tables
+  (:mod:`jmat._src.kernels.mosaic_tables`: int8/int16, coarsened to tiles of
+  up to 512 and until they fit SMEM, as many steps as the longest list when
+  the table is known while tracing).
   The tables drive the BlockSpec index maps, so unlisted key blocks are never
   fetched; steps past a query block's list re-point at its last listed block
   (nothing new is fetched) and skip compute. The online-softmax carry
@@ -20,23 +23,29 @@ The mods run in the kernels as far as a TPU can run them: each is traced at the
 tile shapes, and what it reads of the whole operands by a position of one side,
 a head or a row (document ids ``ids[q_idx]``, ``ids[b, kv_idx]``, ALiBi slopes
 ``slopes[h]``) is computed outside the kernels, O(L + S), and read per grid step
-as a blocked operand is (see :class:`_Split`); a read depending on both
+as a blocked operand is (:mod:`jmat._src.kernels.mosaic_mods`); a read depending on both
 positions (``table[h, kv_idx - q_idx + D]``) is refused by :func:`unsupported`.
 
 One program handles a query block of all ``G`` query heads of a key/value head
 (grouped-query attention): queries and everything per query row are grouped as
 ``(M, R, n_q, G * tile_q, D)`` outside the kernels, so the K/V tile fetched
-once serves the ``G`` heads and every product is one 2-D matmul. The online
-softmax statistics are kept lane-replicated (``(rows, 128)``), as splash does.
+once serves the ``G`` heads and every product is one 2-D matmul; the query tile
+is cut below the table's block when ``G`` times it would not fit VMEM. The
+online softmax statistics are kept lane-replicated (``(rows, 128)``) in VMEM,
+as splash does; ``lse`` and ``delta`` travel through HBM one value per row.
 
 TPU tiling: the query tile is a multiple of 8 rows (sublanes), the key tile a
 multiple of 128 (lanes), and head dims are padded to multiples of 128 lanes; a
 length shorter than its block is one block, padded by the kernel. Compute
 dtype: float32 for half and single precision inputs (float64 for float64,
-which only interpret mode runs); ``p @ v`` is summed in it and the output kept
-in it for the backward pass, whose ``delta = rowsum(dO * O)`` would otherwise
-carry half precision's rounding into the scale's gradient (a sum that mostly
-cancels). ``interpret=True`` runs the kernels on CPU.
+which only interpret mode runs): scores, statistics and sums. The products
+take their operands in the input dtype (``p`` cast to v's, bf16 products at
+the MXU's rate), and the output is written in it; when differentiated, a
+half-precision output keeps what rounding lost beside it, and the dq pass
+corrects the scale's gradient for what ``p``'s rounding leaves in ``delta``
+(see :func:`_dq_kernel`). ``q_offset``/``k_offset`` shift the positions the
+mods see (ring attention's chunk pairs). ``interpret=True`` runs the kernels
+on CPU.
 """
 
 from __future__ import annotations
@@ -53,456 +62,46 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.extend import core as jax_core
-from jax.extend.core import primitives as jax_primitives
 
 from jmat._src import online_softmax as osm
 from jmat._src.block_sparse import (
-    FULL,
-    NEVER,
     KeyBlocks,
     Mods,
     Operands,
-    block_map,
+    coarsen,
     lowering_limitation,
     pad,
     zero_cotangent,
 )
+from jmat._src.kernels.mosaic_mods import (
+  Hoisted,
+  Plan,
+  in_kernel,
+  make_plan,
+  narrowed,
+  outside_values,
+)
+from jmat._src.kernels.mosaic_tables import (
+  DEFAULT_TILING,
+  LANES,
+  PREFIX,
+  SUBLANES,
+  BlockSizes,
+  Geometry,
+  Interpret,
+  Steps,
+  Tiling,
+  block_steps,
+  geometry,
+  longest_lists,
+  tile_kinds,
+)
 
-SUBLANES = 8  # rows of a TPU vreg: the query tile is a multiple of it
-LANES = 128  # lanes of a TPU vreg: the key tile and the padded head dims are multiples of it
-
-Interpret = bool | pltpu.InterpretParams
-
-
-# --- block sizes and tables (plain XLA, outside the kernels) ------------------------------
-
-
-def _tile(block: int, length: int, unit: int) -> int | None:
-  """The kernel tile of a table block: the block, or a one-block length rounded up to ``unit``."""
-  if block < 1 or (block % unit and block < length):
-    return None
-  return pl.cdiv(max(min(block, length), 1), unit) * unit
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """The tiles of the Mosaic kernels: query rows and keys per block of the block tables.
-
-  The forward, dq and dk/dv passes all walk tables of these blocks (the dk/dv
-  pass a key-major copy of the same table), so they are the backward's tiles
-  too. The defaults are splash attention's.
-
-  Attributes:
-    block_q: query rows per block: a multiple of 8 (TPU sublanes), or at least
-      the query length (one block, which the kernel pads to a multiple of 8).
-    block_k: keys per block: a multiple of 128 (TPU lanes), or at least the key
-      length (one block, padded to a multiple of 128; its padding keys are then
-      bounds-checked even if the table marks the block full).
-  """
-
-  block_q: int = 128
-  block_k: int = 128
-
-  def problem(self, q_len: int, kv_len: int) -> str | None:
-    """Why these blocks cannot tile ``q_len`` queries and ``kv_len`` keys on TPU, or None."""
-    problems = [
-        f"block_{name}={block} does not tile {length} {what} (valid: a multiple of {unit}, "
-        f"i.e. {unit}, {2 * unit}, {3 * unit}, ..., or any size >= {length}, one block)"
-        for name, block, length, what, unit in (
-            ("q", self.block_q, q_len, "queries", SUBLANES),
-            ("k", self.block_k, kv_len, "keys", LANES))
-        if _tile(block, length, unit) is None]
-    if not problems:
-      return None
-    return "jmat block-sparse attention, mosaic (TPU) backend: " + "; ".join(problems)
-
-  def tiles(self, q_len: int, kv_len: int) -> tuple[int, int]:
-    """The kernel's ``(tile_q, tile_k)`` for these lengths.
-
-    Raises:
-      ValueError: if a block size cannot be tiled on TPU (the message names the valid sizes).
-
-    Example:
-      >>> from jmat._src.kernels.mosaic import BlockSizes
-      >>> BlockSizes(block_q=16, block_k=256).tiles(1, 300)
-      (8, 256)
-    """
-    problem = self.problem(q_len, kv_len)
-    if problem is not None:
-      raise ValueError(problem)
-    return (cast(int, _tile(self.block_q, q_len, SUBLANES)),
-            cast(int, _tile(self.block_k, kv_len, LANES)))
-
-
-class Steps(NamedTuple):
-  """A block table as a Pallas grid walks it: per outer block, one step per inner block.
-
-  Scalar-prefetched (SMEM), these drive the kernels' BlockSpec index maps.
-
-  Attributes:
-    index: ``(M, n_outer, n_inner)`` int32, the inner block each step visits:
-      the full blocks (ascending), then the partial ones, then the last listed
-      block again (the step skips compute and its tile is not fetched anew);
-      0 where nothing is listed.
-    full: ``(M, n_outer)`` int32, how many steps visit full blocks.
-    count: ``(M, n_outer)`` int32, how many steps visit listed blocks.
-  """
-
-  index: jax.Array
-  full: jax.Array
-  count: jax.Array
-
-
-def block_steps(kinds: jax.Array) -> Steps:
-  """The :class:`Steps` of a kinds map, its rows the outer blocks.
-
-  ``block_steps(kinds)`` walks keys per query block; ``block_steps(kinds.swapaxes(1, 2))``
-  is the key-major copy (queries per key block) of the dk/dv pass.
-  """
-  order = jnp.argsort(-kinds, axis=-1, stable=True)  # full, then partial, then empty
-  full = jnp.sum(kinds == FULL, axis=-1, dtype=jnp.int32)
-  count = jnp.sum(kinds != NEVER, axis=-1, dtype=jnp.int32)
-  last = jnp.maximum(count - 1, 0)[..., None]
-  step = jnp.minimum(jnp.arange(kinds.shape[-1], dtype=jnp.int32), last)
-  return Steps(jnp.take_along_axis(order, step, axis=-1).astype(jnp.int32), full, count)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Geometry:
-  """Static facts of one call: true lengths, table blocks, kernel tiles, heads per program, and
-  whether (and how) the kernels are interpreted."""
-
-  q_len: int
-  kv_len: int
-  block_q: int
-  block_k: int
-  tile_q: int
-  tile_k: int
-  groups: int
-  interpret: Interpret
-
-  @property
-  def n_q(self) -> int:
-    return pl.cdiv(self.q_len, self.block_q)
-
-  @property
-  def n_k(self) -> int:
-    return pl.cdiv(self.kv_len, self.block_k)
-
-  @property
-  def rows(self) -> int:
-    """Query rows of a program: a query block of every head of the group."""
-    return self.groups * self.tile_q
-
-  @property
-  def padded_k(self) -> int:
-    return self.n_k * self.tile_k
-
-  @property
-  def bounds(self) -> bool:
-    """Whether some key tile holds padding keys (checked in partial blocks)."""
-    return self.padded_k != self.kv_len
-
-  @property
-  def bounds_in_full(self) -> bool:
-    """Whether full blocks need the bounds check too: the kernel padded past the table's block."""
-    return self.bounds and self.tile_k != self.block_k
+__all__ = ["LANES", "SUBLANES", "BlockSizes", "Interpret", "Tiling", "attend", "unsupported"]
 
 
 def _is_float(x) -> bool:
   return bool(jnp.issubdtype(x.dtype, jnp.inexact))
-
-
-def _narrowed(dtype) -> np.dtype:
-  """``dtype`` in 32 bits if it has 64 (TPUs compute no 64-bit types), else itself."""
-  dtype = np.dtype(dtype)
-  return np.dtype(f"{dtype.kind}4") if dtype.itemsize == 8 and dtype.kind in "iuf" else dtype
-
-
-# --- the mods: what they read of the whole operands is computed outside the kernels -------
-#
-# Mosaic lowers no gather, so a mod reading a captured array by position (document ids
-# ``ids[q_idx]``, per-batch ids ``ids[b, q_idx]``, ALiBi slopes ``slopes[h]``) cannot run in a
-# kernel as written. Each mod is traced once at the kernel's tile shapes and cut along its data
-# flow: every value that depends on the whole operands and on at most one of the query block
-# and the key block (besides the table row m and the batch row r) is computed outside the
-# kernels, in XLA, for every tile at once; the kernels read it through a BlockSpec, one tile
-# per grid step, as they read blocked operands. The rest of the mod (what joins the two sides,
-# the scores, the blocked operands) runs in the kernel. ``ids[q_idx] == ids[kv_idx]`` so reads
-# an O(L) and an O(S) array, and the gradients of float values computed outside flow back
-# through XLA's autodiff of that computation. A value depending on a whole operand and on both
-# positions (``table[h, kv_idx - q_idx + D]``) would need a tile per (query block, key block)
-# pair, O(L * S) memory: it stays in the kernel, where TPUs cannot lower its gather.
-
-_CALLS = (jax_primitives.jit_p, jax_primitives.closed_call_p)
-
-
-def _bind(eqn, ins: Sequence[Any], narrow: bool = False) -> list:
-  """Applies ``eqn``'s primitive to ``ins`` (with ``narrow``, its 64-bit dtype params in 32)."""
-  params = eqn.params
-  if narrow:
-    params = {k: _narrowed(v) if isinstance(v, np.dtype) else v for k, v in params.items()}
-  bound = eqn.primitive.get_bind_params(params)  # (subfuns, params) in older jax versions
-  subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
-  out = eqn.primitive.bind(*subfuns, *ins, **params)
-  return list(out) if eqn.primitive.multiple_results else [out]
-
-
-def _read(env: dict, atom, narrow: bool = False):
-  if not isinstance(atom, jax_core.Literal):
-    return env[atom]
-  value = atom.val
-  return np.asarray(value, _narrowed(np.result_type(value))) if narrow else value
-
-
-def _inlined(jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list:
-  """Evaluates ``jaxpr`` with its jit calls inlined (so a gather inside one can be cut out)."""
-  env = dict(zip(jaxpr.constvars, consts, strict=True))
-  env.update(zip(jaxpr.invars, args, strict=True))
-  for eqn in jaxpr.eqns:
-    ins = [_read(env, x) for x in eqn.invars]
-    if eqn.primitive in _CALLS:
-      inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-      outs = _inlined(inner.jaxpr, inner.consts, ins)
-    else:
-      outs = _bind(eqn, ins)
-    env.update(zip(eqn.outvars, outs, strict=True))
-  return [_read(env, x) for x in jaxpr.outvars]
-
-
-class _Hoisted(NamedTuple):
-  """A value of a mod computed outside the kernels: one tile per grid position it varies with.
-
-  Attributes:
-    var: the mod's jaxpr variable it is.
-    side: ``"q"`` (a tile per query block), ``"k"`` (per key block) or None (one for all).
-    per_m: whether it varies with the table row ``m``.
-    per_r: whether it varies with the batch row ``r``.
-    shape: its shape in the mod (a tile's).
-    is_float: whether it is differentiable.
-    needs: the equations of the mod that compute it, in order.
-  """
-
-  var: Any
-  side: str | None
-  per_m: bool
-  per_r: bool
-  shape: tuple[int, ...]
-  is_float: bool
-  needs: tuple
-
-  @property
-  def block(self) -> tuple[int, ...]:
-    """Its tile as the kernels read it: at least 2-D (TPU blocks are); a query-side vector a
-    column (queries run down the sublanes, as the mods broadcast them), another vector a row."""
-    if len(self.shape) >= 2:
-      return self.shape
-    size = math.prod(self.shape)
-    return (size, 1) if self.side == "q" and self.shape else (1, size)
-
-
-def _outside(deps: frozenset) -> bool:
-  """Whether a value with these dependencies is computed outside the kernels."""
-  return "whole" in deps and "kernel" not in deps and not {"q", "k"} <= deps
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Split:
-  """A mod's jaxpr at the kernel's tile shapes, cut into what runs outside and in the kernels.
-
-  Attributes:
-    name: ``"score_mod"`` or ``"mask_mod"`` (for messages).
-    jaxpr: the mod's jaxpr (jit calls inlined). Inputs: ``s`` for a score mod, then
-      ``m, r, g, q_pos, k_pos``, the whole leaves, the blocked tiles.
-    consts: its constants.
-    hoisted: the values computed outside, which the kernels read.
-    kernel: the equations the kernels run.
-    problem: why the kernel part cannot run on TPU, or None.
-  """
-
-  name: str
-  jaxpr: Any
-  consts: tuple
-  hoisted: tuple[_Hoisted, ...]
-  kernel: tuple
-  problem: str | None
-
-  @property
-  def scores(self) -> int:
-    """How many inputs precede the positions: 1 (the scores) for a score mod, else 0."""
-    return int(self.name == "score_mod")
-
-
-def _split(fn: Callable, name: str, scores: Sequence[jax.ShapeDtypeStruct],
-           index: Sequence[jax.ShapeDtypeStruct], whole: Sequence[jax.ShapeDtypeStruct], treedef,
-           blocked: Sequence[jax.ShapeDtypeStruct]) -> _Split:
-  """Traces the mod ``fn`` at its tile's input shapes (see :class:`_Split`) and cuts it."""
-  n_args = len(scores) + len(index)
-
-  def mod(*args):
-    leaves, tiles = args[n_args:n_args + len(whole)], args[n_args + len(whole):]
-    return fn(*args[:n_args], Operands(jax.tree.unflatten(treedef, leaves), tuple(tiles)))
-
-  avals = [*scores, *index, *whole, *blocked]
-  traced = jax.make_jaxpr(mod)(*avals)
-  flat = jax.make_jaxpr(lambda *args: _inlined(traced.jaxpr, traced.consts, args))(*avals)
-  jaxpr = flat.jaxpr
-  # What each value depends on: the table row, batch row, query and key block of the grid
-  # step ("m", "r", "q", "k"; the heads g are the same in every step), the whole operands
-  # ("whole", captured constants too, and any gather: a read by index, which XLA makes), and
-  # what only the kernel has ("kernel").
-  tags = ([{"kernel"}] * len(scores) + [{"m"}, {"r"}, set(), {"q"}, {"k"}]
-          + [{"whole"}] * len(whole) + [{"kernel"}] * len(blocked))
-  deps = {v: frozenset(t) for v, t in zip(jaxpr.invars, tags, strict=True)}
-  deps.update((v, frozenset({"whole"})) for v in jaxpr.constvars)
-
-  def of(atom) -> frozenset:
-    return frozenset() if isinstance(atom, jax_core.Literal) else deps[atom]
-
-  for eqn in jaxpr.eqns:
-    joint = frozenset().union(*(of(x) for x in eqn.invars))
-    if eqn.primitive is jax_primitives.gather_p:
-      joint |= {"whole"}
-    deps.update((v, joint) for v in eqn.outvars)
-
-  def needs(wanted: set, eqns: Sequence) -> tuple:
-    """The equations of ``eqns`` that compute ``wanted``, in order."""
-    wanted, needed = set(wanted), []
-    for eqn in reversed(eqns):
-      if any(v in wanted for v in eqn.outvars):
-        needed.append(eqn)
-        wanted.update(x for x in eqn.invars if not isinstance(x, jax_core.Literal))
-    return tuple(reversed(needed))
-
-  outputs = {x for x in jaxpr.outvars if not isinstance(x, jax_core.Literal)}
-  # What the kernel computes of the result (not what only feeds the values computed outside).
-  kernel = needs(outputs, [e for e in jaxpr.eqns
-                           if e.outvars and not _outside(deps[e.outvars[0]])])
-  # The values computed outside that the kernel part reads (or that the mod returns).
-  frontier: list = []
-  for atom in [x for eqn in kernel for x in eqn.invars] + list(jaxpr.outvars):
-    if not isinstance(atom, jax_core.Literal) and _outside(deps[atom]) and atom not in frontier:
-      frontier.append(atom)
-
-  hoisted = tuple(
-      _Hoisted(var, "q" if "q" in deps[var] else "k" if "k" in deps[var] else None,
-               "m" in deps[var], "r" in deps[var], tuple(var.aval.shape),
-               bool(jnp.issubdtype(var.aval.dtype, jnp.inexact)), needs({var}, jaxpr.eqns))
-      for var in frontier)
-  problem = None
-  gathers = [e for e in kernel if e.primitive is jax_primitives.gather_p]
-  if gathers:
-    operand, index = gathers[0].invars[:2]
-    by = ("an index computed from the scores or a blocked operand" if "kernel" in of(index)
-          else "an index that depends on both the query and the key position")
-    problem = (f"the {name} gathers from an array of shape {tuple(operand.aval.shape)} by {by} "
-               f"(as table[h, kv_idx - q_idx + D] does): the TPU kernel lowers no gather, and "
-               f"reading it from outside the kernel would take a tile per (query block, key "
-               f"block) pair, O(L * S) memory")
-  return _Split(name, jaxpr, tuple(flat.consts), hoisted, kernel, problem)
-
-
-def _in_kernel(split: _Split, args: Sequence[Any], tiles: Sequence[Any], hoisted: Sequence[Any],
-               narrow: bool) -> jax.Array:
-  """The kernel part of a mod: ``args`` are ``(s,) m, r, g, q_pos, k_pos``, ``tiles`` the
-  blocked tiles, ``hoisted`` the tiles of its values computed outside (with ``narrow``, in
-  32 bits: the kernel part's 64-bit types are computed in 32)."""
-  jaxpr = split.jaxpr
-  env = dict(zip(jaxpr.invars[:len(args)], args, strict=True))
-  env.update(zip(jaxpr.invars[len(jaxpr.invars) - len(tiles):], tiles, strict=True))
-  env.update(zip((h.var for h in split.hoisted), hoisted, strict=True))
-  for eqn in split.kernel:
-    env.update(zip(eqn.outvars, _bind(eqn, [_read(env, x, narrow) for x in eqn.invars], narrow),
-                   strict=True))
-  return jnp.asarray(_read(env, jaxpr.outvars[0], narrow))
-
-
-def _outside_value(split: _Split, h: _Hoisted, leaves: Sequence[jax.Array], geo: _Geometry,
-                   m, r, n) -> jax.Array:
-  """The tile of a hoisted value at table row ``m``, batch row ``r`` and block ``n`` of its side
-  (the positions the kernel's :func:`_tile_at` gives that grid step)."""
-  jaxpr, i32 = split.jaxpr, jnp.int32
-  first_q = n * geo.tile_q if h.side == "q" else 0
-  first_k = n * geo.tile_k if h.side == "k" else 0
-  index = (m, jnp.reshape(r, (1,)), lax.iota(i32, geo.groups),
-           first_q + lax.iota(i32, geo.tile_q), first_k + lax.iota(i32, geo.tile_k))
-  env = dict(zip(jaxpr.constvars, split.consts, strict=True))
-  inputs = jaxpr.invars[split.scores:split.scores + len(index) + len(leaves)]
-  env.update(zip(inputs, (*index, *leaves), strict=True))
-  for eqn in h.needs:
-    env.update(zip(eqn.outvars, _bind(eqn, [_read(env, x) for x in eqn.invars]), strict=True))
-  return jnp.asarray(env[h.var])
-
-
-def _outside_values(split: _Split, leaves: Sequence[jax.Array], geo: _Geometry,
-                    table_rows: int, rows: int, narrow: bool) -> list[jax.Array]:
-  """Every hoisted value of a mod, for every tile: ``(M|1, R|1, n|1, *block)`` arrays (``n``
-  the query or key blocks of its side), in 32 bits with ``narrow``."""
-  arrays = []
-  for h in split.hoisted:
-    varying = (h.per_m, h.per_r, h.side is not None)
-    sizes = (table_rows if h.per_m else 1, rows if h.per_r else 1,
-             {"q": geo.n_q, "k": geo.n_k}.get(cast(str, h.side), 1))
-    fn = functools.partial(_outside_value, split, h, leaves, geo)
-    for axis in (2, 1, 0):  # innermost first: the result's axes come out as (m, r, n)
-      if varying[axis]:
-        fn = jax.vmap(fn, in_axes=tuple(0 if a == axis else None for a in range(3)))
-    x = fn(*(jnp.arange(size, dtype=jnp.int32) if vary else jnp.int32(0)
-             for size, vary in zip(sizes, varying, strict=True)))
-    x = x.reshape(sizes + h.block)
-    arrays.append(x.astype(_narrowed(x.dtype)) if narrow else x)
-  return arrays
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Plan:
-  """The mods of one call as the kernels run them (static; one per shape signature).
-
-  Attributes:
-    score: the score mod's split, or None.
-    mask: the mask mod's split, or None.
-    blocked_float: which blocked operands are float (differentiable).
-    narrow: the kernels compute 64-bit types in 32 bits (all but float64 calls, which only
-      interpret mode runs).
-  """
-
-  score: _Split | None
-  mask: _Split | None
-  blocked_float: tuple[bool, ...]
-  narrow: bool
-
-  @property
-  def score_hoisted(self) -> tuple[_Hoisted, ...]:
-    return () if self.score is None else self.score.hoisted
-
-  @property
-  def hoisted(self) -> tuple[_Hoisted, ...]:
-    """The values computed outside, the score mod's first: the kernels' hoisted inputs."""
-    return self.score_hoisted + (() if self.mask is None else self.mask.hoisted)
-
-  @property
-  def problem(self) -> str | None:
-    return next((s.problem for s in (self.score, self.mask) if s is not None and s.problem),
-                None)
-
-
-@functools.lru_cache(maxsize=64)
-def _plan(mods: Mods, groups: int, tile_q: int, tile_k: int, treedef,
-          whole: tuple[jax.ShapeDtypeStruct, ...], blocked: tuple[jax.ShapeDtypeStruct, ...],
-          dtype, narrow: bool) -> _Plan:
-  """The :class:`_Plan` of ``mods`` for tiles of ``groups`` heads, ``tile_q`` queries and
-  ``tile_k`` keys, whole leaves ``whole`` and blocked tiles ``blocked`` (their avals)."""
-  i32 = jnp.int32
-  index = [jax.ShapeDtypeStruct(shape, i32)
-           for shape in ((), (1,), (groups,), (tile_q,), (tile_k,))]
-  scores = [jax.ShapeDtypeStruct((1, groups, tile_q, tile_k), dtype)]
-  score = None if mods.score is None else _split(mods.score, "score_mod", scores, index, whole,
-                                                 treedef, blocked)
-  mask = None if mods.mask is None else _split(mods.mask, "mask_mod", [], index, whole,
-                                               treedef, blocked)
-  return _Plan(score, mask, tuple(bool(jnp.issubdtype(x.dtype, jnp.inexact)) for x in blocked),
-               narrow)
 
 
 def _group(x: jax.Array, tile: int) -> jax.Array:
@@ -531,7 +130,7 @@ class _Inputs(NamedTuple):
   """The arrays of one pallas_call (their refs inside the kernel); None where a pass needs none.
 
   Query-side arrays are grouped ``(M, R, n_q, G * tile_q, D)``; ``lse`` and ``delta`` are
-  lane-replicated ``(..., 128)``.
+  ``(M, R, n_q, 1, G * tile_q)``, one value per row.
   """
 
   scale: Any
@@ -539,31 +138,36 @@ class _Inputs(NamedTuple):
   k: Any
   v: Any
   blocked: tuple
-  hoisted: list  # the mods' values computed outside (:class:`_Hoisted`), in the plan's order
+  hoisted: list  # the mods' values computed outside (:class:`Hoisted`), in the plan's order
   d_out: Any = None
   lse: Any = None
   delta: Any = None
+  d_lse: Any = None  # the lse's cotangent, as lse (the dq pass's correction)
   zeros: list | None = None  # aliased to the blocked operands' gradients: unvisited tiles stay 0
 
 
 class _Tile(NamedTuple):
-  """What the mods get of a grid step: table row, batch row, heads, query and key positions."""
+  """What the mods get of a grid step: table row, batch row, heads, query and key positions
+  (shifted by the call's offsets), and the keys' rows in this call (for the bounds check)."""
 
   m: jax.Array
   rows: jax.Array
   heads: jax.Array
   q_pos: jax.Array
   k_pos: jax.Array
+  k_row: jax.Array
 
 
-def _tile_at(m, r, i, j, geo: _Geometry) -> _Tile:
+def _tile_at(m, r, i, j, offsets, geo: Geometry) -> _Tile:
   # Each index vector is made in the layout the mods broadcast it back to (queries down the
   # sublanes, keys along the lanes, heads on a leading dim), so the two reshapes cancel.
   def iota(shape, axis, start=0):
     return (start + lax.broadcasted_iota(jnp.int32, shape, axis)).reshape(-1)
 
+  k_row = iota((1, geo.tile_k), 1, j * geo.tile_k)
+  q_offset, k_offset = (offsets[np.int32(n)] for n in range(2))  # 32-bit indices under x64 too
   return _Tile(m, jnp.full((1, 1, 1, 1), r, jnp.int32).reshape(-1), iota((1, geo.groups, 1, 1), 1),
-               iota((geo.tile_q, 1), 0, i * geo.tile_q), iota((1, geo.tile_k), 1, j * geo.tile_k))
+               iota((geo.tile_q, 1), 0, q_offset + i * geo.tile_q), k_offset + k_row, k_row)
 
 
 def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int], dtype) -> jax.Array:
@@ -598,7 +202,7 @@ class _Scores(NamedTuple):
   mask_hoisted: list  # the tiles of the mask mod's values computed outside
 
 
-def _scores_at(ins: _Inputs, at: _Tile, plan: _Plan, dtype, sides: Sequence[str | None] = (),
+def _scores_at(ins: _Inputs, at: _Tile, plan: Plan, dtype, sides: Sequence[str | None] = (),
                wrt_blocked: bool = False) -> _Scores:
   """The score function of a step, differentiable in the float values the score mod computes
   outside for the grid ``sides`` (None: for all blocks) and, with ``wrt_blocked``, in the
@@ -615,7 +219,7 @@ def _scores_at(ins: _Inputs, at: _Tile, plan: _Plan, dtype, sides: Sequence[str 
     if plan.score is None:
       return s
     args = (s, at.m, at.rows, at.heads, at.q_pos, at.k_pos)
-    return _in_kernel(plan.score, args, _merge(blocked, blocked_flags, blocked_diff),
+    return in_kernel(plan.score, args, _merge(blocked, blocked_flags, blocked_diff),
                       _merge(score_hoisted, hoisted_flags, hoisted_diff), plan.narrow).astype(dtype)
 
   return _Scores(score, ins.scale[...].reshape(()).astype(dtype),
@@ -624,48 +228,61 @@ def _scores_at(ins: _Inputs, at: _Tile, plan: _Plan, dtype, sides: Sequence[str 
                  blocked, hoisted[n_score:])
 
 
-def _products(ins: _Inputs, geo: _Geometry, dtype) -> jax.Array:
+def _products(ins: _Inputs, geo: Geometry, dtype) -> jax.Array:
   """``q @ k^T`` of a step as ``(1, G, tile_q, tile_k)``, the mods' layout."""
   qk = _dot(ins.q[...], ins.k[...], (1, 1), dtype)
   return qk.reshape(1, geo.groups, geo.tile_q, geo.tile_k)
 
 
-def _masked(s: jax.Array, at: _Tile, plan: _Plan, geo: _Geometry, scores: _Scores,
+def _masked(s: jax.Array, at: _Tile, plan: Plan, geo: Geometry, scores: _Scores,
             mask: bool, bounds: bool) -> jax.Array:
   """``s`` at ``-inf`` where a key is padding (with ``bounds``) or the mask mod refuses it."""
   allowed = None
   if bounds:
-    allowed = (at.k_pos < geo.kv_len)[None, None, None, :]
+    allowed = (at.k_row < geo.kv_len)[None, None, None, :]
   if mask and plan.mask is not None:
-    by_mod = _in_kernel(plan.mask, (at.m, at.rows, at.heads, at.q_pos, at.k_pos), scores.blocked,
+    by_mod = in_kernel(plan.mask, (at.m, at.rows, at.heads, at.q_pos, at.k_pos), scores.blocked,
                         scores.mask_hoisted, plan.narrow)
     allowed = by_mod if allowed is None else allowed & by_mod
   return s if allowed is None else jnp.where(allowed, s, -jnp.inf)
 
 
-def _walk(step: Callable[[bool, bool], None], full, count, t, geo: _Geometry) -> None:
+def _walk(step: Callable[[bool, bool], None], where: _Position, geo: Geometry) -> None:
   """Runs ``step(mask, bounds)`` at a listed step: full blocks skip the mask, partial ones not."""
-  pl.when(t < full)(lambda: step(False, geo.bounds_in_full))
-  pl.when((t >= full) & (t < count))(lambda: step(True, geo.bounds))
+  t = where.t
+  pl.when(t < where.full)(lambda: step(False, geo.bounds_in_full))
+  pl.when((t >= where.full) & (t < where.count))(lambda: step(True, geo.bounds))
 
 
 def _blocks_of_step(index, m, outer, t, key_major: bool) -> tuple:
   """``(query block, key block)`` of a step: its grid's outer block and the block it lists."""
-  listed = index[m, outer, t]
+  listed = index[m, outer, t].astype(jnp.int32)
   return (listed, outer) if key_major else (outer, listed)
 
 
-def _grid_position(tables, key_major: bool):
-  """``(m, r, i, j, t, full, count)`` of the current grid step (inside a kernel)."""
-  index, full, count = tables
+class _Position(NamedTuple):
+  """Where a grid step is (inside a kernel): its tile, step, and its outer block's counts."""
+
+  at: _Tile
+  t: jax.Array
+  full: jax.Array
+  count: jax.Array
+
+
+def _grid_position(tables: Steps, geo: Geometry, key_major: bool) -> _Position:
+  """The :class:`_Position` of the current grid step, from the scalar-prefetched ``tables``."""
   m, r, outer, t = (pl.program_id(axis) for axis in range(4))
-  i, j = _blocks_of_step(index, m, outer, t, key_major)
-  return m, r, i, j, t, full[m, outer], count[m, outer]
+  i, j = _blocks_of_step(tables.index, m, outer, t, key_major)
+  full, count = (x[m, outer].astype(jnp.int32) for x in (tables.full, tables.count))
+  return _Position(_tile_at(m, r, i, j, tables.offsets, geo), t, full, count)
 
 
-def _forward_kernel(index, full, count, ins: _Inputs, out, lse, row_max, row_sum, acc, *,
-                    plan: _Plan, geo: _Geometry):
-  m, r, i, j, t, n_full, n_listed = _grid_position((index, full, count), key_major=False)
+def _forward_kernel(index, full, count, offsets, ins: _Inputs, out, lse, low, row_max, row_sum,
+                    acc, *, plan: Plan, geo: Geometry):
+  """The output, lse, and with ``low`` (a list of one ref, else empty) what rounding the output
+  to its half-precision dtype lost, in that dtype (the backward's ``delta``)."""
+  where = _grid_position(Steps(index, full, count, offsets), geo, key_major=False)
+  at, t = where.at, where.t
   dtype = acc.dtype
 
   @pl.when(t == 0)
@@ -675,7 +292,6 @@ def _forward_kernel(index, full, count, ins: _Inputs, out, lse, row_max, row_sum
     acc[...] = jnp.zeros(acc.shape, dtype)
 
   def step(mask: bool, bounds: bool):
-    at = _tile_at(m, r, i, j, geo)
     scores = _scores_at(ins, at, plan, dtype)
     s = scores.score(_products(ins, geo, dtype), scores.scale, [], [])
     s = _masked(s, at, plan, geo, scores, mask, bounds).reshape(geo.rows, geo.tile_k)
@@ -688,20 +304,24 @@ def _forward_kernel(index, full, count, ins: _Inputs, out, lse, row_max, row_sum
     rescale = jnp.exp(old_max - shift)
     row_sum[...] = rescale * row_sum[...] + jnp.sum(p, axis=-1, keepdims=True)
     row_max[...] = new_max
-    # p @ v in the compute dtype (as splash): the output, and the backward's delta = rowsum(dO * O)
-    # from it, keep their precision (the scale's gradient is a sum that mostly cancels).
-    weighted = _dot(p, ins.v[...].astype(dtype), (1, 0), dtype)
+    # p @ v on v's dtype (bfloat16 products at the MXU's rate for half-precision inputs), summed
+    # in the compute dtype, as splash and FlashAttention do.
+    weighted = _dot(p, ins.v[...], (1, 0), dtype)
     acc[...] = _lanes(rescale, acc.shape[-1]) * acc[...] + weighted
 
-  _walk(step, n_full, n_listed, t, geo)
+  _walk(step, where, geo)
 
   @pl.when(t == pl.num_programs(3) - 1)
   def _finish():
     total = row_sum[...]
     seen = osm.seen_a_key(total)
     safe = jnp.where(seen, total, 1.0)
-    out[...] = (acc[...] / _lanes(safe, acc.shape[-1])).astype(out.dtype)
-    lse[...] = jnp.where(seen, row_max[...] + jnp.log(safe), -jnp.inf)
+    result = acc[...] / _lanes(safe, acc.shape[-1])
+    out[...] = result.astype(out.dtype)
+    for ref in low:
+      ref[...] = (result - out[...].astype(result.dtype)).astype(ref.dtype)
+    # One value per row, the rows along the lanes: the column's transpose, row 0.
+    lse[...] = jnp.where(seen, row_max[...] + jnp.log(safe), -jnp.inf).T[:1]
 
 
 class _BackwardTile(NamedTuple):
@@ -713,28 +333,47 @@ class _BackwardTile(NamedTuple):
   d_scale: jax.Array
   d_hoisted: list
   d_blocked: list
+  d_s_sum: jax.Array | None = None
+  p_slope: jax.Array | None = None
 
 
-def _backward_tile(ins: _Inputs, at: _Tile, plan: _Plan, geo: _Geometry, mask: bool,
-                   bounds: bool, sides: Sequence[str | None],
-                   wrt_blocked: bool) -> _BackwardTile:
+def _backward_tile(ins: _Inputs, at: _Tile, plan: Plan, geo: Geometry, mask: bool,
+                   bounds: bool, sides: Sequence[str | None], wrt_blocked: bool,
+                   row_sums: bool = False) -> _BackwardTile:
   """``p = exp(s - lse)``, ``dS = p * (dP - delta)`` and its vjp through the scale and mods.
 
   The scale's gradient is the vjp's too, ``sum(dS' * q @ k^T)`` summed in the compute dtype,
   so half-precision matmul inputs do not round it. ``sides`` and ``wrt_blocked`` choose the
-  operand values differentiated (:func:`_scores_at`).
+  operand values differentiated (:func:`_scores_at`). With ``row_sums``, also the per-row sums
+  of ``dS`` and of ``p * ds/dscale`` (``(rows, 1)``, for :func:`_dq_kernel`'s correction).
   """
   dtype = ins.lse.dtype
   scores = _scores_at(ins, at, plan, dtype, sides, wrt_blocked)
-  s, vjp = jax.vjp(scores.score, _products(ins, geo, dtype), scores.scale, scores.hoisted_diff,
-                   scores.blocked_diff)
+  qk = _products(ins, geo, dtype)
+  s, vjp = jax.vjp(scores.score, qk, scores.scale, scores.hoisted_diff, scores.blocked_diff)
   # Masked before the exponent: exp(-inf - lse) is 0, so masked entries carry no gradient.
   s = _masked(s, at, plan, geo, scores, mask, bounds).reshape(geo.rows, geo.tile_k)
-  p = jnp.exp(s - _lanes(ins.lse[...], geo.tile_k))
+  p = jnp.exp(s - _column(ins.lse))
   d_p = _dot(ins.d_out[...], ins.v[...], (1, 1), dtype)
-  d_s = p * (d_p - _lanes(ins.delta[...], geo.tile_k))
+  d_s = p * (d_p - _column(ins.delta))
   d_qk, d_scale, d_hoisted, d_blocked = vjp(d_s.reshape(1, geo.groups, geo.tile_q, geo.tile_k))
-  return _BackwardTile(p, d_qk.reshape(geo.rows, geo.tile_k), d_scale, d_hoisted, d_blocked)
+  tile = _BackwardTile(p, d_qk.reshape(geo.rows, geo.tile_k), d_scale, d_hoisted, d_blocked)
+  if not row_sums:
+    return tile
+  if plan.score is None:
+    slope = qk
+  else:
+    _, slope = jax.jvp(lambda scale: scores.score(qk, scale, scores.hoisted_diff,
+                                                  scores.blocked_diff),
+                       (scores.scale,), (jnp.ones_like(scores.scale),))
+  slope = jnp.where(p > 0, p * slope.reshape(p.shape), 0.0)
+  return tile._replace(d_s_sum=jnp.sum(d_s, axis=-1, keepdims=True),
+                       p_slope=jnp.sum(slope, axis=-1, keepdims=True))
+
+
+def _column(ref) -> jax.Array:
+  """A ``(1, rows)`` statistic (one value per query row) as a ``(rows, 1)`` column."""
+  return ref[...].reshape(-1, 1)
 
 
 def _accumulate(refs: Sequence[Any], grads: Sequence[jax.Array]) -> None:
@@ -742,41 +381,54 @@ def _accumulate(refs: Sequence[Any], grads: Sequence[jax.Array]) -> None:
     ref[...] += grad.reshape(ref.shape).astype(ref.dtype)
 
 
-def _dq_kernel(index, full, count, ins: _Inputs, dq, d_sums, d_blocked, dq_acc, *,
-               plan: _Plan, geo: _Geometry):
+def _dq_kernel(index, full, count, offsets, ins: _Inputs, dq, d_sums, d_blocked, dq_acc,
+               d_s_sum, p_slope, *, plan: Plan, geo: Geometry):
   """dq, and per program the partial sums of the gradients of the scale and of the score mod's
   float values computed outside for every block or per query block (``d_sums``), and the
-  blocked float operands' gradient tiles (``d_blocked``)."""
-  m, r, i, j, t, n_full, n_listed = _grid_position((index, full, count), key_major=False)
+  blocked float operands' gradient tiles (``d_blocked``).
+
+  The scale's gradient is corrected for ``delta``'s rounding: exactly, a row's ``dS`` sums to
+  its ``d_lse`` (``delta = rowsum(p * dP) - d_lse``), but ``delta`` comes from a rounded output
+  (half-precision ``p @ v`` and output), so the row sums' differences ``e`` from ``d_lse`` are
+  the error; the scale's gradient, a sum that mostly cancels, would be off by
+  ``sum_rows(e * rowsum(p * ds/dscale))``: subtracted.
+  """
+  where = _grid_position(Steps(index, full, count, offsets), geo, key_major=False)
+  t = where.t
 
   @pl.when(t == 0)
   def _init():
     # Also the gradient tile of a query block that lists nothing, written back as it is.
-    for ref in (dq_acc, *d_sums, *d_blocked):
+    for ref in (dq_acc, *d_sums, *d_blocked, d_s_sum, p_slope):
       ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
   def step(mask: bool, bounds: bool):
-    at = _tile_at(m, r, i, j, geo)
-    tile = _backward_tile(ins, at, plan, geo, mask, bounds, (None, "q"), wrt_blocked=True)
+    tile = _backward_tile(ins, where.at, plan, geo, mask, bounds, (None, "q"), wrt_blocked=True,
+                          row_sums=True)
     dq_acc[...] += _dot(tile.d_qk, ins.k[...], (1, 0), dq_acc.dtype)
+    d_s_sum[...] += tile.d_s_sum
+    p_slope[...] += tile.p_slope
     _accumulate(d_sums, (tile.d_scale, *tile.d_hoisted))
     for ref, grad in zip(d_blocked, tile.d_blocked, strict=True):
       # A key-broadcast operand's tile is every step's; a per-key one is this step's alone.
       grad = grad[0].astype(ref.dtype)
       ref[...] = ref[...] + grad if ref.shape[-1] == 1 else grad
 
-  _walk(step, n_full, n_listed, t, geo)
+  _walk(step, where, geo)
 
   @pl.when(t == pl.num_programs(3) - 1)
   def _finish():
     dq[...] = dq_acc[...].astype(dq.dtype)
+    error = d_s_sum[...] - _column(ins.d_lse)  # exactly, dS sums to d_lse per row
+    d_sums[0][...] -= jnp.sum(error * p_slope[...]).reshape(d_sums[0].shape)
 
 
-def _dkv_kernel(index, full, count, ins: _Inputs, dk, dv, d_keys, dk_acc, dv_acc, *,
-                plan: _Plan, geo: _Geometry):
+def _dkv_kernel(index, full, count, offsets, ins: _Inputs, dk, dv, d_keys, dk_acc, dv_acc, *,
+                plan: Plan, geo: Geometry):
   """dk, dv, and per key block the gradients of the score mod's float values computed outside
   per key block (``d_keys``)."""
-  m, r, i, j, t, n_full, n_listed = _grid_position((index, full, count), key_major=True)
+  where = _grid_position(Steps(index, full, count, offsets), geo, key_major=True)
+  t = where.t
 
   @pl.when(t == 0)
   def _init():
@@ -784,13 +436,12 @@ def _dkv_kernel(index, full, count, ins: _Inputs, dk, dv, d_keys, dk_acc, dv_acc
       ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
   def step(mask: bool, bounds: bool):
-    at = _tile_at(m, r, i, j, geo)
-    tile = _backward_tile(ins, at, plan, geo, mask, bounds, ("k",), wrt_blocked=False)
+    tile = _backward_tile(ins, where.at, plan, geo, mask, bounds, ("k",), wrt_blocked=False)
     dv_acc[...] += _dot(tile.p, ins.d_out[...], (0, 0), dv_acc.dtype)
     dk_acc[...] += _dot(tile.d_qk, ins.q[...], (0, 0), dk_acc.dtype)
     _accumulate(d_keys, tile.d_hoisted)
 
-  _walk(step, n_full, n_listed, t, geo)
+  _walk(step, where, geo)
 
   @pl.when(t == pl.num_programs(3) - 1)
   def _finish():
@@ -804,8 +455,8 @@ def _dkv_kernel(index, full, count, ins: _Inputs, dk, dv, d_keys, dk_acc, dv_acc
 def _spec(block_shape, where: Callable[..., tuple], key_major: bool) -> pl.BlockSpec:
   """A BlockSpec whose index map ``where(m, r, i, j)`` sees the listed block of each step."""
 
-  def index_map(m, r, outer, t, index, full, count):
-    del full, count
+  def index_map(m, r, outer, t, index, full, count, offsets):
+    del full, count, offsets
     return where(m, r, *_blocks_of_step(index, m, outer, t, key_major))
 
   return pl.BlockSpec(block_shape, index_map)
@@ -817,12 +468,12 @@ def _query_spec(block: tuple[int, ...], key_major: bool) -> pl.BlockSpec:
                key_major)
 
 
-def _key_spec(geo: _Geometry, width: int, key_major: bool) -> pl.BlockSpec:
+def _key_spec(geo: Geometry, width: int, key_major: bool) -> pl.BlockSpec:
   """The spec of ``(M, R, S, width)`` arrays: one block per key block."""
   return _spec((None, None, geo.tile_k, width), lambda m, r, i, j: (m, r, j, 0), key_major)
 
 
-def _blocked_block(x: jax.Array, geo: _Geometry) -> tuple[int, int, int]:
+def _blocked_block(x: jax.Array, geo: Geometry) -> tuple[int, int, int]:
   """The ``(G|1, bq|1, bk|1)`` tile of a ``(M|1, R|1, G|1, L|1, S|1)`` blocked operand."""
   return (x.shape[2], geo.tile_q if x.shape[3] > 1 else 1, geo.tile_k if x.shape[4] > 1 else 1)
 
@@ -833,7 +484,7 @@ def _blocked_where(x: jax.Array) -> Callable[..., tuple]:
                              i if x.shape[3] > 1 else 0, j if x.shape[4] > 1 else 0)
 
 
-def _hoisted_where(h: _Hoisted) -> Callable[..., tuple]:
+def _hoisted_where(h: Hoisted) -> Callable[..., tuple]:
   """The index map of a value computed outside, ``(M|1, R|1, n|1, *block)``: its tile at the
   step's table row, batch row and block of its side (broadcast dims stay at block 0)."""
 
@@ -844,11 +495,14 @@ def _hoisted_where(h: _Hoisted) -> Callable[..., tuple]:
   return where
 
 
-def _in_specs(ins: _Inputs, geo: _Geometry, plan: _Plan, key_major: bool) -> _Inputs:
+def _in_specs(ins: _Inputs, geo: Geometry, plan: Plan, key_major: bool) -> _Inputs:
   """The BlockSpecs of a pass's inputs (None where the input is None)."""
 
   def rows_spec(x):
     return None if x is None else _query_spec((geo.rows, x.shape[-1]), key_major)
+
+  def stats_spec(x):
+    return None if x is None else _query_spec((1, geo.rows), key_major)
 
   return _Inputs(
       scale=_spec(ins.scale.shape, lambda m, r, i, j: (0, 0), key_major), q=rows_spec(ins.q),
@@ -857,53 +511,84 @@ def _in_specs(ins: _Inputs, geo: _Geometry, plan: _Plan, key_major: bool) -> _In
                     for x in ins.blocked),
       hoisted=[_spec((None, None, None, *h.block), _hoisted_where(h), key_major)
                for h in plan.hoisted],
-      d_out=rows_spec(ins.d_out), lse=rows_spec(ins.lse), delta=rows_spec(ins.delta),
+      d_out=rows_spec(ins.d_out), lse=stats_spec(ins.lse), delta=stats_spec(ins.delta),
+      d_lse=stats_spec(ins.d_lse),
       zeros=None if ins.zeros is None else [pl.BlockSpec(memory_space=pl.ANY)
                                             for _ in ins.zeros])
 
 
+def _cost(ins: _Inputs, out_shape, grid: tuple[int, ...], geo: Geometry,
+          width: int) -> pl.CostEstimate:
+  """What a pass costs, for XLA's scheduler: per grid step, products of ``width`` summed widths
+  (e.g. ``E + Ev`` for the forward's ``q @ k^T`` and ``p @ v``) over a ``rows x tile_k`` tile,
+  one exponential per score; every operand and result read or written once (a bound from
+  below: key tiles are read once per query tile)."""
+  steps = math.prod(grid)
+  scores = steps * geo.rows * geo.tile_k
+  moved = sum(x.size * jnp.dtype(x.dtype).itemsize
+              for x in jax.tree.leaves((ins, out_shape)) if hasattr(x, "dtype"))
+  return pl.CostEstimate(flops=2 * scores * width, transcendentals=scores,
+                         bytes_accessed=int(moved))
+
+
 def _call(kernel, name: str, steps: Steps, ins: _Inputs, out_shape, out_specs, scratch,
-          geo: _Geometry, plan: _Plan, key_major: bool, aliases: dict[int, int] | None = None):
-  """One pallas_call on the grid ``(M, R, outer block, step)`` of ``steps``."""
+          geo: Geometry, plan: Plan, key_major: bool, width: int,
+          aliases: dict[int, int] | None = None):
+  """One pallas_call on the grid ``(M, R, outer block, step)`` of ``steps`` (``width``: the
+  summed widths of a step's products, for its cost)."""
   rows, outer, inner = steps.index.shape
+  grid = (rows, ins.q.shape[1], outer, inner)
   # Grid axes 0-2 write disjoint blocks: cores may split them; steps run in order.
   params = pltpu.CompilerParams(
-      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+      vmem_limit_bytes=geo.vmem_limit)
   return pl.pallas_call(
       functools.partial(kernel, plan=plan, geo=geo),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3, grid=(rows, ins.q.shape[1], outer, inner),
+          num_scalar_prefetch=len(steps), grid=grid,
           in_specs=[_in_specs(ins, geo, plan, key_major)], out_specs=out_specs,
           scratch_shapes=scratch),
       out_shape=out_shape, compiler_params=params, interpret=geo.interpret,
+      cost_estimate=_cost(ins, out_shape, grid, geo, width),
       input_output_aliases=aliases or {}, name=name)(*steps, ins)
 
 
-def _forward(q, k, v, blocks: KeyBlocks, blocked, hoisted, scale, plan: _Plan, geo: _Geometry):
+
+
+def _forward(q, k, v, blocks: KeyBlocks, blocked, hoisted, scale, offsets, plan: Plan,
+             geo: Geometry, residual: bool):
+  """``out (M, R, n_q, rows, Ev)`` in q's dtype, ``lse (M, R, n_q, 1, rows)`` and, with
+  ``residual`` and a half-precision q, the output's rounding error (else None)."""
   dtype = osm.compute_dtype(q.dtype)
   rows = geo.rows
-  steps = block_steps(block_map(blocks, geo.n_k))
-  lead = q.shape[:3]  # (M, R, n_q)
-  out, lse = _call(
+  steps = block_steps(tile_kinds(blocks, geo), offsets, geo.steps_q)
+  lead = q.shape[:3]  # (M, R, query tiles)
+  out_spec = _query_spec((rows, v.shape[-1]), False)
+  out_struct = jax.ShapeDtypeStruct((*lead, rows, v.shape[-1]), q.dtype)
+  low = residual and jnp.dtype(q.dtype).itemsize < jnp.dtype(dtype).itemsize
+  out, lse, lows = _call(
       _forward_kernel, "jmat_block_sparse_fwd", steps,
       _Inputs(scale.reshape(1, 1), q, k, v, tuple(blocked), list(hoisted)),
-      (jax.ShapeDtypeStruct((*lead, rows, v.shape[-1]), dtype),
-       jax.ShapeDtypeStruct((*lead, rows, LANES), dtype)),
-      (_query_spec((rows, v.shape[-1]), False), _query_spec((rows, LANES), False)),
+      (out_struct, jax.ShapeDtypeStruct((*lead, 1, rows), dtype), [out_struct] * low),
+      (out_spec, _query_spec((1, rows), False), [out_spec] * low),
       [pltpu.VMEM((rows, LANES), dtype), pltpu.VMEM((rows, LANES), dtype),
        pltpu.VMEM((rows, v.shape[-1]), dtype)],
-      geo, plan, key_major=False)
-  return out, lse[..., 0]
+      geo, plan, key_major=False, width=q.shape[-1] + v.shape[-1])
+  return out, lse, (lows[0] if lows else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _attend(q, k, v, blocks, blocked, hoisted, scale, plan: _Plan, geo: _Geometry):
-  return _forward(q, k, v, blocks, blocked, hoisted, scale, plan, geo)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def _attend(q, k, v, blocks, blocked, hoisted, scale, offsets, plan: Plan, geo: Geometry):
+  out, lse, _ = _forward(q, k, v, blocks, blocked, hoisted, scale, offsets, plan, geo, False)
+  return out, lse
 
 
-def _attend_fwd(q, k, v, blocks, blocked, hoisted, scale, plan, geo):
-  out, lse = _forward(q, k, v, blocks, blocked, hoisted, scale, plan, geo)
-  return (out, lse), (q, k, v, blocks, blocked, hoisted, scale, out, lse)
+def _attend_fwd(q, k, v, blocks, blocked, hoisted, scale, offsets, plan, geo):
+  # A half-precision output keeps what rounding lost beside it (in its dtype): the backward's
+  # delta = rowsum(dO * O) then has float32's precision, which the scale's gradient (a sum that
+  # mostly cancels) needs, at the memory cost of a float32 output only when differentiated.
+  out, lse, low = _forward(q, k, v, blocks, blocked, hoisted, scale, offsets, plan, geo, True)
+  return (out, lse), (q, k, v, blocks, blocked, hoisted, scale, offsets, out, low, lse)
 
 
 def _blocked_gradient(grad: jax.Array, x: jax.Array) -> jax.Array:
@@ -924,19 +609,17 @@ def _hoisted_gradient(grad: jax.Array, x: jax.Array) -> jax.Array:
   return jnp.sum(grad, axis=broadcast, keepdims=True).astype(x.dtype)
 
 
-def _attend_bwd(plan: _Plan, geo: _Geometry, residuals, cotangents):
-  q, k, v, blocks, blocked, hoisted, scale, out, lse = residuals
+def _attend_bwd(plan: Plan, geo: Geometry, residuals, cotangents):
+  q, k, v, blocks, blocked, hoisted, scale, offsets, out, low, lse = residuals
   d_out, d_lse = cotangents
   dtype = lse.dtype
   lead = q.shape[:3]  # (M, R, n_q): one partial sum or gradient tile per dq program
-
-  def lanes(x):
-    return jnp.broadcast_to(x[..., None], (*x.shape, LANES))
-
-  delta = jnp.sum(d_out.astype(dtype) * out.astype(dtype), axis=-1) - d_lse.astype(dtype)
+  out = out.astype(dtype) if low is None else out.astype(dtype) + low.astype(dtype)
+  # delta = rowsum(dO * O) - d_lse, one value per row as lse: (M, R, n_q, 1, rows).
+  delta = jnp.sum(d_out.astype(dtype) * out, axis=-1)[..., None, :] - d_lse.astype(dtype)
   # Rows that saw no key have lse = -inf: an lse of +inf makes their p exactly 0.
   lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
-  kinds = block_map(blocks, geo.n_k)
+  kinds = tile_kinds(blocks, geo)
 
   # The score mod's float values computed outside: those for every block or per query block
   # get their gradients from the dq pass, those per key block from the dk/dv pass.
@@ -949,11 +632,13 @@ def _attend_bwd(plan: _Plan, geo: _Geometry, residuals, cotangents):
                      dtype) for x in tiled]
   # The cotangent of an output of q's dtype, back in it (losslessly) for the matmuls.
   ins = _Inputs(scale.reshape(1, 1), q, k, v, tuple(blocked), list(hoisted),
-                d_out=d_out.astype(q.dtype), lse=lanes(lse), delta=lanes(delta), zeros=zeros)
-  first_zero = 3 + len(jax.tree.leaves(ins)) - len(zeros)  # after the 3 scalar-prefetch tables
+                d_out=d_out.astype(q.dtype), lse=lse, delta=delta, zeros=zeros,
+                d_lse=d_lse.astype(dtype))
+  steps = block_steps(kinds, offsets, geo.steps_q)
+  first_zero = len(steps) + len(jax.tree.leaves(ins)) - len(zeros)  # after the prefetched tables
 
   dq, d_sums, d_tiles = _call(
-      _dq_kernel, "jmat_block_sparse_dq", block_steps(kinds), ins,
+      _dq_kernel, "jmat_block_sparse_dq", steps, ins,
       (jax.ShapeDtypeStruct(q.shape, q.dtype),
        [jax.ShapeDtypeStruct((*lead, *block), dtype) for block in summed],
        [jax.ShapeDtypeStruct(x.shape, dtype) for x in zeros]),
@@ -962,13 +647,15 @@ def _attend_bwd(plan: _Plan, geo: _Geometry, residuals, cotangents):
        [_spec((None, None, None, *_blocked_block(x, geo)),
               lambda m, r, i, j, keys=x.shape[4]: (m, r, i, 0, 0, j if keys > 1 else 0), False)
         for x in tiled]),
-      [pltpu.VMEM((geo.rows, q.shape[-1]), dtype)], geo, plan, key_major=False,
+      [pltpu.VMEM((geo.rows, q.shape[-1]), dtype), pltpu.VMEM((geo.rows, 1), dtype),
+       pltpu.VMEM((geo.rows, 1), dtype)], geo, plan, key_major=False,
+      width=2 * q.shape[-1] + v.shape[-1],
       aliases={first_zero + n: 1 + len(summed) + n for n in range(len(zeros))})
 
   key_blocks = [hoisted[n].shape[3:] for n in by_keys]
   dk, dv, d_keys = _call(
-      _dkv_kernel, "jmat_block_sparse_dkv", block_steps(kinds.swapaxes(1, 2)),
-      ins._replace(zeros=None),
+      _dkv_kernel, "jmat_block_sparse_dkv", block_steps(kinds.swapaxes(1, 2), offsets, geo.steps_k),
+      ins._replace(zeros=None, d_lse=None),
       (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
        [jax.ShapeDtypeStruct((*k.shape[:2], geo.n_k, *block), dtype) for block in key_blocks]),
       (_key_spec(geo, k.shape[-1], True), _key_spec(geo, v.shape[-1], True),
@@ -976,7 +663,7 @@ def _attend_bwd(plan: _Plan, geo: _Geometry, residuals, cotangents):
               lambda m, r, i, j, block=block: (m, r, j) + (0,) * len(block), True)
         for block in key_blocks]),
       [pltpu.VMEM((geo.tile_k, k.shape[-1]), dtype), pltpu.VMEM((geo.tile_k, v.shape[-1]), dtype)],
-      geo, plan, key_major=True)
+      geo, plan, key_major=True, width=2 * (k.shape[-1] + v.shape[-1]))
 
   d_hoisted = [jnp.zeros_like(x) if _is_float(x) else zero_cotangent(x) for x in hoisted]
   for n, grad in zip(by_queries + by_keys, d_sums[1:] + d_keys, strict=True):
@@ -985,7 +672,8 @@ def _attend_bwd(plan: _Plan, geo: _Geometry, residuals, cotangents):
   d_blocked = tuple(_blocked_gradient(next(d_tiles), x) if _is_float(x) else zero_cotangent(x)
                     for x in blocked)
   d_scale = jnp.sum(d_sums[0]).reshape(scale.shape).astype(scale.dtype)
-  return dq, dk, dv, jax.tree.map(zero_cotangent, blocks), d_blocked, d_hoisted, d_scale
+  return (dq, dk, dv, jax.tree.map(zero_cotangent, blocks), d_blocked, d_hoisted, d_scale,
+          zero_cotangent(offsets))
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -1003,6 +691,9 @@ def attend(
     block_q: int,
     block_k: int,
     interpret: Interpret = False,
+    q_offset: int | jax.Array = 0,
+    k_offset: int | jax.Array = 0,
+    tiling: Tiling = DEFAULT_TILING,
 ) -> tuple[jax.Array, jax.Array]:
   """Block-sparse attention of ``q (M, R, G, L, E)`` over ``k, v (M, R, S, E|Ev)`` on TPU.
 
@@ -1020,21 +711,35 @@ def attend(
     block_k: keys per table block.
     interpret: run the kernels in Pallas interpret mode (on CPU): True, or
       ``pltpu.InterpretParams(...)`` for the TPU interpreter's checks.
+    q_offset: the position of query row 0 (a Python int or a traced int32 scalar): ring
+      attention's chunk offset. The mods see positions ``q_offset + row``; the tables and the
+      key bounds stay in this call's rows.
+    k_offset: the position of key row 0.
+    tiling: how the kernels tile the call within a TPU core's memories (:class:`Tiling`).
 
   Raises:
-    ValueError: if the block sizes cannot tile the lengths on TPU, or ``blocks``
-      has the wrong number of rows or query blocks.
+    ValueError: if the block sizes cannot tile the lengths on TPU, ``blocks`` has the wrong
+      number of rows or query blocks, or the call cannot fit a TPU core's memories (the
+      message names the limit and the fix).
   """
   table_rows, _, groups, length, _ = q.shape
   keys = k.shape[-2]
-  tile_q, tile_k = BlockSizes(block_q, block_k).tiles(length, keys)
-  geo = _Geometry(length, keys, block_q, block_k, tile_q, tile_k, groups, interpret)
-  if blocks.num.shape != (table_rows, geo.n_q):
+  BlockSizes(block_q, block_k).tiles(length, keys)
+  n_q, n_k = pl.cdiv(length, block_q), pl.cdiv(keys, block_k)
+  if blocks.num.shape != (table_rows, n_q):
     raise ValueError(
-        f"jmat block-sparse attention, mosaic (TPU) backend: the table has shape "
-        f"{tuple(blocks.num.shape)}; q of shape {tuple(q.shape)} with block_q={block_q} "
-        f"needs {(table_rows, geo.n_q)} (M, query blocks)")
-  q_rows, k_rows = geo.n_q * tile_q, geo.padded_k
+        f"{PREFIX}the table has shape {tuple(blocks.num.shape)}; q of shape {tuple(q.shape)} "
+        f"with block_q={block_q} needs {(table_rows, n_q)} (M, query blocks)")
+  geo = geometry(q.shape, k.shape, v.shape[-1], q.dtype, block_q, block_k, tiling, interpret)
+  factors = (geo.block_q // block_q, geo.block_k // block_k)
+  with jax.ensure_compile_time_eval():  # a table known while tracing stays known
+    if factors != (1, 1):
+      blocks = coarsen(blocks, n_k, *factors)
+    longest = longest_lists(blocks, geo.n_k)
+  if longest is not None:  # the grid walks the longest list, no more (splash's shrunk grid)
+    geo = dataclasses.replace(geo, steps_q=longest[0], steps_k=longest[1] * geo.split)
+  tile_q = geo.tile_q
+  q_rows, k_rows = geo.padded_q, geo.padded_k
   e, ev = (pl.cdiv(x.shape[-1], LANES) * LANES for x in (q, v))
   dtype = osm.compute_dtype(q.dtype)
   whole, blocked = operands
@@ -1043,27 +748,29 @@ def attend(
   blocked = tuple(pad(pad(jnp.asarray(x), -2, q_rows, True), -1, k_rows, True) for x in blocked)
   plan = _plan_of(mods, geo, leaves, treedef, blocked, dtype)
   if plan.narrow:
-    blocked = tuple(x.astype(_narrowed(x.dtype)) for x in blocked)
+    blocked = tuple(x.astype(narrowed(x.dtype)) for x in blocked)
+  offsets = jnp.stack([jnp.asarray(q_offset, jnp.int32), jnp.asarray(k_offset, jnp.int32)])
   hoisted = [x for split in (plan.score, plan.mask) if split is not None
-             for x in _outside_values(split, leaves, geo, table_rows, q.shape[1], plan.narrow)]
+             for x in outside_values(split, leaves, geo, offsets, table_rows, q.shape[1],
+                                      plan.narrow)]
   out, lse = cast(tuple[jax.Array, jax.Array], _attend(
       _group(pad(pad(q, -2, q_rows), -1, e), tile_q), pad(pad(k, -2, k_rows), -1, e),
       pad(pad(v, -2, k_rows), -1, ev), blocks, blocked, hoisted,
-      jnp.asarray(scale).astype(dtype), plan, geo))
-  out = _ungroup(out, groups)[..., :length, :v.shape[-1]].astype(q.dtype)
-  return out, _ungroup(lse[..., None], groups)[..., :length, 0]
+      jnp.asarray(scale).astype(dtype), offsets, plan, geo))
+  out = _ungroup(out, groups)[..., :length, :v.shape[-1]]
+  return out, _ungroup(jnp.swapaxes(lse, -1, -2), groups)[..., :length, 0]
 
 
-def _plan_of(mods: Mods, geo: _Geometry, leaves: Sequence[Any], treedef, blocked: Sequence[Any],
-             dtype) -> _Plan:
-  """The :class:`_Plan` of a call with whole leaves ``leaves`` and (padded) blocked operands
+def _plan_of(mods: Mods, geo: Geometry, leaves: Sequence[Any], treedef, blocked: Sequence[Any],
+             dtype) -> Plan:
+  """The :class:`Plan` of a call with whole leaves ``leaves`` and (padded) blocked operands
   ``blocked`` (arrays or their avals)."""
   narrow = jnp.dtype(dtype).itemsize < 8
 
   def aval(shape, dtype):
-    return jax.ShapeDtypeStruct(tuple(shape), _narrowed(dtype) if narrow else np.dtype(dtype))
+    return jax.ShapeDtypeStruct(tuple(shape), narrowed(dtype) if narrow else np.dtype(dtype))
 
-  return _plan(mods, geo.groups, geo.tile_q, geo.tile_k, treedef,
+  return make_plan(mods, geo.groups, geo.tile_q, geo.tile_k, treedef,
                tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves),
                tuple(aval((1, *_blocked_block(x, geo)), x.dtype) for x in blocked),
                np.dtype(dtype), narrow)
@@ -1086,7 +793,7 @@ def unsupported(q, k, v, operands: Operands, mods: Mods, block_q: int,
   a v5e whatever the machine asking (see :data:`_PROBE_DEVICE`).
   Mods that read whole operands by one position, head or row
   (``ids[q_idx] == ids[kv_idx]``, ``ids[b, q_idx]``, ``slopes[h]``) run: what
-  they read is computed outside the kernels (see :class:`_Split`).
+  they read is computed outside the kernels (:mod:`jmat._src.kernels.mosaic_mods`).
 
   Args:
     q, k, v, operands, mods, block_q, block_k: the call, as :func:`attend`'s
@@ -1134,8 +841,10 @@ def _lowering_problem(q, k, v, treedef, leaves, mods: Mods, block_q: int,
   dtype = osm.compute_dtype(q[1])
   prefix = "jmat block-sparse attention, mosaic (TPU) backend: "
   whole, blocked = jax.tree.unflatten(treedef, [struct(x) for x in leaves])
-  tiles = BlockSizes(block_q, block_k).tiles(length, keys)
-  geo = _Geometry(length, keys, block_q, block_k, *tiles, groups, False)
+  try:
+    geo = geometry(q[0], k[0], v[0][-1], q[1], block_q, block_k, DEFAULT_TILING, False)
+  except ValueError as error:  # the call cannot fit a TPU core's memories
+    return str(error)
   try:
     problem = _plan_of(mods, geo, *jax.tree.flatten(whole), blocked, dtype).problem
   except Exception:  # a mod that cannot be traced at all: the lowering below says why
