@@ -338,7 +338,8 @@ def test_auto_gives_a_tpu_the_mosaic_kernel_for_a_batch_scaled_score_from_this_c
   # Lowered for a TPU in context (as on a TPU host), the program holds the kernel.
   v5e = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
-                                                                abstract_device=v5e)):
+                                                                abstract_device=v5e)), \
+       jmat.attention.kernel_platforms("tpu"):
     text = jax.jit(lambda q, k, v: jmat.flex_attention(q, k, v, scaled_by_batch)).trace(
         q, q, q).lower(lowering_platforms=("tpu",)).as_text()
   assert MOSAIC_CALL in text
@@ -365,8 +366,9 @@ def test_a_probe_that_crashes_keeps_the_kernel_and_lowering_raises(monkeypatch):
   assert "its lowering probe failed here, RuntimeError: no TPU here" in choice.reason
   named = flex_attention_backend(q, q, q, kernel_options={"BACKEND": "MOSAIC"}, platform="tpu")
   assert named.backend == "MOSAIC" and not named.reason.startswith("refused")
-  text = jax.jit(lambda q, k, v: jmat.flex_attention(q, k, v)).trace(q, q, q).lower(
-      lowering_platforms=("tpu",)).as_text()
+  with jmat.attention.kernel_platforms("tpu"):
+    text = jax.jit(lambda q, k, v: jmat.flex_attention(q, k, v)).trace(q, q, q).lower(
+        lowering_platforms=("tpu",)).as_text()
   assert MOSAIC_CALL in text
 
 
