@@ -26,6 +26,7 @@ from torch.nn.attention.experimental._paged_attention import (
 import jmat
 from jmat.attention import PagedAttention, create_block_mask
 from tests.cases import attention_reference, tolerance
+from tests.torch_oracle import dense_attention
 
 RNG = np.random.default_rng(23)
 
@@ -382,3 +383,41 @@ def test_flex_over_the_paged_cache_after_erase_equals_attention_per_sequence():
     ref = attention_reference(q[b][None], keys[None, :, :lengths[b]],
                               values[None, :, :lengths[b]], enable_gqa=True)
     np.testing.assert_allclose(out[b], ref[0], **tolerance(np.float64))
+
+
+def test_gradients_through_assign_and_flex_match_torch_autograd():
+  # A decoding step: the new keys/values written with assign, then flex over the pool. The
+  # gradients of q, of the new k/v and of both pools (zero where a sequence was overwritten or
+  # holds nothing) against dense torch float64 autograd over each sequence's logical keys.
+  mine, _ = both(20, 4, 5, GROWTH)  # capacities 20, 16, 8, 24
+  rows, positions = np.array([0, 1, 3]), np.array([18, 0, 9])
+  q = randn(3, 4, 1, 6)
+  k_val, v_val = randn(3, 2, 1, 6), randn(3, 2, 1, 5)
+  k_cache, v_cache = randn(1, 2, 80, 6), randn(1, 2, 80, 5)
+  w = randn(3, 4, 1, 5)
+  logical_kv = 24
+
+  def loss(q, k_val, v_val, k_cache, v_cache):
+    k_cache, v_cache = mine.assign(rows, positions[:, None], k_val, v_val, k_cache, v_cache)
+    logical = create_block_mask(lambda b, h, q, kv: kv <= jnp.asarray(positions)[b], 3, None,
+                                1, logical_kv, BLOCK_SIZE=(1, 4))
+    physical = mine.convert_logical_block_mask(logical, batch_idx=rows)
+    out = jmat.flex_attention(q, k_cache, v_cache, block_mask=physical, enable_gqa=True)
+    return jnp.sum(out * w)
+
+  with jax.default_matmul_precision("highest"):
+    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k_val, v_val, k_cache, v_cache)
+
+  table = np.asarray(mine.page_table)[rows][:, : logical_kv // 4]
+  slots = torch.tensor((table[:, :, None] * 4 + np.arange(4)).reshape(3, logical_kv))
+  leaves = [torch.tensor(x, requires_grad=True) for x in (q, k_val, v_val, k_cache, v_cache)]
+  new = torch.nn.functional.one_hot(torch.tensor(positions), logical_kv).bool()[:, None, :, None]
+  keys = torch.where(new, leaves[1], leaves[3][0][:, slots].permute(1, 0, 2, 3))
+  values = torch.where(new, leaves[2], leaves[4][0][:, slots].permute(1, 0, 2, 3))
+  allowed = (torch.arange(logical_kv) <= torch.tensor(positions)[:, None])[:, None, None, :]
+  out, _ = dense_attention(leaves[0], keys, values, allowed=allowed, gqa=True)
+  (out * torch.tensor(w)).sum().backward()
+  for name, g, leaf in zip(("q", "k_val", "v_val", "k_cache", "v_cache"), got, leaves,
+                           strict=True):
+    assert g.shape == tuple(leaf.shape) and np.abs(g).max() > 0, name
+    np.testing.assert_allclose(g, leaf.grad.numpy(), **tolerance(np.float64), err_msg=name)
