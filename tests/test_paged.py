@@ -421,3 +421,25 @@ def test_gradients_through_assign_and_flex_match_torch_autograd():
                            strict=True):
     assert g.shape == tuple(leaf.shape) and np.abs(g).max() > 0, name
     np.testing.assert_allclose(g, leaf.grad.numpy(), **tolerance(np.float64), err_msg=name)
+
+
+def test_kv_len_bounds_full_blocks_too():
+  # A logical mask of full blocks and the lengths in kv_len alone: torch's eager flex applies
+  # the converted mask_mod everywhere (its kernel would skip it in full blocks); jmat makes the
+  # full blocks that reach past kv_len[b] partial, so the bound holds there as well.
+  mine, theirs = both(20, 4, 5, GROWTH)
+  (k_cache, v_cache), (t_k, t_v) = filled_caches(mine, theirs, 2, (6, 5))
+  lengths = np.array([17, 13, 1, 21])
+  q = randn(4, 4, 1, 6)
+  logical = create_block_mask(lambda b, h, q, kv: kv >= 0, 4, None, 1, 24, BLOCK_SIZE=(1, 4))
+  assert int(logical.kv_num_blocks.sum()) == 0  # every block full
+  physical = mine.convert_logical_block_mask(logical, kv_len=jnp.asarray(lengths))
+  with jax.default_matmul_precision("highest"):
+    out = jmat.flex_attention(q, k_cache, v_cache, block_mask=physical, enable_gqa=True)
+  t_logical = tf.create_block_mask(lambda b, h, q, kv: kv >= 0, 4, None, 1, 24, device="cpu",
+                                   BLOCK_SIZE=(1, 4))
+  t_physical = theirs.convert_logical_block_mask(t_logical, kv_len=torch.tensor(lengths))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    want = tf.flex_attention(torch.tensor(q), t_k, t_v, block_mask=t_physical, enable_gqa=True)
+  np.testing.assert_allclose(out, want.numpy(), **tolerance(np.float64))

@@ -288,7 +288,8 @@ class PagedAttention:
       batch_idx: ``(B,)`` the page-table row of each batch entry; None:
         ``arange(B)``.
       kv_len: ``(B,)`` the valid logical length of each batch entry (positions
-        at or past it are masked); None: no bound.
+        at or past it are masked: full blocks reaching past it are made partial,
+        where torch's kernel would skip the bound); None: no bound.
 
     Returns:
       The physical BlockMask.
@@ -314,12 +315,21 @@ class PagedAttention:
     batch = int(block_mask.kv_num_blocks.shape[0])
     rows = jnp.arange(batch) if batch_idx is None else jnp.asarray(batch_idx)
     table = self.page_table[rows]
-    num, indices = _to_pages(table, block_mask.kv_num_blocks, block_mask.kv_indices,
-                             self.n_pages)
+    partial = (_listed(block_mask.kv_num_blocks, block_mask.kv_indices),
+               block_mask.kv_indices)
     full_num = full_indices = None
     if block_mask.full_kv_num_blocks is not None:
-      full_num, full_indices = _to_pages(table, block_mask.full_kv_num_blocks,
-                                         block_mask.full_kv_indices, self.n_pages)
+      full = (_listed(block_mask.full_kv_num_blocks, block_mask.full_kv_indices),
+              block_mask.full_kv_indices)
+      if kv_len is not None:
+        # A full block reaching past kv_len[b] is evaluated (made partial), so the bound holds
+        # there too: torch's kernel skips the mask_mod, and with it the bound, in full blocks.
+        past = (full[1] + 1) * self.page_size > jnp.reshape(jnp.asarray(kv_len), (-1, 1, 1, 1))
+        partial = (jnp.concatenate([partial[0], full[0] & past], axis=-1),
+                   jnp.concatenate([partial[1], full[1]], axis=-1))
+        full = (full[0] & ~past, full[1])
+      full_num, full_indices = _to_pages(table, *full, self.n_pages)
+    num, indices = _to_pages(table, *partial, self.n_pages)
     mask_mod = _physical(self.physical_to_logical, self.page_size, block_mask.mask_mod,
                          kv_len, None if batch_idx is None else rows, with_score=False)
     kv_len_physical = self.n_pages * self.page_size
@@ -413,22 +423,26 @@ def _physical(to_logical: jax.Array, page_size: int, mod: Callable | None,
   return mask_mod
 
 
-def _to_pages(table: jax.Array, num: jax.Array, indices: jax.Array,
-              n_pages: int) -> tuple[jax.Array, jax.Array]:
-  """A ``(counts, indices)`` table pair of logical key blocks as one of physical pages.
+def _listed(num: jax.Array, indices: jax.Array) -> jax.Array:
+  """Which entries of a ``(B, H, n_q, W)`` index table its counts list (the rest is filler)."""
+  return jnp.arange(indices.shape[-1]) < num[..., None]
 
-  The listed blocks that have a page come first, in their order; the indices get
+
+def _to_pages(table: jax.Array, listed: jax.Array, indices: jax.Array,
+              n_pages: int) -> tuple[jax.Array, jax.Array]:
+  """A ``(counts, indices)`` table pair of physical pages from listed logical key blocks.
+
+  The ``listed`` blocks that have a page come first, in their order; the indices get
   ``n_pages`` columns (as torch's), filled with zeros.
   """
-  batch, heads, rows, width = indices.shape
+  batch = indices.shape[0]
   inside = (indices >= 0) & (indices < table.shape[1])
   pages = table[jnp.arange(batch)[:, None, None, None], jnp.clip(indices, 0, table.shape[1] - 1)]
-  listed = (jnp.arange(width) < num[..., None]) & inside & (pages >= 0)
+  listed = listed & inside & (pages >= 0)
   order = jnp.argsort(~listed, axis=-1, stable=True)
   pages = jnp.take_along_axis(jnp.where(listed, pages, 0), order, axis=-1)
-  columns = min(width, n_pages)
+  columns = min(indices.shape[-1], n_pages)
   pages = jnp.pad(pages[..., :columns], [(0, 0)] * 3 + [(0, n_pages - columns)])
-  del heads, rows
   return jnp.sum(listed, axis=-1, dtype=jnp.int32), pages.astype(jnp.int32)
 
 
