@@ -113,6 +113,9 @@ def _torch_flex() -> Callable[..., Any]:
   import torch
   from torch.nn.attention.flex_attention import flex_attention
 
+  # One compilation per case: past dynamo's default limit of 8 it would fall back to eager
+  # flex, which expands the pool over the batch and materialises every score (tens of GB).
+  torch._dynamo.config.recompile_limit = 64
   return torch.compile(flex_attention, dynamic=False)
 
 
