@@ -4,6 +4,7 @@
     python -m benchmarks --quick              # every suite, small sizes (a smoke test)
     python -m benchmarks --suite products --suite eager --device cpu --out /tmp/bench
     python -m benchmarks --suite flex --suite attention --device gpu   # or tpu: Pallas vs peers
+    python -m benchmarks --suite decode       # one decoding step over a paged or contiguous cache
 
 With ``--device gpu`` or ``tpu`` the flex and attention suites are those of
 :mod:`benchmarks.accelerators` (jmat's Triton or Mosaic kernel against torch.compile's
@@ -36,7 +37,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 
-from benchmarks import accelerators, attention, family, flex, products  # noqa: E402
+from benchmarks import accelerators, attention, decode, family, flex, products  # noqa: E402
 from benchmarks.spec import SuiteSpec  # noqa: E402
 
 # Every suite, in the order they run and are reported: one line each.
@@ -48,6 +49,7 @@ SUITES: tuple[SuiteSpec, ...] = (
     accelerators.on_device(attention.ATTENTION_SPEC, accelerators.attention_suite),
     attention.MEMORY_SPEC,
     accelerators.on_device(flex.FLEX_SPEC, accelerators.flex_suite),
+    decode.DECODE_SPEC,
 )
 SPECS = {spec.name: spec for spec in SUITES}
 SUITE_NAMES = tuple(SPECS)

@@ -5,7 +5,8 @@ A thin namespace module (like ``torch.nn.attention``): everything lives in
 combinators is torch's ``torch.nn.attention.flex_attention``; ready-made
 mask_mods and score_mods are in :mod:`jmat.mods`. The online-softmax functions
 are the building blocks of every kernel, exported for attention over device
-meshes.
+meshes. ``PagedAttention`` is torch's page table for flex attention over a
+paged key/value cache.
 """
 
 from jmat._src.attention import (
@@ -37,11 +38,13 @@ from jmat._src.online_softmax import (
     online_softmax_logsumexp,
     online_softmax_update,
 )
+from jmat._src.paged import PagedAttention
 
 __all__ = [
     "AuxOutput",
     "AuxRequest",
     "BlockMask",
+    "PagedAttention",
     "and_masks",
     "attention_scores",
     "create_block_mask",

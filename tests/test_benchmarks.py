@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-SUITES = ("products", "eager", "dtypes", "family", "attention", "memory", "flex")
+SUITES = ("products", "eager", "dtypes", "family", "attention", "memory", "flex", "decode")
 TIMED = {
     "median_s": float, "min_s": float, "max_s": float, "samples": int, "calls_per_sample": int,
     "samples_s": list, "gflops": float, "ratio_vs_jnp": (float, type(None)),
@@ -35,9 +35,11 @@ COMPETITORS = {
     "attention": ["jmat default", "jmat dense", "jmat blockwise", "jax.nn", "torch"],
     "memory": ["jmat default", "jmat dense", "jmat blockwise", "jax.nn", "torch"],
     "flex": ["jmat", "torch", "jax.nn"],
+    "decode": ["jmat paged", "jmat flex", "torch", "torch SDPA", "jnp dense"],
 }
 # Competitors that exist whatever else is installed or still being written.
-ALWAYS_RUN = {"jnp", "jnp again", "lax", "einsum", "numpy", "jax.nn"}
+ALWAYS_RUN = {"jnp", "jnp again", "lax", "einsum", "numpy", "jax.nn", "jnp dense", "jmat paged",
+              "jmat flex"}
 
 
 @pytest.fixture(scope="module")
@@ -496,3 +498,25 @@ def test_ring_suite_reports_layouts_and_masks_on_8_simulated_devices(tmp_path):
       assert isinstance(r["busiest_time_s"], float)
     # A device holds about the formula's blocks, tiles and carry, less than all keys and values.
     assert 0.75 * r["formula_temp_bytes"] <= r["temp_bytes"] < gathered, (kind, layout)
+
+
+def test_decode_pools_hold_what_torchs_paged_attention_holds():
+  # jmat paged and torch read the same keys at the same pool positions.
+  import torch
+  from torch.nn.attention.experimental._paged_attention import PagedAttention
+
+  from benchmarks import decode
+
+  batch, length = 3, 2 * decode.PAGE
+  rng = np.random.default_rng(0)
+  k, v = (rng.standard_normal((batch, 2, length, 4), dtype=np.float32) for _ in range(2))
+  k_pool, v_pool = decode._paged_cache(decode._pages(batch, length), k, v)
+  theirs = PagedAttention(batch * length // decode.PAGE, decode.PAGE, batch, device="cpu")
+  for end in range(decode.PAGE, length + 1, decode.PAGE):
+    for b in range(batch):
+      theirs.reserve(torch.tensor(b), torch.tensor(end))
+  t_k, t_v = torch.zeros(k_pool.shape), torch.zeros(v_pool.shape)
+  theirs.assign(torch.arange(batch), torch.arange(length).expand(batch, length),
+                torch.from_numpy(k), torch.from_numpy(v), t_k, t_v)
+  np.testing.assert_array_equal(k_pool, t_k.numpy())
+  np.testing.assert_array_equal(v_pool, t_v.numpy())

@@ -126,3 +126,42 @@ def test_vit_digits_learns(tmp_path):
   assert found, result.stdout + result.stderr
   assert float(found.group(1)) > 0.5  # ten classes: chance is 0.1
   assert plot.stat().st_size > 0
+
+
+def _generate_oracle(params, tokens, cfg):
+  """numpy float64 logits ``(T, vocab)`` of one sequence through examples/generate.py's model."""
+  p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+
+  def rms(x):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+
+  def gelu(x):  # jax.nn.gelu's default, the tanh approximation
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+  length, group = len(tokens), cfg.heads // cfg.kv_heads
+  x = p["embed"][tokens] + p["positions"][:length]
+  causal = np.tril(np.ones((length, length), bool))
+  for layer in p["layers"]:
+    h = rms(x)
+    q, k, v = ((h @ layer[w]).reshape(length, -1, cfg.head_dim).transpose(1, 0, 2)
+               for w in ("wq", "wk", "wv"))
+    k, v = np.repeat(k, group, axis=0), np.repeat(v, group, axis=0)
+    out = _attention64(q, k, v, causal).transpose(1, 0, 2).reshape(length, cfg.dim)
+    x = x + out @ layer["wo"]
+    x = x + gelu(rms(x) @ layer["w1"]) @ layer["w2"]
+  return rms(x) @ p["head"]
+
+
+def test_generate(capsys):
+  # Greedy decoding over the paged cache, in float64, against the numpy model without a cache:
+  # every generated token is the argmax at the position before it (prompts of 1 to 17 tokens
+  # crossing pages of 8).
+  example = _load("generate")
+  prompts, generated, params, cfg = example.main(["--fast", "--float64"])
+  printed = capsys.readouterr().out
+  assert "greedy tokens equal a no-cache recomputation" in printed
+  assert re.search(r"decoding: \d+ tokens/s \(4 sequences", printed)
+  for prompt, tokens in zip(prompts, generated, strict=True):
+    assert len(tokens) == 10
+    logits = _generate_oracle(params, prompt + tokens[:-1], cfg)
+    np.testing.assert_array_equal(np.argmax(logits[len(prompt) - 1:], axis=-1), tokens)

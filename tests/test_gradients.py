@@ -216,6 +216,34 @@ def flax_case():
               torch_fn, shapes)
 
 
+def paged_case():
+  """A decoding step: new keys/values written by PagedAttention.assign, flex over the pool."""
+  paged = jmat.attention.PagedAttention(6, 4, 2).reserve(0, 5).reserve(1, 9).reserve(0, 11)
+  positions = np.array([10, 4])
+  shapes = dict(q=(2, 4, 1, 6), k_val=(2, 2, 1, 6), v_val=(2, 2, 1, 5), k_cache=(1, 2, 24, 6),
+                v_cache=(1, 2, 24, 5))
+  table = np.asarray(paged.page_table)[:, :3]
+  slots = torch.tensor((table[:, :, None] * 4 + np.arange(4)).reshape(2, 12))
+
+  def jmat_fn(q, k_val, v_val, k_cache, v_cache):
+    k_cache, v_cache = paged.assign(jnp.arange(2), positions[:, None], k_val, v_val, k_cache,
+                                    v_cache)
+    logical = jmat.create_block_mask(lambda b, h, q, kv: kv <= jnp.asarray(positions)[b], 2,
+                                     None, 1, 12, BLOCK_SIZE=(1, 4))
+    return jmat.flex_attention(q, k_cache, v_cache,
+                               block_mask=paged.convert_logical_block_mask(logical),
+                               enable_gqa=True)
+
+  def torch_fn(q, k_val, v_val, k_cache, v_cache):
+    new = torch.nn.functional.one_hot(torch.tensor(positions), 12).bool()[:, None, :, None]
+    keys = torch.where(new, k_val, k_cache[0][:, slots].permute(1, 0, 2, 3))
+    values = torch.where(new, v_val, v_cache[0][:, slots].permute(1, 0, 2, 3))
+    allowed = (torch.arange(12) <= torch.tensor(positions)[:, None])[:, None, None, :]
+    return dense_attention(q, keys, values, allowed=allowed, gqa=True)[0]
+
+  return Case(("PagedAttention", "flex_attention"), jmat_fn, torch_fn, shapes)
+
+
 CASES = {
     "sdpa-dense-float-mask-causal": sdpa_case("dense", causal=True, float_mask=True),
     "sdpa-blockwise-float-mask-causal": sdpa_case("blockwise", causal=True, float_mask=True),
@@ -231,6 +259,7 @@ CASES = {
     "attention-scores": scores_case(),
     "online-softmax": online_softmax_case(),
     "flax-attention-fn": flax_case(),
+    "paged-assign-flex": paged_case(),
 }
 
 

@@ -1442,3 +1442,144 @@ def check_chunks_hold_blocks(op: str, chunk: tuple[int, int], block: tuple[int, 
           f"block_mask BLOCK_SIZE={block}, chunks of {chunk}",
           "build the block_mask with a BLOCK_SIZE that divides the chunk, or pad the sequence",
       )
+
+
+# --- flex attention's key/value batch of 1; PagedAttention (jmat.attention) ---
+
+
+def check_flex_kv_batch(op: str, query: Shape, key: Shape, value: Shape,
+                        mask_batch: int | None) -> bool:
+  """Whether a key/value batch of 1 broadcasts against the query's; refuses other mismatches.
+
+  As torch 2.13: the batch sizes of query and key/value may differ only when the
+  key/value batch is 1 and a block_mask of the query's batch size is given (what
+  a paged cache, one pool for every sequence, needs). Shapes of other ranks are
+  left to the rank check. ``mask_batch`` is the block_mask's batch size, or None.
+  """
+  if any(len(s) != 4 for s in (query, key, value)) or query[0] == key[0] == value[0]:
+    return False
+  listed = _listed(_ATTENTION_NAMES, (query, key, value))
+  if key[0] != value[0] or key[0] != 1:
+    raise shape_error(
+        op, "batch sizes (dim 0) differ", listed,
+        "key and value must have the query's batch size, or both a batch of 1 (one pool, "
+        "e.g. a paged cache) with a block_mask of the query's batch size",
+    )
+  if mask_batch != query[0]:
+    given = "no block_mask" if mask_batch is None else f"a block_mask of batch size {mask_batch}"
+    raise shape_error(
+        op, f"a key/value batch of 1 against a query batch of {query[0]} with {given}",
+        listed,
+        f"a key/value batch of 1 broadcasts only with a block_mask built for the query's "
+        f"batch: create_block_mask(mask_mod, {query[0]}, ...) (as torch)",
+    )
+  return True
+
+
+def check_paged_sizes(op: str, n_pages: object, page_size: object,
+                      max_batch_size: object) -> tuple[int, int, int]:
+  """Refuses PagedAttention sizes that are not positive ints."""
+  sizes = {"n_pages": n_pages, "page_size": page_size, "max_batch_size": max_batch_size}
+  for name, value in sizes.items():
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+      raise ValueError(f"jmat.{op}: {name} must be a positive int, got {value!r}")
+  return int(n_pages), int(page_size), int(max_batch_size)  # type: ignore[arg-type]
+
+
+def traced_paging_error(op: str, name: str) -> TypeError:
+  """The error of a traced argument (or page table) given to reserve or erase."""
+  return TypeError(
+      f"jmat.{op}: {name} is a traced value; reserve and erase run on the host, between "
+      f"jitted steps (they pick free pages): call them outside jax.jit, and pass the "
+      f"PagedAttention they return to your jitted step"
+  )
+
+
+def concrete_int(op: str, name: str, value: object, bound: int | None = None) -> int:
+  """One concrete integer (a Python int or a 1-element integer array), checked against ``bound``.
+
+  PagedAttention's ``reserve`` and ``erase`` run on the host between jitted steps
+  (they choose pages, as torch's do with Python lists): a traced value is refused.
+  """
+  try:
+    array = np.asarray(value)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    raise traced_paging_error(op, name) from None
+  if array.size != 1 or not (np.issubdtype(array.dtype, np.integer) and array.dtype != np.bool_):
+    raise TypeError(f"jmat.{op}: {name} must be one integer (an int or a 1-element integer "
+                    f"array), got {value!r}")
+  number = int(array.reshape(()))
+  if bound is not None and not 0 <= number < bound:
+    raise ValueError(f"jmat.{op}: {name}={number} is out of range: the page table holds "
+                     f"max_batch_size={bound} sequences (0 .. {bound - 1})")
+  if number < 0:
+    raise ValueError(f"jmat.{op}: {name} must be non-negative, got {number}")
+  return number
+
+
+def check_free_pages(op: str, wanted: int, free: int, batch_idx: int, seq_len: int,
+                     capacity: int, page_size: int) -> None:
+  """Refuses a reservation beyond the free pages (torch asserts), saying how many are free."""
+  if wanted > free:
+    raise ValueError(
+        f"jmat.{op}: batch entry {batch_idx} needs {wanted} more pages of {page_size} for "
+        f"seq_len={seq_len} (it holds {capacity}), but only {free} pages are free; erase "
+        f"finished sequences first or build the PagedAttention with more n_pages"
+    )
+
+
+def check_paged_assign(op: str, batch_idx: Shape, input_pos: Shape, k_val: Shape,
+                       v_val: Shape, k_cache: Shape, v_cache: Shape) -> None:
+  """Checks ``assign``'s ``(B,)``, ``(B, S)``, ``(B, H, S, D)`` and ``(1, H, P, D)`` shapes."""
+  names = ("batch_idx", "input_pos", "k_val", "v_val", "k_cache", "v_cache")
+  shapes = (batch_idx, input_pos, k_val, v_val, k_cache, v_cache)
+  listed = _listed(names, shapes)
+  wanted = (1, 2, 4, 4, 4, 4)
+  if tuple(len(s) for s in shapes) != wanted:
+    raise shape_error(op, "wrong ranks", listed,
+                      "give batch_idx (B,), input_pos (B, S), k_val/v_val (B, H, S, D) and "
+                      "k_cache/v_cache (1, H, n_pages * page_size, D)")
+  problems = []
+  if k_val[:3] != v_val[:3]:
+    problems.append("k_val and v_val differ in dims 0-2 (B, H, S)")
+  if batch_idx[0] != k_val[0]:
+    problems.append(f"batch_idx has {batch_idx[0]} entries, k_val a batch of {k_val[0]}")
+  if input_pos != (k_val[0], k_val[2]):
+    problems.append(f"input_pos must be (B, S) = {fmt_shape((k_val[0], k_val[2]))}")
+  if k_cache[:3] != v_cache[:3] or k_cache[0] != 1:
+    problems.append("k_cache and v_cache must both be (1, H, n_pages * page_size, D)")
+  if k_val[1] != k_cache[1]:
+    problems.append(f"k_val has {k_val[1]} heads, the cache {k_cache[1]}")
+  if (k_val[3], v_val[3]) != (k_cache[3], v_cache[3]):
+    problems.append("the head dims (dim 3) of k_val/v_val and k_cache/v_cache differ")
+  if problems:
+    raise shape_error(op, "; ".join(problems), listed,
+                      "give batch_idx (B,), input_pos (B, S), k_val/v_val (B, H, S, D) and "
+                      "k_cache/v_cache (1, H, n_pages * page_size, D)")
+
+
+def check_paged_cache_length(op: str, cache: Shape, n_pages: int, page_size: int) -> None:
+  """Refuses a cache that is not ``n_pages * page_size`` long."""
+  if cache[2] != n_pages * page_size:
+    raise shape_error(op, f"the cache holds {cache[2]} positions, not n_pages * page_size = "
+                          f"{n_pages} * {page_size}", f"cache has shape {fmt_shape(cache)}",
+                      f"make the caches (1, H, {n_pages * page_size}, D)")
+
+
+def check_paged_block_mask(op: str, block_size: tuple[int, int], page_size: int,
+                           mask_batch: int, batch_idx: Shape | None, max_batch: int) -> None:
+  """Refuses a logical block mask whose key blocks are not pages, or a bad ``batch_idx``."""
+  if block_size[1] != page_size:
+    raise ValueError(
+        f"jmat.{op}: the block_mask's key block is {block_size[1]}, the page_size "
+        f"{page_size}; build it with create_block_mask(..., BLOCK_SIZE=(q_block, {page_size}))"
+    )
+  if batch_idx is not None and batch_idx != (mask_batch,):
+    raise shape_error(op, "batch_idx must give one page-table row per batch entry of the "
+                          "block_mask", f"batch_idx has shape {fmt_shape(batch_idx)}, the "
+                          f"block_mask batch size {mask_batch}",
+                      f"give batch_idx of shape ({mask_batch},)")
+  if batch_idx is None and mask_batch > max_batch:
+    raise shape_error(op, f"the block_mask has batch size {mask_batch}, the page table "
+                          f"{max_batch} rows", f"block_mask batch {mask_batch}",
+                      "give batch_idx: the page-table row of each batch entry")

@@ -183,8 +183,12 @@ def flex_attention(
 
   Args:
     query: ``(B, Hq, L, E)``.
-    key: ``(B, Hkv, S, E)``.
-    value: ``(B, Hkv, S, Ev)``.
+    key: ``(B, Hkv, S, E)``, or ``(1, Hkv, S, E)`` shared by every batch entry
+      when ``block_mask`` is built for the query's batch ``B`` (as torch: one pool
+      of keys, e.g. a :class:`PagedAttention` cache, that each entry's mask picks
+      from; the XLA kernel reads the one pool, the Pallas kernels get it
+      repeated per entry, and so does a mask per head).
+    value: ``(B, Hkv, S, Ev)``, or ``(1, Hkv, S, Ev)`` with such a key.
     score_mod: ``(score, b, h, q_idx, kv_idx) -> score`` on scalars (score in
       float32, float64 for float64 inputs; indices int32).
     block_mask: a :class:`BlockMask` from :func:`create_block_mask` for
@@ -261,8 +265,45 @@ def _flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa:
     out = jnp.zeros(shape, dtype)
     lse = jnp.full(shape[:-1], -jnp.inf, online_softmax.compute_dtype(dtype))
     return out, lse, (lse if aux.max_scores else None)
-  results = [back(x) for x in backends.attend(_OP, call, options)]
+  results = [back(x) for x in _attend(call, options)]
   return results[0], results[1], (results[2] if aux.max_scores else None)
+
+
+def _batched(shape: tuple[int, ...], batch: int) -> tuple[int, ...]:
+  """``shape`` with its batch (dim 0) set to ``batch`` (4-D shapes; others are left as they are)."""
+  return (batch,) + tuple(shape[1:]) if len(shape) == 4 else tuple(shape)
+
+
+def _unshared(call: block_sparse.Call) -> block_sparse.Call:
+  """``call`` with a key/value pool shared by every table row (``M = 1``) repeated per row.
+
+  The XLA loops read a shared pool's one row for every table row (and add every
+  row's key/value gradients into it); the Pallas kernels index the key/value
+  rows by table row, so they get the pool repeated (a copy).
+  """
+  rows = call.q.shape[0]
+  if call.k.shape[0] == rows:
+    return call
+  k, v = (jnp.broadcast_to(x, (rows,) + x.shape[1:]) for x in (call.k, call.v))
+  return dataclasses.replace(call, k=k, v=v)
+
+
+def _attend(call: block_sparse.Call, options: backends.KernelOptions):
+  """``backends.attend``, with a shared key/value pool repeated for the Pallas kernels only."""
+  if call.k.shape[0] == call.q.shape[0] or options.backend == "XLA":
+    return backends.attend(_OP, call, options)
+  if options.backend != "AUTO":
+    return backends.attend(_OP, _unshared(call), options)
+
+  def pallas(platform: str):
+    def run(call):
+      call = _unshared(call)
+      chosen = backends.choose(call, platform, options).backend
+      return backends.attend(_OP, call, dataclasses.replace(options, backend=chosen))
+
+    return run
+
+  return backends.attend(_OP, call, options, override={p: pallas(p) for p in ("cuda", "tpu")})
 
 
 def _flex_call(query, key, value, score_mod, block_mask, scale, enable_gqa: bool,
@@ -276,7 +317,12 @@ def _flex_call(query, key, value, score_mod, block_mask, scale, enable_gqa: bool
   """
   query, key, value = as_operands(_OP, query, key, value, names=_NAMES)
   checks.check_attention_dtypes(_OP, [x.dtype for x in (query, key, value)], _NAMES)
-  checks.check_flex_shapes(_OP, query.shape, key.shape, value.shape, enable_gqa)
+  shared_kv = checks.check_flex_kv_batch(
+      _OP, query.shape, key.shape, value.shape,
+      None if block_mask is None else block_mask.shape[0])
+  # The other checks see the key/value batch as the query's: it broadcasts.
+  checks.check_flex_shapes(_OP, query.shape, _batched(key.shape, query.shape[0]),
+                           _batched(value.shape, query.shape[0]), enable_gqa)
   batch, heads, length, dim = query.shape
   kv_heads, keys, v_dim = key.shape[1], key.shape[2], value.shape[3]
   dtype = online_softmax.compute_dtype(query.dtype)
@@ -301,6 +347,10 @@ def _flex_call(query, key, value, score_mod, block_mask, scale, enable_gqa: bool
   group = heads // kv_heads
   mods, whole = flex_mods(score_mod, mask_mod, dtype,
                           Layout(heads, kv_heads, mask_batch, mask_heads))
+  if shared_kv and mask_heads != 1:
+    # A mask per head gives every (batch entry, head) a table row of its own: the rows of one
+    # key/value pool cannot be shared, so the pool is repeated per batch entry (a copy).
+    key, value = (jnp.broadcast_to(x, (batch,) + x.shape[1:]) for x in (key, value))
   q = to_kernel(query, mask_batch, mask_heads, group, is_query=True)
   k = to_kernel(key, mask_batch, mask_heads, group, is_query=False)
   v = to_kernel(value, mask_batch, mask_heads, group, is_query=False)
@@ -392,6 +442,8 @@ def flex_attention_backend(
   def trace(query, key, value, block_mask, scale):
     call, _ = _flex_call(query, key, value, score_mod, block_mask, scale, enable_gqa,
                          aux.max_scores)
+    if call is not None and platform in ("cuda", "tpu"):
+      call = _unshared(call)
     found.append(backends.Choice("XLA", "nothing to compute: a length is 0") if call is None
                  else backends.choose(call, platform, options))
 
