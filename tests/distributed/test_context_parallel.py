@@ -270,3 +270,80 @@ def test_nan_and_inf_come_out_where_torch_has_them(fn, is_causal, case):
   np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
   np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
   np.testing.assert_allclose(got, want, equal_nan=True, **tolerance(np.float64))
+
+
+# --- each chunk pair on a fused kernel (issue 21): Triton and Mosaic, interpreted ---------------
+
+FUSED_L = 128  # 4 devices x 32 positions: 2 blocks of 16 per chunk (Triton tiles are >= 16)
+
+
+@pytest.mark.parametrize("fn_name", ["ring", "allgather"])
+@pytest.mark.parametrize("backend", ["TRITON", "MOSAIC"])
+def test_chunk_pairs_on_the_fused_kernels_match_the_float64_oracle(fn_name, backend):
+  """Every (query chunk, key chunk) pair is one call of the named Pallas kernel with the chunks'
+  global offsets (the causal rule and ALiBi read global positions), merged by lse; values and the
+  gradients of q, k, v, the scale and the captured slopes against the float64 oracle."""
+  fn = getattr(jmat.parallel, f"{fn_name}_attention")
+  rng = np.random.default_rng(23)
+  q, k, v = (rng.standard_normal(s).astype(np.float32)
+             for s in ((1, 4, FUSED_L, 8), (1, 2, FUSED_L, 8), (1, 2, FUSED_L, 8)))
+  slopes = (rng.random(4) - 0.5).astype(np.float32)
+  causal = jmat.create_block_mask(mods.causal_mask, None, None, FUSED_L, FUSED_L, BLOCK_SIZE=16)
+  allowed = np.tril(np.ones((FUSED_L, FUSED_L), bool))
+  options = {"BACKEND": backend, "INTERPRET": True}
+
+  def run(q, k, v, scale, slopes):
+    def alibi(score, b, h, q_idx, kv_idx):
+      return score + slopes[h] * (kv_idx - q_idx).astype(score.dtype)
+
+    placed = [jax.device_put(x, NamedSharding(MESH4, P(None, None, "seq"))) for x in (q, k, v)]
+    return fn(*placed, mesh=MESH4, axis_name="seq", scale=scale, score_mod=alibi,
+              block_mask=causal, enable_gqa=True, kernel_options=options)
+
+  def oracle(q, k, v, scale, slopes):
+    score = lambda s, b, h, qi, kv: s + np.asarray(slopes, np.float64)[h] * (kv - qi)  # noqa: E731
+    return attention_reference(q, k, v, allowed=allowed, scale=scale, score_fn=score,
+                               enable_gqa=True)
+
+  args = [q, k, v, np.float32(0.3), slopes]
+  out, vjp = jax.vjp(run, *map(jnp.asarray, args))
+  np.testing.assert_allclose(out, oracle(*args), **tolerance(np.float32))
+  d_out = rng.standard_normal(out.shape)
+  grads = vjp(jnp.asarray(d_out, jnp.float32))
+  wide = [np.asarray(a, np.float64) for a in args]
+  for n, name in enumerate(["q", "k", "v", "scale", "slopes"]):
+    direction = rng.standard_normal(np.shape(args[n]))
+
+    def along(x, n=n, direction=direction):
+      moved = list(wide)
+      moved[n] = moved[n] + x * direction
+      return np.sum(d_out * oracle(*moved))
+
+    want = (along(1e-6) - along(-1e-6)) / 2e-6
+    np.testing.assert_allclose(np.sum(np.asarray(grads[n], np.float64) * direction), want,
+                               rtol=2e-4, atol=2e-4, err_msg=f"d {name}")
+
+
+@pytest.mark.parametrize("platform, kernel_call", [("cuda", "__gpu$xla.gpu.triton"),
+                                                   ("tpu", "tpu_custom_call")])
+def test_ring_lowered_for_an_accelerator_holds_its_fused_kernel(platform, kernel_call):
+  """Under AUTO, lowered for cuda or tpu from this machine (kernel_platforms), every chunk pair
+  of the ring is the platform's Pallas kernel, forward and backward; for cpu, none."""
+  arg = jax.ShapeDtypeStruct((1, 4, 512, 64), jnp.bfloat16,
+                             sharding=NamedSharding(MESH4, P(None, None, "seq")))
+  causal = jmat.create_block_mask(mods.causal_mask, None, None, 512, 512)
+
+  def ring(q, k, v):
+    return jmat.parallel.ring_attention(q, k, v, mesh=MESH4, axis_name="seq", block_mask=causal)
+
+  def grad(q, k, v):
+    return jax.grad(lambda *a: ring(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
+
+  with jmat.attention.kernel_platforms(platform):
+    forward = jax.jit(ring).trace(arg, arg, arg).lower(lowering_platforms=(platform,)).as_text()
+    backward = jax.jit(grad).trace(arg, arg, arg).lower(lowering_platforms=(platform,)).as_text()
+  assert kernel_call in forward
+  # the backward pass runs each pair's forward again, then its dq and dk/dv kernels
+  assert backward.count(kernel_call) >= 3
+  cpu = jax.jit(ring).trace(arg, arg, arg).lower(lowering_platforms=("cpu",)).as_text()
+  assert kernel_call not in cpu

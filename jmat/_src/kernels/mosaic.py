@@ -866,8 +866,14 @@ def _lowering_problem(q, k, v, treedef, leaves, mods: Mods, block_q: int,
   target = jax.sharding.get_abstract_mesh()
   if target.abstract_device is None or target.abstract_device.platform != "tpu":
     # The lowering reads the TPU generation from the default device (the host's cpu here):
-    # probe for a fixed chip instead, unless the caller already targets a TPU.
-    target = jax.sharding.AbstractMesh((1,), ("_probe",), abstract_device=_PROBE_DEVICE)
+    # probe for a fixed chip instead, unless the caller already targets a TPU. Inside a
+    # shard_map (ring attention) the mesh in context keeps its axes: only its chip changes.
+    if target.empty:
+      target = jax.sharding.AbstractMesh((1,), ("_probe",), abstract_device=_PROBE_DEVICE)
+    else:
+      target = jax.sharding.AbstractMesh(target.axis_sizes, target.axis_names,
+                                         axis_types=target.axis_types,
+                                         abstract_device=_PROBE_DEVICE)
   try:
     with jax.sharding.use_abstract_mesh(target):
       jax.jit(gradients).trace(*args).lower(lowering_platforms=("tpu",))
