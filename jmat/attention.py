@@ -36,6 +36,7 @@ from jmat._src.online_softmax import (
     online_softmax_logsumexp,
     online_softmax_update,
 )
+from jmat._src.varlen import varlen_attn
 
 __all__ = [
     "AuxOutput",
@@ -58,4 +59,5 @@ __all__ = [
     "online_softmax_update",
     "or_masks",
     "scaled_dot_product_attention",
+    "varlen_attn",
 ]

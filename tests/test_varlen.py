@@ -1,0 +1,215 @@
+"""jmat.attention.varlen_attn against per-sequence oracles: numpy float64 for values, torch float64
+autograd (SDPA per sequence, with FlashAttention's bottom-right window) for gradients."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import jmat
+from jmat.attention import AuxRequest, varlen_attn
+
+INTERPRET = {
+    "TRITON": {"BACKEND": "TRITON", "INTERPRET": True},
+    "MOSAIC": {"BACKEND": "MOSAIC", "INTERPRET": True},
+}
+
+
+def allowed(len_q: int, len_k: int, window: tuple[int, int]) -> np.ndarray:
+  """FlashAttention's mask of one sequence: queries aligned with the end of the keys."""
+  a = np.arange(len_q)[:, None] + len_k - len_q
+  b = np.arange(len_k)[None, :]
+  left, right = window
+  ok = np.ones((len_q, len_k), bool)
+  if right >= 0:
+    ok &= b <= a + right
+  if left >= 0:
+    ok &= b >= a - left
+  return ok
+
+
+def oracle(q, k, v, cu_q, cu_k, window=(-1, -1), used=None, scale=None):
+  """numpy float64, one sequence at a time: ``(out (Tq, Hq, Dv), lse (Hq, Tq))``."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  heads, kv_heads = q.shape[1], k.shape[1]
+  scale = 1 / np.sqrt(q.shape[-1]) if scale is None else scale
+  out = np.zeros(q.shape[:2] + v.shape[-1:])
+  lse = np.full((heads, q.shape[0]), -np.inf)
+  for i in range(len(cu_q) - 1):
+    qs = slice(cu_q[i], cu_q[i + 1])
+    n_k = cu_k[i + 1] - cu_k[i] if used is None else used[i]
+    ks = slice(cu_k[i], cu_k[i] + n_k)
+    kk = np.repeat(k[ks], heads // kv_heads, axis=1)
+    vv = np.repeat(v[ks], heads // kv_heads, axis=1)
+    s = np.einsum("qhd,khd->hqk", q[qs], kk) * scale
+    ok = allowed(q[qs].shape[0], n_k, window)
+    s = np.where(ok, s, -np.inf)
+    top = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
+    top = np.where(np.isfinite(top), top, 0)
+    p = np.exp(s - top)
+    total = p.sum(-1, keepdims=True)
+    out[qs] = np.einsum("hqk,khd->qhd", p / np.where(total > 0, total, 1), vv)
+    lse[:, qs] = np.where(total > 0, np.log(np.where(total > 0, total, 1)) + top, -np.inf)[..., 0]
+  return out, lse
+
+
+def packed(rng, lens_q, lens_k, heads=4, kv_heads=4, dim=8, dtype: Any = np.float64):
+  cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
+  cu_k = np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int32)
+  q = rng.standard_normal((cu_q[-1], heads, dim)).astype(dtype)
+  k = rng.standard_normal((cu_k[-1], kv_heads, dim)).astype(dtype)
+  v = rng.standard_normal((cu_k[-1], kv_heads, dim + 3)).astype(dtype)
+  return q, k, v, cu_q, cu_k
+
+
+CASES = [  # (query lengths, key lengths, window)
+    ([5, 0, 1, 13], [5, 0, 3, 13], (-1, -1)),
+    ([5, 0, 1, 13], [5, 0, 3, 13], (-1, 0)),
+    ([7, 3], [11, 3], (-1, 0)),          # fewer queries than keys: bottom-right
+    ([7, 3], [11, 3], (2, 0)),           # sliding window
+    ([7, 3, 1], [11, 3, 5], (3, 2)),     # local window both sides
+    ([1, 1, 1], [300, 7, 129], (-1, 0)),  # decode: one query per sequence
+    ([3, 2], [2, 5], (-1, 0)),           # more queries than keys: early ones see nothing
+    ([1], [1], (0, 0)),
+]
+
+
+@pytest.mark.parametrize("lens_q, lens_k, window", CASES)
+def test_values_and_lse_match_the_float64_oracle(lens_q, lens_k, window):
+  rng = np.random.default_rng(0)
+  q, k, v, cu_q, cu_k = packed(rng, lens_q, lens_k)
+  out, lse = varlen_attn(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), window_size=window,
+                         return_aux=AuxRequest(lse=True))
+  want, want_lse = oracle(q, k, v, cu_q, cu_k, window)
+  chex.assert_shape(out, q.shape[:2] + v.shape[-1:])
+  chex.assert_shape(lse, (q.shape[1], q.shape[0]))
+  np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-10)
+  np.testing.assert_allclose(lse, want_lse, rtol=1e-10, atol=1e-10)
+
+
+def test_gqa_traced_offsets_and_float32():
+  rng = np.random.default_rng(1)
+  q, k, v, cu_q, cu_k = packed(rng, [4, 9, 2], [6, 9, 30], heads=6, kv_heads=2,
+                               dtype=np.float32)
+  f = jax.jit(lambda q, k, v, a, b: varlen_attn(q, k, v, a, b, 9, 30, window_size=(-1, 0),
+                                                enable_gqa=True))
+  want, _ = oracle(q, k, v, cu_q, cu_k, (-1, 0))
+  with jax.default_matmul_precision("highest"):
+    np.testing.assert_allclose(f(q, k, v, cu_q, cu_k), want, rtol=2e-5, atol=2e-5)
+
+
+def test_seqused_k_and_paged_cache():
+  rng = np.random.default_rng(2)
+  page, heads, kv_heads, dim = 4, 4, 2, 8
+  used = np.array([9, 1, 0, 16], np.int32)
+  table = np.array([[5, 2, 7, 0], [3, 3, 3, 3], [1, 1, 1, 1], [4, 6, 8, 9]], np.int32)
+  k_pool = rng.standard_normal((10, page, kv_heads, dim))
+  v_pool = rng.standard_normal((10, page, kv_heads, dim))
+  lens_q = [2, 1, 1, 3]
+  cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
+  q = rng.standard_normal((cu_q[-1], heads, dim))
+  out, lse = varlen_attn(q, k_pool, v_pool, cu_q, None, 3, 16, window_size=(-1, 0),
+                         enable_gqa=True, seqused_k=used, block_table=table,
+                         return_aux=AuxRequest(lse=True))
+  # The oracle reads the pages in order, contiguously.
+  k = k_pool[table].reshape(-1, kv_heads, dim)
+  v = v_pool[table].reshape(-1, kv_heads, dim)
+  cu_k = np.arange(5) * 4 * page
+  want, want_lse = oracle(q, k, v, cu_q, cu_k, (-1, 0), used=used)
+  np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-10)
+  np.testing.assert_allclose(lse, want_lse, rtol=1e-10, atol=1e-10)
+  # seqused_k without a table: the first used keys of each packed run.
+  lens_k = [12, 3, 4, 16]
+  q, k, v, cu_q, cu_k = packed(rng, lens_q, lens_k, heads, kv_heads)
+  out = varlen_attn(q, k, v, cu_q, cu_k, 3, 16, enable_gqa=True, seqused_k=used)
+  np.testing.assert_allclose(out, oracle(q, k, v, cu_q, cu_k, used=used)[0], rtol=1e-10,
+                             atol=1e-10)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 5])
+def test_split_kv_decode_merges_to_the_oracle(splits):
+  rng = np.random.default_rng(3)
+  q, k, v, cu_q, cu_k = packed(rng, [1, 2, 1], [700, 33, 1100], heads=8, kv_heads=2)
+  out, lse = varlen_attn(q, k, v, cu_q, cu_k, 2, 1100, window_size=(-1, 0), enable_gqa=True,
+                         num_splits=splits, return_aux=AuxRequest(lse=True))
+  want, want_lse = oracle(q, k, v, cu_q, cu_k, (-1, 0))
+  np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-10)
+  np.testing.assert_allclose(lse, want_lse, rtol=1e-10, atol=1e-10)
+
+
+def test_num_splits_1_is_batch_invariant():
+  rng = np.random.default_rng(4)
+  q, k, v, cu_q, cu_k = packed(rng, [1, 1, 1], [900, 40, 1500], dtype=np.float32)
+  alone = varlen_attn(q[:1], k[:900], v[:900], cu_q[:2], cu_k[:2], 1, 900, num_splits=1)
+  batch = varlen_attn(q, k, v, cu_q, cu_k, 1, 1500, num_splits=1)
+  np.testing.assert_array_equal(np.asarray(batch[:1]), np.asarray(alone))
+
+
+def torch_loss(q, k, v, cu_q, cu_k, window, scale, weights, lse_weights):
+  """sum(out * weights) + sum(lse * lse_weights), torch float64 SDPA per sequence."""
+  heads, kv_heads = q.shape[1], k.shape[1]
+  total = torch.zeros((), dtype=torch.float64)
+  for i in range(len(cu_q) - 1):
+    qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+    qq = q[qs].transpose(0, 1)
+    kk = k[ks].transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
+    vv = v[ks].transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
+    mask = torch.from_numpy(allowed(qq.shape[1], kk.shape[1], window))
+    # a tensor scale (for its gradient) goes into the queries
+    out = torch.nn.functional.scaled_dot_product_attention(qq * scale, kk, vv, attn_mask=mask,
+                                                           scale=1.0)
+    s = (qq @ kk.transpose(1, 2)) * scale
+    lse = torch.logsumexp(s.masked_fill(~mask, -torch.inf), -1)
+    total = total + (out.transpose(0, 1) * weights[qs]).sum() + (lse * lse_weights[:, qs]).sum()
+  return total
+
+
+@pytest.mark.parametrize("backend", ["XLA", "TRITON", "MOSAIC"])
+def test_gradients_match_torch_float64_autograd(backend):
+  rng = np.random.default_rng(5)
+  # every query sees a key (torch's SDPA gives NaN for a fully masked row)
+  q, k, v, cu_q, cu_k = packed(rng, [3, 1, 6], [5, 4, 6], heads=4, kv_heads=2)
+  window, scale = (3, 0), 0.7
+  dtype = np.float64 if backend == "XLA" else np.float32
+  q, k, v = (x.astype(dtype) for x in (q, k, v))
+  weights = rng.standard_normal(q.shape[:2] + v.shape[-1:])
+  lse_weights = rng.standard_normal((q.shape[1], q.shape[0]))
+  options = INTERPRET.get(backend, {"BACKEND": "XLA"})
+
+  def loss(q, k, v, scale):
+    out, lse = varlen_attn(q, k, v, cu_q, cu_k, 6, 6, window_size=window, enable_gqa=True,
+                           scale=scale, return_aux=AuxRequest(lse=True),
+                           kernel_options=options)
+    return jnp.sum(out * weights) + jnp.sum(lse * lse_weights)
+
+  with jax.default_matmul_precision("highest"):
+    got = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, jnp.asarray(scale, dtype))
+  tq, tk, tv = (torch.tensor(np.asarray(x, np.float64), requires_grad=True) for x in (q, k, v))
+  ts = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
+  torch_loss(tq, tk, tv, cu_q, cu_k, window, ts, torch.from_numpy(weights),
+             torch.from_numpy(lse_weights)).backward()
+  tol = 1e-9 if backend == "XLA" else 2e-4
+  for g, t in zip(got, (tq, tk, tv, ts), strict=True):
+    assert t.grad is not None
+    np.testing.assert_allclose(g, t.grad.numpy(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", ["TRITON", "MOSAIC"])
+def test_pallas_backends_in_interpret_mode(backend):
+  rng = np.random.default_rng(6)
+  q, k, v, cu_q, cu_k = packed(rng, [5, 0, 1, 13], [9, 2, 140, 13], dtype=np.float32)
+  out, lse = varlen_attn(q, k, v, cu_q, cu_k, 13, 140, window_size=(-1, 0),
+                         return_aux=AuxRequest(lse=True), kernel_options=INTERPRET[backend])
+  want, want_lse = oracle(q, k, v, cu_q, cu_k, (-1, 0))
+  np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(lse, want_lse, rtol=2e-5, atol=2e-5)
+
+
+def test_exported():
+  assert jmat.attention.varlen_attn is varlen_attn
