@@ -77,6 +77,11 @@ CASES = [  # (query lengths, key lengths, window)
     ([1, 1, 1], [300, 7, 129], (-1, 0)),  # decode: one query per sequence
     ([3, 2], [2, 5], (-1, 0)),           # more queries than keys: early ones see nothing
     ([1], [1], (0, 0)),
+    # longer than a decode run: the block-sparse kernel's tables (full blocks inside a sequence)
+    ([20, 3, 0], [25, 30, 4], (-1, 0)),
+    ([150, 20], [300, 20], (-1, 0)),
+    ([150, 20], [300, 140], (-1, -1)),
+    ([150, 33], [140, 300], (40, 7)),
 ]
 
 
@@ -170,11 +175,16 @@ def torch_loss(q, k, v, cu_q, cu_k, window, scale, weights, lse_weights):
   return total
 
 
-@pytest.mark.parametrize("backend", ["XLA", "TRITON", "MOSAIC"])
-def test_gradients_match_torch_float64_autograd(backend):
+@pytest.mark.parametrize("backend, lens_q, lens_k", [
+    ("XLA", [3, 1, 6], [5, 4, 6]),        # the decode loop
+    ("XLA", [19, 1, 6], [25, 4, 6]),      # the block-sparse kernel's XLA loops
+    ("TRITON", [3, 1, 6], [5, 4, 6]),
+    ("MOSAIC", [3, 1, 6], [5, 4, 6]),
+])
+def test_gradients_match_torch_float64_autograd(backend, lens_q, lens_k):
   rng = np.random.default_rng(5)
   # every query sees a key (torch's SDPA gives NaN for a fully masked row)
-  q, k, v, cu_q, cu_k = packed(rng, [3, 1, 6], [5, 4, 6], heads=4, kv_heads=2)
+  q, k, v, cu_q, cu_k = packed(rng, lens_q, lens_k, heads=4, kv_heads=2)
   window, scale = (3, 0), 0.7
   dtype = np.float64 if backend == "XLA" else np.float32
   q, k, v = (x.astype(dtype) for x in (q, k, v))
@@ -183,7 +193,8 @@ def test_gradients_match_torch_float64_autograd(backend):
   options = INTERPRET.get(backend, {"BACKEND": "XLA"})
 
   def loss(q, k, v, scale):
-    out, lse = varlen_attn(q, k, v, cu_q, cu_k, 6, 6, window_size=window, enable_gqa=True,
+    out, lse = varlen_attn(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), window_size=window,
+                           enable_gqa=True,
                            scale=scale, return_aux=AuxRequest(lse=True),
                            kernel_options=options)
     return jnp.sum(out * weights) + jnp.sum(lse * lse_weights)
@@ -213,3 +224,58 @@ def test_pallas_backends_in_interpret_mode(backend):
 
 def test_exported():
   assert jmat.attention.varlen_attn is varlen_attn
+
+
+def _bad_inputs():
+  q, k, v = np.ones((7, 4, 8)), np.ones((9, 4, 8)), np.ones((9, 4, 8))
+  cu_q, cu_k = np.array([0, 3, 7]), np.array([0, 4, 9])
+  base = dict(query=q, key=k, value=v, cu_seq_q=cu_q, cu_seq_k=cu_k, max_q=4, max_k=5)
+  pool = np.ones((3, 4, 4, 8))
+  paged = dict(base, key=pool, value=pool, cu_seq_k=None, seqused_k=np.array([5, 2]),
+               block_table=np.array([[0, 1], [2, 2]]))
+  return [  # (arguments, error, what the message must say)
+      (dict(base, key=np.ones((9, 2, 8)), value=np.ones((9, 2, 8))), ValueError,
+       "enable_gqa=True"),
+      (dict(base, key=np.ones((9, 3, 8)), value=np.ones((9, 3, 8)), enable_gqa=True),
+       ValueError, "do not divide"),
+      (dict(base, cu_seq_q=np.array([0, 5, 3])), ValueError, "decreases"),
+      (dict(base, cu_seq_k=np.array([1, 4, 9])), ValueError, "start at 0"),
+      (dict(base, cu_seq_k=np.array([0, 4, 12])), ValueError, "past the 9"),
+      (dict(base, cu_seq_q=np.array([0.0, 3, 7])), TypeError, "integers"),
+      (dict(base, cu_seq_k=np.array([0, 9])), ValueError, "shape"),
+      (dict(paged, seqused_k=None), ValueError, "block_table without seqused_k"),
+      (dict(paged, block_table=np.array([[0, 1], [2, 3]])), ValueError, "past the pool of 3"),
+      (dict(base, window_size=(-2, 0)), ValueError, "below -1"),
+      (dict(base, window_size=(3,)), ValueError, "pair"),
+      (dict(base, query=np.ones((7, 8))), ValueError, "3-D"),
+      (dict(base, key=np.ones((9, 4, 5)), value=np.ones((9, 4, 5))), ValueError, "head dims"),
+      (dict(base, query=q.astype(np.int32), key=k.astype(np.int32), value=v.astype(np.int32)),
+       TypeError, "floating"),
+      (dict(base, query=np.ones((7, 4, 8), np.float32)), TypeError, "dtype"),
+      (dict(base, max_q=4.0), TypeError, "max_q"),
+      (dict(base, num_splits=0), ValueError, "num_splits"),
+      (dict(base, return_aux=AuxRequest(lse=True, max_scores=True)), ValueError, "max_scores"),
+      (dict(base, max_q=2), ValueError, "max_q"),
+  ]
+
+
+@pytest.mark.parametrize("arguments, error, words", _bad_inputs())
+def test_bad_input_names_the_function_and_the_fix(arguments, error, words):
+  arguments = dict(arguments)
+  positional = [arguments.pop(n) for n in ("query", "key", "value", "cu_seq_q", "cu_seq_k",
+                                          "max_q", "max_k")]
+  with pytest.raises(error, match="jmat.attention.varlen_attn") as raised:
+    varlen_attn(*positional, **arguments)
+  assert words in str(raised.value)
+
+
+def test_torch_refuses_what_jmat_refuses():
+  """torch's own checks (before its CUDA kernel): head counts without enable_gqa."""
+  from torch.nn.attention.varlen import varlen_attn as torch_varlen
+
+  q, k = torch.ones(7, 4, 8), torch.ones(9, 2, 8)
+  cu_q, cu_k = torch.tensor([0, 3, 7]), torch.tensor([0, 4, 9])
+  with pytest.raises(ValueError, match="enable_gqa"):
+    torch_varlen(q, k, k, cu_q, cu_k, 4, 5)
+  with pytest.raises(ValueError, match="enable_gqa"):
+    varlen_attn(q.numpy(), k.numpy(), k.numpy(), cu_q.numpy(), cu_k.numpy(), 4, 5)

@@ -1405,6 +1405,19 @@ def _check_offsets(op: str, name: str, offsets, total: int, length_name: str) ->
         f"the last offset is the total number of {length_name} (dim 0)")
 
 
+def _check_longest(op: str, name: str, lengths: np.ndarray | None, limit: int,
+                   what: str) -> None:
+  """Refuses a concrete run longer than the static ``max_q``/``max_k`` the call was given."""
+  if lengths is None or lengths.size == 0 or lengths.max() <= limit:
+    return
+  at = int(np.argmax(lengths))
+  raise shape_error(
+      op, f"sequence {at} has {int(lengths[at])} {what}, more than {name}={limit}",
+      f"lengths {lengths.tolist()}",
+      f"{name} is the longest run of the batch (static): pass {name}={int(lengths.max())} "
+      "or more")
+
+
 def check_varlen(op: str, query, key, value, cu_seq_q, cu_seq_k, max_q: object, max_k: object,
                  window_size: object, enable_gqa: bool, seqused_k, block_table,
                  num_splits: object, return_aux: object) -> tuple[int, int]:
@@ -1501,4 +1514,13 @@ def check_varlen(op: str, query, key, value, cu_seq_q, cu_seq_k, max_q: object, 
   if seqused_k is not None:
     _check_int_vector(op, "seqused_k", seqused_k, n,
                       "seqused_k holds the number of valid keys of each sequence")
+  offsets_q = _concrete(cu_seq_q)
+  _check_longest(op, "max_q", None if offsets_q is None else np.diff(offsets_q), int(max_q),
+                 "queries")
+  used = _concrete(seqused_k)
+  if not paged:
+    offsets_k = _concrete(cu_seq_k)
+    runs = None if offsets_k is None else np.diff(offsets_k)
+    used = runs if used is None else (None if runs is None else np.minimum(used, runs))
+  _check_longest(op, "max_k", used, int(max_k), "keys")
   return window

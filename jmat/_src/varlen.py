@@ -255,6 +255,105 @@ def _attend_on(query, key, value, cu_q, cu_k, used_k, scale, *, max_q: int, max_
   return jnp.swapaxes(out, 0, 1).astype(query.dtype), lse.astype(dtype)
 
 
+# The decode loop's chunk: about this many key rows of the whole batch per step (a few MB of
+# K and V, held in cache between the gather and the products), and never fewer keys per
+# sequence than _MIN_CHUNK. With num_splits=1 the chunk is _FIXED_CHUNK whatever the batch,
+# so that a sequence's sums run in the same order in every batch.
+_CHUNK_ROWS = 512
+_MIN_CHUNK = 8
+_FIXED_CHUNK = 128
+
+
+def _decode_chunk(n: int, max_k: int, fixed: bool) -> int:
+  chunk = _FIXED_CHUNK if fixed else max(_MIN_CHUNK, _CHUNK_ROWS // max(n, 1))
+  return max(1, min(chunk, max_k))
+
+
+def _decode(query, key, value, cu_q, key_row, used, scale, *, max_q: int, max_k: int,
+            window: tuple[int, int], splits: int | None):
+  """Short query runs on XLA (the CPU decode path): ``(out (Tq, Hq, Ev), lse (Hq, Tq))``.
+
+  Each sequence's queries (at most ``max_q``) meet its keys chunk by chunk: one step of the
+  loop gathers chunk ``c`` of *every* sequence's keys (``key_row(n, positions)``: packed
+  offsets or a page table, so a paged cache is read in place), computes the scores of all
+  query heads of each key/value head as one multiply-and-sum over ``D`` (no transposed copy
+  of the cache) and folds them into an online softmax. With ``splits`` parts, each step takes
+  one chunk of each part into a carry of its own; the parts are merged by logsumexp.
+  """
+  total_q, heads, dim = query.shape
+  kv_heads, v_dim = key.shape[1], value.shape[-1]
+  group = heads // kv_heads
+  n = cu_q.shape[0] - 1
+  dtype = online_softmax.compute_dtype(query.dtype)
+  parts = splits or 1
+  chunk = _decode_chunk(n, block_sparse.ceil_div(max_k, parts), splits == 1)
+  per_part = block_sparse.ceil_div(block_sparse.ceil_div(max_k, parts), chunk) * chunk
+  steps = per_part // chunk
+  len_q = cu_q[1:] - cu_q[:-1]
+  j = jnp.arange(max_q, dtype=jnp.int32)
+  row_valid = j[None, :] < len_q[:, None]                                   # (N, Lq)
+  token = jnp.where(row_valid, cu_q[:-1, None] + j, 0)
+  q = jnp.where(row_valid[..., None, None], query[token], 0)                # (N, Lq, Hq, D)
+  q = (q.astype(dtype) * scale).reshape(n, max_q, kv_heads, group, dim)
+  aligned = (j[None, :] + (used - len_q)[:, None])                          # (N, Lq)
+  left, right = window
+  offsets = jnp.arange(parts, dtype=jnp.int32)[:, None] * per_part          # (P, 1)
+
+  def step(c, carry):
+    pos = offsets + c * chunk + jnp.arange(chunk, dtype=jnp.int32)         # (P, C)
+    pos = jnp.broadcast_to(pos, (n,) + pos.shape)                           # (N, P, C)
+    rows = key_row(pos)
+    k_c = key[rows].astype(dtype)                                           # (N, P, C, Hkv, D)
+    v_c = value[rows]
+    s = jnp.sum(q[:, None, None] * k_c[:, :, :, None, :, None, :], axis=-1)  # (N,P,C,Lq,Hkv,G)
+    ok = pos[..., None] < used[:, None, None, None]                         # (N, P, C, Lq)
+    at, key_at = aligned[:, None, None, :], pos[..., None]
+    if right >= 0:
+      ok = ok & (key_at <= at + right)
+    if left >= 0:
+      ok = ok & (key_at >= at - left)
+    s = jnp.where(ok[..., None, None], s, -jnp.inf)
+    # all query heads of a key/value head, and all its queries, are the rows of one product
+    s = jnp.transpose(s, (0, 1, 4, 5, 3, 2)).reshape(n, parts, kv_heads, group * max_q, chunk)
+    v_c = jnp.transpose(v_c, (0, 1, 3, 2, 4))                              # (N,P,Hkv,C,Dv)
+    return online_softmax.online_softmax_fold(carry, s, v_c)
+
+  carry = online_softmax.online_softmax_init((n, parts, kv_heads), group * max_q, v_dim,
+                                             dtype=dtype)
+  carry = jax.lax.fori_loop(0, steps, step, carry)
+  out = online_softmax.online_softmax_finish(carry, dtype)                  # (N,P,Hkv,G*Lq,Dv)
+  lse = online_softmax.online_softmax_logsumexp(carry)
+  out, lse = jnp.moveaxis(out, 1, 0), jnp.moveaxis(lse, 1, 0)
+  out, lse = merge_splits(out, lse) if parts > 1 else (out[0], lse[0])
+  # (N, Hkv, G, Lq, ...) -> the packed tokens
+  out = jnp.moveaxis(out.reshape(n, heads, max_q, v_dim), 2, 1).reshape(n * max_q, heads, v_dim)
+  lse = jnp.swapaxes(lse.reshape(n, heads, max_q), 0, 1).reshape(heads, n * max_q)
+  t = jnp.arange(total_q, dtype=jnp.int32)
+  seq = jnp.clip(jnp.searchsorted(cu_q, t, side="right").astype(jnp.int32) - 1, 0, n - 1)
+  row = seq * max_q + t - cu_q[seq]
+  return out[row].astype(query.dtype), lse[:, row]
+
+
+def _decode_paths(query, key, value, cu_q, cu_k, block_table, used, scale, **static):
+  """:func:`_decode` on a packed or a paged cache (keys are read where they are)."""
+  if block_table is None:
+    last = max(key.shape[0] - 1, 0)
+    return _decode(query, key, value, cu_q,
+                   lambda pos: jnp.clip(cu_k[:-1, None, None] + pos, 0, last), used, scale,
+                   **static)
+  pages, page_size = key.shape[:2]
+  width = block_table.shape[1]
+
+  def key_row(pos):
+    slot = jnp.clip(pos // page_size, 0, width - 1)
+    page = jnp.take_along_axis(block_table, slot.reshape(slot.shape[0], -1), axis=1)
+    return page.reshape(slot.shape) * page_size + pos % page_size
+
+  flat = (pages * page_size,) + key.shape[2:]
+  return _decode(query, key.reshape(flat), value.reshape(flat[:-1] + value.shape[-1:]),
+                 cu_q, key_row, used, scale, **static)
+
+
 @functools.partial(jax.jit, static_argnames=("max_q", "max_k", "window", "enable_gqa",
                                              "num_splits", "options"))
 def _varlen(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, scale, *,
@@ -262,13 +361,12 @@ def _varlen(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, scale
             num_splits: int | None, options: backends.KernelOptions):
   del enable_gqa  # checked before tracing
   cu_q = cu_seq_q.astype(jnp.int32)
+  scale = online_softmax.attention_scale(_OP, scale, query.shape[-1],
+                                         online_softmax.compute_dtype(query.dtype))
   if block_table is not None:
-    # The pages of each sequence in order: sequence i's keys start at i * pages * page_size.
+    block_table = block_table.astype(jnp.int32)
     n, pages = block_table.shape
-    page_size = key.shape[1]
-    span = pages * page_size
-    key = key[block_table].reshape(n * span, *key.shape[2:])
-    value = value[block_table].reshape(n * span, *value.shape[2:])
+    span = pages * key.shape[1]
     cu_k = jnp.arange(n + 1, dtype=jnp.int32) * span
   else:
     cu_k = cu_seq_k.astype(jnp.int32)
@@ -276,10 +374,27 @@ def _varlen(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, scale
     used = jnp.minimum(seqused_k.astype(jnp.int32), cu_k[1:] - cu_k[:-1])
   else:
     used = cu_k[1:] - cu_k[:-1]
-  scale = online_softmax.attention_scale(_OP, scale, query.shape[-1],
-                                         online_softmax.compute_dtype(query.dtype))
-  return _attend(query, key, value, cu_q, cu_k, used, scale, max_q=max_q, max_k=max_k,
-                 window=window, splits=num_splits, options=options)
+  static = dict(max_q=max_q, max_k=max_k, window=window)
+  n = cu_q.shape[0] - 1
+  empty = query.shape[0] == 0 or key.shape[0] == 0 or n == 0
+  decode = (not empty and max_q <= _DECODE_MAX_Q and options.backend in ("AUTO", "XLA"))
+
+  def kernel():
+    k, v = key, value
+    if block_table is not None:  # the kernels read each sequence's pages in order
+      k = key[block_table].reshape(-1, *key.shape[2:])
+      v = value[block_table].reshape(-1, *value.shape[2:])
+    return _attend(query, k, v, cu_q, cu_k, used, scale, splits=num_splits, options=options,
+                   **static)
+
+  if not decode:
+    return kernel()
+  on_xla = functools.partial(_decode_paths, query, key, value, cu_q, cu_k, block_table, used,
+                             scale, splits=num_splits, **static)
+  if options.backend == "XLA":
+    return on_xla()
+  # AUTO: the decode loop where XLA runs (CPUs), the fused kernels on GPUs and TPUs.
+  return jax.lax.platform_dependent(default=on_xla, cuda=kernel, tpu=kernel)
 
 
 def varlen_attn(
