@@ -1515,12 +1515,12 @@ def check_varlen(op: str, query, key, value, cu_seq_q, cu_seq_k, max_q: object, 
     _check_int_vector(op, "seqused_k", seqused_k, n,
                       "seqused_k holds the number of valid keys of each sequence")
   offsets_q = _concrete(cu_seq_q)
-  _check_longest(op, "max_q", None if offsets_q is None else np.diff(offsets_q), int(max_q),
-                 "queries")
+  _check_longest(op, "max_q", None if offsets_q is None else np.diff(offsets_q),
+                 int(cast(int, max_q)), "queries")
   used = _concrete(seqused_k)
   if not paged:
     offsets_k = _concrete(cu_seq_k)
     runs = None if offsets_k is None else np.diff(offsets_k)
     used = runs if used is None else (None if runs is None else np.minimum(used, runs))
-  _check_longest(op, "max_k", used, int(max_k), "keys")
+  _check_longest(op, "max_k", used, int(cast(int, max_k)), "keys")
   return window

@@ -374,7 +374,7 @@ def _varlen(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, scale
     used = jnp.minimum(seqused_k.astype(jnp.int32), cu_k[1:] - cu_k[:-1])
   else:
     used = cu_k[1:] - cu_k[:-1]
-  static = dict(max_q=max_q, max_k=max_k, window=window)
+  static: dict[str, Any] = dict(max_q=max_q, max_k=max_k, window=window)
   n = cu_q.shape[0] - 1
   empty = query.shape[0] == 0 or key.shape[0] == 0 or n == 0
   decode = (not empty and max_q <= _DECODE_MAX_Q and options.backend in ("AUTO", "XLA"))
