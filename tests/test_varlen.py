@@ -224,6 +224,45 @@ def test_pallas_backends_in_interpret_mode(backend):
 
 def test_exported():
   assert jmat.attention.varlen_attn is varlen_attn
+  assert jmat.varlen_attn is varlen_attn
+
+
+def with_sinks(out, lse, sinks):
+  """The attention-sinks recipe of docs/inference.md: a per-head logit joins every softmax."""
+  return out * jax.nn.sigmoid(lse - sinks[:, None]).T[..., None]
+
+
+@pytest.mark.parametrize("lens_q, lens_k", [([3, 1, 6], [5, 4, 6]), ([1, 1], [40, 9])])
+def test_attention_sinks_recipe_and_its_gradients_match_torch(lens_q, lens_k):
+  """torch float64 autograd of softmax over [scores, sink] (gpt-oss's sinks), sliced off."""
+  rng = np.random.default_rng(7)
+  q, k, v, cu_q, cu_k = packed(rng, lens_q, lens_k, heads=4, kv_heads=2)
+  sinks = rng.standard_normal(4)
+  weights = rng.standard_normal(q.shape[:2] + v.shape[-1:])
+  window = (-1, 0)
+
+  def loss(q, k, v, sinks):
+    out, lse = varlen_attn(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), window_size=window,
+                           enable_gqa=True, return_aux=AuxRequest(lse=True))
+    return jnp.sum(with_sinks(out, lse, sinks) * weights)
+
+  got = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, sinks)
+  tq, tk, tv, ts = (torch.tensor(x, requires_grad=True) for x in (q, k, v, sinks))
+  total = torch.zeros((), dtype=torch.float64)
+  for i in range(len(cu_q) - 1):
+    qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+    qq = tq[qs].transpose(0, 1)
+    kk = tk[ks].transpose(0, 1).repeat_interleave(2, 0)
+    vv = tv[ks].transpose(0, 1).repeat_interleave(2, 0)
+    s = (qq @ kk.transpose(1, 2)) / np.sqrt(q.shape[-1])
+    s = s.masked_fill(~torch.from_numpy(allowed(qq.shape[1], kk.shape[1], window)), -torch.inf)
+    sink = ts[:, None, None].expand(-1, s.shape[1], 1)
+    p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
+    total = total + ((p @ vv).transpose(0, 1) * torch.from_numpy(weights[qs])).sum()
+  total.backward()
+  for g, t in zip(got, (tq, tk, tv, ts), strict=True):
+    assert t.grad is not None
+    np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-9, atol=1e-9)
 
 
 def _bad_inputs():
