@@ -222,6 +222,46 @@ def test_pallas_backends_in_interpret_mode(backend):
   np.testing.assert_allclose(lse, want_lse, rtol=2e-5, atol=2e-5)
 
 
+def test_the_examples_of_docs_inference_run():
+  """Every python block of docs/inference.md, in order, in one namespace."""
+  import pathlib
+  import re
+
+  text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "inference.md").read_text()
+  blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+  assert len(blocks) >= 4
+  space: dict = {}
+  for block in blocks:
+    exec(block, space)  # noqa: S102  (the documentation's own code)
+  assert space["out"].shape == (23, 32, 128)
+  pool_k, pool_v = space["pool_k"], space["pool_v"]
+  q, table, used = jnp.ones((2, 32, 128)), space["table"], space["used"]
+  out, new_k, _, new_used = space["decode_step"](q, jnp.ones((2, 8, 128)), jnp.ones((2, 8, 128)),
+                                                 pool_k, pool_v, table, used)
+  assert out.shape == (2, 32, 128) and new_used.tolist() == [21, 62]
+  assert float(new_k[table[1, 61 // 16], 61 % 16].sum()) == 8 * 128
+
+
+@pytest.mark.parametrize("platform, kernel_call", [("cuda", "__gpu$xla.gpu.triton"),
+                                                   ("tpu", "tpu_custom_call")])
+@pytest.mark.parametrize("max_q", [1, 64])  # decode (split-KV tables) and prefill
+def test_auto_lowers_to_the_platforms_kernel(platform, kernel_call, max_q):
+  q = jax.ShapeDtypeStruct((3 * max_q, 8, 64), jnp.float32)
+  kv = jax.ShapeDtypeStruct((600, 2, 64), jnp.float32)
+  cu = jax.ShapeDtypeStruct((4,), jnp.int32)
+
+  def attend(q, k, v, cu_q, cu_k):
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, 400, window_size=(-1, 0), enable_gqa=True)
+
+  def lowered(fn, on):
+    return jax.jit(fn).trace(q, kv, kv, cu, cu).lower(lowering_platforms=(on,)).as_text()
+
+  assert kernel_call in lowered(attend, platform)
+  assert kernel_call not in lowered(attend, "cpu")
+  gradient = jax.grad(lambda *a: attend(*a).sum(), argnums=(0, 1, 2))
+  assert kernel_call in lowered(gradient, platform)
+
+
 def test_exported():
   assert jmat.attention.varlen_attn is varlen_attn
   assert jmat.varlen_attn is varlen_attn

@@ -259,8 +259,8 @@ def _attend_on(query, key, value, cu_q, cu_k, used_k, scale, *, max_q: int, max_
 # K and V, held in cache between the gather and the products), and never fewer keys per
 # sequence than _MIN_CHUNK. With num_splits=1 the chunk is _FIXED_CHUNK whatever the batch,
 # so that a sequence's sums run in the same order in every batch.
-_CHUNK_ROWS = 512
-_MIN_CHUNK = 8
+_CHUNK_ROWS = 256
+_MIN_CHUNK = 16
 _FIXED_CHUNK = 128
 
 
