@@ -10,12 +10,14 @@ positions that travel as blocked operands; the keys are never copied into a
 padded ``(B, S)`` layout. Whole blocks inside a sequence (and its window) are
 *full*: the mask is not evaluated there.
 
-Decode (a few queries per sequence against long keys) splits each sequence's
-key blocks into ``num_splits`` parts: the query rows are repeated once per
-part, every copy becomes a query block of its own (a program of a Pallas
+Decode (a few queries per sequence against long keys): on a GPU or TPU each
+sequence's key blocks are split into parts: the query rows are repeated once
+per part, every copy becomes a query block of its own (a program of the Pallas
 kernel), and the parts are merged by their logsumexp (flash-decoding). All
 query heads of a key/value head are one kernel row (the kernel's ``G`` axis),
-as for grouped-query attention everywhere in jmat.
+as for grouped-query attention everywhere in jmat. Where XLA runs (CPUs) a
+decode loop of its own (:func:`_decode`) reads every sequence's keys chunk by
+chunk where they lie, packed or paged.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from jmat._src.flex_attention import AuxRequest
 
 _OP = "attention.varlen_attn"
 # Query and key blocks of the kernel's tables; short query runs (decode) take longer key
-# blocks, so that the XLA loops make fewer, larger steps.
+# blocks (fewer table entries per sequence; the Pallas kernels cut them into their tiles).
 _BLOCK_Q = 128
 _BLOCK_K = 128
 _DECODE_BLOCK_K = 512
@@ -194,8 +196,8 @@ def _attend(query, key, value, cu_q, cu_k, used_k, scale, *, max_q: int, max_k: 
                           max_q=max_q, max_k=max_k, window=window, options=options)
   if options.backend != "AUTO":
     return run(backend=options.backend, splits=splits)
-  # num_splits=None: no split on a CPU (its loops run one program at a time), jmat's choice on
-  # a GPU or TPU; the tables of each platform are tiled for its kernel.
+  # num_splits=None: no split in the CPU's kernel loops (one program at a time), jmat's
+  # choice on a GPU or TPU; the tables of each platform are tiled for its kernel.
   cpu = splits if splits is not None else 1
   return jax.lax.platform_dependent(
       default=lambda: run(backend="XLA", splits=cpu),
@@ -262,6 +264,8 @@ def _attend_on(query, key, value, cu_q, cu_k, used_k, scale, *, max_q: int, max_
 _CHUNK_ROWS = 256
 _MIN_CHUNK = 16
 _FIXED_CHUNK = 128
+# num_splits=None on a CPU: the keys in two halves, two loops the runtime runs on two cores.
+_CPU_PARTS = 2
 
 
 def _decode_chunk(n: int, max_k: int, fixed: bool) -> int:
@@ -277,15 +281,16 @@ def _decode(query, key, value, cu_q, key_row, used, scale, *, max_q: int, max_k:
   loop gathers chunk ``c`` of *every* sequence's keys (``key_row(n, positions)``: packed
   offsets or a page table, so a paged cache is read in place), computes the scores of all
   query heads of each key/value head as one multiply-and-sum over ``D`` (no transposed copy
-  of the cache) and folds them into an online softmax. With ``splits`` parts, each step takes
-  one chunk of each part into a carry of its own; the parts are merged by logsumexp.
+  of the cache) and folds them into an online softmax. With ``splits`` parts (``None``: two),
+  each part of every sequence's keys is a loop of its own (independent loops: XLA's CPU
+  runtime runs them concurrently); the parts are merged by logsumexp.
   """
   total_q, heads, dim = query.shape
   kv_heads, v_dim = key.shape[1], value.shape[-1]
   group = heads // kv_heads
   n = cu_q.shape[0] - 1
   dtype = online_softmax.compute_dtype(query.dtype)
-  parts = splits or 1
+  parts = splits or _CPU_PARTS
   chunk = _decode_chunk(n, block_sparse.ceil_div(max_k, parts), splits == 1)
   per_part = block_sparse.ceil_div(block_sparse.ceil_div(max_k, parts), chunk) * chunk
   steps = per_part // chunk
@@ -297,10 +302,8 @@ def _decode(query, key, value, cu_q, key_row, used, scale, *, max_q: int, max_k:
   q = (q.astype(dtype) * scale).reshape(n, max_q, kv_heads, group, dim)
   aligned = (j[None, :] + (used - len_q)[:, None])                          # (N, Lq)
   left, right = window
-  offsets = jnp.arange(parts, dtype=jnp.int32)[:, None] * per_part          # (P, 1)
-
-  def step(c, carry):
-    pos = offsets + c * chunk + jnp.arange(chunk, dtype=jnp.int32)         # (P, C)
+  def step(first, c, carry):
+    pos = first + c * chunk + jnp.arange(chunk, dtype=jnp.int32)[None]    # (1, C)
     pos = jnp.broadcast_to(pos, (n,) + pos.shape)                           # (N, P, C)
     rows = key_row(pos)
     k_c = key[rows].astype(dtype)                                           # (N, P, C, Hkv, D)
@@ -314,13 +317,16 @@ def _decode(query, key, value, cu_q, key_row, used, scale, *, max_q: int, max_k:
       ok = ok & (key_at >= at - left)
     s = jnp.where(ok[..., None, None], s, -jnp.inf)
     # all query heads of a key/value head, and all its queries, are the rows of one product
-    s = jnp.transpose(s, (0, 1, 4, 5, 3, 2)).reshape(n, parts, kv_heads, group * max_q, chunk)
+    s = jnp.transpose(s, (0, 1, 4, 5, 3, 2)).reshape(n, 1, kv_heads, group * max_q, chunk)
     v_c = jnp.transpose(v_c, (0, 1, 3, 2, 4))                              # (N,P,Hkv,C,Dv)
     return online_softmax.online_softmax_fold(carry, s, v_c)
 
-  carry = online_softmax.online_softmax_init((n, parts, kv_heads), group * max_q, v_dim,
-                                             dtype=dtype)
-  carry = jax.lax.fori_loop(0, steps, step, carry)
+  init = online_softmax.online_softmax_init((n, 1, kv_heads), group * max_q, v_dim, dtype=dtype)
+  # One loop per part: independent loops, which XLA's CPU runtime runs concurrently.
+  carries = [jax.lax.fori_loop(0, steps, functools.partial(step, p * per_part), init)
+             for p in range(parts)]
+  acc, row_max, row_sum = (jnp.concatenate(x, axis=1) for x in zip(*carries, strict=True))
+  carry = (acc, row_max, row_sum)
   out = online_softmax.online_softmax_finish(carry, dtype)                  # (N,P,Hkv,G*Lq,Dv)
   lse = online_softmax.online_softmax_logsumexp(carry)
   out, lse = jnp.moveaxis(out, 1, 0), jnp.moveaxis(lse, 1, 0)
@@ -455,9 +461,9 @@ def varlen_attn(
       order, into the ``(pages, page_size, Hkv, D)`` pools ``key`` and ``value``.
     num_splits: split each sequence's keys into this many parts merged by
       logsumexp; ``1`` never splits (a sequence's result then does not depend
-      on the rest of the batch); None lets jmat choose (no split on a CPU, whose
-      loops gain nothing from it; enough parts to fill a GPU or TPU for
-      short query runs).
+      on the rest of the batch); None lets jmat choose (for short query runs:
+      two parts on a CPU, two loops its runtime may run on two cores; enough
+      parts to fill a GPU or TPU).
     kernel_options: jmat's addition (as flex attention's): ``{"BACKEND":
       "AUTO" | "XLA" | "TRITON" | "MOSAIC", "INTERPRET": bool, ...}``.
 
