@@ -358,3 +358,17 @@ def test_torch_refuses_what_jmat_refuses():
     torch_varlen(q, k, k, cu_q, cu_k, 4, 5)
   with pytest.raises(ValueError, match="enable_gqa"):
     varlen_attn(q.numpy(), k.numpy(), k.numpy(), cu_q.numpy(), cu_k.numpy(), 4, 5)
+
+
+@pytest.mark.parametrize("lens_q, lens_k", [([1, 1, 2], [300, 5, 40]), ([40, 3], [50, 3])])
+def test_bfloat16_computes_in_float32(lens_q, lens_k):
+  rng = np.random.default_rng(8)
+  q, k, v, cu_q, cu_k = packed(rng, lens_q, lens_k, heads=4, kv_heads=2)
+  q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+  out, lse = varlen_attn(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), window_size=(-1, 0),
+                         enable_gqa=True, return_aux=AuxRequest(lse=True))
+  assert out.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
+  # the oracle of the bfloat16 values, in float64: only the output's rounding differs
+  want, want_lse = oracle(*(np.asarray(x, np.float64) for x in (q, k, v)), cu_q, cu_k, (-1, 0))
+  np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
