@@ -31,6 +31,7 @@ from jmat._src.family import (
 from jmat._src.flex_attention import flex_attention
 from jmat._src.products import bmm, dot, matmul, mm, mv
 from jmat._src.shapes import explain, matmul_shape
+from jmat._src.varlen import varlen_attn
 
 __version__ = "0.1.0"
 
@@ -64,5 +65,6 @@ __all__ = [
     "parallel",
     "scaled_dot_product_attention",
     "tensordot",
+    "varlen_attn",
     "vdot",
 ]

@@ -39,6 +39,7 @@ from jmat._src.online_softmax import (
     online_softmax_update,
 )
 from jmat._src.paged import PagedAttention
+from jmat._src.varlen import varlen_attn
 
 __all__ = [
     "AuxOutput",
@@ -63,4 +64,5 @@ __all__ = [
     "online_softmax_update",
     "or_masks",
     "scaled_dot_product_attention",
+    "varlen_attn",
 ]

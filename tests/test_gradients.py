@@ -242,6 +242,28 @@ def paged_case():
     return dense_attention(q, keys, values, allowed=allowed, gqa=True)[0]
 
   return Case(("PagedAttention", "flex_attention"), jmat_fn, torch_fn, shapes)
+def varlen_case():
+  """Three packed sequences (5, 1 and 9 queries against 7, 6 and 9 keys), causal bottom-right,
+  GQA 4:2; torch's twin is SDPA per sequence."""
+  cu_q, cu_k = [0, 5, 6, 15], [0, 7, 13, 22]
+  shapes = dict(q=(15, 4, 8), k=(22, 2, 8), v=(22, 2, 5), scale=())
+
+  def jmat_fn(q, k, v, scale):
+    return jmat.attention.varlen_attn(q, k, v, jnp.array(cu_q), jnp.array(cu_k), 9, 9,
+                                      scale=scale, window_size=(-1, 0), enable_gqa=True)
+
+  def torch_fn(q, k, v, scale):
+    outs = []
+    for i in range(3):
+      qq = q[cu_q[i]:cu_q[i + 1]].transpose(0, 1)[None]
+      kk, vv = (x[cu_k[i]:cu_k[i + 1]].transpose(0, 1)[None] for x in (k, v))
+      shift = kk.shape[2] - qq.shape[2]  # the queries sit at the end of the keys
+      allowed = allowed_from(lambda a, b, s=shift: b <= a + s, qq.shape[2], kk.shape[2])
+      outs.append(dense_attention(qq, kk, vv, scale=scale, allowed=allowed, gqa=True)[0][0]
+                  .transpose(0, 1))
+    return torch.cat(outs)
+
+  return Case(("varlen_attn",), jmat_fn, torch_fn, shapes)
 
 
 CASES = {
@@ -260,6 +282,7 @@ CASES = {
     "online-softmax": online_softmax_case(),
     "flax-attention-fn": flax_case(),
     "paged-assign-flex": paged_case(),
+    "varlen-causal-gqa": varlen_case(),
 }
 
 

@@ -1583,3 +1583,173 @@ def check_paged_block_mask(op: str, block_size: tuple[int, int], page_size: int,
     raise shape_error(op, f"the block_mask has batch size {mask_batch}, the page table "
                           f"{max_batch} rows", f"block_mask batch {mask_batch}",
                       "give batch_idx: the page-table row of each batch entry")
+
+# --- varlen_attn (torch 2.13's torch.nn.attention.varlen.varlen_attn) -------------------------
+
+
+def check_varlen_arrays(op: str, query: object, key: object, value: object) -> tuple:
+  """Refuses a query, key or value that is not an array (lists hide a dtype choice)."""
+  check_arrays(op, (query, key, value), _ATTENTION_NAMES)
+  return query, key, value
+
+
+def _concrete(x: object) -> np.ndarray | None:
+  """``x`` as numpy when its value is known now (not traced under jit), else None."""
+  if x is None or isinstance(x, jax.core.Tracer):  # pyright: ignore[reportAttributeAccessIssue]
+    return None
+  return np.asarray(x)
+
+
+def _check_int_vector(op: str, name: str, x, length: int | None, advice: str) -> None:
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(
+        f"jmat.{op}: {name} has dtype {_dtype_name(np.dtype(x.dtype))}; it must hold "
+        f"integers (e.g. {name}.astype(jnp.int32))")
+  if x.ndim != 1 or (length is not None and x.shape[0] != length):
+    wanted = "1-D" if length is None else f"of shape ({length},)"
+    raise shape_error(op, f"{name} must be {wanted}", f"{name} has shape {fmt_shape(x.shape)}",
+                      advice)
+
+
+def _check_offsets(op: str, name: str, offsets, total: int, length_name: str) -> None:
+  """Refuses concrete offsets that do not start at 0, decrease or pass the packed length."""
+  values = _concrete(offsets)
+  if values is None or values.size == 0:
+    return
+  if values[0] != 0:
+    raise shape_error(op, f"{name} must start at 0, got {name}[0] = {int(values[0])}",
+                      f"{name} = {values.tolist()}",
+                      f"prepend 0: {name} = [0, *cumsum(lengths)]")
+  steps = np.diff(values)
+  if np.any(steps < 0):
+    at = int(np.argmax(steps < 0))
+    raise shape_error(
+        op, f"{name} decreases at index {at + 1} ({int(values[at])} -> {int(values[at + 1])})",
+        f"{name} = {values.tolist()}",
+        f"offsets are cumulative lengths: {name} = [0, *cumsum(lengths)], non-decreasing")
+  if values[-1] > total:
+    raise shape_error(
+        op, f"{name} ends at {int(values[-1])}, past the {total} packed {length_name}",
+        f"{name} = {values.tolist()}",
+        f"the last offset is the total number of {length_name} (dim 0)")
+
+
+def _check_longest(op: str, name: str, lengths: np.ndarray | None, limit: int,
+                   what: str) -> None:
+  """Refuses a concrete run longer than the static ``max_q``/``max_k`` the call was given."""
+  if lengths is None or lengths.size == 0 or lengths.max() <= limit:
+    return
+  at = int(np.argmax(lengths))
+  raise shape_error(
+      op, f"sequence {at} has {int(lengths[at])} {what}, more than {name}={limit}",
+      f"lengths {lengths.tolist()}",
+      f"{name} is the longest run of the batch (static): pass {name}={int(lengths.max())} "
+      "or more")
+
+
+def check_varlen(op: str, query, key, value, cu_seq_q, cu_seq_k, max_q: object, max_k: object,
+                 window_size: object, enable_gqa: bool, seqused_k, block_table,
+                 num_splits: object, return_aux: object) -> tuple[int, int]:
+  """Checks varlen_attn's inputs (static ones always, offsets and page tables when concrete).
+
+  Returns:
+    The window as a ``(left, right)`` tuple of ints.
+  """
+  paged = block_table is not None
+  names = _ATTENTION_NAMES
+  shapes = (query.shape, key.shape, value.shape)
+  listed = _listed(names, shapes)
+  check_attention_dtypes(op, [x.dtype for x in (query, key, value)], names)
+  kv_rank = 4 if paged else 3
+  if query.ndim != 3 or key.ndim != kv_rank or value.ndim != kv_rank:
+    layout = ("key and value (pages, page_size, Hkv, D) with block_table" if paged
+              else "key and value (Tk, Hkv, D)")
+    raise shape_error(op, f"query must be 3-D and key/value {kv_rank}-D", listed,
+                      f"varlen_attn takes packed query (Tq, Hq, D) and {layout}")
+  if query.shape[-1] != key.shape[-1]:
+    raise shape_error(op, f"query and key head dims {query.shape[-1]} and {key.shape[-1]} "
+                      "differ", listed, "scores are query @ key^T: the last dims must match")
+  if key.shape[:-1] != value.shape[:-1]:
+    raise shape_error(op, "key and value differ in every dim but the last", listed,
+                      "there is one value per key: key and value share all dims but the last")
+  heads, kv_heads = query.shape[1], key.shape[-2]
+  if heads != kv_heads:
+    if not enable_gqa:
+      hint = (", or pass enable_gqa=True for grouped-query attention"
+              if kv_heads and heads % kv_heads == 0 else "")
+      raise shape_error(op, f"query has {heads} heads and key/value {kv_heads}", listed,
+                        f"give them equal head counts{hint}")
+    if kv_heads == 0 or heads % kv_heads:
+      raise shape_error(
+          op, f"the {kv_heads} key/value heads do not divide the {heads} query heads", listed,
+          "grouped-query attention shares each key/value head among Hq / Hkv query heads")
+  for name, size in (("max_q", max_q), ("max_k", max_k)):
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 0:
+      raise TypeError(f"jmat.{op}: {name} must be a non-negative Python int (static under "
+                      f"jit), got {size!r}; pass the longest sequence length, e.g. int(...)")
+  if (not isinstance(window_size, tuple | list) or len(window_size) != 2
+      or any(isinstance(w, bool) or not isinstance(w, int | np.integer) for w in window_size)):
+    raise ValueError(f"jmat.{op}: window_size must be a pair of ints (left, right), got "
+                     f"{window_size!r}; (-1, -1) is full attention, (-1, 0) causal")
+  window = (int(window_size[0]), int(window_size[1]))
+  if min(window) < -1:
+    raise ValueError(
+        f"jmat.{op}: window_size={window} has a size below -1; each side is -1 (unbounded) "
+        f"or the number of keys a query sees on that side (0 or more), e.g. (-1, 0) causal")
+  if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(
+      num_splits, int | np.integer) or num_splits < 1):
+    raise ValueError(f"jmat.{op}: num_splits={num_splits!r} must be None (jmat chooses) or a "
+                     "positive int (1: no split-KV, batch-invariant)")
+  if return_aux is not None:
+    if not hasattr(return_aux, "lse"):
+      raise TypeError(f"jmat.{op}: return_aux must be an AuxRequest, got "
+                      f"{type(return_aux).__name__}; use jmat.attention.AuxRequest(lse=True)")
+    if getattr(return_aux, "max_scores", False):
+      raise ValueError(f"jmat.{op}: return_aux asks for max_scores, which varlen_attn does "
+                       "not return (as torch's); use AuxRequest(lse=True)")
+  advice = "offsets are (N + 1,) integers: [0, *cumsum(lengths)]"
+  _check_int_vector(op, "cu_seq_q", cu_seq_q, None, advice)
+  n = cu_seq_q.shape[0] - 1
+  if n < 0:
+    raise shape_error(op, "cu_seq_q is empty", "cu_seq_q has shape (0,)",
+                      "pass [0] for no sequence, [0, L] for one")
+  _check_offsets(op, "cu_seq_q", cu_seq_q, query.shape[0], "queries")
+  if paged:
+    if seqused_k is None:
+      raise ValueError(
+          f"jmat.{op}: block_table without seqused_k; pass seqused_k (N,), the number of "
+          "valid keys of each sequence (its last page is usually part-filled)")
+    if not jnp.issubdtype(block_table.dtype, jnp.integer):
+      raise TypeError(f"jmat.{op}: block_table has dtype "
+                      f"{_dtype_name(np.dtype(block_table.dtype))}; it must hold integer page "
+                      "indices (e.g. block_table.astype(jnp.int32))")
+    if block_table.ndim != 2 or block_table.shape[0] != n:
+      raise shape_error(op, f"block_table must be (N, max_pages) with N = {n} sequences",
+                        f"block_table has shape {fmt_shape(block_table.shape)}, cu_seq_q "
+                        f"{fmt_shape(cu_seq_q.shape)}", "one row of page indices per sequence")
+    pages = _concrete(block_table)
+    if pages is not None and pages.size and (pages.max() >= key.shape[0] or pages.min() < 0):
+      row = int(np.argmax(np.any((pages >= key.shape[0]) | (pages < 0), axis=1)))
+      raise shape_error(
+          op, f"block_table row {row} points past the pool of {key.shape[0]} pages",
+          f"block_table[{row}] = {pages[row].tolist()}, key has shape {fmt_shape(key.shape)}",
+          f"page indices are 0 .. {key.shape[0] - 1} (point unused slots at any valid page)")
+  else:
+    if cu_seq_k is None:
+      raise ValueError(f"jmat.{op}: cu_seq_k is None without block_table; pass the (N + 1,) "
+                       "offsets of the keys")
+    _check_int_vector(op, "cu_seq_k", cu_seq_k, n + 1, advice + ", one per sequence + 1")
+    _check_offsets(op, "cu_seq_k", cu_seq_k, key.shape[0], "keys")
+  if seqused_k is not None:
+    _check_int_vector(op, "seqused_k", seqused_k, n,
+                      "seqused_k holds the number of valid keys of each sequence")
+  offsets_q = _concrete(cu_seq_q)
+  _check_longest(op, "max_q", None if offsets_q is None else np.diff(offsets_q),
+                 int(cast(int, max_q)), "queries")
+  used = _concrete(seqused_k)
+  if not paged:
+    offsets_k = _concrete(cu_seq_k)
+    runs = None if offsets_k is None else np.diff(offsets_k)
+    used = runs if used is None else (None if runs is None else np.minimum(used, runs))
+  _check_longest(op, "max_k", used, int(cast(int, max_k)), "keys")
+  return window

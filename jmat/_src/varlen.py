@@ -1,0 +1,504 @@
+"""torch 2.13's ``varlen_attn`` on jmat's block-sparse kernel: packed sequences, paged K/V, decode.
+
+Sequences of different lengths are packed along one token axis ``(T, H, D)``
+and delimited by cumulative offsets, as FlashAttention's varlen API. The
+kernel's tables are built from the offsets: each sequence's queries start a
+new query block (so a block belongs to one sequence; padding rows fill the
+last block of each), and a query block lists only the key blocks of its own
+sequence that its window reaches. The mask compares sequence ids and
+positions that travel as blocked operands; the keys are never copied into a
+padded ``(B, S)`` layout. Whole blocks inside a sequence (and its window) are
+*full*: the mask is not evaluated there.
+
+Decode (a few queries per sequence against long keys): on a GPU or TPU each
+sequence's key blocks are split into parts: the query rows are repeated once
+per part, every copy becomes a query block of its own (a program of the Pallas
+kernel), and the parts are merged by their logsumexp (flash-decoding). All
+query heads of a key/value head are one kernel row (the kernel's ``G`` axis),
+as for grouped-query attention everywhere in jmat. Where XLA runs (CPUs) a
+decode loop of its own (:func:`_decode`) reads every sequence's keys chunk by
+chunk where they lie, packed or paged.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jmat._src import backends, block_sparse, checks, online_softmax
+from jmat._src.flex_attention import AuxRequest
+
+_OP = "attention.varlen_attn"
+# Query and key blocks of the kernel's tables; short query runs (decode) take longer key
+# blocks (fewer table entries per sequence; the Pallas kernels cut them into their tiles).
+_BLOCK_Q = 128
+_BLOCK_K = 128
+_DECODE_BLOCK_K = 512
+# A query run this short is a decode step: its keys are split across programs on GPUs/TPUs.
+_DECODE_MAX_Q = 16
+# Split-KV on an accelerator aims at this many programs (query blocks x kv heads x splits).
+_TARGET_PROGRAMS = 256
+
+
+def _query_block(max_q: int, total_q: int, n_seq: int, smallest: int) -> int:
+  """The query block: a power of two, at least ``smallest`` (the backend's least tile), at most
+  128, covering ``max_q`` if it can, halved while the padding of each sequence's last block would
+  more than double the rows."""
+  block = smallest
+  while block < min(max_q, _BLOCK_Q):
+    block *= 2
+  while block > smallest and n_seq * (block - 1) > max(total_q, n_seq):
+    block //= 2
+  return block
+
+
+# The least query block of each backend's tiles: the Triton kernel's tiles are powers of two of
+# at least 16 rows, the Mosaic kernel's multiples of 8 sublanes; the XLA loops take any.
+_SMALLEST_BLOCK_Q = {"XLA": 1, "TRITON": 16, "MOSAIC": 8}
+
+
+def _splits(num_splits: int | None, max_q: int, max_k: int, n_blocks: int, kv_heads: int,
+            block_k: int) -> int:
+  """How many parts each sequence's keys are split into (``num_splits`` or jmat's choice)."""
+  if num_splits is not None:
+    return num_splits
+  if max_q > _DECODE_MAX_Q:
+    return 1
+  programs = max(n_blocks * kv_heads, 1)
+  return int(max(1, min(block_sparse.ceil_div(max_k, block_k),
+                        _TARGET_PROGRAMS // programs)))
+
+
+class _Tables:
+  """Where every query row and key sits, from the offsets (all arrays int32, traced)."""
+
+  def __init__(self, cu_q, cu_k, used_k, total_q: int, total_k: int, block_q: int,
+               window: tuple[int, int]):
+    n = cu_q.shape[0] - 1
+    len_q = cu_q[1:] - cu_q[:-1]
+    len_k = used_k
+    blocks_per_seq = (len_q + block_q - 1) // block_q
+    block_end = jnp.cumsum(blocks_per_seq)
+    row_start = (block_end - blocks_per_seq) * block_q
+    self.rows = block_sparse.ceil_div(total_q + n * (block_q - 1), block_q) * block_q
+    row = jnp.arange(self.rows, dtype=jnp.int32)
+    seq = jnp.searchsorted(block_end, row // block_q, side="right").astype(jnp.int32)
+    seq_c = jnp.minimum(seq, n - 1)
+    local = row - row_start[seq_c]
+    valid = (seq < n) & (local < len_q[seq_c])
+    # The query's position among its sequence's keys: FlashAttention aligns a sequence's
+    # queries with the end of its keys (bottom-right).
+    aligned = local + len_k[seq_c] - len_q[seq_c]
+    self.token = jnp.where(valid, cu_q[seq_c] + local, 0)  # the packed query of each row
+    self.valid = valid
+    self.q_seg = jnp.where(valid, seq_c, -1)
+    self.q_pos = aligned
+    token = jnp.arange(total_q, dtype=jnp.int32)
+    tseq = jnp.clip(jnp.searchsorted(cu_q, token, side="right").astype(jnp.int32) - 1, 0, n - 1)
+    self.row_of_token = row_start[tseq] + token - cu_q[tseq]
+    key = jnp.arange(total_k, dtype=jnp.int32)
+    kseq = jnp.clip(jnp.searchsorted(cu_k, key, side="right").astype(jnp.int32) - 1, 0, n - 1)
+    k_local = key - cu_k[kseq]
+    self.k_seg = jnp.where((key >= cu_k[0]) & (k_local < len_k[kseq]), kseq, -2)
+    self.k_pos = k_local
+    left, right = window
+    base = cu_k[seq_c]
+    lo = base + (jnp.clip(aligned - left, 0, len_k[seq_c]) if left >= 0 else 0)
+    hi = base + (jnp.clip(aligned + right + 1, 0, len_k[seq_c]) if right >= 0
+                 else len_k[seq_c])
+    hi = jnp.maximum(hi, lo)
+    self.lo = jnp.where(valid, lo, 0)
+    self.hi = jnp.where(valid, hi, 0)
+
+
+def _key_blocks(tables: _Tables, block_q: int, block_k: int, n_k: int,
+                splits: int) -> block_sparse.KeyBlocks:
+  """The table: per query block (and split), its full then partial key blocks (M = 1)."""
+  big = jnp.iinfo(jnp.int32).max
+  lo, hi, valid = (x.reshape(-1, block_q) for x in (tables.lo, tables.hi, tables.valid))
+  seen = hi > lo
+  start = jnp.min(jnp.where(seen, lo, big), axis=1)
+  end = jnp.max(jnp.where(seen, hi, 0), axis=1)
+  any_seen = jnp.any(seen, axis=1)
+  p0 = jnp.where(any_seen, start // block_k, 0)
+  p1 = jnp.where(any_seen, (end + block_k - 1) // block_k, 0)
+  # A key block is full when every row of the query block sees all of it (padding rows are
+  # dropped afterwards, whatever they see).
+  f_lo = jnp.max(jnp.where(valid, lo, 0), axis=1)
+  f_hi = jnp.min(jnp.where(valid, hi, big), axis=1)
+  f0 = (f_lo + block_k - 1) // block_k
+  f1 = f_hi // block_k
+  per = (p1 - p0 + splits - 1) // splits
+  part = jnp.arange(splits, dtype=jnp.int32)[:, None]
+  s0 = jnp.minimum(p0 + part * per, p1)
+  s1 = jnp.minimum(s0 + per, p1)
+  fc0 = jnp.clip(f0, s0, s1)
+  fc1 = jnp.clip(f1, fc0, s1)
+  t = jnp.arange(n_k, dtype=jnp.int32)
+  first = (fc0 - s0)[..., None]
+  partial = jnp.where(t < first, s0[..., None] + t, fc1[..., None] + t - first)
+  full = fc0[..., None] + t
+
+  def rows(x):  # (splits, n_q, ...) -> (1, splits * n_q, ...), int32
+    return x.reshape((1, -1) + x.shape[2:]).astype(jnp.int32)
+
+  return block_sparse.KeyBlocks(rows((fc0 - s0) + (s1 - fc1)), rows(jnp.minimum(partial, n_k - 1)),
+                                rows(fc1 - fc0), rows(jnp.minimum(full, n_k - 1)))
+
+
+def _mask(window: tuple[int, int]):
+  """The mod: a query row sees a key of its own sequence inside its window."""
+  left, right = window
+
+  def mask(m, r, g, q_pos, k_pos, operands):
+    del m, r, g, q_pos, k_pos
+    q_seg, q_at, k_seg, k_at = operands.blocked
+    allowed = q_seg == k_seg
+    if right >= 0:
+      allowed = allowed & (k_at <= q_at + right)
+    if left >= 0:
+      allowed = allowed & (k_at >= q_at - left)
+    return allowed
+
+  return mask
+
+
+def merge_splits(out: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Merges attention over parts of the keys by their logsumexp: ``(out, lse)`` of the whole.
+
+  Args:
+    out: ``(P, ..., Ev)`` each part's normalised output (0 where a part saw no key).
+    lse: ``(P, ...)`` each part's natural-log logsumexp (``-inf`` where it saw no key).
+
+  Returns:
+    ``out (..., Ev)`` and ``lse (...)``: 0 and ``-inf`` where no part saw a key. The gradient
+    is finite everywhere (no ``inf - inf``).
+  """
+  top = jnp.max(lse, axis=0)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  weight = jnp.exp(lse - top)
+  total = jnp.sum(weight, axis=0)
+  seen = total > 0
+  safe = jnp.where(seen, total, 1.0)
+  merged = jnp.sum(weight[..., None] * out.astype(weight.dtype), axis=0) / safe[..., None]
+  return merged, jnp.where(seen, top + jnp.log(safe), -jnp.inf)
+
+
+def _attend(query, key, value, cu_q, cu_k, used_k, scale, *, max_q: int, max_k: int,
+            window: tuple[int, int], splits: int | None, options: backends.KernelOptions):
+  """Packed varlen attention: ``(out (Tq, Hq, Ev), lse (Hq, Tq))`` on the backend ``options``
+  name, or (AUTO) on each platform's, with tables tiled for that backend."""
+  run = functools.partial(_attend_on, query, key, value, cu_q, cu_k, used_k, scale,
+                          max_q=max_q, max_k=max_k, window=window, options=options)
+  if options.backend != "AUTO":
+    return run(backend=options.backend, splits=splits)
+  # num_splits=None: no split in the CPU's kernel loops (one program at a time), jmat's
+  # choice on a GPU or TPU; the tables of each platform are tiled for its kernel.
+  cpu = splits if splits is not None else 1
+  return jax.lax.platform_dependent(
+      default=lambda: run(backend="XLA", splits=cpu),
+      cuda=lambda: run(backend="TRITON", splits=splits),
+      tpu=lambda: run(backend="MOSAIC", splits=splits))
+
+
+def _attend_on(query, key, value, cu_q, cu_k, used_k, scale, *, max_q: int, max_k: int,
+               window: tuple[int, int], splits: int | None, options: backends.KernelOptions,
+               backend: str):
+  """:func:`_attend` with tables tiled for ``backend`` (the kernel still runs where ``options``
+  say: AUTO falls back to XLA where the fused kernel cannot run the call)."""
+  total_q, heads, dim = query.shape
+  total_k, kv_heads, _ = key.shape
+  v_dim = value.shape[-1]
+  n = cu_q.shape[0] - 1
+  dtype = online_softmax.compute_dtype(query.dtype)
+  if total_q == 0 or total_k == 0 or n == 0:
+    return (jnp.zeros((total_q, heads, v_dim), query.dtype),
+            jnp.full((heads, total_q), -jnp.inf, dtype))
+  group = heads // kv_heads
+  block_q = _query_block(max_q, total_q, n, _SMALLEST_BLOCK_Q[backend])
+  block_k = block_sparse.block_for(total_k, _DECODE_BLOCK_K if max_q <= _DECODE_MAX_Q
+                                   else _BLOCK_K)
+  tables = _Tables(cu_q, cu_k, used_k, total_q, total_k, block_q, window)
+  n_q, n_k = tables.rows // block_q, block_sparse.ceil_div(total_k, block_k)
+  parts = _splits(splits, max_q, max_k, n_q, kv_heads, block_k)
+  blocks = _key_blocks(tables, block_q, block_k, n_k, parts)
+
+  rows = jnp.where(tables.valid[:, None, None], query[tables.token], 0)
+  q = jnp.swapaxes(rows, 0, 1).reshape(kv_heads, group, tables.rows, dim)
+  q = jnp.tile(q, (1, 1, parts, 1))[None]
+  k = jnp.swapaxes(key, 0, 1)[None]
+  v = jnp.swapaxes(value, 0, 1)[None]
+
+  def blocked(x, axis):
+    shape = [1, 1, 1, 1, 1]
+    shape[axis] = x.shape[0]
+    return x.astype(jnp.int32).reshape(shape)
+
+  operands = block_sparse.Operands((), (
+      blocked(jnp.tile(tables.q_seg, parts), 3), blocked(jnp.tile(tables.q_pos, parts), 3),
+      blocked(tables.k_seg, 4), blocked(tables.k_pos, 4)))
+  call = block_sparse.Call(q, k, v, blocks, operands, scale,
+                           mods=block_sparse.Mods(None, _mask(window)),
+                           block_q=block_q, block_k=block_k)
+  out, lse = backends.attend(_OP, call, options)[:2]
+  out = out[0].reshape(kv_heads, group, parts, tables.rows, v_dim)
+  lse = lse[0].reshape(kv_heads, group, parts, tables.rows)
+  out, lse = jnp.moveaxis(out, 2, 0), jnp.moveaxis(lse, 2, 0)
+  if parts > 1:
+    out, lse = merge_splits(out, lse)
+  else:
+    out, lse = out[0], lse[0]
+  out = out.reshape(heads, tables.rows, v_dim)[:, tables.row_of_token]
+  lse = lse.reshape(heads, tables.rows)[:, tables.row_of_token]
+  return jnp.swapaxes(out, 0, 1).astype(query.dtype), lse.astype(dtype)
+
+
+# The decode loop's chunk: about this many key rows of the whole batch per step (a few MB of
+# K and V, held in cache between the gather and the products), and never fewer keys per
+# sequence than _MIN_CHUNK. With num_splits=1 the chunk is _FIXED_CHUNK whatever the batch,
+# so that a sequence's sums run in the same order in every batch.
+_CHUNK_ROWS = 256
+_MIN_CHUNK = 16
+_FIXED_CHUNK = 128
+# num_splits=None on a CPU: the keys in two halves, two loops the runtime runs on two cores.
+_CPU_PARTS = 2
+
+
+def _decode_chunk(n: int, max_k: int, fixed: bool) -> int:
+  chunk = _FIXED_CHUNK if fixed else max(_MIN_CHUNK, _CHUNK_ROWS // max(n, 1))
+  return max(1, min(chunk, max_k))
+
+
+def _decode(query, key, value, cu_q, key_row, used, scale, *, max_q: int, max_k: int,
+            window: tuple[int, int], splits: int | None):
+  """Short query runs on XLA (the CPU decode path): ``(out (Tq, Hq, Ev), lse (Hq, Tq))``.
+
+  Each sequence's queries (at most ``max_q``) meet its keys chunk by chunk: one step of the
+  loop gathers chunk ``c`` of *every* sequence's keys (``key_row(n, positions)``: packed
+  offsets or a page table, so a paged cache is read in place), computes the scores of all
+  query heads of each key/value head as one multiply-and-sum over ``D`` (no transposed copy
+  of the cache) and folds them into an online softmax. With ``splits`` parts (``None``: two),
+  each part of every sequence's keys is a loop of its own (independent loops: XLA's CPU
+  runtime runs them concurrently); the parts are merged by logsumexp.
+  """
+  total_q, heads, dim = query.shape
+  kv_heads, v_dim = key.shape[1], value.shape[-1]
+  group = heads // kv_heads
+  n = cu_q.shape[0] - 1
+  dtype = online_softmax.compute_dtype(query.dtype)
+  parts = splits or _CPU_PARTS
+  chunk = _decode_chunk(n, block_sparse.ceil_div(max_k, parts), splits == 1)
+  per_part = block_sparse.ceil_div(block_sparse.ceil_div(max_k, parts), chunk) * chunk
+  steps = per_part // chunk
+  len_q = cu_q[1:] - cu_q[:-1]
+  j = jnp.arange(max_q, dtype=jnp.int32)
+  row_valid = j[None, :] < len_q[:, None]                                   # (N, Lq)
+  token = jnp.where(row_valid, cu_q[:-1, None] + j, 0)
+  q = jnp.where(row_valid[..., None, None], query[token], 0)                # (N, Lq, Hq, D)
+  q = (q.astype(dtype) * scale).reshape(n, max_q, kv_heads, group, dim)
+  aligned = (j[None, :] + (used - len_q)[:, None])                          # (N, Lq)
+  left, right = window
+  def step(first, c, carry):
+    pos = first + c * chunk + jnp.arange(chunk, dtype=jnp.int32)[None]    # (1, C)
+    pos = jnp.broadcast_to(pos, (n,) + pos.shape)                           # (N, P, C)
+    rows = key_row(pos)
+    k_c = key[rows].astype(dtype)                                           # (N, P, C, Hkv, D)
+    v_c = value[rows]
+    s = jnp.sum(q[:, None, None] * k_c[:, :, :, None, :, None, :], axis=-1)  # (N,P,C,Lq,Hkv,G)
+    ok = pos[..., None] < used[:, None, None, None]                         # (N, P, C, Lq)
+    at, key_at = aligned[:, None, None, :], pos[..., None]
+    if right >= 0:
+      ok = ok & (key_at <= at + right)
+    if left >= 0:
+      ok = ok & (key_at >= at - left)
+    s = jnp.where(ok[..., None, None], s, -jnp.inf)
+    # all query heads of a key/value head, and all its queries, are the rows of one product
+    s = jnp.transpose(s, (0, 1, 4, 5, 3, 2)).reshape(n, 1, kv_heads, group * max_q, chunk)
+    v_c = jnp.transpose(v_c, (0, 1, 3, 2, 4))                              # (N,P,Hkv,C,Dv)
+    return online_softmax.online_softmax_fold(carry, s, v_c)
+
+  init = online_softmax.online_softmax_init((n, 1, kv_heads), group * max_q, v_dim, dtype=dtype)
+  # One loop per part: independent loops, which XLA's CPU runtime runs concurrently.
+  carries = [jax.lax.fori_loop(0, steps, functools.partial(step, p * per_part), init)
+             for p in range(parts)]
+  acc, row_max, row_sum = (jnp.concatenate(x, axis=1) for x in zip(*carries, strict=True))
+  carry = (acc, row_max, row_sum)
+  out = online_softmax.online_softmax_finish(carry, dtype)                  # (N,P,Hkv,G*Lq,Dv)
+  lse = online_softmax.online_softmax_logsumexp(carry)
+  out, lse = jnp.moveaxis(out, 1, 0), jnp.moveaxis(lse, 1, 0)
+  out, lse = merge_splits(out, lse) if parts > 1 else (out[0], lse[0])
+  # (N, Hkv, G, Lq, ...) -> the packed tokens
+  out = jnp.moveaxis(out.reshape(n, heads, max_q, v_dim), 2, 1).reshape(n * max_q, heads, v_dim)
+  lse = jnp.swapaxes(lse.reshape(n, heads, max_q), 0, 1).reshape(heads, n * max_q)
+  t = jnp.arange(total_q, dtype=jnp.int32)
+  seq = jnp.clip(jnp.searchsorted(cu_q, t, side="right").astype(jnp.int32) - 1, 0, n - 1)
+  row = seq * max_q + t - cu_q[seq]
+  return out[row].astype(query.dtype), lse[:, row]
+
+
+def _decode_paths(query, key, value, cu_q, cu_k, block_table, used, scale, **static):
+  """:func:`_decode` on a packed or a paged cache (keys are read where they are)."""
+  if block_table is None:
+    last = max(key.shape[0] - 1, 0)
+    return _decode(query, key, value, cu_q,
+                   lambda pos: jnp.clip(cu_k[:-1, None, None] + pos, 0, last), used, scale,
+                   **static)
+  pages, page_size = key.shape[:2]
+  width = block_table.shape[1]
+
+  def key_row(pos):
+    slot = jnp.clip(pos // page_size, 0, width - 1)
+    page = jnp.take_along_axis(block_table, slot.reshape(slot.shape[0], -1), axis=1)
+    return page.reshape(slot.shape) * page_size + pos % page_size
+
+  flat = (pages * page_size,) + key.shape[2:]
+  return _decode(query, key.reshape(flat), value.reshape(flat[:-1] + value.shape[-1:]),
+                 cu_q, key_row, used, scale, **static)
+
+
+@functools.partial(jax.jit, static_argnames=("max_q", "max_k", "window", "enable_gqa",
+                                             "num_splits", "options"))
+def _varlen(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, scale, *,
+            max_q: int, max_k: int, window: tuple[int, int], enable_gqa: bool,
+            num_splits: int | None, options: backends.KernelOptions):
+  del enable_gqa  # checked before tracing
+  cu_q = cu_seq_q.astype(jnp.int32)
+  scale = online_softmax.attention_scale(_OP, scale, query.shape[-1],
+                                         online_softmax.compute_dtype(query.dtype))
+  if block_table is not None:
+    block_table = block_table.astype(jnp.int32)
+    n, pages = block_table.shape
+    span = pages * key.shape[1]
+    cu_k = jnp.arange(n + 1, dtype=jnp.int32) * span
+  else:
+    cu_k = cu_seq_k.astype(jnp.int32)
+  if seqused_k is not None:
+    used = jnp.minimum(seqused_k.astype(jnp.int32), cu_k[1:] - cu_k[:-1])
+  else:
+    used = cu_k[1:] - cu_k[:-1]
+  static: dict[str, Any] = dict(max_q=max_q, max_k=max_k, window=window)
+  n = cu_q.shape[0] - 1
+  empty = query.shape[0] == 0 or key.shape[0] == 0 or n == 0
+  decode = (not empty and max_q <= _DECODE_MAX_Q and options.backend in ("AUTO", "XLA"))
+
+  def kernel():
+    k, v = key, value
+    if block_table is not None:  # the kernels read each sequence's pages in order
+      k = key[block_table].reshape(-1, *key.shape[2:])
+      v = value[block_table].reshape(-1, *value.shape[2:])
+    return _attend(query, k, v, cu_q, cu_k, used, scale, splits=num_splits, options=options,
+                   **static)
+
+  if not decode:
+    return kernel()
+  on_xla = functools.partial(_decode_paths, query, key, value, cu_q, cu_k, block_table, used,
+                             scale, splits=num_splits, **static)
+  if options.backend == "XLA":
+    return on_xla()
+  # AUTO: the decode loop where XLA runs (CPUs), the fused kernels on GPUs and TPUs.
+  return jax.lax.platform_dependent(default=on_xla, cuda=kernel, tpu=kernel)
+
+
+def varlen_attn(
+    query: ArrayLike,
+    key: ArrayLike,
+    value: ArrayLike,
+    cu_seq_q: ArrayLike,
+    cu_seq_k: ArrayLike | None,
+    max_q: int,
+    max_k: int,
+    *,
+    return_aux: AuxRequest | None = None,
+    scale: ArrayLike | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    enable_gqa: bool = False,
+    seqused_k: ArrayLike | None = None,
+    block_table: ArrayLike | None = None,
+    num_splits: int | None = None,
+    kernel_options: dict[str, Any] | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """Attention over packed sequences of different lengths, as torch 2.13's ``varlen_attn``.
+
+  Sequence ``i`` owns queries ``query[cu_seq_q[i]:cu_seq_q[i + 1]]`` and keys
+  ``key[cu_seq_k[i]:cu_seq_k[i + 1]]`` (the first ``seqused_k[i]`` of them when
+  ``seqused_k`` is given); its queries attend to its keys only. With
+  ``window_size=(left, right)`` a query sees the keys from ``left`` before to
+  ``right`` after its own position (``-1``: unbounded), where a sequence's
+  queries are aligned with the *end* of its keys (FlashAttention's bottom-right
+  rule): ``(-1, 0)`` is causal, and a single decode query sees its whole cache.
+  For every query head ``h`` and key/value head ``h // (Hq // Hkv)``::
+
+    out[t, h] = softmax over the visible keys s of (scale * query[t, h] @ key[s, h_kv]),
+                @ value[s, h_kv]
+
+  The kernel's tables come from the offsets (no padded ``(B, S)`` copy of the
+  keys); short query runs (decode) split each sequence's keys across programs
+  and merge the parts by logsumexp. Differentiable in ``query``, ``key``,
+  ``value`` and ``scale`` (not through ``block_table``/``seqused_k``, as torch).
+  On a CPU it runs (torch's raises NotImplementedError there).
+
+  Args:
+    query: ``(Tq, Hq, D)``: every sequence's queries, packed.
+    key: ``(Tk, Hkv, D)``, or ``(pages, page_size, Hkv, D)`` with ``block_table``.
+    value: ``(Tk, Hkv, Dv)``, or ``(pages, page_size, Hkv, Dv)`` with ``block_table``.
+    cu_seq_q: ``(N + 1,)`` integer offsets of the sequences' queries: 0, then
+      non-decreasing (may be traced under jit).
+    cu_seq_k: ``(N + 1,)`` integer offsets of their keys (ignored with ``block_table``).
+    max_q: the longest query run (a Python int; static).
+    max_k: the longest key run (a Python int; static).
+    return_aux: ``AuxRequest(lse=True)`` also returns the natural-log logsumexp.
+    scale: factor of ``query @ key^T`` (a number or 0-d array, differentiable);
+      default ``1 / sqrt(D)``.
+    window_size: ``(left, right)`` FlashAttention window, ``-1`` unbounded.
+    enable_gqa: allow ``Hkv < Hq`` (``Hkv`` must divide ``Hq``).
+    seqused_k: ``(N,)`` integers: sequence ``i`` uses only its first
+      ``seqused_k[i]`` keys (required with ``block_table``).
+    block_table: ``(N, max_pages)`` integers: the pages of each sequence, in
+      order, into the ``(pages, page_size, Hkv, D)`` pools ``key`` and ``value``.
+    num_splits: split each sequence's keys into this many parts merged by
+      logsumexp; ``1`` never splits (a sequence's result then does not depend
+      on the rest of the batch); None lets jmat choose (for short query runs:
+      two parts on a CPU, two loops its runtime may run on two cores; enough
+      parts to fill a GPU or TPU).
+    kernel_options: jmat's addition (as flex attention's): ``{"BACKEND":
+      "AUTO" | "XLA" | "TRITON" | "MOSAIC", "INTERPRET": bool, ...}``.
+
+  Returns:
+    ``out (Tq, Hq, Dv)`` in the query's dtype; with ``return_aux.lse`` also
+    ``lse (Hq, Tq)`` in float32 (float64 for float64 inputs), ``-inf`` for a
+    query that sees no key (whose output is 0).
+
+  Raises:
+    ShapeError: wrong ranks, sizes that disagree, ``Hq != Hkv`` without
+      ``enable_gqa``, offsets that do not start at 0 or decrease (when
+      concrete), a page index past the pool (when concrete), a window below -1.
+    TypeError: non-floating or differing dtypes, non-integer offsets or tables.
+    ValueError: ``block_table`` without ``seqused_k``, a bad ``num_splits``.
+
+  Example:
+    >>> q = k = v = jnp.ones((7, 4, 16))  # two sequences: 3 and 4 tokens
+    >>> cu = jnp.array([0, 3, 7])
+    >>> jmat.attention.varlen_attn(q, k, v, cu, cu, 4, 4, window_size=(-1, 0)).shape
+    (7, 4, 16)
+  """
+  options = backends.kernel_options(_OP, kernel_options)
+  query, key, value = (jnp.asarray(x) for x in checks.check_varlen_arrays(
+      _OP, query, key, value))
+  cu_seq_q = jnp.asarray(cu_seq_q)
+  cu_seq_k = None if cu_seq_k is None else jnp.asarray(cu_seq_k)
+  seqused_k = None if seqused_k is None else jnp.asarray(seqused_k)
+  block_table = None if block_table is None else jnp.asarray(block_table)
+  window = checks.check_varlen(
+      _OP, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size, enable_gqa,
+      seqused_k, block_table, num_splits, return_aux)
+  out, lse = _varlen(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, scale,
+                     max_q=int(max_q), max_k=int(max_k), window=window,
+                     enable_gqa=enable_gqa, num_splits=num_splits, options=options)
+  if return_aux is not None and return_aux.lse:
+    return out, lse
+  return out
+
