@@ -616,6 +616,16 @@ def test_a_call_that_cannot_fit_a_tpu_core_is_refused_naming_the_limit_and_the_f
                   interpret=True, tiling=tiling)
 
 
+def test_unsupported_says_why_a_call_cannot_fit_vmem():
+  """1024 query heads per key/value head: 8 rows each are 8192 rows, past the VMEM limit; AUTO
+  then runs XLA with the reason instead of an XLA resource error at compile time."""
+  q = jax.ShapeDtypeStruct((1, 1, 1024, 8, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, 1, 128, 128), jnp.bfloat16)
+  reason = mosaic.unsupported(q, kv, kv, ((), ()), block_sparse.Mods(), 8, 128)
+  assert reason is not None and "a program of 1024 query heads x 8 query rows by 128 keys" in reason
+  assert "more than the limit of 32 MiB" in reason and "fewer query heads" in reason
+
+
 # --- documents through the public API ------------------------------------------------------
 
 DOC_IDS = np.repeat(np.arange(4), [60, 1, 100, 95]).astype(np.int32)  # four documents, L = 256
