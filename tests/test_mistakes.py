@@ -268,6 +268,10 @@ def test_flags_that_are_no_bool_are_type_errors(value):
   for flag in ("is_causal", "enable_gqa", "return_lse"):
     with raises(TypeError, f"jmat.parallel.ring_attention: {flag} must be True or False", given):
       jmat.parallel.ring_attention(q, q, q, mesh=MESH, axis_name="seq", **{flag: value})
+  for flag in ("is_causal", "enable_gqa"):
+    with raises(TypeError, f"jmat.scaled_dot_product_attention: {flag} must be True or False",
+                given):
+      jmat.scaled_dot_product_attention(q, q, q, **{flag: value})
 
 
 def test_numpy_bools_are_bools():

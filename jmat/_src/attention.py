@@ -383,7 +383,8 @@ def scaled_dot_product_attention(
   Raises:
     ShapeError: inputs below 2-D, ``E`` or ``S`` mismatches, leading dims or
       the mask that do not broadcast, heads that do not divide with ``enable_gqa``.
-    TypeError: dtypes that differ or are not floating; a mask of another dtype.
+    TypeError: dtypes that differ or are not floating; a mask of another dtype;
+      ``is_causal`` or ``enable_gqa`` that is no bool.
     ValueError: ``dropout_p`` outside [0, 1], dropout without ``dropout_rng``,
       an unknown ``implementation``, dropout with ``"blockwise"``.
 
@@ -397,7 +398,9 @@ def scaled_dot_product_attention(
     >>> print(jmat.scaled_dot_product_attention(q, k, v, jnp.array([[False, True]])))
     [[20.]]
   """
-  return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+  return _sdpa(query, key, value, attn_mask, dropout_p, checks.check_flag(_SDPA, "is_causal",
+                                                                          is_causal),
+               scale, checks.check_flag(_SDPA, "enable_gqa", enable_gqa),
                dropout_rng=dropout_rng, implementation=implementation, block_size=block_size,
                options=backends.kernel_options(_SDPA, kernel_options))
 
