@@ -88,6 +88,31 @@ def _softcap(score, b, h, q_idx, kv_idx):
   return 30.0 * jnp.tanh(score / 30.0)
 
 
+def _varlen(decode: bool):
+  """varlen_attn on the Triton kernel, packed (T, H, D): a prefill of four causal sequences
+  (GQA 16:4), or a decode step of 16 sequences, one query each against 4096 keys."""
+  import numpy as np
+
+  import jmat
+
+  if decode:
+    cu_q, cu_k = np.arange(17, dtype=np.int32), np.arange(17, dtype=np.int32) * L
+    max_q, max_k, window = 1, L, (-1, -1)
+  else:
+    cu_q = cu_k = np.cumsum([0, 700, 1500, 900, L - 3100]).astype(np.int32)
+    max_q = max_k = 1500
+    window = (-1, 0)
+
+  def forward(q, k, v):
+    return jmat.attention.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=window,
+                                      enable_gqa=True, kernel_options={"BACKEND": "TRITON"})
+
+  def packed(tokens, heads):
+    return jax.ShapeDtypeStruct((tokens, heads, 128), jnp.bfloat16)
+
+  return forward, (packed(int(cu_q[-1]), H), packed(int(cu_k[-1]), 4), packed(int(cu_k[-1]), 4))
+
+
 def _cases() -> dict[str, Callable[[], tuple[Callable[..., Any], tuple[Any, ...]]]]:
   from jmat import mods
 
@@ -105,6 +130,9 @@ def _cases() -> dict[str, Callable[[], tuple[Callable[..., Any], tuple[Any, ...]
       "sdpa_causal": _sdpa_causal,
       # decoding: 16 new queries against 4096 keys (the forward splits the keys)
       "flex_decode16_gqa4": lambda: _flex(kv_heads=4, queries=16),
+      # varlen_attn (issue 22): packed causal prefill, and one decode step of 16 sequences
+      "varlen_prefill_gqa4": lambda: _varlen(decode=False),
+      "varlen_decode16_gqa4": lambda: _varlen(decode=True),
   }
 
 

@@ -88,6 +88,27 @@ def sdpa(length, sharding, heads=16, kv_heads=4, d=128):
   return forward, (struct((1, heads, length, d), sharding), kv, kv)
 
 
+def varlen(length, sharding, heads=16, kv_heads=4, d=128, decode=False):
+  """varlen_attn on the Mosaic kernel, packed ``(T, H, D)``: a causal prefill of four sequences
+  of ``length`` tokens in all, or one decode step of 16 sequences against ``length`` keys each."""
+  if decode:
+    cu_q, cu_k = np.arange(17, dtype=np.int32), np.arange(17, dtype=np.int32) * length
+    max_q, max_k, window = 1, length, (-1, -1)
+  else:
+    cut = length // 8
+    cu_q = cu_k = np.cumsum([0, cut, 3 * cut, 2 * cut, 2 * cut]).astype(np.int32)
+    max_q = max_k = 3 * cut
+    window = (-1, 0)
+
+  def forward(q, k, v):
+    return jmat.attention.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=window,
+                                      enable_gqa=kv_heads != heads, kernel_options=MOSAIC)
+
+  tokens_q, tokens_k = int(cu_q[-1]), int(cu_k[-1])
+  kv = struct((tokens_k, kv_heads, d), sharding)
+  return forward, (struct((tokens_q, heads, d), sharding), kv, kv)
+
+
 def splash(length, sharding, heads=16, d=128, mask="causal"):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
@@ -116,6 +137,8 @@ CASES = {
   "sdpa causal GQA 16:4 L16384": (sdpa, 16384, {}),
   "sdpa causal GQA 32:4 L16384": (sdpa, 16384, {"heads": 32}),
   "sdpa causal GQA 64:4 L16384": (sdpa, 16384, {"heads": 64}),
+  "varlen prefill GQA 16:4 L16384": (varlen, 16384, {}),
+  "varlen decode 16 x 4096 GQA 16:4": (varlen, 4096, {"decode": True}),
   "splash causal L16384": (splash, 16384, {}),
   "splash window1024 L16384": (splash, 16384, {"mask": "window"}),
 }
