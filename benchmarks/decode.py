@@ -9,6 +9,11 @@ full (``S`` keys), pages of 128 positions (torch's default block). Competitors:
   between sequences, as they are after sequences grow side by side);
 * ``jmat flex``: ``jmat.flex_attention`` with L=1 over a contiguous ``(B, 8, S, 128)`` cache
   (a BlockMask of the valid lengths, passed in);
+* ``jmat varlen``: ``jmat.attention.varlen_attn`` of ``(B, 32, 128)`` queries (one per
+  sequence, ``cu_seq_q = 0..B``) over the packed cache ``(B * S, 8, 128)`` (``cu_seq_k``), as a
+  server packs sequences of different lengths;
+* ``jmat varlen paged``: ``varlen_attn`` over a page pool ``(pages, 128, 8, 128)`` with the
+  same pages as ``jmat paged`` (``block_table``, ``seqused_k``);
 * ``torch``: ``torch.compile(flex_attention)`` over torch's ``PagedAttention`` (its
   ``convert_logical_block_mask`` in the step, as jmat's), compiled on the warm-up call (~35 s a
   case, not timed; ``--quick`` skips it);
@@ -41,7 +46,8 @@ from benchmarks.spec import Record, SuiteSpec
 from benchmarks.timing import Call, Case, Skipped, Suite
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 128
-COMPETITORS = ("jmat paged", "jmat flex", "torch", "torch SDPA", "jnp dense")
+COMPETITORS = ("jmat paged", "jmat flex", "jmat varlen", "jmat varlen paged", "torch",
+               "torch SDPA", "jnp dense")
 QUICK_GRID = ((2, 1024),)
 DEFAULT_GRID = ((1, 32768), (8, 4096), (32, 1024), (64, 1024))
 MOST_POSITIONS = 131072  # B * S of the full grid: 1 GiB per float32 K+V copy
@@ -104,8 +110,17 @@ def _jitted() -> dict[str, Callable[..., Any]]:
     out = jnp.einsum("bhgs,bhsd->bhgd", jax.nn.softmax(s, axis=-1), v)
     return out.reshape(batch, heads, 1, dim)
 
+  def varlen_step(q, k, v, cu_q, cu_k, length):
+    return jmat.attention.varlen_attn(q, k, v, cu_q, cu_k, 1, length, enable_gqa=True)
+
+  def varlen_paged_step(q, k_pages, v_pages, cu_q, table, used, length):
+    return jmat.attention.varlen_attn(q, k_pages, v_pages, cu_q, None, 1, length,
+                                      enable_gqa=True, seqused_k=used, block_table=table)
+
   return {"paged": jax.jit(paged_step), "flex": jax.jit(flex_step),
-          "dense": jax.jit(dense_step)}
+          "dense": jax.jit(dense_step),
+          "varlen": jax.jit(varlen_step, static_argnums=5),
+          "varlen paged": jax.jit(varlen_paged_step, static_argnums=6)}
 
 
 @functools.cache
@@ -162,10 +177,26 @@ def _case(target: comp.Target, batch: int, length: int, torch_flex: bool) -> Cas
     mask = jmat.create_block_mask(_valid(jnp.asarray(lengths)), batch, None, 1, length,
                                   BLOCK_SIZE=(1, PAGE))
     paged_args = [jax.device_put(x, target.device) for x in (q, k_pool, v_pool)]
+    # varlen's layouts: packed (B * S, 8, 128) keys, and the pool's pages as (pages, 128, 8,
+    # 128) under the same page table.
+    cu_q = np.arange(batch + 1, dtype=np.int32)
+    packed = [np.ascontiguousarray(np.swapaxes(x, 1, 2)).reshape(-1, KV_HEADS, HEAD_DIM)
+              for x in (k, v)]
+    pages = [np.ascontiguousarray(x[0].reshape(KV_HEADS, -1, PAGE, HEAD_DIM).transpose(
+        1, 2, 0, 3)) for x in (k_pool, v_pool)]
+    table = np.asarray(paged.page_table)[:, : length // PAGE].astype(np.int32)
+    q_packed = q[:, :, 0]
     calls: dict[str, Call | Skipped] = {
         "jmat paged": lambda: jax.block_until_ready(
             fns["paged"](paged, *paged_args, mask)),
         "jmat flex": target.jax_call(lambda q, k, v: fns["flex"](q, k, v, mask), q, k, v),
+        "jmat varlen": target.jax_call(
+            lambda q, k, v, cu_q, cu_k: fns["varlen"](q, k, v, cu_q, cu_k, length),
+            q_packed, *packed, cu_q, cu_q * length),
+        "jmat varlen paged": target.jax_call(
+            lambda q, k, v, cu_q, table, used: fns["varlen paged"](
+                q, k, v, cu_q, table, used, length),
+            q_packed, *pages, cu_q, table, lengths),
         "torch": (
             (comp.NO_TORCH if target.torch_device is None
              else _torch_paged(batch, length, k, v)) if torch_flex
@@ -191,7 +222,9 @@ def decode_suite(target: comp.Target, quick: bool) -> Suite:
       notes=(
           f"jmat paged and torch: flex attention over a PagedAttention pool of pages of {PAGE} "
           "(interleaved between sequences), the logical mask converted in the step; jmat flex "
-          "and torch SDPA: a contiguous (B, 8, S, 128) cache.",
+          "and torch SDPA: a contiguous (B, 8, S, 128) cache; jmat varlen: varlen_attn over "
+          "the packed (B*S, 8, 128) cache; jmat varlen paged: varlen_attn over the same pages "
+          "as jmat paged, (pages, 128, 8, 128) with a block_table.",
           "torch is torch.compile(flex_attention, dynamic=False); ratio_vs_torch is against it, "
           "the summary also gives the ratio to torch SDPA.",
           "GFLOP/s count 4*B*Hq*D*S; decode is memory-bound: kv_bytes in info is what one step "
@@ -204,7 +237,7 @@ def _summary(suite: Record) -> list[str]:
   out = []
   peers = {"torch": "torch.compile(flex) over its PagedAttention",
            "torch SDPA": "torch SDPA over a contiguous cache"}
-  for mine in ("jmat paged", "jmat flex"):
+  for mine in ("jmat paged", "jmat flex", "jmat varlen", "jmat varlen paged"):
     for peer, words in peers.items():
       ratios = []
       for case in suite["cases"]:

@@ -2,9 +2,10 @@
 
 A batch of prompts of different lengths is
 
-1. prefilled: one flex attention over the right-padded prompts (causal and padding masks), the
-   keys and values of the real positions written to a paged cache
-   (``PagedAttention.assign``; padding positions are given position -1, which writes nothing);
+1. prefilled: the prompts packed end to end (``(T,)`` tokens, no padding) go through the model
+   once, attention by ``jmat.attention.varlen_attn`` (``cu_seqlens`` offsets, causal:
+   ``window_size=(-1, 0)``), and every token's keys and values are written to the paged cache
+   (``PagedAttention.assign``, one row per token: its sequence and position);
 2. decoded one token per sequence per step, under ``jax.jit`` with the caches donated: each
    step writes its new keys and values into the pool and attends over it with
    ``flex_attention`` (queries ``(B, Hq, 1, Dh)``, the pool ``(1, Hkv, pages * page, Dh)``
@@ -98,22 +99,29 @@ def model(params: dict, tokens: jax.Array, positions: jax.Array, attend, cfg: Co
   return jmat.matmul(rms_norm(x), params["head"])
 
 
-def prefill(params, paged, caches, tokens, lengths, cfg: Config):
-  """The padded prompts ``(B, Lp)`` through the model: ``(last logits (B, vocab), caches)``."""
-  batch, padded = tokens.shape
-  positions = jnp.broadcast_to(jnp.arange(padded), (batch, padded))
-  mask = jmat.create_block_mask(
-      lambda b, h, q, kv: (kv <= q) & (kv < lengths[b]), batch, None, padded, padded)
+def prefill(params, paged, caches, tokens, positions, seq_ids, cu_seqlens, cfg: Config,
+            longest: int):
+  """The packed prompts through the model: ``(last logits (B, vocab), caches)``.
+
+  ``tokens``, ``positions`` and ``seq_ids`` are ``(T,)``: every prompt's tokens end to end,
+  each token's position in its prompt and its prompt's index; prompt ``b`` is
+  ``tokens[cu_seqlens[b]:cu_seqlens[b + 1]]``, ``longest`` the longest prompt.
+  """
   written = list(caches)
-  # Padding positions get -1: assign writes nothing there.
-  input_pos = jnp.where(positions < lengths[:, None], positions, -1)
+
+  def packed(x):  # (1, H, T, Dh) -> (T, H, Dh)
+    return jnp.swapaxes(x[0], 0, 1)
 
   def attend(i, q, k, v):
-    written[i] = paged.assign(jnp.arange(batch), input_pos, k, v, *written[i])
-    return jmat.flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+    # One assign row per token (its prompt, its position): (T, H, 1, Dh) keys and values.
+    written[i] = paged.assign(seq_ids, positions[:, None], packed(k)[:, :, None],
+                              packed(v)[:, :, None], *written[i])
+    out = jmat.attention.varlen_attn(packed(q), packed(k), packed(v), cu_seqlens, cu_seqlens,
+                                     longest, longest, window_size=(-1, 0), enable_gqa=True)
+    return jnp.swapaxes(out, 0, 1)[None]
 
-  logits = model(params, tokens, positions, attend, cfg)
-  return logits[jnp.arange(batch), lengths - 1], tuple(written)
+  logits = model(params, tokens[None], positions[None], attend, cfg)
+  return logits[0, cu_seqlens[1:] - 1], tuple(written)
 
 
 def decode_step(params, paged, caches, tokens, positions, cfg: Config):
@@ -144,19 +152,20 @@ def generate(params, prompts: Sequence[Sequence[int]], new_tokens: int, cfg: Con
   """Greedy continuations of ``prompts`` (``new_tokens`` each) and the decoding tokens/s."""
   batch = len(prompts)
   lengths = np.array([len(p) for p in prompts])
-  tokens = np.zeros((batch, lengths.max()), np.int32)
-  for b, prompt in enumerate(prompts):
-    tokens[b, : len(prompt)] = prompt
+  tokens = np.concatenate([np.asarray(p, np.int32) for p in prompts])
+  seq_ids = np.repeat(np.arange(batch, dtype=np.int32), lengths)
+  cu_seqlens = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+  in_prompt = np.arange(len(tokens), dtype=np.int32) - cu_seqlens[seq_ids]
   paged = PagedAttention(cfg.n_pages, cfg.page_size, batch)
   for b in range(batch):
     paged = paged.reserve(b, int(lengths[b]))
   shape = (1, cfg.kv_heads, cfg.n_pages * cfg.page_size, cfg.head_dim)
   caches = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.layers))
 
-  run_prefill = jax.jit(prefill, static_argnames="cfg", donate_argnums=2)
+  run_prefill = jax.jit(prefill, static_argnames=("cfg", "longest"), donate_argnums=2)
   step = jax.jit(decode_step, static_argnames="cfg", donate_argnums=2)
-  logits, caches = run_prefill(params, paged, caches, jnp.asarray(tokens),
-                               jnp.asarray(lengths), cfg=cfg)
+  logits, caches = run_prefill(params, paged, caches, *map(jnp.asarray, (
+      tokens, in_prompt, seq_ids, cu_seqlens)), cfg=cfg, longest=int(lengths.max()))
   next_tokens = jnp.argmax(logits, axis=-1)
   out = [next_tokens]
   positions = lengths.copy()

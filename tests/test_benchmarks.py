@@ -35,11 +35,12 @@ COMPETITORS = {
     "attention": ["jmat default", "jmat dense", "jmat blockwise", "jax.nn", "torch"],
     "memory": ["jmat default", "jmat dense", "jmat blockwise", "jax.nn", "torch"],
     "flex": ["jmat", "torch", "jax.nn"],
-    "decode": ["jmat paged", "jmat flex", "torch", "torch SDPA", "jnp dense"],
+    "decode": ["jmat paged", "jmat flex", "jmat varlen", "jmat varlen paged", "torch",
+               "torch SDPA", "jnp dense"],
 }
 # Competitors that exist whatever else is installed or still being written.
 ALWAYS_RUN = {"jnp", "jnp again", "lax", "einsum", "numpy", "jax.nn", "jnp dense", "jmat paged",
-              "jmat flex"}
+              "jmat flex", "jmat varlen", "jmat varlen paged"}
 
 
 @pytest.fixture(scope="module")
@@ -520,3 +521,32 @@ def test_decode_pools_hold_what_torchs_paged_attention_holds():
                 torch.from_numpy(k), torch.from_numpy(v), t_k, t_v)
   np.testing.assert_array_equal(k_pool, t_k.numpy())
   np.testing.assert_array_equal(v_pool, t_v.numpy())
+
+
+def test_decode_competitors_compute_the_same_attention():
+  # Every decode competitor (its own layout of the cache) gives the step's attention: the numpy
+  # float64 softmax of one query per sequence over all of its cache, GQA 32:8.
+  import jax
+
+  from benchmarks import decode
+  from benchmarks.competitors import Target
+
+  batch, length = 2, 2 * decode.PAGE
+  target = Target(jax.devices("cpu")[0], "cpu")
+  calls = decode._case(target, batch, length, torch_flex=False).build()
+  q = np.random.default_rng(1).standard_normal((batch, decode.HEADS, 1, decode.HEAD_DIM),
+                                               dtype=np.float32).astype(np.float64)
+  k, v = (x.astype(np.float64) for x in target.random(
+      [(batch, decode.KV_HEADS, length, decode.HEAD_DIM)] * 2, "float32"))
+  groups = decode.HEADS // decode.KV_HEADS
+  k, v = np.repeat(k, groups, axis=1), np.repeat(v, groups, axis=1)
+  s = q @ np.swapaxes(k, -1, -2) / np.sqrt(decode.HEAD_DIM)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  want = (p / p.sum(-1, keepdims=True)) @ v
+  ran = set()
+  for name, call in calls.items():
+    if callable(call):
+      got = np.asarray(call(), np.float64).reshape(want.shape)
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
+      ran.add(name)
+  assert ran == set(decode.COMPETITORS) - {"torch"}

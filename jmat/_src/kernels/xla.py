@@ -82,10 +82,22 @@ def _operands_at(operands: Operands, m, row: jax.Array, col: jax.Array, geo: Geo
   return Operands(operands.whole, sliced)
 
 
-def _key_block(k_m: jax.Array, v_m: jax.Array, j, geo: Geometry, k_offset):
-  """Key block ``j`` of one table row: ``(first column, keys, values, key positions)``."""
+def _block(x: jax.Array, m, col, size: int) -> jax.Array:
+  """``x[m, :, col:col + size]`` of a 4-D ``x`` in one slice (broadcast 1s kept whole).
+
+  Slicing the block straight from ``x`` (rather than ``x[m]``, then its rows) keeps XLA from
+  copying the whole of row ``m`` inside the loop before the block is taken: a decoding step
+  (one query block per row) read its K and V three times that way.
+  """
+  size, col = (1, 0) if x.shape[-2] == 1 else (size, col)
+  starts = [jnp.asarray(s, jnp.int32) for s in (m if x.shape[0] > 1 else 0, 0, col, 0)]
+  return lax.dynamic_slice(x, starts, (1, x.shape[1], size, x.shape[3]))[0]
+
+
+def _key_block(k: jax.Array, v: jax.Array, m, j, geo: Geometry, k_offset):
+  """Key block ``j`` of table row ``m``: ``(first column, keys, values, key positions)``."""
   col = j * geo.block_k
-  k_j, v_j = _rows(k_m, col, geo.block_k, -2), _rows(v_m, col, geo.block_k, -2)
+  k_j, v_j = _block(k, m, col, geo.block_k), _block(v, m, col, geo.block_k)
   return col, k_j, v_j, k_offset + col + lax.iota(jnp.int32, geo.block_k)
 
 
@@ -168,7 +180,7 @@ def forward_blocks(
   def query_block(mi, carry):
     m, i = (jnp.asarray(x, jnp.int32) for x in divmod(mi, n_q))
     row = i * bq
-    q_i, k_m, v_m = _rows(_row(q, m), row, bq, -2), _row(k, m), _row(v, m)
+    q_i = _rows(_row(q, m), row, bq, -2)
     q_pos = q_offset + row + lax.iota(jnp.int32, bq)
     axes = (-2, -1, -1)  # the rows of acc, row_max and row_sum
     tile = tuple(_rows(_row(x, m), row, bq, axis) for x, axis in zip(carry, axes, strict=True))
@@ -177,7 +189,7 @@ def forward_blocks(
                         for x, axis in zip(tile, axes, strict=True)) for part in chain)
 
     def fold(masked, j, tiles):
-      col, k_j, v_j, k_pos = _key_block(k_m, v_m, j, geo, k_offset)
+      col, k_j, v_j, k_pos = _key_block(k, v, m, j, geo, k_offset)
       whole, sliced = _operands_at(operands, m, row, col, geo)
       updated = []
       for part, tile in zip(chain, tiles, strict=True):
@@ -280,11 +292,10 @@ def backward_blocks(
     do_i = _rows(_row(d_out, m), row, bq, -2)
     lse_i, delta_i = (_rows(_row(x, m), row, bq, -1)[..., None] for x in (lse, delta))
     q_pos = q_offset + row + lax.iota(jnp.int32, bq)
-    k_m, v_m = _row(k, m), _row(v, m)
 
     def fold(masked, j, state):
       dq_i, dk, dv, d_ops = state
-      col, k_j, v_j, k_pos = _key_block(k_m, v_m, j, geo, k_offset)
+      col, k_j, v_j, k_pos = _key_block(k, v, m, j, geo, k_offset)
       _, sliced = _operands_at(operands, m, row, col, geo)
       sliced_f, sliced_o = _split(list(sliced), blocked_float)
 
