@@ -254,7 +254,8 @@ def test_auto_lowers_to_the_platforms_kernel(platform, kernel_call, max_q):
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, 400, window_size=(-1, 0), enable_gqa=True)
 
   def lowered(fn, on):
-    return jax.jit(fn).trace(q, kv, kv, cu, cu).lower(lowering_platforms=(on,)).as_text()
+    with jmat.attention.kernel_platforms(on):  # AUTO traces the kernels of these platforms
+      return jax.jit(fn).trace(q, kv, kv, cu, cu).lower(lowering_platforms=(on,)).as_text()
 
   assert kernel_call in lowered(attend, platform)
   assert kernel_call not in lowered(attend, "cpu")

@@ -199,10 +199,9 @@ def _attend(query, key, value, cu_q, cu_k, used_k, scale, *, max_q: int, max_k: 
   # num_splits=None: no split in the CPU's kernel loops (one program at a time), jmat's
   # choice on a GPU or TPU; the tables of each platform are tiled for its kernel.
   cpu = splits if splits is not None else 1
-  return jax.lax.platform_dependent(
-      default=lambda: run(backend="XLA", splits=cpu),
-      cuda=lambda: run(backend="TRITON", splits=splits),
-      tpu=lambda: run(backend="MOSAIC", splits=splits))
+  return backends.per_platform(lambda: run(backend="XLA", splits=cpu),
+                               {"cuda": lambda: run(backend="TRITON", splits=splits),
+                                "tpu": lambda: run(backend="MOSAIC", splits=splits)})()
 
 
 def _attend_on(query, key, value, cu_q, cu_k, used_k, scale, *, max_q: int, max_k: int,
@@ -400,7 +399,7 @@ def _varlen(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, scale
   if options.backend == "XLA":
     return on_xla()
   # AUTO: the decode loop where XLA runs (CPUs), the fused kernels on GPUs and TPUs.
-  return jax.lax.platform_dependent(default=on_xla, cuda=kernel, tpu=kernel)
+  return backends.per_platform(on_xla, {"cuda": kernel, "tpu": kernel})()
 
 
 def varlen_attn(
