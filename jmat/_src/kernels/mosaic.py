@@ -68,6 +68,7 @@ from jmat._src.block_sparse import (
     Call,
     KeyBlocks,
     Mods,
+    backward_statistics,
     coarsen,
     lowering_limitation,
     pad,
@@ -615,10 +616,10 @@ def _attend_bwd(plan: Plan, geo: Geometry, residuals, cotangents):
   dtype = lse.dtype
   lead = q.shape[:3]  # (M, R, n_q): one partial sum or gradient tile per dq program
   out = out.astype(dtype) if low is None else out.astype(dtype) + low.astype(dtype)
-  # delta = rowsum(dO * O) - d_lse, one value per row as lse: (M, R, n_q, 1, rows).
-  delta = jnp.sum(d_out.astype(dtype) * out, axis=-1)[..., None, :] - d_lse.astype(dtype)
-  # Rows that saw no key have lse = -inf: an lse of +inf makes their p exactly 0.
-  lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
+  # lse and d_lse hold one value per row along the lanes, (M, R, n_q, 1, rows); out and d_out
+  # one row per sublane, (M, R, n_q, rows, Ev): delta comes out as lse is.
+  delta, lse = backward_statistics(out, d_out, lse[..., 0, :], d_lse[..., 0, :], dtype)
+  delta, lse = delta[..., None, :], lse[..., None, :]
   kinds = tile_kinds(blocks, geo)
 
   # The score mod's float values computed outside: those for every block or per query block

@@ -61,6 +61,7 @@ from jmat._src.block_sparse import (
   KeyBlocks,
   Mods,
   Operands,
+  backward_statistics,
   key_major_blocks,
   lowering_limitation,
   pad,
@@ -1023,9 +1024,8 @@ def _attend_bwd(cfg: _Config, residuals, cotangents):
   dtype = lse.dtype
   # dO stays in the input dtype (a tensor-core operand); delta is a float32 (or float64) sum.
   d_out = d_out.astype(q.dtype)
-  delta = jnp.sum(d_out.astype(dtype) * out.astype(dtype), axis=-1) - d_lse.astype(dtype)
-  # Rows that saw no key have lse = -inf: an lse of +inf makes their p exactly 0.
-  lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * _LOG2E)
+  delta, lse = backward_statistics(out, d_out, lse, d_lse, dtype)
+  lse2 = lse * _LOG2E  # the kernels' scores are in base 2 (+inf stays +inf)
   dq, dk, dv, d_scale, d_whole, d_blocked = _backward(
       cfg, q, k, v, blocks, operands, scale, offsets, d_out, lse2, delta)
   d_whole, d_blocked = iter(d_whole), iter(d_blocked)
