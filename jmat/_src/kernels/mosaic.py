@@ -654,6 +654,8 @@ def _attend_bwd(plan: Plan, geo: Geometry, residuals, cotangents):
       aliases={first_zero + n: 1 + len(summed) + n for n in range(len(zeros))})
 
   key_blocks = [hoisted[n].shape[3:] for n in by_keys]
+  # The key-major walk transposes the kinds map itself, not through block_sparse.key_major_blocks:
+  # the grid reads narrow-integer step tables (mosaic_tables.block_steps), not index lists.
   dk, dv, d_keys = _call(
       _dkv_kernel, "jmat_block_sparse_dkv", block_steps(kinds.swapaxes(1, 2), offsets, geo.steps_k),
       ins._replace(zeros=None, d_lse=None),
