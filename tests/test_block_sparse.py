@@ -201,3 +201,24 @@ def test_attend_over_causal_key_blocks_matches_numpy(q_len, kv_len, chains):
   assert out.dtype == jnp.float32 and lse.dtype == jnp.float32
   np.testing.assert_allclose(out, want_out, **tolerance(np.float32))
   np.testing.assert_allclose(lse, want_lse, **tolerance(np.float32))
+
+
+def test_backward_statistics_give_delta_and_an_lse_that_zeroes_empty_rows():
+  """delta = rowsum(dO * O) - d_lse in the compute dtype; an lse of -inf (a row that saw no key)
+  comes back +inf, so exp(s - lse) is 0 for every finite score, not NaN."""
+  rng = np.random.default_rng(0)
+  out = rng.standard_normal((2, 3, 5, 4)).astype(np.float32)
+  d_out = rng.standard_normal((2, 3, 5, 4)).astype(np.float32)
+  lse = rng.standard_normal((2, 3, 5))
+  lse[0, 1, 2] = -np.inf
+  d_lse = rng.standard_normal((2, 3, 5))
+  delta, lse_b = block_sparse.backward_statistics(
+      jnp.asarray(out, jnp.bfloat16), jnp.asarray(d_out), jnp.asarray(lse), jnp.asarray(d_lse),
+      jnp.float64)
+  out_bf16 = np.asarray(jnp.asarray(out, jnp.bfloat16), np.float64)
+  np.testing.assert_allclose(delta, (d_out.astype(np.float64) * out_bf16).sum(-1) - d_lse,
+                             rtol=1e-12, atol=1e-12)
+  assert delta.dtype == jnp.float64 and lse_b.dtype == jnp.float64
+  expected = np.where(np.isneginf(lse), np.inf, lse)
+  np.testing.assert_array_equal(lse_b, expected)
+  assert np.all(np.exp(1e30 - np.asarray(lse_b))[0, 1, 2] == 0)

@@ -364,10 +364,11 @@ def kernel_values_and_grads(case: Case, problem: Problem, blocks, d_out, d_lse,
   def values_and_grads(offsets, *arrays):  # traced offsets, as ring attention's
     def attend(*arrays):
       floats = dict(zip(names, arrays, strict=True))
-      return mosaic.attend(floats["q"], floats["k"], floats["v"], blocks,
-                           operands(problem, floats), floats["scale"], mods=mods,
-                           block_q=case.block_q, block_k=case.block_k, interpret=interpret,
-                           tiling=case.tiling, q_offset=offsets[0], k_offset=offsets[1])
+      return mosaic.run(block_sparse.Call(floats["q"], floats["k"], floats["v"], blocks,
+                                          operands(problem, floats), floats["scale"], mods=mods,
+                                          block_q=case.block_q, block_k=case.block_k,
+                                          q_offset=offsets[0], k_offset=offsets[1]),
+                        interpret=interpret, tiling=case.tiling)
 
     (out, lse), vjp = jax.vjp(attend, *arrays)
     return out, lse, vjp((d_out.astype(out.dtype), d_lse.astype(lse.dtype)))
@@ -449,6 +450,13 @@ def relative_table(s, idx, ops):
 M, R, G, L, S, E, EV = 1, 2, 2, 37, 261, 16, 24
 
 
+def _probe_call(q, k, v, operands, mods, block_q, block_k) -> block_sparse.Call:
+  """The call ``unsupported`` judges: arrays or shapes, operands, mods and blocks (it reads
+  neither the table nor the scale, so they are left out)."""
+  return block_sparse.Call(q, k, v, None, operands, None, mods=mods,
+                           block_q=block_q, block_k=block_k)
+
+
 def abstract(dtype=jnp.bfloat16, whole="temp"):
   """Shapes of q, k, v and operands for the TPU lowering: a scalar and a blocked bias, or ALiBi
   slopes, or a relative-position table."""
@@ -467,7 +475,8 @@ def test_lowers_to_the_tpu_kernels(gradient):
   blocks = block_sparse.causal_key_blocks(L, S, 16, 128)
 
   def forward(q, k, v, ops, scale):
-    return mosaic.attend(q, k, v, blocks, ops, scale, mods=mods, block_q=16, block_k=128)
+    return mosaic.run(block_sparse.Call(q, k, v, blocks, ops, scale, mods=mods, block_q=16,
+                                        block_k=128))
 
   def gradients(*args):
     def loss(*args):
@@ -489,7 +498,7 @@ def test_lowers_to_the_tpu_kernels(gradient):
 def test_unsupported_accepts_mods_mosaic_lowers(score, whole):
   q, k, v, ops = abstract(whole=whole)
   mods = kernel_mods(score, causal)
-  assert mosaic.unsupported(q, k, v, ops, mods, 16, 128) is None
+  assert mosaic.unsupported(_probe_call(q, k, v, ops, mods, 16, 128)) is None
 
 
 @pytest.mark.parametrize("problem, expected", [
@@ -502,7 +511,7 @@ def test_unsupported_says_why(problem, expected):
                           whole="table" if problem == "gather" else "temp")
   mods = kernel_mods(relative_table if problem == "gather" else softcap_temperature_bias)
   block_q, block_k = {"block_q": (12, 128), "block_k": (16, 100)}.get(problem, (16, 128))
-  reason = mosaic.unsupported(q, k, v, ops, mods, block_q, block_k)
+  reason = mosaic.unsupported(_probe_call(q, k, v, ops, mods, block_q, block_k))
   assert reason is not None and expected in reason, reason
 
 
@@ -513,8 +522,9 @@ def test_block_sizes_the_tpu_cannot_tile_raise_naming_the_valid_ones(block_q, bl
   q, k, v = np.zeros((M, R, G, L, E)), np.zeros((M, R, S, E)), np.zeros((M, R, S, EV))
   blocks = block_sparse.dense_key_blocks(L, S, block_q, block_k)
   with pytest.raises(ValueError, match=re.escape(valid)):
-    mosaic.attend(q, k, v, blocks, ((), ()), jnp.asarray(1.0), mods=block_sparse.Mods(),
-                  block_q=block_q, block_k=block_k, interpret=True)
+    mosaic.run(block_sparse.Call(q, k, v, blocks, ((), ()), jnp.asarray(1.0),
+                                 mods=block_sparse.Mods(), block_q=block_q, block_k=block_k),
+               interpret=True)
 
 
 # --- tables, grids and memory limits ---------------------------------------------------------
@@ -543,9 +553,9 @@ def test_a_known_table_shrinks_the_grid_to_its_longest_list_in_narrow_integers(
   kv = jax.ShapeDtypeStruct((1, 2, length, 128), jnp.bfloat16)
 
   def loss(q, k, v):
-    out, _ = mosaic.attend(q, k, v, blocks, ((), ()), jnp.float32(0.1),
-                           mods=kernel_mods(mask=window(200)), block_q=128, block_k=128,
-                           tiling=tiling)
+    out, _ = mosaic.run(block_sparse.Call(q, k, v, blocks, ((), ()), jnp.float32(0.1),
+                                          mods=kernel_mods(mask=window(200)), block_q=128,
+                                          block_k=128), tiling=tiling)
     return out.astype(jnp.float32).sum()
 
   calls = _pallas_calls(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv)
@@ -563,9 +573,9 @@ def test_a_traced_table_walks_every_key_block():
   kv = jax.ShapeDtypeStruct((1, 1, length, 128), jnp.bfloat16)
 
   def forward(q, k, v, blocks):
-    return mosaic.attend(q, k, v, blocks, ((), ()), jnp.float32(0.1),
-                         mods=kernel_mods(mask=window(200)), block_q=128, block_k=128,
-                         tiling=FINE)
+    return mosaic.run(block_sparse.Call(q, k, v, blocks, ((), ()), jnp.float32(0.1),
+                                        mods=kernel_mods(mask=window(200)), block_q=128,
+                                        block_k=128), tiling=FINE)
 
   blocks = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                         _window_tables(length, 128, 200))
@@ -584,8 +594,8 @@ def test_query_rows_per_program_are_capped_and_the_vmem_limit_set(heads):
   blocks = block_sparse.causal_key_blocks(length, length, 512, 512)
 
   def forward(q, k, v):
-    return mosaic.attend(q, k, v, blocks, ((), ()), jnp.float32(0.1),
-                         mods=kernel_mods(mask=causal), block_q=512, block_k=512)
+    return mosaic.run(block_sparse.Call(q, k, v, blocks, ((), ()), jnp.float32(0.1),
+                                        mods=kernel_mods(mask=causal), block_q=512, block_k=512))
 
   (call,) = _pallas_calls(forward, q, kv, kv)
   rows = next(aval.shape[-2] for aval in (v.aval for v in call.outvars) if aval.ndim == 5)
@@ -611,9 +621,9 @@ def test_a_call_that_cannot_fit_a_tpu_core_is_refused_naming_the_limit_and_the_f
   q, k, v = np.zeros((1, 1, 8, 16, 128)), np.zeros((1, 1, 128, 128)), np.zeros((1, 1, 128, 128))
   blocks = block_sparse.dense_key_blocks(16, 128, 16, 128)
   with pytest.raises(ValueError, match=message):
-    mosaic.attend(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), blocks,
-                  ((), ()), jnp.asarray(1.0), mods=block_sparse.Mods(), block_q=16, block_k=128,
-                  interpret=True, tiling=tiling)
+    mosaic.run(block_sparse.Call(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32),
+                                 blocks, ((), ()), jnp.asarray(1.0), mods=block_sparse.Mods(),
+                                 block_q=16, block_k=128), interpret=True, tiling=tiling)
 
 
 def test_unsupported_says_why_a_call_cannot_fit_vmem():
@@ -621,7 +631,7 @@ def test_unsupported_says_why_a_call_cannot_fit_vmem():
   then runs XLA with the reason instead of an XLA resource error at compile time."""
   q = jax.ShapeDtypeStruct((1, 1, 1024, 8, 128), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((1, 1, 128, 128), jnp.bfloat16)
-  reason = mosaic.unsupported(q, kv, kv, ((), ()), block_sparse.Mods(), 8, 128)
+  reason = mosaic.unsupported(_probe_call(q, kv, kv, ((), ()), block_sparse.Mods(), 8, 128))
   assert reason is not None and "a program of 1024 query heads x 8 query rows by 128 keys" in reason
   assert "more than the limit of 32 MiB" in reason and "fewer query heads" in reason
 

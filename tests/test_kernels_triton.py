@@ -250,6 +250,13 @@ def compute_dtype(case: Case) -> np.dtype:
   return np.dtype(np.float64 if case.dtype == np.float64 else np.float32)
 
 
+def _probe_call(q, k, v, operands, mods, block_q, block_k) -> block_sparse.Call:
+  """The call ``unsupported`` judges: arrays or shapes, operands, mods and blocks (it reads
+  neither the table nor the scale, so they are left out)."""
+  return block_sparse.Call(q, k, v, None, operands, None, mods=mods,
+                           block_q=block_q, block_k=block_k)
+
+
 def is_float(x) -> bool:
   return bool(jnp.issubdtype(np.asarray(x).dtype, jnp.floating))  # bfloat16's numpy kind is "V"
 
@@ -305,9 +312,10 @@ def run(case: Case, qkv, whole, blocked, blocks, scale, d_out, d_lse, interpret=
   def attend(q, k, v, scale, whole_f, blocked_f, offsets):
     ops_whole = {n: whole_f.get(n, x) for n, x in whole.items()}
     ops_blocked = tuple(blocked_f.get(i, x) for i, x in enumerate(blocked))
-    return triton.attend(q, k, v, blocks, (ops_whole, ops_blocked), scale, mods=mods,
-                         block_q=case.block_q, block_k=case.block_k, interpret=interpret,
-                         block_sizes=case.sizes, q_offset=offsets[0], k_offset=offsets[1])
+    return triton.run(block_sparse.Call(q, k, v, blocks, (ops_whole, ops_blocked), scale, mods=mods,
+                                        block_q=case.block_q, block_k=case.block_k,
+                                        q_offset=offsets[0], k_offset=offsets[1]),
+                      interpret=interpret, block_sizes=case.sizes)
 
   @jax.jit
   def values_and_grads(q, k, v, scale, whole_f, blocked_f, offsets):
@@ -383,9 +391,10 @@ def test_forward_and_gradient_lower_to_the_triton_kernel(case):
       jax.ShapeDtypeStruct((), compute_dtype(case))]
 
   def attend(q, k, v, scale):
-    return triton.attend(q, k, v, blocks, (whole, blocked), scale, mods=mods,
-                         block_q=case.block_q, block_k=case.block_k, block_sizes=case.sizes,
-                         q_offset=case.q_offset, k_offset=case.k_offset)
+    return triton.run(block_sparse.Call(q, k, v, blocks, (whole, blocked), scale, mods=mods,
+                                        block_q=case.block_q, block_k=case.block_k,
+                                        q_offset=case.q_offset, k_offset=case.k_offset),
+                      block_sizes=case.sizes)
 
   def loss(*args):
     out, lse = attend(*args)
@@ -404,13 +413,15 @@ def test_unsupported_names_what_triton_cannot_do():
   k = jax.ShapeDtypeStruct((1, 2, 53, 16), jnp.float32)
   none = ((), ())
   causal_mods = kernel_mods(dataclasses.replace(CASES[1], score=None))
-  assert triton.unsupported(q, k, k, none, causal_mods, 16, 16) is None
+  assert triton.unsupported(_probe_call(q, k, k, none, causal_mods, 16, 16)) is None
 
-  reason = triton.unsupported(q, k, k, none, block_sparse.Mods(), 24, 16)
+  reason = triton.unsupported(_probe_call(q, k, k, none, block_sparse.Mods(), 24, 16))
   assert "block_q=24" in reason and "16, 32, 64, 128" in reason
-  assert triton.unsupported(q, k, k, none, block_sparse.Mods(), 64, 16) is None  # covers L
+  # block_q=64 covers L
+  assert triton.unsupported(_probe_call(q, k, k, none, block_sparse.Mods(), 64, 16)) is None
   wide = jax.ShapeDtypeStruct((1, 2, 3, 37, 300), jnp.float32)
-  assert "E=300" in triton.unsupported(wide, wide, k, none, block_sparse.Mods(), 16, 16)
+  assert "E=300" in triton.unsupported(_probe_call(wide, wide, k, none, block_sparse.Mods(), 16,
+                                                   16))
 
   def sorted_scores(s, m, r, g, q_pos, k_pos, ops):
     return jnp.sort(s, axis=-1)
@@ -418,17 +429,19 @@ def test_unsupported_names_what_triton_cannot_do():
   def reads_whole(s, m, r, g, q_pos, k_pos, ops):  # a (3,) leaf loaded whole: not a power of 2
     return s + jnp.sum(ops[0][0])
 
-  assert "sort" in triton.unsupported(q, k, k, none, block_sparse.Mods(sorted_scores), 16, 16)
+  assert "sort" in triton.unsupported(_probe_call(q, k, k, none, block_sparse.Mods(sorted_scores),
+                                                  16, 16))
   three = ((jnp.zeros(3, jnp.float32),), ())
-  assert "power of 2" in triton.unsupported(q, k, k, three, block_sparse.Mods(reads_whole), 16, 16)
+  assert "power of 2" in triton.unsupported(_probe_call(q, k, k, three,
+                                                        block_sparse.Mods(reads_whole), 16, 16))
 
 
 def test_untileable_sizes_raise_value_errors_naming_the_valid_ones():
   q, k = jnp.zeros((1, 1, 1, 40, 16)), jnp.zeros((1, 1, 40, 16))
   blocks = block_sparse.dense_key_blocks(40, 40, 24, 16)
   with pytest.raises(ValueError, match=r"block_q=24 .* 16, 32, 64, 128"):
-    triton.attend(q, k, k, blocks, ((), ()), jnp.asarray(1.0), mods=block_sparse.Mods(),
-                  block_q=24, block_k=16)
+    triton.run(block_sparse.Call(q, k, k, blocks, ((), ()), jnp.asarray(1.0),
+                                 mods=block_sparse.Mods(), block_q=24, block_k=16))
   with pytest.raises(ValueError, match=r"block_k_dq=48 .* 16, 32, 64, 128"):
     triton.BlockSizes(block_k_dq=48)
   with pytest.raises(ValueError, match=r"num_splits=0 .* positive int"):
@@ -438,13 +451,14 @@ def test_untileable_sizes_raise_value_errors_naming_the_valid_ones():
 def test_empty_sides_see_nothing():
   q, k = jnp.ones((1, 2, 3, 0, 16)), jnp.ones((1, 2, 5, 16))
   blocks = block_sparse.dense_key_blocks(0, 5, 16, 16)
-  out, lse = triton.attend(q, k, k[..., :4], blocks, ((), ()), jnp.asarray(1.0),
-                           mods=block_sparse.Mods(), block_q=16, block_k=16)
+  out, lse = triton.run(block_sparse.Call(q, k, k[..., :4], blocks, ((), ()), jnp.asarray(1.0),
+                                          mods=block_sparse.Mods(), block_q=16, block_k=16))
   assert out.shape == (1, 2, 3, 0, 4) and lse.shape == (1, 2, 3, 0)
   q, k = jnp.ones((1, 2, 3, 7, 16)), jnp.ones((1, 2, 0, 16))
-  out, lse = triton.attend(q, k, k[..., :4], block_sparse.dense_key_blocks(7, 0, 16, 16),
-                           ((), ()), jnp.asarray(1.0), mods=block_sparse.Mods(), block_q=16,
-                           block_k=16)
+  out, lse = triton.run(block_sparse.Call(q, k, k[..., :4],
+                                          block_sparse.dense_key_blocks(7, 0, 16, 16), ((), ()),
+                                          jnp.asarray(1.0), mods=block_sparse.Mods(), block_q=16,
+                                          block_k=16))
   np.testing.assert_array_equal(out, np.zeros((1, 2, 3, 7, 4)))
   assert np.isneginf(lse).all() and lse.shape == (1, 2, 3, 7)
 
@@ -509,8 +523,8 @@ def gradient_of_attend(dtype):
   mods = kernel_mods(dataclasses.replace(CASES[1], score=softcap))
 
   def loss(q, k, v, scale):
-    out, lse = triton.attend(q, k, v, blocks, ((), ()), scale, mods=mods, block_q=64,
-                             block_k=64)
+    out, lse = triton.run(block_sparse.Call(q, k, v, blocks, ((), ()), scale, mods=mods, block_q=64,
+                                            block_k=64))
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0))
 
   args = [jax.ShapeDtypeStruct((1, 2, 2, 200, 64), dtype)] + [
@@ -594,8 +608,8 @@ def test_decoding_splits_the_keys_across_programs():
     blocks = block_sparse.dense_key_blocks(length, 4096, block_q, 128)
 
     def forward(q, k, v):
-      return triton.attend(q, k, v, blocks, ((), ()), jnp.float32(1.0),
-                           mods=block_sparse.Mods(), block_q=block_q, block_k=128)
+      return triton.run(block_sparse.Call(q, k, v, blocks, ((), ()), jnp.float32(1.0),
+                                          mods=block_sparse.Mods(), block_q=block_q, block_k=128))
 
     k = jax.ShapeDtypeStruct((1, 2, 4096, 128), jnp.bfloat16)
     q = jax.ShapeDtypeStruct((1, 2, 4, length, 128), jnp.bfloat16)

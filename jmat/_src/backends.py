@@ -153,9 +153,7 @@ def _unsupported(backend: str, call: block_sparse.Call,
   if call.needs_max:
     return "max_scores (return_aux) is computed by the XLA backend only"
   try:
-    return _module(backend).unsupported(call.q, call.k, call.v, call.operands, call.mods,
-                                        call.block_q, call.block_k,
-                                        **_tunables(backend, options),
+    return _module(backend).unsupported(call, **_tunables(backend, options),
                                         probe=not options.interpret)
   except Exception as error:  # see above: not a reason to fall back
     summary = (str(error).strip().splitlines() or [""])[0]
@@ -294,10 +292,7 @@ def _run(backend: str, call: block_sparse.Call, options: KernelOptions):
   if backend == "XLA":
     return xla.run(call)
   call = _fitted(backend, call)
-  return _module(backend).attend(call.q, call.k, call.v, call.blocks, call.operands, call.scale,
-                                 mods=call.mods, block_q=call.block_q, block_k=call.block_k,
-                                 interpret=options.interpret, q_offset=call.q_offset,
-                                 k_offset=call.k_offset, **_tunables(backend, options))
+  return _module(backend).run(call, interpret=options.interpret, **_tunables(backend, options))
 
 
 # A primitive whose lowering raises: the branch of a platform a Pallas kernel asked for by name

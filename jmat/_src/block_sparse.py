@@ -327,6 +327,27 @@ def scale_gradients(dq_scaled: jax.Array, q: jax.Array,
   return dq_scaled * scale.astype(dtype), d_scale.astype(scale.dtype)
 
 
+def backward_statistics(out: jax.Array, d_out: jax.Array, lse: jax.Array, d_lse: jax.Array,
+                        dtype: Any) -> tuple[jax.Array, jax.Array]:
+  """The per-row statistics a FlashAttention-2 backward reads: ``(delta, lse)`` in ``dtype``.
+
+  ``delta = rowsum(d_out * out) - d_lse`` (the gradient of the output and of
+  the lse through the softmax, so ``ds = p * (dp - delta)``), summed in
+  ``dtype`` (the compute dtype, whatever ``out``'s). The forward's ``lse`` is
+  ``-inf`` for a row that saw no key: it comes back ``+inf``, which makes that
+  row's recomputed ``p = exp(s - lse)`` exactly 0 (no NaN from ``-inf - -inf``).
+
+  Args:
+    out: ``(..., rows, Ev)`` the forward's output.
+    d_out: its cotangent, same shape.
+    lse: ``(..., rows)`` the forward's logsumexp.
+    d_lse: its cotangent, same shape.
+    dtype: the compute dtype.
+  """
+  delta = jnp.sum(d_out.astype(dtype) * out.astype(dtype), axis=-1) - d_lse.astype(dtype)
+  return delta, jnp.where(jnp.isneginf(lse), jnp.inf, lse)
+
+
 def pad(x: jax.Array, axis: int, size: int, broadcast: bool = False) -> jax.Array:
   """Pads ``axis`` of ``x`` with zeros at the end to ``size`` (with ``broadcast``, a 1 stays 1)."""
   extra = size - x.shape[axis]

@@ -243,11 +243,8 @@ def _context_parallel(plan: _Plan):
     q_k = plan.to_q(q)
     q_s = block_sparse.backward_queries(q_k, scale)
     d_out_k = plan.to_q(d_out.astype(dtype))
-    # d loss / d lse, summed over the output row, less the lse's own cotangent: "delta".
-    delta = (jnp.sum(d_out_k * plan.to_q(out.astype(dtype)), axis=-1)
-             - plan.to_q(d_lse.astype(dtype)[..., None])[..., 0])
-    # Rows that saw no key have lse = -inf: +inf makes their probabilities exactly 0.
-    lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
+    delta, lse = block_sparse.backward_statistics(
+        plan.to_q(out), d_out_k, lse, plan.to_q(d_lse[..., None])[..., 0], dtype)
     rows = [plan.parts(x, cq) for x in (q_s, d_out_k)]
     rows += [[x[..., c * cq:(c + 1) * cq] for c in range(len(plan.chunks[0]))]
              for x in (lse, delta)]

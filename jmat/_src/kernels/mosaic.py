@@ -1,6 +1,6 @@
 """The Pallas Mosaic (TPU) backend of the block-sparse attention kernel.
 
-A drop-in for :func:`jmat._src.kernels.xla.attend` (same tables in, same
+A drop-in for :func:`jmat._src.kernels.xla.run` (same tables in, same
 ``(out, lse)`` and gradients out), written as three Pallas TPU kernels after
 splash attention (``jax/experimental/pallas/ops/tpu/splash_attention/``):
 
@@ -65,9 +65,10 @@ from jax.experimental.pallas import tpu as pltpu
 
 from jmat._src import online_softmax as osm
 from jmat._src.block_sparse import (
+    Call,
     KeyBlocks,
     Mods,
-    Operands,
+    backward_statistics,
     coarsen,
     lowering_limitation,
     pad,
@@ -97,7 +98,7 @@ from jmat._src.kernels.mosaic_tables import (
   tile_kinds,
 )
 
-__all__ = ["LANES", "SUBLANES", "BlockSizes", "Interpret", "Tiling", "attend", "unsupported"]
+__all__ = ["LANES", "SUBLANES", "BlockSizes", "Interpret", "Tiling", "run", "unsupported"]
 
 
 def _is_float(x) -> bool:
@@ -615,10 +616,10 @@ def _attend_bwd(plan: Plan, geo: Geometry, residuals, cotangents):
   dtype = lse.dtype
   lead = q.shape[:3]  # (M, R, n_q): one partial sum or gradient tile per dq program
   out = out.astype(dtype) if low is None else out.astype(dtype) + low.astype(dtype)
-  # delta = rowsum(dO * O) - d_lse, one value per row as lse: (M, R, n_q, 1, rows).
-  delta = jnp.sum(d_out.astype(dtype) * out, axis=-1)[..., None, :] - d_lse.astype(dtype)
-  # Rows that saw no key have lse = -inf: an lse of +inf makes their p exactly 0.
-  lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
+  # lse and d_lse hold one value per row along the lanes, (M, R, n_q, 1, rows); out and d_out
+  # one row per sublane, (M, R, n_q, rows, Ev): delta comes out as lse is.
+  delta, lse = backward_statistics(out, d_out, lse[..., 0, :], d_lse[..., 0, :], dtype)
+  delta, lse = delta[..., None, :], lse[..., None, :]
   kinds = tile_kinds(blocks, geo)
 
   # The score mod's float values computed outside: those for every block or per query block
@@ -653,6 +654,8 @@ def _attend_bwd(plan: Plan, geo: Geometry, residuals, cotangents):
       aliases={first_zero + n: 1 + len(summed) + n for n in range(len(zeros))})
 
   key_blocks = [hoisted[n].shape[3:] for n in by_keys]
+  # The key-major walk transposes the kinds map itself, not through block_sparse.key_major_blocks:
+  # the grid reads narrow-integer step tables (mosaic_tables.block_steps), not index lists.
   dk, dv, d_keys = _call(
       _dkv_kernel, "jmat_block_sparse_dkv", block_steps(kinds.swapaxes(1, 2), offsets, geo.steps_k),
       ins._replace(zeros=None, d_lse=None),
@@ -679,26 +682,12 @@ def _attend_bwd(plan: Plan, geo: Geometry, residuals, cotangents):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def attend(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    blocks: KeyBlocks,
-    operands: Operands,
-    scale: jax.Array,
-    *,
-    mods: Mods,
-    block_q: int,
-    block_k: int,
-    interpret: Interpret = False,
-    q_offset: int | jax.Array = 0,
-    k_offset: int | jax.Array = 0,
-    tiling: Tiling = DEFAULT_TILING,
-) -> tuple[jax.Array, jax.Array]:
-  """Block-sparse attention of ``q (M, R, G, L, E)`` over ``k, v (M, R, S, E|Ev)`` on TPU.
+def run(call: Call, *, interpret: Interpret = False,
+        tiling: Tiling = DEFAULT_TILING) -> tuple[jax.Array, jax.Array]:
+  """Block-sparse attention of ``call``: ``q (M, R, G, L, E)`` over ``k, v (M, R, S, E|Ev)`` on TPU.
 
   The Mosaic backend of the interface of :mod:`jmat._src.block_sparse`, with its
-  contract: ``blocks`` lists blocks of ``(block_q, block_k)`` and never marks
+  contract: ``call.blocks`` lists blocks of ``(block_q, block_k)`` and never marks
   full a block holding padding keys; blocked operands are
   ``(M|1, R|1, G|1, L|1, S|1)``; returns ``(out (M, R, G, L, Ev), lse (M, R, G, L))``,
   ``out`` in q's dtype, ``lse`` (natural log, ``-inf`` for a query that sees no
@@ -706,15 +695,13 @@ def attend(
   ``scale`` and the float operand leaves.
 
   Args:
-    q, k, v, blocks, operands, scale, mods: as :func:`jmat._src.kernels.xla.attend`.
-    block_q: query rows per table block (see :class:`BlockSizes` for the valid sizes).
-    block_k: keys per table block.
+    call: the call (its ``needs_max`` and ``chains`` are the xla backend's only), in table
+      blocks of ``block_q`` by ``block_k`` (see :class:`BlockSizes` for the valid sizes). Its
+      ``q_offset`` and ``k_offset`` (Python ints or traced int32 scalars: ring attention's chunk
+      offsets) are the positions of row 0: the mods see ``q_offset + row``; the tables and the
+      key bounds stay in this call's rows.
     interpret: run the kernels in Pallas interpret mode (on CPU): True, or
       ``pltpu.InterpretParams(...)`` for the TPU interpreter's checks.
-    q_offset: the position of query row 0 (a Python int or a traced int32 scalar): ring
-      attention's chunk offset. The mods see positions ``q_offset + row``; the tables and the
-      key bounds stay in this call's rows.
-    k_offset: the position of key row 0.
     tiling: how the kernels tile the call within a TPU core's memories (:class:`Tiling`).
 
   Raises:
@@ -722,6 +709,8 @@ def attend(
       number of rows or query blocks, or the call cannot fit a TPU core's memories (the
       message names the limit and the fix).
   """
+  q, k, v, blocks, operands, scale = call.q, call.k, call.v, call.blocks, call.operands, call.scale
+  block_q, block_k, mods = call.block_q, call.block_k, call.mods
   table_rows, _, groups, length, _ = q.shape
   keys = k.shape[-2]
   BlockSizes(block_q, block_k).tiles(length, keys)
@@ -749,7 +738,8 @@ def attend(
   plan = _plan_of(mods, geo, leaves, treedef, blocked, dtype)
   if plan.narrow:
     blocked = tuple(x.astype(narrowed(x.dtype)) for x in blocked)
-  offsets = jnp.stack([jnp.asarray(q_offset, jnp.int32), jnp.asarray(k_offset, jnp.int32)])
+  offsets = jnp.stack([jnp.asarray(call.q_offset, jnp.int32),
+                       jnp.asarray(call.k_offset, jnp.int32)])
   hoisted = [x for split in (plan.score, plan.mask) if split is not None
              for x in outside_values(split, leaves, geo, offsets, table_rows, q.shape[1],
                                       plan.narrow)]
@@ -780,8 +770,7 @@ def _aval(x) -> tuple[tuple[int, ...], str]:
   return tuple(jnp.shape(x)), str(jnp.result_type(x))
 
 
-def unsupported(q, k, v, operands: Operands, mods: Mods, block_q: int,
-                block_k: int, *, probe: bool = True) -> str | None:
+def unsupported(call: Call, *, probe: bool = True) -> str | None:
   """Why the TPU kernel cannot run this attention, or None if it can.
 
   Refuses block sizes the TPU cannot tile, float64 (Mosaic has none), mods
@@ -796,8 +785,8 @@ def unsupported(q, k, v, operands: Operands, mods: Mods, block_q: int,
   they read is computed outside the kernels (:mod:`jmat._src.kernels.mosaic_mods`).
 
   Args:
-    q, k, v, operands, mods, block_q, block_k: the call, as :func:`attend`'s
-      (arrays or anything with ``shape`` and ``dtype``).
+    call: the call of :func:`run` (its arrays, or anything with ``shape`` and ``dtype``;
+      the tables and the scale are not read).
     probe: lower the kernels for TPU to find what Mosaic refuses (off in
       interpret mode, which lowers nothing for TPU).
 
@@ -805,6 +794,7 @@ def unsupported(q, k, v, operands: Operands, mods: Mods, block_q: int,
     Exception: a lowering that fails for another reason than the kernel's
       limits (a jmat bug, a crash): see :func:`~jmat._src.block_sparse.lowering_limitation`.
   """
+  q, k, v, block_q, block_k = call.q, call.k, call.v, call.block_q, call.block_k
   length, keys = q.shape[-2], k.shape[-2]
   problem = BlockSizes(block_q, block_k).problem(length, keys)
   if problem is not None:
@@ -814,9 +804,9 @@ def unsupported(q, k, v, operands: Operands, mods: Mods, block_q: int,
             "(use float32 inputs, or the xla backend)")
   if not probe:
     return None
-  leaves, treedef = jax.tree.flatten(operands)
+  leaves, treedef = jax.tree.flatten(call.operands)
   return _lowering_problem(_aval(q), _aval(k), _aval(v), treedef,
-                           tuple(_aval(x) for x in leaves), mods, block_q, block_k)
+                           tuple(_aval(x) for x in leaves), call.mods, block_q, block_k)
 
 
 # The TPU the lowering probe of :func:`unsupported` lowers for (the chip of the tests and of
@@ -853,11 +843,11 @@ def _lowering_problem(q, k, v, treedef, leaves, mods: Mods, block_q: int,
     return prefix + problem
 
   def gradients(q, k, v, counts, lists, operands, scale):
-    def run(q, k, v, operands, scale):
-      return attend(q, k, v, KeyBlocks(counts, lists, counts, lists), operands, scale,
-                    mods=mods, block_q=block_q, block_k=block_k)
+    def attend(q, k, v, operands, scale):
+      return run(Call(q, k, v, KeyBlocks(counts, lists, counts, lists), operands, scale,
+                      mods=mods, block_q=block_q, block_k=block_k))
 
-    (out, lse), vjp = jax.vjp(run, q, k, v, operands, scale)
+    (out, lse), vjp = jax.vjp(attend, q, k, v, operands, scale)
     return out, vjp((jnp.ones_like(out), jnp.zeros_like(lse)))
 
   args = (struct(q), struct(k), struct(v), counts, lists,

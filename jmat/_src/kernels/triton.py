@@ -1,6 +1,6 @@
 """The Pallas Triton (GPU) backend of the block-sparse attention kernel.
 
-A drop-in for :func:`jmat._src.kernels.xla.attend`: the same block tables,
+A drop-in for :func:`jmat._src.kernels.xla.run`: the same block tables,
 mods and operands in, the same ``(out, lse)`` and gradients out, computed by
 three Pallas kernels that lower to Triton (``pl.pallas_call`` with
 ``plgpu.CompilerParams``):
@@ -57,9 +57,11 @@ from jax.ref import addupdate
 
 from jmat._src import online_softmax as osm
 from jmat._src.block_sparse import (
+  Call,
   KeyBlocks,
   Mods,
   Operands,
+  backward_statistics,
   key_major_blocks,
   lowering_limitation,
   pad,
@@ -1022,9 +1024,8 @@ def _attend_bwd(cfg: _Config, residuals, cotangents):
   dtype = lse.dtype
   # dO stays in the input dtype (a tensor-core operand); delta is a float32 (or float64) sum.
   d_out = d_out.astype(q.dtype)
-  delta = jnp.sum(d_out.astype(dtype) * out.astype(dtype), axis=-1) - d_lse.astype(dtype)
-  # Rows that saw no key have lse = -inf: an lse of +inf makes their p exactly 0.
-  lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * _LOG2E)
+  delta, lse = backward_statistics(out, d_out, lse, d_lse, dtype)
+  lse2 = lse * _LOG2E  # the kernels' scores are in base 2 (+inf stays +inf)
   dq, dk, dv, d_scale, d_whole, d_blocked = _backward(
       cfg, q, k, v, blocks, operands, scale, offsets, d_out, lse2, delta)
   d_whole, d_blocked = iter(d_whole), iter(d_blocked)
@@ -1044,25 +1045,11 @@ def _attend_bwd(cfg: _Config, residuals, cotangents):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def attend(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    blocks: KeyBlocks,
-    operands: Operands,
-    scale: jax.Array,
-    *,
-    mods: Mods,
-    block_q: int,
-    block_k: int,
-    interpret: bool = False,
-    block_sizes: BlockSizes = BlockSizes(),
-    q_offset: int | jax.Array = 0,
-    k_offset: int | jax.Array = 0,
-) -> tuple[jax.Array, jax.Array]:
-  """Block-sparse attention of ``q (M, R, G, L, E)`` over ``k, v (M, R, S, E|Ev)`` with Triton.
+def run(call: Call, *, interpret: bool = False,
+        block_sizes: BlockSizes = BlockSizes()) -> tuple[jax.Array, jax.Array]:
+  """Block-sparse attention of ``call``: ``q (M, R, G, L, E)`` over ``k, v (M, R, S, E|Ev)``.
 
-  The interface of :func:`jmat._src.kernels.xla.attend`: ``blocks`` lists
+  The interface of :func:`jmat._src.kernels.xla.run`: ``call.blocks`` lists
   blocks of ``(block_q, block_k)`` and never marks full a block holding
   padding keys; ``mods`` and ``operands = (whole, blocked)`` as there, blocked
   operands ``(M|1, R|1, G|1, L|1, S|1)``. Differentiable in ``q``, ``k``,
@@ -1071,13 +1058,12 @@ def attend(
   inputs); ``out`` and the gradients of q, k, v come out in the inputs' dtypes.
 
   Args:
-    q, k, v, blocks, operands, scale, mods, block_q, block_k: as the xla backend's.
+    call: the call (its ``needs_max`` and ``chains`` are the xla backend's only);
+      its ``q_offset`` and ``k_offset`` (Python ints or int32 scalars, traced or
+      not: ring attention's chunk offsets) are the positions of row 0 as the
+      mods see them; the tables and the bounds stay the call's own.
     interpret: run the kernels in Pallas' interpreter (on any platform; tests).
     block_sizes: the kernels' tiles and launch parameters.
-    q_offset: the position of query row 0 as the mods see it (a Python int or an
-      int32 scalar, traced or not: ring attention's chunk offsets); the tables
-      and the bounds stay the call's own.
-    k_offset: the position of key row 0, likewise.
 
   Returns:
     ``(out (M, R, G, L, Ev), lse (M, R, G, L))``: ``out`` in q's dtype, ``lse``
@@ -1087,7 +1073,9 @@ def attend(
   Raises:
     ValueError: a block size the kernel cannot tile, or a head dim it cannot hold.
   """
-  geo = _geometry(q.shape, k.shape, v.shape, block_q, block_k)
+  q, k, v, blocks, operands, scale = call.q, call.k, call.v, call.blocks, call.operands, call.scale
+  mods, q_offset, k_offset = call.mods, call.q_offset, call.k_offset
+  geo = _geometry(q.shape, k.shape, v.shape, call.block_q, call.block_k)
   if isinstance(geo, str):
     raise ValueError(geo)
   dtype = osm.compute_dtype(q.dtype)
@@ -1108,8 +1096,8 @@ def attend(
   return out[:, :, :groups, :length, :v_head], lse[:, :, :groups, :length]
 
 
-def unsupported(q, k, v, operands: Operands, mods: Mods, block_q: int, block_k: int, *,
-                block_sizes: BlockSizes = BlockSizes(), probe: bool = True) -> str | None:
+def unsupported(call: Call, *, block_sizes: BlockSizes = BlockSizes(),
+                probe: bool = True) -> str | None:
   """Why the Triton kernels cannot run this call, or None when they can.
 
   The tiling rules are checked first (block sizes, head dims); then the
@@ -1120,10 +1108,8 @@ def unsupported(q, k, v, operands: Operands, mods: Mods, block_q: int, block_k: 
   lowering's error.
 
   Args:
-    q, k, v: the arrays (or anything with ``shape`` and ``dtype``) of :func:`attend`.
-    operands: ``(whole, blocked)``.
-    mods: the mods.
-    block_q, block_k: the block table's blocks.
+    call: the call of :func:`run` (its arrays, or anything with ``shape`` and ``dtype``;
+      the tables and the scale are not read).
     block_sizes: the tiles.
     probe: lower the kernels for CUDA to find what Triton refuses (off in interpret mode).
 
@@ -1134,14 +1120,15 @@ def unsupported(q, k, v, operands: Operands, mods: Mods, block_q: int, block_k: 
     Exception: a lowering that fails for another reason than the kernels' limits (a jmat
       bug, a crash): see :func:`~jmat._src.block_sparse.lowering_limitation`.
   """
-  geo = _geometry(q.shape, k.shape, v.shape, block_q, block_k)
+  q, k, v = call.q, call.k, call.v
+  geo = _geometry(q.shape, k.shape, v.shape, call.block_q, call.block_k)
   if isinstance(geo, str):
     return geo
   if not probe:  # interpret mode runs anywhere: no lowering for CUDA to try
     return None
-  leaves, tree = jax.tree.flatten(operands)
+  leaves, tree = jax.tree.flatten(call.operands)
   signature = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, *leaves))
-  return _lowering_failure(signature, tree, mods, block_q, block_k, block_sizes)
+  return _lowering_failure(signature, tree, call.mods, call.block_q, call.block_k, block_sizes)
 
 
 @functools.lru_cache(maxsize=64)
@@ -1157,8 +1144,8 @@ def _lowering_failure(signature: tuple[jax.ShapeDtypeStruct, ...], tree, mods: M
     merged = [next(float_leaves) if f else next(other_leaves) for f in floats]
     ones = jnp.ones((q.shape[0], n_q), jnp.int32)
     blocks = KeyBlocks(ones, None, ones, None)  # any counts: the kernels trace both kinds
-    out, _ = attend(q, k, v, blocks, jax.tree.unflatten(tree, merged), scale, mods=mods,
-                    block_q=block_q, block_k=block_k, block_sizes=block_sizes)
+    out, _ = run(Call(q, k, v, blocks, jax.tree.unflatten(tree, merged), scale, mods=mods,
+                      block_q=block_q, block_k=block_k), block_sizes=block_sizes)
     return jnp.sum(out.astype(jnp.float32))
 
   scale = jax.ShapeDtypeStruct((), osm.compute_dtype(q.dtype))

@@ -28,6 +28,7 @@ from jmat._src.block_sparse import (
     Mods,
     Operands,
     backward_queries,
+    backward_statistics,
     ceil_div,
     pad,
     scale_gradients,
@@ -266,7 +267,8 @@ def backward_blocks(
       the float operand leaves' accumulators (whole leaves, then blocked ones).
     q, k, v, blocks, operands, scale: as :func:`forward_blocks`.
     d_out: ``(M, R, G, Lp, Ev)`` output cotangent, compute dtype.
-    lse: ``(M, R, G, Lp)`` logsumexp of the forward pass (``-inf`` where nothing was seen).
+    lse: ``(M, R, G, Lp)`` logsumexp of the forward pass, ``+inf`` where nothing was seen
+      (``block_sparse.backward_statistics`` gives it and ``delta``).
     delta: ``(M, R, G, Lp)``.
     mods, geo, q_offset, k_offset: as :func:`forward_blocks`.
 
@@ -281,8 +283,6 @@ def backward_blocks(
   whole_float = _float_leaves(whole)
   whole_f, whole_o = _split(whole, whole_float)
   blocked_float = [jnp.issubdtype(x.dtype, jnp.inexact) for x in blocked]
-  # Rows that saw no key have lse = -inf: an lse of +inf makes their p exactly 0.
-  lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
 
   def query_block(mi, grads):
     dq, dk, dv, d_ops = grads
@@ -370,7 +370,7 @@ def _attend_bwd(mods: Mods, geo: Geometry, chains: int, residuals, cotangents):
   d_out, d_lse, _ = cotangents  # the row maxima are returned without gradient
   dtype = lse.dtype
   d_out = d_out.astype(dtype)
-  delta = jnp.sum(d_out * out.astype(dtype), axis=-1) - d_lse.astype(dtype)
+  delta, lse = backward_statistics(out, d_out, lse, d_lse, dtype)
   whole, blocked = operands
   floats = [x for x in jax.tree.leaves(whole) + list(blocked)
             if jnp.issubdtype(x.dtype, jnp.inexact)]
