@@ -307,14 +307,15 @@ def test_every_float_argument_has_torchs_gradient(name):
 
 
 # The public attention names that differentiate no float array: they build masks, parameters or
-# option types, or only answer which kernel a call would get (parallel.work_per_device counts
-# a mask's blocks). parallel.to_layout and from_layout take float arrays but are permutations:
-# tests/test_layouts.py and tests/distributed/test_layouts.py check that their gradient is the
-# inverse permutation.
+# option types, or only answer which kernel a call would get or trace (kernel_platforms is a
+# context; parallel.work_per_device counts a mask's blocks). parallel.to_layout and from_layout
+# take float arrays but are permutations: tests/test_layouts.py and
+# tests/distributed/test_layouts.py check that their gradient is the inverse permutation.
 NO_FLOAT_INPUT = {"AuxOutput", "AuxRequest", "BlockMask", "and_masks", "create_block_mask",
                   "create_mask", "flex_attention_backend", "init_multi_head_attention",
-                  "noop_mask", "online_softmax_init", "or_masks", "parallel.block_is_masked",
-                  "parallel.from_layout", "parallel.to_layout", "parallel.work_per_device"}
+                  "kernel_platforms", "noop_mask", "online_softmax_init", "or_masks",
+                  "parallel.block_is_masked", "parallel.from_layout", "parallel.to_layout",
+                  "parallel.work_per_device"}
 
 
 def test_every_public_attention_function_has_a_gradient_case():
