@@ -993,20 +993,24 @@ def check_flex_shapes(
   if key[1:3] != value[1:3]:
     raise shape_error(op, "key and value heads or lengths differ", listed,
                       "there must be one value per key: dims 1 and 2 of key and value match")
-  heads, kv_heads = query[1], key[1]
+  _check_head_groups(op, query[1], key[1], enable_gqa, listed, " (dim 1)")
+
+
+def _check_head_groups(op: str, heads: int, kv_heads: int, enable_gqa: bool, listed: str,
+                       where: str) -> None:
+  """Refuses query and key/value head counts that differ without ``enable_gqa``, or that do
+  not group (``kv_heads`` must divide ``heads``); ``where`` names the heads' dim."""
   if heads == kv_heads:
     return
   if not enable_gqa:
-    hint = (" or pass enable_gqa=True for grouped-query attention"
+    hint = (", or pass enable_gqa=True for grouped-query attention"
             if kv_heads and heads % kv_heads == 0 else "")
     raise shape_error(op, f"query has {heads} heads and key/value {kv_heads}", listed,
-                      f"give them equal head counts (dim 1){hint}")
+                      f"give them equal head counts{where}{hint}")
   if kv_heads == 0 or heads % kv_heads:
     raise shape_error(
         op, f"the {kv_heads} key/value heads do not divide the {heads} query heads", listed,
-        "grouped-query attention shares each key/value head among query_heads / kv_heads "
-        "query heads",
-    )
+        "grouped-query attention shares each key/value head among Hq / Hkv query heads")
 
 
 def check_block_mask_fits(
@@ -1672,17 +1676,7 @@ def check_varlen(op: str, query, key, value, cu_seq_q, cu_seq_k, max_q: object, 
   if key.shape[:-1] != value.shape[:-1]:
     raise shape_error(op, "key and value differ in every dim but the last", listed,
                       "there is one value per key: key and value share all dims but the last")
-  heads, kv_heads = query.shape[1], key.shape[-2]
-  if heads != kv_heads:
-    if not enable_gqa:
-      hint = (", or pass enable_gqa=True for grouped-query attention"
-              if kv_heads and heads % kv_heads == 0 else "")
-      raise shape_error(op, f"query has {heads} heads and key/value {kv_heads}", listed,
-                        f"give them equal head counts{hint}")
-    if kv_heads == 0 or heads % kv_heads:
-      raise shape_error(
-          op, f"the {kv_heads} key/value heads do not divide the {heads} query heads", listed,
-          "grouped-query attention shares each key/value head among Hq / Hkv query heads")
+  _check_head_groups(op, query.shape[1], key.shape[-2], enable_gqa, listed, "")
   for name, size in (("max_q", max_q), ("max_k", max_k)):
     if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 0:
       raise TypeError(f"jmat.{op}: {name} must be a non-negative Python int (static under "

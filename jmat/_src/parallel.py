@@ -183,6 +183,15 @@ def _visit(plan: _Plan, state, kv, step, grads=()):
   return state, grads
 
 
+def _chunks(plan: _Plan, kv, grads) -> tuple[list[jax.Array], ...]:
+  """A visited device's key and value shards and their gradient accumulators, cut into the
+  kernel's chunks: ``(k_parts, v_parts, dk_parts, dv_parts)``."""
+  length = plan.geo.kv_len
+  k_parts, v_parts = (plan.parts(plan.to_kv(x), length) for x in kv)
+  dk_parts, dv_parts = (plan.parts(x, length) for x in grads)
+  return k_parts, v_parts, dk_parts, dv_parts
+
+
 def _context_parallel(plan: _Plan):
   """The per-device attention of ``shard_map``: ``f(q, k, v, scale, whole, block_map)``.
 
@@ -255,10 +264,8 @@ def _context_parallel(plan: _Plan):
 
     def step(state, kv, grads, j):
       dqs, d_ops = state
-      (k_j, v_j), (dk_j, dv_j) = kv, grads
       theirs = chunk_ids()[j]
-      k_parts, v_parts = (plan.parts(plan.to_kv(x), ck) for x in (k_j, v_j))
-      dk_parts, dv_parts = (plan.parts(x, ck) for x in (dk_j, dv_j))
+      k_parts, v_parts, dk_parts, dv_parts = _chunks(plan, kv, grads)
       dqs = list(dqs)
       for a in range(len(dqs)):
         for b in range(len(k_parts)):
@@ -423,10 +430,8 @@ def _fused_pairs(plan: _Plan, run: Callable[[block_sparse.Call], tuple]):
 
     def step(state, kv, grads, j):
       dqs, d_scale, d_floats = state
-      (k_j, v_j), (dk_j, dv_j) = kv, grads
       theirs = chunk_ids()[j]
-      k_parts, v_parts = (plan.parts(plan.to_kv(x), ck) for x in (k_j, v_j))
-      dk_parts, dv_parts = (plan.parts(x, ck) for x in (dk_j, dv_j))
+      k_parts, v_parts, dk_parts, dv_parts = _chunks(plan, kv, grads)
       dqs = list(dqs)
       for a in range(len(dqs)):
         for b in range(len(k_parts)):
