@@ -374,5 +374,9 @@ def lowering_limitation(error: Exception) -> bool:
   another backend. Anything else (a jmat bug, a missing device, a crash) says
   nothing about the call, so a kernel's ``unsupported`` lets it propagate.
   """
+  if isinstance(error, ValueError) and "only AbstractMesh exists" in str(error):
+    # jax 0.11 lowers part of a Pallas TPU call again without platforms when no device is
+    # assigned (the probe's abstract mesh): the probe's environment, not the call.
+    return False
   return (isinstance(error, NotImplementedError | ValueError)
           or type(error).__name__ in ("LoweringException", "LoweringError"))
