@@ -356,15 +356,8 @@ def _summary(suite: Record) -> list[str]:
   return out
 
 
-def _plot(suite: Record, plt):
-  fig, axes = plt.subplots(1, 1, figsize=(8, 4.2))
-  plots.bars(axes, suite, suite["cases"], per_call=True)
-  axes.legend(fontsize=7)
-  axes.set_yscale("log")
-  return fig
-
-
-FLEX_SPEC = SuiteSpec("flex", build=flex_suite, summary=_summary, plot=_plot, per_call=True)
+FLEX_SPEC = SuiteSpec("flex", build=flex_suite, summary=_summary, plot=plots.log_bars,
+                      per_call=True)
 
 
 # ---------------------------------------------------------------- memory, in a fresh process

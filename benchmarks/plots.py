@@ -89,6 +89,16 @@ def default_plot(spec: SuiteSpec, suite: Mapping[str, Any], plt) -> Any:
   return fig
 
 
+def log_bars(suite: Mapping[str, Any], plt) -> Any:
+  """Per-call bars of every case on a log scale (the flex and decode suites: times that span
+  orders of magnitude)."""
+  fig, axes = plt.subplots(1, 1, figsize=(8, 4.2))
+  bars(axes, suite, suite["cases"], per_call=True)
+  axes.legend(fontsize=7)
+  axes.set_yscale("log")
+  return fig
+
+
 def plots(results: Mapping[str, Any], out: Path, specs: Mapping[str, SuiteSpec]) -> list[Path]:
   """Writes one PNG per suite present; returns their paths."""
   import matplotlib
