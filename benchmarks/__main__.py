@@ -5,11 +5,14 @@
     python -m benchmarks --suite products --suite eager --device cpu --out /tmp/bench
     python -m benchmarks --suite flex --suite attention --device gpu   # or tpu: Pallas vs peers
     python -m benchmarks --suite decode       # one decoding step over a paged or contiguous cache
+    python -m benchmarks --suite decode --device gpu   # or tpu: vs torch's and JAX's decode kernels
 
 With ``--device gpu`` or ``tpu`` the flex and attention suites are those of
 :mod:`benchmarks.accelerators` (jmat's Triton or Mosaic kernel against torch.compile's
 flex_attention and cuDNN, or against splash attention), reported in TFLOP/s over the
-computed blocks and as a share of the device's peak.
+computed blocks and as a share of the device's peak; the decode suite is that of
+:mod:`benchmarks.decode_device` (jmat's paged decode against torch's flex decoding and
+varlen_attn and JAX's paged and ragged kernels), reported in GB/s of the cache read.
 
 Results go to ``OUT/<machine-tag>/``: ``results.json`` (every figure, the machine,
 the load), ``results.md`` (tables) and one PNG per suite. Suites measured again
@@ -37,7 +40,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 
-from benchmarks import accelerators, attention, decode, family, flex, products  # noqa: E402
+from benchmarks import (  # noqa: E402
+    accelerators,
+    attention,
+    decode_device,
+    family,
+    flex,
+    products,
+)
 from benchmarks.spec import SuiteSpec  # noqa: E402
 
 # Every suite, in the order they run and are reported: one line each.
@@ -49,7 +59,7 @@ SUITES: tuple[SuiteSpec, ...] = (
     accelerators.on_device(attention.ATTENTION_SPEC, accelerators.attention_suite),
     attention.MEMORY_SPEC,
     accelerators.on_device(flex.FLEX_SPEC, accelerators.flex_suite),
-    decode.DECODE_SPEC,
+    decode_device.DECODE_SPEC,
 )
 SPECS = {spec.name: spec for spec in SUITES}
 SUITE_NAMES = tuple(SPECS)

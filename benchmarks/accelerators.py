@@ -461,8 +461,11 @@ def plot(suite: Record, plt):
   return fig
 
 
-def on_device(spec: SuiteSpec, build: Callable[[comp.Target, bool], Suite]) -> SuiteSpec:
-  """``spec`` on a CPU; on a GPU or TPU, ``build``'s suite with this module's summary and plot."""
+def on_device(spec: SuiteSpec, build: Callable[[comp.Target, bool], Suite],
+              device_summary: Callable[[Record], list[str]] = summary,
+              device_plot: Callable[[Record, Any], Any] = plot) -> SuiteSpec:
+  """``spec`` on a CPU; on a GPU or TPU, ``build``'s suite reported with ``device_summary`` and
+  ``device_plot`` (by default this module's: TFLOP/s over the computed blocks)."""
   cpu_build, cpu_summary, cpu_plot = spec.build, spec.summary, spec.plot
   if cpu_build is None:
     raise ValueError(f"suite {spec.name} is not a timed suite")
@@ -471,11 +474,11 @@ def on_device(spec: SuiteSpec, build: Callable[[comp.Target, bool], Suite]) -> S
     return (build if target.device.platform in PLATFORMS else cpu_build)(target, quick)
 
   def either_summary(suite: Record) -> list[str]:
-    return (summary if _ran_on_device(suite) else cpu_summary)(suite)
+    return (device_summary if _ran_on_device(suite) else cpu_summary)(suite)
 
   def either_plot(suite: Record, plt):
     if _ran_on_device(suite):
-      return plot(suite, plt)
+      return device_plot(suite, plt)
     return cpu_plot(suite, plt) if cpu_plot else plots.default_plot(spec, suite, plt)
 
   return dataclasses.replace(spec, build=either_build, summary=either_summary, plot=either_plot)

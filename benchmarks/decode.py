@@ -63,13 +63,33 @@ def grid(quick: bool) -> tuple[tuple[int, int], ...]:
   return DEFAULT_GRID
 
 
-def _pages(batch: int, length: int) -> np.ndarray:
-  """The page table torch's PagedAttention builds when ``batch`` sequences grow a page at a
-  time, side by side, to ``length``: ``(batch, length // PAGE)`` pages, interleaved."""
+def reservations(batch: int, length: int, run: int = 1) -> list[tuple[int, int]]:
+  """The ``reserve(b, end)`` calls of ``batch`` sequences growing side by side to ``length``,
+  ``run`` pages of ``PAGE`` at a time (``run`` must divide ``length // PAGE``): their pages
+  interleave in runs of ``run`` (1: page by page, as sequences decoding in step)."""
+  step = run * PAGE
+  return [(b, end) for end in range(step, length + 1, step) for b in range(batch)]
+
+
+def page_table(batch: int, length: int, run: int = 1) -> np.ndarray:
+  """The ``(batch, length // PAGE)`` int32 page table those reservations give in torch's
+  PagedAttention (and jmat's): pages handed out in increasing order, each reservation's run
+  in reverse (torch takes the last free pages of its ``[n - 1, ..., 0]`` list)."""
+  table = np.zeros((batch, length // PAGE), np.int32)
+  handed = 0
+  for b, end in reservations(batch, length, run):
+    start = end // PAGE - run
+    table[b, start: start + run] = np.arange(handed + run - 1, handed - 1, -1)
+    handed += run
+  return table
+
+
+def _pages(batch: int, length: int, run: int = 1):
+  """jmat's PagedAttention after :func:`reservations`: its page table is :func:`page_table`."""
   import jmat
 
   paged = jmat.attention.PagedAttention(batch * length // PAGE, PAGE, batch)
-  for end, b in itertools.product(range(PAGE, length + 1, PAGE), range(batch)):
+  for b, end in reservations(batch, length, run):
     paged = paged.reserve(b, end)
   return paged
 
@@ -141,7 +161,7 @@ def _torch_paged(batch: int, length: int, k: np.ndarray, v: np.ndarray) -> Call:
   from torch.nn.attention.flex_attention import create_block_mask
 
   paged = PagedAttention(batch * length // PAGE, PAGE, batch, device="cpu")
-  for end, b in itertools.product(range(PAGE, length + 1, PAGE), range(batch)):
+  for b, end in reservations(batch, length):
     paged.reserve(torch.tensor(b), torch.tensor(end))
   shape = (1, KV_HEADS, batch * length, HEAD_DIM)
   k_cache, v_cache = torch.zeros(shape), torch.zeros(shape)

@@ -7,6 +7,7 @@ checked as far as a machine without those devices can (see the second half).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -550,3 +551,213 @@ def test_decode_competitors_compute_the_same_attention():
       np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
       ran.add(name)
   assert ran == set(decode.COMPETITORS) - {"torch"}
+
+
+# --- the decode suite on a GPU or TPU (benchmarks/decode_device.py), as far as a CPU can -------
+
+
+@pytest.mark.parametrize("batch, length, run", [(3, 4 * 128, 1), (3, 8 * 128, 2), (2, 8 * 128, 8)])
+def test_decode_page_table_is_what_torchs_and_jmats_paged_attention_reserve(batch, length, run):
+  import torch
+  from torch.nn.attention.experimental._paged_attention import PagedAttention
+
+  from benchmarks import decode
+
+  pages = length // decode.PAGE
+  theirs = PagedAttention(batch * pages, decode.PAGE, batch, device="cpu")
+  for b, end in decode.reservations(batch, length, run):
+    theirs.reserve(torch.tensor(b), torch.tensor(end))
+  table = decode.page_table(batch, length, run)
+  np.testing.assert_array_equal(table, theirs.page_table[:, :pages].numpy())
+  np.testing.assert_array_equal(table, np.asarray(decode._pages(batch, length, run).page_table)[
+      :, :pages])
+
+
+def test_device_decode_grid_reserves_few_runs_and_reads_past_the_l2():
+  from benchmarks import decode
+  from benchmarks import decode_device as dd
+
+  cases = {*dd.grid(False), *dd.grid(True)}
+  for batch, length in cases:
+    run = dd.run_of(batch, length)
+    assert (length // 128) % run == 0
+    assert len(decode.reservations(batch, length, run)) <= dd.MAX_RESERVATIONS
+    assert dd.kv_bytes(batch, length) == 2 * batch * length * 8 * 128 * 2 >= 128 * 2**20
+
+
+@pytest.fixture(scope="module")
+def decode_inputs():
+  """A tiny device decode case on the CPU (GQA 4:2, D=128, pages interleaved in runs of 2),
+  and the numpy float64 attention of its one query per sequence over its whole cache."""
+  from benchmarks import decode_device as dd
+
+  inputs = dd.make_inputs(3, 4 * 128, jax.devices("cpu")[0], heads=4, kv_heads=2, run=2)
+  q, k, v = (np.asarray(x, np.float64) for x in (inputs.q, inputs.k, inputs.v))
+  k, v = np.repeat(k, 2, axis=1), np.repeat(v, 2, axis=1)
+  s = np.einsum("bhd,bhsd->bhs", q, k) / np.sqrt(128)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  return inputs, np.einsum("bhs,bhsd->bhd", p / p.sum(-1, keepdims=True), v)
+
+
+def test_device_decode_layouts_hold_the_contiguous_cache(decode_inputs):
+  # Every layout a competitor reads holds, at the pages of the page table, the contiguous cache.
+  from benchmarks import decode
+  from benchmarks import decode_device as dd
+
+  inputs, _ = decode_inputs
+  k, table = np.asarray(inputs.k), np.asarray(inputs.table)
+  np.testing.assert_array_equal(table, decode.page_table(3, 4 * 128, 2))
+  pool, pages = np.asarray(inputs.k_pool), np.asarray(inputs.k_pages)
+  ragged = np.asarray(dd.ragged_pool(inputs.k_pages, inputs.v_pages))
+  big_table = dd._big_page_table(3, 4 * 128)
+  big = np.asarray(dd.to_pages(inputs.k, jnp.asarray(big_table), 256))
+  for b, i in np.ndindex(table.shape):
+    want = k[b, :, i * 128: (i + 1) * 128]  # (Hkv, page, D)
+    page = table[b, i]
+    np.testing.assert_array_equal(pool[0, :, page * 128: (page + 1) * 128], want)
+    np.testing.assert_array_equal(pages[page].transpose(1, 0, 2), want)
+    np.testing.assert_array_equal(ragged[page, :, 0::2].transpose(1, 0, 2), want)
+    np.testing.assert_array_equal(ragged[page, :, 1::2].transpose(1, 0, 2),
+                                  np.asarray(inputs.v)[b, :, i * 128: (i + 1) * 128])
+    half = big[big_table[b, i // 2], (i % 2) * 128: (i % 2 + 1) * 128]
+    np.testing.assert_array_equal(half.transpose(1, 0, 2), want)
+
+
+def _decode_values(step) -> np.ndarray:
+  with jax.enable_x64(False):  # as the device suite runs them
+    return np.asarray(jax.jit(step.fn)(*step.args), np.float64)
+
+
+BF16_ATOL = 2**-7  # two bfloat16 roundings of outputs of about 0.05 (a wrong page: ~0.05 off)
+
+
+def test_device_decode_gpu_competitors_compute_the_attention(decode_inputs):
+  """jmat's two competitors (AUTO: here the XLA loops; the fused kernels are jmat's own tests')
+  and JAX's two GPU kernels in Pallas interpret mode give the numpy float64 attention of every
+  query over its paged cache."""
+  from benchmarks import decode_device as dd
+
+  inputs, want = decode_inputs
+  cpu = jax.devices("cpu")[0]
+  auto, interpreted = (dd.jax_steps(inputs, "gpu", cpu, interpret=i) for i in (False, True))
+  assert list(auto) == ["jmat paged", "jmat varlen paged", "jax paged", "jax decode"]
+  for name in auto:
+    make = auto[name] if name.startswith("jmat") else interpreted[name]
+    np.testing.assert_allclose(_decode_values(make()), want, atol=BF16_ATOL, err_msg=name)
+
+
+def test_device_decode_tpu_paged_kernels_compute_the_attention(decode_inputs):
+  """JAX's TPU paged_attention under the TPU interpret mode; ragged_paged_attention does not
+  run there, so its reference (ref_ragged_paged_attention) checks what the suite hands it."""
+  from jax.experimental.pallas import tpu as pltpu
+
+  from benchmarks import decode_device as dd
+
+  inputs, want = decode_inputs
+  steps = dd.jax_steps(inputs, "tpu", jax.devices("cpu")[0], ragged_blocks=(1, 8))
+  with pltpu.force_tpu_interpret_mode():
+    np.testing.assert_allclose(_decode_values(steps["jax paged"]()), want, atol=BF16_ATOL)
+  ragged = steps["jax ragged"]()
+  reference = dd._import("tpu.ragged_paged_attention").kernel.ref_ragged_paged_attention
+  with jax.enable_x64(False):
+    got = reference(*ragged.args, sm_scale=1 / np.sqrt(128))
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=BF16_ATOL)
+
+
+@pytest.mark.parametrize("platform, lowering, kernel_call", [
+    ("gpu", "cuda", "__gpu$xla.gpu.triton"),
+    ("tpu", "tpu", "tpu_custom_call"),
+])
+def test_device_decode_competitors_lower_to_their_kernels(platform, lowering, kernel_call):
+  """Every JAX competitor of the device suite (GQA 32:8, bfloat16) lowers for cuda or tpu to a
+  Pallas kernel: jmat's with kernel_options AUTO, as the suite runs them."""
+  import jmat
+  from benchmarks import decode_device as dd
+
+  cpu = jax.devices("cpu")[0]
+  inputs = dd.make_inputs(2, 2048, cpu)
+  # JAX's TPU kernels read the chip from the mesh in context (else from the default device).
+  v5e = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+  chip = (jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
+                                                                   abstract_device=v5e))
+          if platform == "tpu" else contextlib.nullcontext())
+  with jax.enable_x64(False), jmat.attention.kernel_platforms(lowering), chip:
+    for name, make in dd.jax_steps(inputs, platform, cpu, ragged_blocks=(4, 8)).items():
+      step = make()
+      args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), step.args)
+      text = jax.jit(step.fn).trace(*args).lower(lowering_platforms=(lowering,)).as_text()
+      assert kernel_call in text, name
+
+
+def test_a_device_decode_case_without_cuda_skips_torch_saying_why():
+  from benchmarks import decode_device as dd
+  from benchmarks.competitors import Target
+
+  calls = dd.case(Target(jax.devices("cpu")[0], "cpu"), 2, 256, "gpu", interpret=True).build()
+  assert list(calls) == list(dd.competitors("gpu"))
+  for name in ("torch", "torch varlen"):
+    assert "no CUDA device" in calls[name].reason, name
+
+
+def test_torch_varlen_without_paging_arguments_is_skipped_with_the_reason():
+  import torch
+
+  from benchmarks import decode_device as dd
+
+  assert dd.varlen_lacks(dd.torch_varlen(torch)) is None  # torch 2.13 here
+
+  def older(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None):
+    raise AssertionError("never called")
+
+  assert "block_table or seqused_k" in dd.varlen_lacks(older)
+
+
+def _decode_device_results(kind: str) -> dict:
+  """A GPU decode run as the runner records it, with made-up times (the report is under test)."""
+  from benchmarks import decode_device as dd
+
+  results = _device_results(kind)
+  suite = dd.decode_suite(_fake_target("gpu", kind), True)
+  cases = []
+  for i, case in enumerate(suite.cases):
+    records = {}
+    for j, name in enumerate(suite.competitors):
+      if name == "torch varlen":
+        records[name] = {"status": "skipped", "reason": "takes no block_table"}
+        continue
+      t = 1e-4 * (i + 1) * (j + 1)
+      records[name] = {"status": "ok", "median_s": t, "min_s": 0.9 * t, "max_s": 1.2 * t,
+                       "samples": 3, "calls_per_sample": 1, "samples_s": [t, 0.9 * t, 1.2 * t]}
+    cases.append({"name": case.name, "dtype": case.dtype, "flops": case.flops,
+                  "info": dict(case.info), "results": records})
+  run = dict(results["suites"]["flex"]["run"])
+  results["suites"] = {"decode": {
+      "kind": "time", "title": suite.title, "competitors": list(suite.competitors),
+      "reference": suite.reference, "notes": list(suite.notes), "name": "decode", "run": run,
+      "cases": cases}}
+  return results
+
+
+@pytest.mark.parametrize("kind, peak", [("NVIDIA H200", 4800.0), ("NVIDIA RTX 9999", None)])
+def test_a_gpu_decode_run_reports_bandwidth_and_ratios_to_the_best_peer(kind, peak, tmp_path):
+  from benchmarks import decode_device as dd
+  from benchmarks import report
+  from benchmarks.__main__ import SPECS
+
+  results = _decode_device_results(kind)
+  paths = report.write(results, tmp_path, SPECS)
+  assert (tmp_path / "decode.png").read_bytes().startswith(b"\x89PNG") and len(paths) == 3
+  record = json.loads((tmp_path / "results.json").read_text())["suites"]["decode"]
+  assert record["reference"] == "jax paged" and dd.peak_gbps(kind) == peak
+  lines = SPECS["decode"].summary(record)
+  rates = []
+  for case in record["cases"]:
+    batch, length = case["info"]["batch"], case["info"]["cache"]
+    assert case["info"]["kv_bytes"] == 2 * batch * length * 8 * 128 * 2
+    rates.append(case["info"]["kv_bytes"] / case["results"]["jmat paged"]["median_s"] / 1e9)
+  assert f"jmat paged reads the cache at {min(rates):.0f}–{max(rates):.0f} GB/s" in lines[0]
+  # The best peer of every made-up case is torch, the first peer listed: jmat paged takes 1/3
+  # of its time, jmat varlen paged 2/3.
+  assert "0.33× the time of the best peer (torch)" in lines[0]
+  assert "0.67× the time of the best peer (torch)" in lines[1]
+  assert (f"of {peak:g} GB/s" in lines[0]) == (peak is not None)
