@@ -7,7 +7,6 @@ checked as far as a machine without those devices can (see the second half).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
@@ -664,11 +663,11 @@ def test_device_decode_tpu_paged_kernels_compute_the_attention(decode_inputs):
   np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=BF16_ATOL)
 
 
-@pytest.mark.parametrize("platform, lowering, kernel_call", [
-    ("gpu", "cuda", "__gpu$xla.gpu.triton"),
-    ("tpu", "tpu", "tpu_custom_call"),
+@pytest.mark.parametrize("platform, lowering, kernel_call, chip", [
+    ("gpu", "cuda", "__gpu$xla.gpu.triton", "NVIDIA H100"),
+    ("tpu", "tpu", "tpu_custom_call", "TPU v5 lite"),
 ])
-def test_device_decode_competitors_lower_to_their_kernels(platform, lowering, kernel_call):
+def test_device_decode_competitors_lower_to_their_kernels(platform, lowering, kernel_call, chip):
   """Every JAX competitor of the device suite (GQA 32:8, bfloat16) lowers for cuda or tpu to a
   Pallas kernel: jmat's with kernel_options AUTO, as the suite runs them."""
   import jmat
@@ -676,17 +675,20 @@ def test_device_decode_competitors_lower_to_their_kernels(platform, lowering, ke
 
   cpu = jax.devices("cpu")[0]
   inputs = dd.make_inputs(2, 2048, cpu)
-  # JAX's TPU kernels read the chip from the mesh in context (else from the default device).
-  v5e = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
-  chip = (jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
-                                                                   abstract_device=v5e))
-          if platform == "tpu" else contextlib.nullcontext())
-  with jax.enable_x64(False), jmat.attention.kernel_platforms(lowering), chip:
-    for name, make in dd.jax_steps(inputs, platform, cpu, ragged_blocks=(4, 8)).items():
-      step = make()
-      args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), step.args)
-      text = jax.jit(step.fn).trace(*args).lower(lowering_platforms=(lowering,)).as_text()
-      assert kernel_call in text, name
+  # Pallas reads the chip it lowers for from the mesh in context (else the default device, a
+  # CPU here; jax 0.10 let Triton lower without one, 0.11 does not). Auto axes: under jax
+  # 0.11's default Explicit ones jmat's Triton probe fails and AUTO would pick XLA.
+  device = jax.sharding.AbstractDevice(device_kind=chip, num_cores=1, platform=platform)
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
+                                   abstract_device=device)
+  with jax.enable_x64(False):
+    steps = {name: make() for name, make in dd.jax_steps(inputs, platform, cpu,
+                                                          ragged_blocks=(4, 8)).items()}
+    with jmat.attention.kernel_platforms(lowering), jax.sharding.use_abstract_mesh(mesh):
+      for name, step in steps.items():
+        args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), step.args)
+        text = jax.jit(step.fn).trace(*args).lower(lowering_platforms=(lowering,)).as_text()
+        assert kernel_call in text, name
 
 
 def test_a_device_decode_case_without_cuda_skips_torch_saying_why():
