@@ -533,17 +533,20 @@ def case(target: comp.Target, batch: int, length: int, platform: str | None = No
 
   def build() -> dict[str, Call | Skipped]:
     inputs = make_inputs(batch, length, target.device)
-    makers: dict[str, Callable[[], Call | Skipped]] = {
-        name: functools.partial(_jax_call, make)
-        for name, make in jax_steps(inputs, platform, target.device, interpret=interpret).items()}
+    makers: dict[str, Callable[[], Step | Call | Skipped]] = dict(
+        jax_steps(inputs, platform, target.device, interpret=interpret))
     if platform == "gpu":
       makers.update(_torch_calls(target, inputs))
     calls: dict[str, Call | Skipped] = {}
     with jax.enable_x64(False):
-      info["auto_backend"] = _auto_backend(inputs, platform)
       for name in competitors(platform):
         try:
-          calls[name] = makers[name]()
+          made = makers[name]()
+          if isinstance(made, Step):
+            if name == JMAT[0]:
+              info["auto_backend"] = _auto_backend(made, platform)
+            made = _timed(made)
+          calls[name] = made
         except Exception as e:  # e.g. an API another jax or torch moved: this one fails alone
           calls[name] = _raising(e)
     return calls
@@ -552,24 +555,15 @@ def case(target: comp.Target, batch: int, length: int, platform: str | None = No
   return Case(f"B={batch} S={length}", flops, DTYPE, build, info)
 
 
-def _jax_call(make: Callable[[], Step | Skipped]) -> Call | Skipped:
-  step = make()
-  return step if isinstance(step, Skipped) else _timed(step)
-
-
-def _auto_backend(inputs: Inputs, platform: str) -> str:
+def _auto_backend(paged: Step, platform: str) -> str:
   """What ``kernel_options`` AUTO picks for jmat paged's flex call there, and why."""
   import jmat
 
   try:
-    batch, heads, dim = inputs.q.shape
-    q = jax.ShapeDtypeStruct((batch, heads, 1, dim), inputs.q.dtype)
-    pool = jax.ShapeDtypeStruct(inputs.k_pool.shape, inputs.k_pool.dtype)
-    physical = jax.eval_shape(
-        lambda lengths: logical_mask(lengths, inputs.k.shape[2]), inputs.lengths)
-    choice = jmat.attention.flex_attention_backend(
-        q, pool, pool, block_mask=physical, enable_gqa=True, platform=JMAT_PLATFORM[platform])
-    return f"{choice.backend}: {choice.reason}"
+    q, k_pool, v_pool, pages, logical = paged.args
+    return "{}: {}".format(*jmat.attention.flex_attention_backend(
+        q[:, :, None], k_pool, v_pool, block_mask=pages.convert_logical_block_mask(logical),
+        enable_gqa=True, platform=JMAT_PLATFORM[platform]))
   except Exception as e:  # jmat's own bug, reported with the results, not fatal to them
     return failed(e)["reason"]
 
