@@ -186,8 +186,8 @@ def to_pages(x: jax.Array, table: jax.Array, page: int) -> jax.Array:
   return _to_pool(x, table, page).transpose(1, 2, 0, 3)
 
 
-@functools.partial(jax.jit, static_argnames=("shapes", "run"))
-def _make(key: jax.Array, table: jax.Array, *, shapes: tuple[int, ...], run: int) -> Inputs:
+@functools.partial(jax.jit, static_argnames=("shapes",))
+def _make(key: jax.Array, table: jax.Array, *, shapes: tuple[int, ...]) -> Inputs:
   batch, heads, kv_heads, length, dim = shapes
   kq, kk, kv = jax.random.split(key, 3)
   q = jax.random.normal(kq, (batch, heads, dim), jnp.float32)
@@ -198,7 +198,7 @@ def _make(key: jax.Array, table: jax.Array, *, shapes: tuple[int, ...], run: int
       table=table, lengths=jnp.full((batch,), length, jnp.int32),
       cu_q=jnp.arange(batch + 1, dtype=jnp.int32),
       k_pool=pools[0].reshape(1, kv_heads, -1, dim), v_pool=pools[1].reshape(1, kv_heads, -1, dim),
-      k_pages=pools[0].transpose(1, 2, 0, 3), v_pages=pools[1].transpose(1, 2, 0, 3), run=run)
+      k_pages=pools[0].transpose(1, 2, 0, 3), v_pages=pools[1].transpose(1, 2, 0, 3), run=0)
 
 
 def make_inputs(batch: int, length: int, device: jax.Device, *, heads: int = HEADS,
@@ -210,9 +210,8 @@ def make_inputs(batch: int, length: int, device: jax.Device, *, heads: int = HEA
   run = run or run_of(batch, length)
   with jax.enable_x64(False), jax.default_device(device):
     table = jax.device_put(page_table(batch, length, run), device)
-    inputs = _make(jax.random.key(seed), table, shapes=(batch, heads, kv_heads, length, dim),
-                   run=run)
-  return jax.block_until_ready(inputs)
+    inputs = _make(jax.random.key(seed), table, shapes=(batch, heads, kv_heads, length, dim))
+  return jax.block_until_ready(inputs)._replace(run=run)  # a Python int, not jit's output
 
 
 # ---------------------------------------------------------------- the JAX competitors
@@ -242,7 +241,7 @@ def logical_mask(lengths: jax.Array, length: int):
                                 BLOCK_SIZE=PAGE)
 
 
-def paged_attention(inputs: Inputs, device: jax.Device):
+def jmat_pages(inputs: Inputs, device: jax.Device):
   """jmat's PagedAttention holding ``inputs``' pages (its page table is ``inputs.table``)."""
   from benchmarks.decode import _pages
 
@@ -264,7 +263,7 @@ def _jmat_paged(inputs: Inputs, platform: str, interpret: bool, device: jax.Devi
     return out[:, :, 0]
 
   length = inputs.k.shape[2]
-  return Step(step, (inputs.q, inputs.k_pool, inputs.v_pool, paged_attention(inputs, device),
+  return Step(step, (inputs.q, inputs.k_pool, inputs.v_pool, jmat_pages(inputs, device),
                      logical_mask(inputs.lengths, length)))
 
 
@@ -412,32 +411,36 @@ def _torch_tensor(torch: Any, x: jax.Array) -> Any:
   return torch.from_dlpack(x)
 
 
-def _torch_flex(inputs: Inputs) -> Call | Skipped:
+def torch_flex_call(inputs: Inputs, device: str, flex: Callable[..., Any]) -> Call:
+  """``flex`` (torch's flex_attention, compiled on a GPU) over torch's PagedAttention on
+  ``device`` holding the pool of ``inputs`` (the tests run it eagerly on the CPU)."""
   import torch
   from torch.nn.attention.experimental._paged_attention import PagedAttention
   from torch.nn.attention.flex_attention import create_block_mask
 
-  from benchmarks.decode import _torch_flex as compiled
-
   batch, _, length, _ = inputs.k.shape
-  paged = PagedAttention(inputs.k_pool.shape[2] // PAGE, PAGE, batch, device="cuda")
+  paged = PagedAttention(inputs.k_pool.shape[2] // PAGE, PAGE, batch, device=device)
   for b, end in reservations(batch, length, inputs.run):
     paged.reserve(torch.tensor(b), torch.tensor(end))
   # The same pages as jmat's (the tests check both tables against page_table): one pool.
   q, k_pool, v_pool = (_torch_tensor(torch, x) for x in (inputs.q, inputs.k_pool, inputs.v_pool))
   q = q[:, :, None]
-  lengths = torch.full((batch,), length, device="cuda")
-  logical = create_block_mask(_valid(lengths), batch, None, 1, length, device="cuda",
+  lengths = torch.full((batch,), length, device=device)
+  logical = create_block_mask(_valid(lengths), batch, None, 1, length, device=device,
                               BLOCK_SIZE=PAGE)
-  flex = compiled()
+  wait = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
   def call() -> Any:
     out = flex(q, k_pool, v_pool, block_mask=paged.convert_logical_block_mask(logical),
                enable_gqa=True)
-    torch.cuda.synchronize()
+    wait()
     return out
 
   return call
+
+
+def _torch_flex(inputs: Inputs) -> Call:
+  return torch_flex_call(inputs, "cuda", decode._torch_flex())
 
 
 def torch_varlen(torch: Any) -> Callable[..., Any] | Skipped:

@@ -773,3 +773,15 @@ def test_a_gpu_decode_run_reports_bandwidth_and_ratios_to_the_best_peer(kind, pe
   assert ("% of" in lines[0]) == (peak is not None)
   if peak is not None:
     assert f"of {peak:g} GB/s" in lines[0]
+
+
+def test_device_decode_torch_flex_over_its_paged_attention_computes_the_attention(decode_inputs):
+  """torch's competitor (torch's PagedAttention reserving the suite's page table over the pool
+  shared through DLPack), here with eager flex_attention on the CPU: the numpy attention."""
+  from torch.nn.attention.flex_attention import flex_attention
+
+  from benchmarks import decode_device as dd
+
+  inputs, want = decode_inputs
+  got = dd.torch_flex_call(inputs, "cpu", flex_attention)()
+  np.testing.assert_allclose(got[:, :, 0].float().numpy(), want, atol=BF16_ATOL)
