@@ -1,8 +1,8 @@
 """The decode suite on a GPU or a TPU: one decoding step over a paged cache, jmat against the
 device's own decode kernels, in one interleaved run.
 
-    python -m benchmarks --suite decode --device gpu            # ~5 min on one H100/H200
-    python -m benchmarks --suite decode --device gpu --quick    # 2 cases, ~1.5 min
+    python -m benchmarks --suite decode --device gpu            # 5 cases (~5 min, estimated)
+    python -m benchmarks --suite decode --device gpu --quick    # 2 cases (~1.5 min, estimated)
     python -m benchmarks --suite decode --device tpu
 
 On a CPU the decode suite is :mod:`benchmarks.decode`'s; with ``--device gpu`` or ``tpu`` it
@@ -119,7 +119,7 @@ def competitors(platform: str) -> tuple[str, ...]:
 
 def grid(quick: bool) -> tuple[tuple[int, int], ...]:
   """The ``(batch, cache length)`` cases; ``JMAT_DECODE_GRID=full``: cache 1k-32k x batch
-  1-64, all 16 (~15 min on an H100)."""
+  1-64, all 16 (~15 min, estimated)."""
   if quick:
     return QUICK_GRID
   if os.environ.get("JMAT_DECODE_GRID") == "full":
