@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import sys
 import time
@@ -120,7 +121,8 @@ def _device(name: str | None) -> jax.Device:
     ) from None
 
 
-def _run_timed(suite, settings, bar) -> list[dict[str, Any]]:
+def _run_timed(suite, settings, bar, measured=lambda cases: None) -> list[dict[str, Any]]:
+  """Every case of ``suite`` timed; ``measured(cases)`` after each, with the cases so far."""
   from benchmarks import timing
 
   cases = []
@@ -132,7 +134,41 @@ def _run_timed(suite, settings, bar) -> list[dict[str, Any]]:
         "name": case.name, "dtype": case.dtype, "flops": case.flops, **counted,
         "info": dict(case.info), "results": records,
     })
+    measured(list(cases))
   return cases
+
+
+def _run(args, device, settings, started, clock, load_before, x64, timed) -> dict[str, Any]:
+  """How a suite was run: the ``run`` field of its record."""
+  from benchmarks import machine
+
+  return {
+      "started": started.isoformat(timespec="seconds"),
+      "duration_s": round(time.perf_counter() - clock, 1),
+      "quick": args.quick,
+      "device": device.platform,
+      "device_kind": device.device_kind,
+      "jax_enable_x64": x64,
+      "repeats": settings.repeats if timed else 1,
+      "min_sample_s": settings.min_sample_s if timed else None,
+      "settle_s": settings.settle_s if timed else None,
+      "load_average_before": load_before,
+      "load_average_after": machine.load_average(),
+  }
+
+
+def _record(fields, name, cases, run) -> dict[str, Any]:
+  return {**fields, "name": name, "run": run, "cases": cases}
+
+
+def _checkpoint(results, out, name, fields, planned, run, cases) -> None:
+  """Writes suite ``name`` with the ``cases`` measured so far, its title saying so."""
+  from benchmarks import report
+
+  if len(cases) < planned:
+    title = f"{fields['title']} (partial: {len(cases)} of {planned} cases)"
+    results["suites"][name] = _record({**fields, "title": title}, name, cases, run())
+    report.write(results, out, SPECS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,30 +212,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"python -m benchmarks: suite {name} has neither build nor measure")
       suite = spec.build(target, args.quick)
       total = len(suite.cases) * len(suite.competitors) * (settings.repeats + 1)
-      with tqdm(total=total, desc=name, unit="run") as bar:
-        cases = _run_timed(suite, settings, bar)
       suite_record = {
           "kind": "time", "title": suite.title, "competitors": list(suite.competitors),
           "reference": suite.reference, "notes": list(suite.notes),
       }
       x64 = suite.jax_enable_x64
-    timed = spec.measure is None
-    suite_record["name"] = name
-    suite_record["run"] = {
-        "started": started.isoformat(timespec="seconds"),
-        "duration_s": round(time.perf_counter() - clock, 1),
-        "quick": args.quick,
-        "device": device.platform,
-        "device_kind": device.device_kind,
-        "jax_enable_x64": x64,
-        "repeats": settings.repeats if timed else 1,
-        "min_sample_s": settings.min_sample_s if timed else None,
-        "settle_s": settings.settle_s if timed else None,
-        "load_average_before": load_before,
-        "load_average_after": machine.load_average(),
-    }
-    suite_record["cases"] = cases
-    results["suites"][name] = suite_record
+
+      # A lent accelerator's run may be cut short: there every case measured is written.
+      checkpoint = functools.partial(
+          _checkpoint, results, out, name, suite_record, len(suite.cases), functools.partial(
+              _run, args, device, settings, started, clock, load_before, x64, True),
+      ) if device.platform != "cpu" else lambda cases: None
+      with tqdm(total=total, desc=name, unit="run") as bar:
+        cases = _run_timed(suite, settings, bar, checkpoint)
+    results["suites"][name] = _record(suite_record, name, cases, _run(
+        args, device, settings, started, clock, load_before, x64, spec.measure is None))
     paths = report.write(results, out, SPECS)  # after every suite: a late failure loses nothing
   if args.readme is not None:
     readme.update_readme(args.readme, out, SPECS)

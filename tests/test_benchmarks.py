@@ -785,3 +785,21 @@ def test_device_decode_torch_flex_over_its_paged_attention_computes_the_attentio
   inputs, want = decode_inputs
   got = dd.torch_flex_call(inputs, "cpu", flex_attention)()
   np.testing.assert_allclose(got[:, :, 0].float().numpy(), want, atol=BF16_ATOL)
+
+
+def test_a_device_run_writes_every_case_it_measured(tmp_path):
+  """On an accelerator the runner writes a suite after each case (a lent device's run may be cut
+  short), titled as partial; the last case leaves the writing to the complete suite."""
+  from benchmarks.__main__ import _checkpoint
+
+  results = _decode_device_results("NVIDIA H200")
+  record = results["suites"].pop("decode")
+  fields = {k: record[k] for k in ("kind", "title", "competitors", "reference", "notes")}
+  cases, run = record["cases"], lambda: record["run"]
+  _checkpoint(results, tmp_path, "decode", fields, len(cases), run, cases[:1])
+  written = json.loads((tmp_path / "results.json").read_text())["suites"]["decode"]
+  assert written["title"] == f"{record['title']} (partial: 1 of {len(cases)} cases)"
+  assert [c["name"] for c in written["cases"]] == [cases[0]["name"]]
+  (tmp_path / "results.json").unlink()
+  _checkpoint(results, tmp_path, "decode", fields, len(cases), run, cases)
+  assert not (tmp_path / "results.json").exists()
