@@ -670,7 +670,8 @@ def plot(suite: Record, plt):
       if c["results"][name]["status"] == "ok":
         xs.append(j + (i - (len(names) - 1) / 2) * width)
         ys.append(bandwidth(c, c["results"][name]))
-    right.bar(xs, ys, width, label=name)
+    if xs:  # the colours of the time panel (its bars take the colour cycle in this order)
+      right.bar(xs, ys, width, label=name, color=f"C{i}")
   peak = peak_gbps(suite["run"].get("device_kind", ""))
   if peak:
     right.axhline(peak, color="gray", linestyle="--", linewidth=1, label=f"peak {peak:g}")
