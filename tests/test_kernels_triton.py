@@ -408,6 +408,31 @@ def test_forward_and_gradient_lower_to_the_triton_kernel(case):
   assert gradient.count(TRITON_CALL) == 3
 
 
+def test_odd_sizes_make_no_padded_copy_of_the_arrays():
+  """G = 3 heads, L = 37, S = 29, E = 80, Ev = 72 (no power of two): the tiles are padded, the
+  arrays are not. Lowered for CUDA, the gradient program (forward, dq, dk/dv) holds no pad of q,
+  k, v or dO and no slice of out, lse, dq, dk or dv back to size: the kernels read and write them
+  through masked loads and stores, and each Triton call takes and gives the true shapes."""
+  blocks = block_sparse.causal_key_blocks(37, 29, 16, 16)
+  mods = kernel_mods(dataclasses.replace(CASES[1], score=softcap))
+  shapes = {"q": (1, 2, 3, 37, 80), "k": (1, 2, 29, 80), "v": (1, 2, 29, 72)}
+
+  def loss(q, k, v, scale):
+    out, lse = triton.run(block_sparse.Call(q, k, v, blocks, ((), ()), scale, mods=mods,
+                                            block_q=16, block_k=16))
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0))
+
+  args = [jax.ShapeDtypeStruct(shapes[n], jnp.bfloat16) for n in "qkv"] + [
+      jax.ShapeDtypeStruct((), jnp.float32)]
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count(TRITON_CALL) == 3
+  assert "stablehlo.pad" not in text and "stablehlo.slice" not in text
+  calls = [line for line in text.splitlines() if TRITON_CALL in line]
+  for shape in ("1x2x3x37x80xbf16", "1x2x29x80xbf16", "1x2x29x72xbf16", "1x2x3x37x72xbf16"):
+    assert any(shape in line for line in calls), shape  # q, k, v, out/dO at their true sizes
+
+
 def test_unsupported_names_what_triton_cannot_do():
   q = jax.ShapeDtypeStruct((1, 2, 3, 37, 16), jnp.float32)
   k = jax.ShapeDtypeStruct((1, 2, 53, 16), jnp.float32)

@@ -20,11 +20,14 @@ three Pallas kernels that lower to Triton (``pl.pallas_call`` with
   of the table (:func:`jmat._src.block_sparse.key_major_blocks`), so dk and dv
   need no atomics.
 
-Triton tiles are powers of two: L is padded to whole table blocks (K and V
-are not: keys past S are masked loads that read zeros), a table block to a
-power of two, E and Ev to powers of two of at least 16 (the
-smallest ``tl.dot``), G to a power of two (the extra heads have zero queries,
-show the mods the last real head's index, and are dropped). A table block may be longer than
+Triton tiles are powers of two: a table block is covered by a power of two,
+E and Ev by powers of two of at least 16 (the smallest ``tl.dot``), G by a
+power of two. The tiles are padded, the arrays are not: Q, K, V, dO, lse and
+delta are read and out, dq, dk and dv written with masked loads and stores, so
+a query past L, a key past S, a head past G or a column past E or Ev reads
+zeros and is never written (the extra heads show the mods the last real
+head's index). The blocked operands of the mods (SDPA's dense masks) are still
+padded to whole tiles, with their gradients. A table block may be longer than
 a tile (it is then cut into tiles, each inheriting the block's full/partial
 kind); see :class:`BlockSizes`.
 
@@ -62,6 +65,7 @@ from jmat._src.block_sparse import (
   Mods,
   Operands,
   backward_statistics,
+  ceil_div,
   key_major_blocks,
   lowering_limitation,
   pad,
@@ -227,7 +231,8 @@ class BlockSizes:
 
 @dataclasses.dataclass(frozen=True)
 class _Geometry:
-  """Static sizes of a call: true lengths, groups, padded head dims, table blocks as tiled.
+  """Static sizes of a call: true lengths, groups, head dims (true and padded), table blocks as
+  tiled.
 
   ``block_q``/``block_k`` are the table's blocks as the kernel covers them (a
   power of two; a single block covering a whole axis may be shortened to the
@@ -240,6 +245,8 @@ class _Geometry:
   kv_len: int
   groups: int
   groups_p: int
+  head: int
+  v_head: int
   head_p: int
   v_head_p: int
   block_q: int
@@ -255,6 +262,11 @@ class _Geometry:
   @property
   def kv_pad(self) -> int:
     return self.n_k * self.block_k
+
+  @property
+  def q_exact(self) -> bool:
+    """Whether a query tile's rows are all real: no padding head, no position past L."""
+    return self.groups == self.groups_p and self.q_pad == self.q_len
 
   def tiles(self, rows: int, keys: int) -> tuple[int, int]:
     """``(query positions per head, keys)`` of a tile of ``rows`` stacked rows and ``keys`` keys."""
@@ -287,7 +299,8 @@ def _geometry(q_shape, k_shape, v_shape, block_q: int, block_k: int) -> _Geometr
     return kernel_q
   if isinstance(kernel_k, str):
     return kernel_k
-  return _Geometry(q_len, kv_len, groups, groups_p, head_p, v_head_p, kernel_q, kernel_k,
+  return _Geometry(q_len, kv_len, groups, groups_p, head, v_head, head_p, v_head_p, kernel_q,
+                   kernel_k,
                    -(-q_len // block_q), -(-kv_len // block_k),
                    bound_full=kernel_k != block_k and kernel_k > kv_len)
 
@@ -626,22 +639,70 @@ def _offsets(offsets_ref) -> tuple[jax.Array, jax.Array]:
   return offsets_ref[0], offsets_ref[1]
 
 
-def _key_rows(geo: _Geometry, col: jax.Array, tk: int) -> jax.Array | None:
-  """Which of keys ``col .. col + tk`` exist, as a ``(tk, 1)`` load mask; None if all may.
+def _below(start: Any, size: int, bound: int) -> jax.Array:
+  """``(size,)``: which of ``start .. start + size - 1`` are below ``bound``."""
+  return start + lax.iota(jnp.int32, size) < bound
 
-  K and V are not padded to whole blocks: a tile past the last key reads
-  zeros through a masked load instead (the key bounds mask its scores).
-  """
-  if geo.kv_pad == geo.kv_len:
+
+def _columns(size: int, padded: int) -> jax.Array | None:
+  """``(1, padded)``: which columns of a head dim padded to ``padded`` exist; None if all do."""
+  return None if size == padded else _below(0, padded, size)[None, :]
+
+
+def _joined(rows: jax.Array | None, columns: jax.Array | None) -> jax.Array | None:
+  """The load mask of a tile whose ``rows`` (leading dims) and ``columns`` (last dim) exist."""
+  if rows is None:
+    return columns
+  rows = rows[..., None]
+  return rows if columns is None else rows & columns
+
+
+def _query_rows(geo: _Geometry, row: Any, tq: int) -> jax.Array | None:
+  """``(Gp, tq)``: which stacked rows of the query tile at ``row`` exist; None if all may."""
+  if geo.q_exact:
     return None
-  return (col + lax.iota(jnp.int32, tk) < geo.kv_len)[:, None]
+  return (_below(0, geo.groups_p, geo.groups)[:, None]
+          & _below(row, tq, geo.q_len)[None, :])
 
 
-def _load_keys(ref, geo: _Geometry, col: jax.Array, tk: int) -> jax.Array:
-  """Keys (or values) ``col .. col + tk`` of a row's ``(S, E)`` ref; missing keys read 0."""
-  mask = _key_rows(geo, col, tk)
+def _key_rows(geo: _Geometry, col: Any, tk: int) -> jax.Array | None:
+  """``(tk,)``: which of keys ``col .. col + tk - 1`` exist; None if all may."""
+  return None if geo.kv_pad == geo.kv_len else _below(col, tk, geo.kv_len)
+
+
+def _load(ref, mask: jax.Array | None) -> jax.Array:
+  """``ref[...]``, reading 0 where ``mask`` (broadcast to the ref) is False: past the array."""
+  if mask is None:
+    return ref[...]
+  return plgpu.load(ref, mask=jnp.broadcast_to(mask, ref.shape), other=0)
+
+
+def _store(ref, value: jax.Array, mask: jax.Array | None) -> None:
+  """``ref[...] = value`` (reshaped to the ref), written only where ``mask`` is True."""
+  value = value.reshape(ref.shape).astype(ref.dtype)
+  if mask is None:
+    ref[...] = value
+  else:
+    plgpu.store(ref, value, mask=jnp.broadcast_to(mask, ref.shape))
+
+
+def _load_keys(ref, geo: _Geometry, col: jax.Array, tk: int, head: int) -> jax.Array:
+  """Keys (or values) ``col .. col + tk`` of a row's ``(S, head)`` ref as a ``(tk, head
+  padded)`` tile: keys past S and columns past ``head`` read 0."""
   view = ref.at[pl.ds(col, tk), :]
-  return view[...] if mask is None else plgpu.load(view, mask=mask, other=0)
+  return _load(view, _joined(_key_rows(geo, col, tk), _columns(head, view.shape[-1])))
+
+
+def _query_tile(ref, geo: _Geometry, row: Any, tq: int, head: int) -> jax.Array:
+  """A ``(Gp, tq, head padded)`` query-side tile (q, dO) as ``(Gp * tq, head padded)``."""
+  padded = ref.shape[-1]
+  return _load(ref, _joined(_query_rows(geo, row, tq), _columns(head, padded))).reshape(
+      geo.groups_p * tq, padded)
+
+
+def _row_stats(ref, geo: _Geometry, row: Any, tq: int) -> jax.Array:
+  """A ``(Gp, tq)`` per-row tile (lse, delta) as ``(Gp * tq, 1)``."""
+  return _load(ref, _query_rows(geo, row, tq)).reshape(geo.groups_p * tq, 1)
 
 
 # --- kernels -----------------------------------------------------------------------------------
@@ -671,29 +732,31 @@ def _forward_kernel(tiling: _Tiling, splits: int, blocks, scale_ref, offsets_ref
   q0, k0 = _offsets(offsets_ref)
   whole_refs, whole_tree, blocked_refs = _operand_refs(operands)
   scale = scale_ref[...]
-  q = q_ref[...].reshape(tiling.rows, geo.head_p)
   row = pl.multiple_of(tile * tq, tq)
+  q = _query_tile(q_ref, geo, row, tq, geo.head)
 
   def fold(masked, key_tile, carry):
     col = pl.multiple_of(key_tile * tk, tk)
     at = _At(m, r, row, col, q0, k0)
     runner = _ModRunner(whole_refs)
     blocked = tiling.blocked(blocked_refs, at)
-    s = tiling.logits(q, _load_keys(k_ref, geo, col, tk), scale, at, whole_tree, blocked,
-                      runner)
+    s = tiling.logits(q, _load_keys(k_ref, geo, col, tk, geo.head), scale, at, whole_tree,
+                      blocked, runner)
     ok = tiling.allowed(masked, at, whole_tree, blocked, runner)
     if ok is not None:
       s = jnp.where(ok, s, -jnp.inf)
-    return _fold(carry, s, _load_keys(v_ref, geo, col, tk))
+    return _fold(carry, s, _load_keys(v_ref, geo, col, tk, geo.v_head))
 
   carry = osm.online_softmax_init((), tiling.rows, geo.v_head_p, dtype=scale.dtype)
   carry = _visit(blocks, m, tile // (geo.block_q // tq), geo.block_k // tk, fold, carry,
                  None if splits == 1 else (split, splits))
-  out_ref[...] = osm.online_softmax_finish(carry, out_ref.dtype).reshape(out_ref.shape)
+  rows = _query_rows(geo, row, tq)
+  _store(out_ref, osm.online_softmax_finish(carry, out_ref.dtype),
+         _joined(rows, _columns(geo.v_head, geo.v_head_p)))
   _, row_max, row_sum = carry
   seen = osm.seen_a_key(row_max)
   lse = jnp.where(seen, (row_max + jnp.log2(jnp.where(seen, row_sum, 1.0))) * _LN2, -jnp.inf)
-  lse_ref[...] = lse.reshape(lse_ref.shape)
+  _store(lse_ref, lse, rows)
 
 
 class _TileGrads(NamedTuple):
@@ -758,17 +821,17 @@ def _dq_kernel(tiling: _Tiling, blocks, scale_ref, offsets_ref, q_ref, k_ref, v_
   d_whole = dict(zip([i for i, ref in enumerate(operands[0]) if _inexact(ref)], d_whole_refs,
                      strict=True))
   scale = scale_ref[...]
-  q = q_ref[...].reshape(tiling.rows, geo.head_p)
-  d_out = do_ref[...].reshape(tiling.rows, geo.v_head_p)
-  lse2, delta = (x[...].reshape(tiling.rows, 1) for x in (lse_ref, delta_ref))
   row = pl.multiple_of(tile * tq, tq)
+  q = _query_tile(q_ref, geo, row, tq, geo.head)
+  d_out = _query_tile(do_ref, geo, row, tq, geo.v_head)
+  lse2, delta = (_row_stats(x, geo, row, tq) for x in (lse_ref, delta_ref))
 
   def step(masked, key_tile, dq):
     col = pl.multiple_of(key_tile * tk, tk)
     at = _At(m, r, row, col, q0, k0)
-    k = _load_keys(k_ref, geo, col, tk)
-    grads = _tile_grads(tiling, masked, at, q, k, _load_keys(v_ref, geo, col, tk), scale, d_out,
-                        lse2, delta, operands, operand_grads=True)
+    k = _load_keys(k_ref, geo, col, tk, geo.head)
+    grads = _tile_grads(tiling, masked, at, q, k, _load_keys(v_ref, geo, col, tk, geo.v_head),
+                        scale, d_out, lse2, delta, operands, operand_grads=True)
     # Tiles of other programs add into the same entries (broadcast dims, shared table entries).
     for ref, d in zip(d_blocked_refs, grads.d_blocked, strict=True):
       addupdate(ref, tiling.blocked_index(ref.shape, at), d.astype(ref.dtype))
@@ -782,7 +845,7 @@ def _dq_kernel(tiling: _Tiling, blocks, scale_ref, offsets_ref, q_ref, k_ref, v_
 
   dq = _visit(blocks, m, tile // (geo.block_q // tq), geo.block_k // tk, step,
               jnp.zeros((tiling.rows, geo.head_p), scale.dtype))
-  dq_ref[...] = (dq * scale).astype(dq_ref.dtype).reshape(dq_ref.shape)
+  _store(dq_ref, dq * scale, _joined(_query_rows(geo, row, tq), _columns(geo.head, geo.head_p)))
   # d scale = sum(d s1 * q @ k^T) = sum(q * (d s1 @ k)): one reduction after the pass.
   d_scale_ref[...] = jnp.sum(dq * q.astype(scale.dtype))
 
@@ -795,16 +858,18 @@ def _dkv_kernel(tiling: _Tiling, blocks, scale_ref, offsets_ref, q_ref, k_ref, v
   operands = _operand_refs(operands)
   scale = scale_ref[...]
   col = pl.multiple_of(tile * tk, tk)
-  mask = _key_rows(geo, col, tk)
-  k, v = ((x[...] if mask is None else plgpu.load(x, mask=mask, other=0)) for x in (k_ref, v_ref))
+  keys = _key_rows(geo, col, tk)
+  k_mask, v_mask = (_joined(keys, _columns(n, p)) for n, p in ((geo.head, geo.head_p),
+                                                              (geo.v_head, geo.v_head_p)))
+  k, v = _load(k_ref, k_mask), _load(v_ref, v_mask)
 
   def step(masked, query_tile, carry):
     dk, dv = carry
     row = pl.multiple_of(query_tile * tq, tq)
     rows = pl.ds(row, tq)
-    q = q_ref[:, rows, :].reshape(tiling.rows, geo.head_p)
-    d_out = do_ref[:, rows, :].reshape(tiling.rows, geo.v_head_p)
-    lse2, delta = (x[:, rows].reshape(tiling.rows, 1) for x in (lse_ref, delta_ref))
+    q = _query_tile(q_ref.at[:, rows, :], geo, row, tq, geo.head)
+    d_out = _query_tile(do_ref.at[:, rows, :], geo, row, tq, geo.v_head)
+    lse2, delta = (_row_stats(x.at[:, rows], geo, row, tq) for x in (lse_ref, delta_ref))
     grads = _tile_grads(tiling, masked, _At(m, r, row, col, q0, k0), q, k, v, scale, d_out,
                         lse2, delta, operands, operand_grads=False)  # the dq pass gives those
     return (dk + _mma(grads.d_s1, q, (0, 0), scale.dtype),
@@ -812,11 +877,8 @@ def _dkv_kernel(tiling: _Tiling, blocks, scale_ref, offsets_ref, q_ref, k_ref, v
 
   carry = (jnp.zeros((tk, geo.head_p), scale.dtype), jnp.zeros((tk, geo.v_head_p), scale.dtype))
   dk, dv = _visit(blocks, m, tile // (geo.block_k // tk), geo.block_q // tq, step, carry)
-  for ref, d in ((dk_ref, dk * scale), (dv_ref, dv)):
-    if mask is None:
-      ref[...] = d.astype(ref.dtype)
-    else:
-      plgpu.store(ref, d.astype(ref.dtype), mask=mask)
+  _store(dk_ref, dk * scale, k_mask)
+  _store(dv_ref, dv, v_mask)
 
 
 # --- calls -------------------------------------------------------------------------------------
@@ -908,7 +970,7 @@ def _splits(cfg: _Config, tiling: _Tiling, programs: int) -> int:
   if cfg.sizes.num_splits is not None:
     return cfg.sizes.num_splits
   geo = cfg.geo
-  if geo.q_pad // tiling.tq > 1 or programs >= _BUSY:
+  if ceil_div(geo.q_len, tiling.tq) > 1 or programs >= _BUSY:
     return 1
   return max(1, min(16, geo.n_k * (geo.block_k // tiling.tk), _BUSY // programs))
 
@@ -917,11 +979,11 @@ def _forward(q, k, v, blocks: KeyBlocks, operands: Operands, scale, offsets, cfg
   geo = cfg.geo
   tiling = cfg.tiling("forward")
   lead = q.shape[:2]
-  gp, tq, dtype = geo.groups_p, tiling.tq, scale.dtype
-  tiles = geo.q_pad // tq
+  tq, dtype = tiling.tq, scale.dtype
+  tiles = ceil_div(geo.q_len, tq)  # the query tiles holding a real row: no program past L
   splits = _splits(cfg, tiling, tiles * math.prod(lead))
   q_tile, out_tile, lse_tile = _query_tiles(geo, tq, splits)
-  out_shape = lead + (gp, geo.q_pad)
+  out_shape = lead + (geo.groups, geo.q_len)
   out, lse = pl.pallas_call(
       functools.partial(_forward_kernel, tiling, splits),
       grid=(tiles * splits,) + lead,
@@ -930,7 +992,7 @@ def _forward(q, k, v, blocks: KeyBlocks, operands: Operands, scale, offsets, cfg
                 _whole_spec(operands)],
       out_specs=[out_tile, lse_tile],
       # Split programs write float32 partial results for the merge below.
-      out_shape=[jax.ShapeDtypeStruct((splits,) * (splits > 1) + out_shape + (geo.v_head_p,),
+      out_shape=[jax.ShapeDtypeStruct((splits,) * (splits > 1) + out_shape + (geo.v_head,),
                                       q.dtype if splits == 1 else dtype),
                  jax.ShapeDtypeStruct((splits,) * (splits > 1) + out_shape, dtype)],
       compiler_params=cfg.params("forward"),
@@ -964,7 +1026,7 @@ def _backward(cfg: _Config, q, k, v, blocks, operands, scale, offsets, d_out, ls
 
   tiling = cfg.tiling("dq")
   q_tile, do_tile, row_tile = _query_tiles(geo, tiling.tq)
-  n_tiles = geo.q_pad // tiling.tq
+  n_tiles = ceil_div(geo.q_len, tiling.tq)
   n_zeros = len(zeros[0]) + len(zeros[1])
   dq, d_scale, d_whole, d_blocked = pl.pallas_call(
       functools.partial(_dq_kernel, tiling),
@@ -993,7 +1055,7 @@ def _backward(cfg: _Config, q, k, v, blocks, operands, scale, offsets, d_out, ls
   by_key = key_major_blocks(blocks, geo.n_k)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, tiling),
-      grid=(geo.kv_pad // tk,) + lead,
+      grid=(ceil_div(geo.kv_len, tk),) + lead,
       in_specs=[_whole_spec(by_key), pl.no_block_spec, pl.no_block_spec,
                 _per_row(gp, geo.q_pad, geo.head_p), dk_tile, dv_tile,
                 _per_row(gp, geo.q_pad, geo.v_head_p), _per_row(gp, geo.q_pad),
@@ -1001,7 +1063,7 @@ def _backward(cfg: _Config, q, k, v, blocks, operands, scale, offsets, d_out, ls
       out_specs=[dk_tile, dv_tile],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=cfg.params("dkv"),
-      cost_estimate=cfg.cost("dkv", lead, geo.kv_pad // tk),
+      cost_estimate=cfg.cost("dkv", lead, ceil_div(geo.kv_len, tk)),
       interpret=cfg.interpret,
       name="jmat_block_sparse_dkv",
   )(by_key, *ins[1:])
@@ -1079,21 +1141,17 @@ def run(call: Call, *, interpret: bool = False,
   if isinstance(geo, str):
     raise ValueError(geo)
   dtype = osm.compute_dtype(q.dtype)
-  groups, length, _ = q.shape[-3:]
-  v_head = v.shape[-1]
-  if length == 0 or k.shape[-2] == 0:  # no program to run: nothing seen
-    return (jnp.zeros(q.shape[:-1] + (v_head,), q.dtype), jnp.full(q.shape[:-1], -jnp.inf, dtype))
+  if q.shape[-2] == 0 or k.shape[-2] == 0:  # no program to run: nothing seen
+    return (jnp.zeros(q.shape[:-1] + v.shape[-1:], q.dtype),
+            jnp.full(q.shape[:-1], -jnp.inf, dtype))
   whole, blocked = operands
   whole = jax.tree.map(jnp.asarray, whole)
   blocked = tuple(pad(pad(pad(jnp.asarray(x), 2, geo.groups_p, True), 3, geo.q_pad, True),
                        4, geo.kv_pad, True) for x in blocked)
-  q = pad(pad(pad(q, 2, geo.groups_p), 3, geo.q_pad), 4, geo.head_p)
-  k, v = pad(k, 3, geo.head_p), pad(v, 3, geo.v_head_p)  # keys past S: masked loads
   offsets = jnp.stack([jnp.asarray(q_offset, jnp.int32), jnp.asarray(k_offset, jnp.int32)])
   cfg = _Config(geo, block_sizes, mods, interpret, jnp.dtype(q.dtype))
-  out, lse = cast(tuple[jax.Array, jax.Array], _attend(
+  return cast(tuple[jax.Array, jax.Array], _attend(
       q, k, v, blocks, Operands(whole, blocked), jnp.asarray(scale).astype(dtype), offsets, cfg))
-  return out[:, :, :groups, :length, :v_head], lse[:, :, :groups, :length]
 
 
 def unsupported(call: Call, *, block_sizes: BlockSizes = BlockSizes(),
