@@ -65,6 +65,7 @@ from jmat._src.block_sparse import (
   Mods,
   Operands,
   backward_statistics,
+  causal_key_blocks,
   ceil_div,
   key_major_blocks,
   lowering_limitation,
@@ -884,6 +885,24 @@ def _dkv_kernel(tiling: _Tiling, blocks, scale_ref, offsets_ref, q_ref, k_ref, v
 # --- calls -------------------------------------------------------------------------------------
 
 
+# What a mask declares of torch's causal rule (block_sparse.causal at the call's offsets) with an
+# attribute ``causal`` on ``Mods.mask``: "exact", it is that rule; "within", it allows causal pairs
+# only (the rule and something else, e.g. SDPA's is_causal with an attn_mask).
+CAUSAL_EXACT, CAUSAL_WITHIN = "exact", "within"
+
+
+def causal_rule(mods: Mods) -> str | None:
+  """The causal rule ``mods.mask`` declares (:data:`CAUSAL_EXACT`, :data:`CAUSAL_WITHIN`), or None.
+
+  A caller whose mask is causal (SDPA's ``is_causal``) declares it so that the
+  kernels list causal tiles at their own tile, not at the table's blocks: a
+  table block of 512 on the diagonal is 8 x 8 tiles of 64, of which 28 lie
+  wholly above the diagonal (computed and masked if inherited from the block).
+  """
+  rule = getattr(mods.mask, "causal", None)
+  return rule if rule in (CAUSAL_EXACT, CAUSAL_WITHIN) else None
+
+
 @dataclasses.dataclass(frozen=True)
 class _Config:
   """The static part of a call (a ``custom_vjp`` non-differentiable argument)."""
@@ -893,6 +912,32 @@ class _Config:
   mods: Mods
   interpret: bool
   dtype: Any  # the inputs'
+
+  def tables(self, kind: str, blocks: KeyBlocks, offsets: jax.Array) -> tuple[_Tiling, KeyBlocks]:
+    """The tiling and block table of pass ``kind``.
+
+    The call's own table, cut into tiles by the kernel; or, for a mask that
+    declares the causal rule (:func:`causal_rule`), the causal table at the
+    pass' tile (the table's blocks become the tiles): no tile wholly above the
+    diagonal is listed, the diagonal tiles are partial and, for the exact
+    rule, the tiles below it full.
+    """
+    tiling = self.tiling(kind)
+    rule = causal_rule(self.mods)
+    if rule is None:
+      return tiling, blocks
+    geo, tq, tk = self.geo, tiling.tq, tiling.tk
+    geo = dataclasses.replace(geo, block_q=tq, block_k=tk, n_q=ceil_div(geo.q_len, tq),
+                              n_k=ceil_div(geo.kv_len, tk), bound_full=False)
+    table = causal_key_blocks(geo.q_len, geo.kv_len, tq, tk, q_offset=offsets[0],
+                              k_offset=offsets[1])
+    if rule == CAUSAL_WITHIN:  # the rest of the mask applies in every listed tile
+      table = table._replace(num=table.num + table.full_num,
+                             full_num=jnp.zeros_like(table.full_num))
+    rows = (blocks.num.shape[0], geo.n_q)  # one copy per table row M the kernel indexes
+    table = table._replace(num=jnp.broadcast_to(table.num, rows),
+                           full_num=jnp.broadcast_to(table.full_num, rows))
+    return dataclasses.replace(tiling, geo=geo), table
 
   def launch(self, kind: str) -> Launch:
     return self.sizes.launches(max(self.geo.head_p, self.geo.v_head_p), self.dtype)[kind]
@@ -969,15 +1014,15 @@ def _splits(cfg: _Config, tiling: _Tiling, programs: int) -> int:
   """
   if cfg.sizes.num_splits is not None:
     return cfg.sizes.num_splits
-  geo = cfg.geo
+  geo = tiling.geo
   if ceil_div(geo.q_len, tiling.tq) > 1 or programs >= _BUSY:
     return 1
   return max(1, min(16, geo.n_k * (geo.block_k // tiling.tk), _BUSY // programs))
 
 
 def _forward(q, k, v, blocks: KeyBlocks, operands: Operands, scale, offsets, cfg: _Config):
-  geo = cfg.geo
-  tiling = cfg.tiling("forward")
+  tiling, blocks = cfg.tables("forward", blocks, offsets)
+  geo = tiling.geo
   lead = q.shape[:2]
   tq, dtype = tiling.tq, scale.dtype
   tiles = ceil_div(geo.q_len, tq)  # the query tiles holding a real row: no program past L
@@ -1021,10 +1066,9 @@ def _backward(cfg: _Config, q, k, v, blocks, operands, scale, offsets, d_out, ls
   # A scalar leaf's gradient is (1,): Triton adds to a ref through an index.
   zeros = ([jnp.zeros(x.shape or (1,), dtype) for x in jax.tree.leaves(whole) if _inexact(x)],
            [jnp.zeros(x.shape, dtype) for x in blocked if _inexact(x)])
-  tables = [_whole_spec(blocks), pl.no_block_spec, pl.no_block_spec]
-  ins = (blocks, scale, offsets, q, k, v, d_out, lse2, delta, operands)
-
-  tiling = cfg.tiling("dq")
+  tiling, dq_blocks = cfg.tables("dq", blocks, offsets)
+  tables = [_whole_spec(dq_blocks), pl.no_block_spec, pl.no_block_spec]
+  ins = (dq_blocks, scale, offsets, q, k, v, d_out, lse2, delta, operands)
   q_tile, do_tile, row_tile = _query_tiles(geo, tiling.tq)
   n_tiles = ceil_div(geo.q_len, tiling.tq)
   n_zeros = len(zeros[0]) + len(zeros[1])
@@ -1048,11 +1092,11 @@ def _backward(cfg: _Config, q, k, v, blocks, operands, scale, offsets, d_out, ls
       name="jmat_block_sparse_dq",
   )(*ins, zeros)
 
-  tiling = cfg.tiling("dkv")
-  tk = tiling.tk
+  tiling, dkv_blocks = cfg.tables("dkv", blocks, offsets)
+  geo, tk = tiling.geo, tiling.tk
   dk_tile = pl.BlockSpec((None, None, tk, geo.head_p), lambda t, m, r: (m, r, t, 0))
   dv_tile = pl.BlockSpec((None, None, tk, geo.v_head_p), lambda t, m, r: (m, r, t, 0))
-  by_key = key_major_blocks(blocks, geo.n_k)
+  by_key = key_major_blocks(dkv_blocks, geo.n_k)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, tiling),
       grid=(ceil_div(geo.kv_len, tk),) + lead,
@@ -1136,7 +1180,7 @@ def run(call: Call, *, interpret: bool = False,
     ValueError: a block size the kernel cannot tile, or a head dim it cannot hold.
   """
   q, k, v, blocks, operands, scale = call.q, call.k, call.v, call.blocks, call.operands, call.scale
-  mods, q_offset, k_offset = call.mods, call.q_offset, call.k_offset
+  mods = call.mods
   geo = _geometry(q.shape, k.shape, v.shape, call.block_q, call.block_k)
   if isinstance(geo, str):
     raise ValueError(geo)
@@ -1148,10 +1192,36 @@ def run(call: Call, *, interpret: bool = False,
   whole = jax.tree.map(jnp.asarray, whole)
   blocked = tuple(pad(pad(pad(jnp.asarray(x), 2, geo.groups_p, True), 3, geo.q_pad, True),
                        4, geo.kv_pad, True) for x in blocked)
-  offsets = jnp.stack([jnp.asarray(q_offset, jnp.int32), jnp.asarray(k_offset, jnp.int32)])
+  offsets = _offsets_of(call)
   cfg = _Config(geo, block_sizes, mods, interpret, jnp.dtype(q.dtype))
   return cast(tuple[jax.Array, jax.Array], _attend(
       q, k, v, blocks, Operands(whole, blocked), jnp.asarray(scale).astype(dtype), offsets, cfg))
+
+
+def _offsets_of(call: Call) -> jax.Array:
+  """``[q_offset, k_offset]`` as an int32 array (a kernel input)."""
+  return jnp.stack([jnp.asarray(call.q_offset, jnp.int32), jnp.asarray(call.k_offset, jnp.int32)])
+
+
+def pass_tables(call: Call, *, block_sizes: BlockSizes = BlockSizes()
+                ) -> dict[str, tuple[tuple[int, int], KeyBlocks]]:
+  """What each pass walks for ``call``: its tile ``(query positions, keys)`` and block table.
+
+  Keyed by pass (``"forward"``, ``"dq"``, ``"dkv"``; the dk/dv pass reads the
+  key-major copy of its table). The table lists blocks of the call's
+  ``(block_q, block_k)``, each cut into tiles, or, for a mask that declares
+  the causal rule (:func:`causal_rule`), tiles themselves.
+
+  Raises:
+    ValueError: a block size the kernel cannot tile, or a head dim it cannot hold.
+  """
+  geo = _geometry(call.q.shape, call.k.shape, call.v.shape, call.block_q, call.block_k)
+  if isinstance(geo, str):
+    raise ValueError(geo)
+  cfg = _Config(geo, block_sizes, call.mods, False, jnp.dtype(call.q.dtype))
+  passes = {kind: cfg.tables(kind, call.blocks, _offsets_of(call))
+            for kind in ("forward", "dq", "dkv")}
+  return {kind: ((tiling.tq, tiling.tk), blocks) for kind, (tiling, blocks) in passes.items()}
 
 
 def unsupported(call: Call, *, block_sizes: BlockSizes = BlockSizes(),
