@@ -722,3 +722,38 @@ def test_sdpa_causal_on_the_kernels_tiles_matches_float64_oracles(attn_mask):
   for name, got, w in zip("qkv", grads, want_grads, strict=False):
     assert np.abs(w).max() > 0, name
     np.testing.assert_allclose(np.asarray(got), w, **tol, err_msg=f"d{name}")
+
+
+def test_a_shared_key_value_pool_is_read_in_place():
+  """K/V with one table row (M = 1: flex's batch broadcast, a paged cache's pool) against two
+  rows of queries with different masks: every row reads the one pool (lowered for CUDA, the
+  forward holds no copy of k or v per row) and the pool's gradients are the sums over the rows;
+  values and gradients against the float64 oracles of the pool repeated per row."""
+  case = Case("shared_pool", 2, 2, 2, 21, 29, 16, 8, 16, 16, mask=blocked_mask,
+              blocked=lambda rng: (rng.random((2, 1, 1, 21, 29)) > 0.3,))
+  qkv, whole, blocked, blocks, allowed, (d_out, d_lse) = problem(case)
+  pool = (qkv[0], qkv[1][:1], qkv[2][:1])
+  repeated = (qkv[0], *(np.broadcast_to(x, (2,) + x.shape[1:]) for x in pool[1:]))
+  scale = 0.35
+  want_out, want_lse = attention_reference(repeated[0], repeated[1][:, :, None],
+                                           repeated[2][:, :, None], allowed=allowed, scale=scale,
+                                           return_lse=True)
+  out, lse, grads = run(case, pool, whole, blocked, blocks, scale, d_out, d_lse)
+  want_grads, _ = torch_oracle(case, repeated, whole, blocked, allowed, scale, d_out, d_lse)
+  tol = tolerance(np.float64)
+  np.testing.assert_allclose(np.asarray(out), want_out, **tol)
+  np.testing.assert_allclose(np.asarray(lse), want_lse, **tol)
+  for name in "qkv":
+    want = want_grads[name] if name == "q" else want_grads[name].sum(axis=0, keepdims=True)
+    assert grads[name].shape == want.shape, name
+    np.testing.assert_allclose(np.asarray(grads[name]), want, **tol, err_msg=f"d {name}")
+
+  def attend(q, k, v):
+    return triton.run(block_sparse.Call(q, k, v, blocks, ((), blocked), jnp.float32(scale),
+                                        mods=kernel_mods(case), block_q=16, block_k=16))
+
+  args = [jax.ShapeDtypeStruct(x.shape, jnp.bfloat16) for x in pool]
+  text = jax.jit(attend).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count(TRITON_CALL) == 1 and "2x2x29x" not in text
+  (call,) = [line for line in text.splitlines() if TRITON_CALL in line]
+  assert "1x2x29x16xbf16" in call and "1x2x29x8xbf16" in call  # the pool itself

@@ -978,9 +978,20 @@ def _whole_spec(tree):
   return jax.tree.map(lambda _: pl.no_block_spec, tree)
 
 
-def _per_row(*tail: int | None) -> pl.BlockSpec:
-  """All of one ``(m, r)`` row: ``(..., *tail)`` with ``None`` (squeezed) for ``M`` and ``R``."""
-  return pl.BlockSpec((None, None, *tail), lambda t, m, r: (m, r) + (0,) * len(tail))
+def _per_row(*tail: int | None, shared: bool = False) -> pl.BlockSpec:
+  """All of one ``(m, r)`` row: ``(..., *tail)`` with ``None`` (squeezed) for ``M`` and ``R``.
+
+  ``shared``: the array has one table row (``M = 1``) that every ``m`` reads.
+  """
+  return pl.BlockSpec((None, None, *tail),
+                      lambda t, m, r: (0 if shared else m, r) + (0,) * len(tail))
+
+
+def _pool(k, v, q, geo: _Geometry) -> tuple[pl.BlockSpec, pl.BlockSpec]:
+  """Specs of a row's whole keys and values; one pool (``M = 1``) serves every table row."""
+  shared = k.shape[0] != q.shape[0]
+  return (_per_row(geo.kv_len, geo.head_p, shared=shared),
+          _per_row(geo.kv_len, geo.v_head_p, shared=shared))
 
 
 def _query_tiles(geo: _Geometry, tq: int,
@@ -1033,8 +1044,7 @@ def _forward(q, k, v, blocks: KeyBlocks, operands: Operands, scale, offsets, cfg
       functools.partial(_forward_kernel, tiling, splits),
       grid=(tiles * splits,) + lead,
       in_specs=[_whole_spec(blocks), pl.no_block_spec, pl.no_block_spec, q_tile,
-                _per_row(geo.kv_len, geo.head_p), _per_row(geo.kv_len, geo.v_head_p),
-                _whole_spec(operands)],
+                *_pool(k, v, q, geo), _whole_spec(operands)],
       out_specs=[out_tile, lse_tile],
       # Split programs write float32 partial results for the merge below.
       out_shape=[jax.ShapeDtypeStruct((splits,) * (splits > 1) + out_shape + (geo.v_head,),
@@ -1075,8 +1085,7 @@ def _backward(cfg: _Config, q, k, v, blocks, operands, scale, offsets, d_out, ls
   dq, d_scale, d_whole, d_blocked = pl.pallas_call(
       functools.partial(_dq_kernel, tiling),
       grid=(n_tiles,) + lead,
-      in_specs=tables + [q_tile, _per_row(geo.kv_len, geo.head_p),
-                         _per_row(geo.kv_len, geo.v_head_p), do_tile, row_tile, row_tile,
+      in_specs=tables + [q_tile, *_pool(k, v, q, geo), do_tile, row_tile, row_tile,
                          _whole_spec(operands), _whole_spec(zeros)],
       out_specs=[q_tile, pl.BlockSpec((None, None, None), lambda t, m, r: (t, m, r)),
                  _whole_spec(zeros[0]), _whole_spec(zeros[1])],
@@ -1094,23 +1103,31 @@ def _backward(cfg: _Config, q, k, v, blocks, operands, scale, offsets, d_out, ls
 
   tiling, dkv_blocks = cfg.tables("dkv", blocks, offsets)
   geo, tk = tiling.geo, tiling.tk
-  dk_tile = pl.BlockSpec((None, None, tk, geo.head_p), lambda t, m, r: (m, r, t, 0))
-  dv_tile = pl.BlockSpec((None, None, tk, geo.v_head_p), lambda t, m, r: (m, r, t, 0))
+  shared = k.shape[0] != q.shape[0]
+  dk_tile, dv_tile = (pl.BlockSpec((None, None, tk, e), lambda t, m, r: (m, r, t, 0))
+                      for e in (geo.head_p, geo.v_head_p))
+  k_tile, v_tile = (pl.BlockSpec((None, None, tk, e), lambda t, m, r: (0 if shared else m, r, t, 0))
+                    for e in (geo.head_p, geo.v_head_p))
+  # A shared pool's gradients: one per table row m (no two programs write one tile), summed below.
+  grads = [jax.ShapeDtypeStruct(q.shape[:1] + x.shape[1:], dtype if shared else x.dtype)
+           for x in (k, v)]
   by_key = key_major_blocks(dkv_blocks, geo.n_k)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, tiling),
       grid=(ceil_div(geo.kv_len, tk),) + lead,
       in_specs=[_whole_spec(by_key), pl.no_block_spec, pl.no_block_spec,
-                _per_row(gp, geo.q_pad, geo.head_p), dk_tile, dv_tile,
+                _per_row(gp, geo.q_pad, geo.head_p), k_tile, v_tile,
                 _per_row(gp, geo.q_pad, geo.v_head_p), _per_row(gp, geo.q_pad),
                 _per_row(gp, geo.q_pad), _whole_spec(operands)],
       out_specs=[dk_tile, dv_tile],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_shape=grads,
       compiler_params=cfg.params("dkv"),
       cost_estimate=cfg.cost("dkv", lead, ceil_div(geo.kv_len, tk)),
       interpret=cfg.interpret,
       name="jmat_block_sparse_dkv",
   )(by_key, *ins[1:])
+  if shared:
+    dk, dv = (jnp.sum(d, axis=0, keepdims=True).astype(x.dtype) for d, x in ((dk, k), (dv, v)))
   return dq, dk, dv, jnp.sum(d_scale), d_whole, d_blocked
 
 
@@ -1153,7 +1170,11 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 def run(call: Call, *, interpret: bool = False,
         block_sizes: BlockSizes = BlockSizes()) -> tuple[jax.Array, jax.Array]:
-  """Block-sparse attention of ``call``: ``q (M, R, G, L, E)`` over ``k, v (M, R, S, E|Ev)``.
+  """Block-sparse attention of ``call``: ``q (M, R, G, L, E)`` over ``k, v (M|1, R, S, E|Ev)``.
+
+  Keys and values of one table row (``M = 1``: a batch-broadcast pool, a paged
+  cache) serve every table row in place, without a copy per row; their
+  gradients are summed over the rows.
 
   The interface of :func:`jmat._src.kernels.xla.run`: ``call.blocks`` lists
   blocks of ``(block_q, block_k)`` and never marks full a block holding
