@@ -409,16 +409,18 @@ def test_forward_and_gradient_lower_to_the_triton_kernel(case):
 
 
 def test_odd_sizes_make_no_padded_copy_of_the_arrays():
-  """G = 3 heads, L = 37, S = 29, E = 80, Ev = 72 (no power of two): the tiles are padded, the
-  arrays are not. Lowered for CUDA, the gradient program (forward, dq, dk/dv) holds no pad of q,
-  k, v or dO and no slice of out, lse, dq, dk or dv back to size: the kernels read and write them
-  through masked loads and stores, and each Triton call takes and gives the true shapes."""
+  """G = 3 heads, L = 37, S = 29, E = 80, Ev = 72 (no power of two), and a dense bool mask
+  ``(1, 2, 1, L, S)`` as a blocked operand: the tiles are padded, the arrays are not. Lowered
+  for CUDA, the gradient program (forward, dq, dk/dv) holds no pad of q, k, v, dO or the mask
+  and no slice of out, lse, dq, dk or dv back to size: the kernels read and write them through
+  masked loads and stores, and each Triton call takes and gives the true shapes."""
   blocks = block_sparse.causal_key_blocks(37, 29, 16, 16)
-  mods = kernel_mods(dataclasses.replace(CASES[1], score=softcap))
+  mods = kernel_mods(dataclasses.replace(CASES[1], score=softcap, mask=blocked_mask))
+  allowed = np.random.default_rng(5).random((1, 2, 1, 37, 29)) > 0.3
   shapes = {"q": (1, 2, 3, 37, 80), "k": (1, 2, 29, 80), "v": (1, 2, 29, 72)}
 
   def loss(q, k, v, scale):
-    out, lse = triton.run(block_sparse.Call(q, k, v, blocks, ((), ()), scale, mods=mods,
+    out, lse = triton.run(block_sparse.Call(q, k, v, blocks, ((), (allowed,)), scale, mods=mods,
                                             block_q=16, block_k=16))
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0))
 
@@ -429,8 +431,9 @@ def test_odd_sizes_make_no_padded_copy_of_the_arrays():
   assert text.count(TRITON_CALL) == 3
   assert "stablehlo.pad" not in text and "stablehlo.slice" not in text
   calls = [line for line in text.splitlines() if TRITON_CALL in line]
-  for shape in ("1x2x3x37x80xbf16", "1x2x29x80xbf16", "1x2x29x72xbf16", "1x2x3x37x72xbf16"):
-    assert any(shape in line for line in calls), shape  # q, k, v, out/dO at their true sizes
+  for shape in ("1x2x3x37x80xbf16", "1x2x29x80xbf16", "1x2x29x72xbf16", "1x2x3x37x72xbf16",
+                "1x2x1x37x29xi1"):
+    assert any(shape in line for line in calls), shape  # q, k, v, out/dO, mask: true sizes
 
 
 def test_unsupported_names_what_triton_cannot_do():

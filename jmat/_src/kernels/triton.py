@@ -26,8 +26,9 @@ power of two. The tiles are padded, the arrays are not: Q, K, V, dO, lse and
 delta are read and out, dq, dk and dv written with masked loads and stores, so
 a query past L, a key past S, a head past G or a column past E or Ev reads
 zeros and is never written (the extra heads show the mods the last real
-head's index). The blocked operands of the mods (SDPA's dense masks) are still
-padded to whole tiles, with their gradients. A table block may be longer than
+head's index). The mods' blocked operands (SDPA's dense masks) are read the
+same way; their gradients are added into buffers padded to whole tiles, cut
+to size after the pass. A table block may be longer than
 a tile (it is then cut into tiles, each inheriting the block's full/partial
 kind); see :class:`BlockSizes`.
 
@@ -69,7 +70,6 @@ from jmat._src.block_sparse import (
   ceil_div,
   key_major_blocks,
   lowering_limitation,
-  pad,
   zero_cotangent,
 )
 
@@ -516,13 +516,32 @@ class _Tiling:
 
   def blocked_index(self, shape: tuple[int, ...], at: _At) -> tuple[Any, ...]:
     """The indexer of a blocked operand ``(M|1, R|1, Gp|1, Lp|1, Sp|1)`` at a tile."""
-    return (at.m if shape[0] > 1 else 0, pl.ds(at.r if shape[1] > 1 else 0, 1),
+    # An int32 scalar, not a Python 0, for M: masked loads of the tile index with arrays only.
+    return (at.m if shape[0] > 1 else jnp.int32(0), pl.ds(at.r if shape[1] > 1 else 0, 1),
             pl.ds(0, shape[2]), pl.ds(at.row, self.tq) if shape[3] > 1 else pl.ds(0, 1),
             pl.ds(at.col, self.tk) if shape[4] > 1 else pl.ds(0, 1))
 
+  def blocked_mask(self, shape: tuple[int, ...], at: _At) -> jax.Array | None:
+    """``(1, Gp|1, tq|1, tk|1)``: which entries of a blocked operand's tile exist; None if all.
+
+    The operand keeps its true shape ``(M|1, R|1, G|1, L|1, S|1)``; its ref is
+    the padded block ``(M|1, R|1, Gp|1, Lp|1, Sp|1)`` of ``shape``.
+    """
+    geo, mask = self.geo, None
+    axes = ((geo.groups_p, geo.groups, 0), (self.tq, geo.q_len, at.row),
+            (self.tk, geo.kv_len, at.col))
+    padded = (geo.groups_p, geo.q_pad, geo.kv_pad)
+    for axis, (tile, true, start) in enumerate(axes):
+      if shape[2 + axis] == 1 or padded[axis] == true:  # broadcast, or every tile is inside
+        continue
+      inside = _below(start, tile, true).reshape([tile if a == axis else 1 for a in range(3)])
+      mask = inside if mask is None else mask & inside
+    return None if mask is None else mask[None]
+
   def blocked(self, refs: Sequence[Any], at: _At) -> tuple[jax.Array, ...]:
-    """The blocked operands' tiles ``(1, Gp|1, tq|1, tk|1)``."""
-    return tuple(ref[self.blocked_index(ref.shape, at)] for ref in refs)
+    """The blocked operands' tiles ``(1, Gp|1, tq|1, tk|1)`` (0 past the operand's end)."""
+    return tuple(_load(ref.at[self.blocked_index(ref.shape, at)],
+                       self.blocked_mask(ref.shape, at)) for ref in refs)
 
   def scored(self, s: jax.Array, at: _At, whole_tree: Any, blocked: tuple[jax.Array, ...],
              runner: _ModRunner) -> jax.Array:
@@ -672,10 +691,12 @@ def _key_rows(geo: _Geometry, col: Any, tk: int) -> jax.Array | None:
 
 
 def _load(ref, mask: jax.Array | None) -> jax.Array:
-  """``ref[...]``, reading 0 where ``mask`` (broadcast to the ref) is False: past the array."""
+  """``ref[...]``, reading 0 (False) where ``mask`` (broadcast to the ref) is False: past the
+  array."""
   if mask is None:
     return ref[...]
-  return plgpu.load(ref, mask=jnp.broadcast_to(mask, ref.shape), other=0)
+  other = False if ref.dtype == jnp.bool_ else 0
+  return plgpu.load(ref, mask=jnp.broadcast_to(mask, ref.shape), other=other)
 
 
 def _store(ref, value: jax.Array, mask: jax.Array | None) -> None:
@@ -978,6 +999,20 @@ def _whole_spec(tree):
   return jax.tree.map(lambda _: pl.no_block_spec, tree)
 
 
+def _padded(shape: tuple[int, ...], geo: _Geometry) -> tuple[int, ...]:
+  """The block of a blocked operand ``(M|1, R|1, G|1, L|1, S|1)``: G, L, S padded to whole tiles."""
+  return tuple(shape[:2]) + tuple(1 if n == 1 else p for n, p in zip(
+      shape[2:], (geo.groups_p, geo.q_pad, geo.kv_pad), strict=True))
+
+
+def _operand_specs(operands, geo: _Geometry) -> Operands:
+  """Whole leaves as they are; each blocked operand as one padded block over the unpadded array
+  (the kernels load its tiles with masks: nothing reads past its end)."""
+  whole, blocked = operands
+  return Operands(_whole_spec(whole), tuple(
+      pl.BlockSpec(_padded(x.shape, geo), lambda t, m, r: (0,) * 5) for x in blocked))
+
+
 def _per_row(*tail: int | None, shared: bool = False) -> pl.BlockSpec:
   """All of one ``(m, r)`` row: ``(..., *tail)`` with ``None`` (squeezed) for ``M`` and ``R``.
 
@@ -1044,7 +1079,7 @@ def _forward(q, k, v, blocks: KeyBlocks, operands: Operands, scale, offsets, cfg
       functools.partial(_forward_kernel, tiling, splits),
       grid=(tiles * splits,) + lead,
       in_specs=[_whole_spec(blocks), pl.no_block_spec, pl.no_block_spec, q_tile,
-                *_pool(k, v, q, geo), _whole_spec(operands)],
+                *_pool(k, v, q, geo), _operand_specs(operands, cfg.geo)],
       out_specs=[out_tile, lse_tile],
       # Split programs write float32 partial results for the merge below.
       out_shape=[jax.ShapeDtypeStruct((splits,) * (splits > 1) + out_shape + (geo.v_head,),
@@ -1073,9 +1108,10 @@ def _backward(cfg: _Config, q, k, v, blocks, operands, scale, offsets, d_out, ls
   geo = cfg.geo
   lead, gp, dtype = q.shape[:2], geo.groups_p, scale.dtype
   whole, blocked = operands
-  # A scalar leaf's gradient is (1,): Triton adds to a ref through an index.
+  # A scalar leaf's gradient is (1,): Triton adds to a ref through an index. A blocked operand's
+  # is padded to whole tiles (added to without masks) and cut to its shape after the pass.
   zeros = ([jnp.zeros(x.shape or (1,), dtype) for x in jax.tree.leaves(whole) if _inexact(x)],
-           [jnp.zeros(x.shape, dtype) for x in blocked if _inexact(x)])
+           [jnp.zeros(_padded(x.shape, cfg.geo), dtype) for x in blocked if _inexact(x)])
   tiling, dq_blocks = cfg.tables("dq", blocks, offsets)
   tables = [_whole_spec(dq_blocks), pl.no_block_spec, pl.no_block_spec]
   ins = (dq_blocks, scale, offsets, q, k, v, d_out, lse2, delta, operands)
@@ -1086,7 +1122,7 @@ def _backward(cfg: _Config, q, k, v, blocks, operands, scale, offsets, d_out, ls
       functools.partial(_dq_kernel, tiling),
       grid=(n_tiles,) + lead,
       in_specs=tables + [q_tile, *_pool(k, v, q, geo), do_tile, row_tile, row_tile,
-                         _whole_spec(operands), _whole_spec(zeros)],
+                         _operand_specs(operands, cfg.geo), _whole_spec(zeros)],
       out_specs=[q_tile, pl.BlockSpec((None, None, None), lambda t, m, r: (t, m, r)),
                  _whole_spec(zeros[0]), _whole_spec(zeros[1])],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -1118,7 +1154,7 @@ def _backward(cfg: _Config, q, k, v, blocks, operands, scale, offsets, d_out, ls
       in_specs=[_whole_spec(by_key), pl.no_block_spec, pl.no_block_spec,
                 _per_row(gp, geo.q_pad, geo.head_p), k_tile, v_tile,
                 _per_row(gp, geo.q_pad, geo.v_head_p), _per_row(gp, geo.q_pad),
-                _per_row(gp, geo.q_pad), _whole_spec(operands)],
+                _per_row(gp, geo.q_pad), _operand_specs(operands, cfg.geo)],
       out_specs=[dk_tile, dv_tile],
       out_shape=grads,
       compiler_params=cfg.params("dkv"),
@@ -1128,6 +1164,8 @@ def _backward(cfg: _Config, q, k, v, blocks, operands, scale, offsets, d_out, ls
   )(by_key, *ins[1:])
   if shared:
     dk, dv = (jnp.sum(d, axis=0, keepdims=True).astype(x.dtype) for d, x in ((dk, k), (dv, v)))
+  d_blocked = [d[tuple(slice(0, n) for n in x.shape)]
+               for d, x in zip(d_blocked, [x for x in blocked if _inexact(x)], strict=True)]
   return dq, dk, dv, jnp.sum(d_scale), d_whole, d_blocked
 
 
@@ -1211,8 +1249,7 @@ def run(call: Call, *, interpret: bool = False,
             jnp.full(q.shape[:-1], -jnp.inf, dtype))
   whole, blocked = operands
   whole = jax.tree.map(jnp.asarray, whole)
-  blocked = tuple(pad(pad(pad(jnp.asarray(x), 2, geo.groups_p, True), 3, geo.q_pad, True),
-                       4, geo.kv_pad, True) for x in blocked)
+  blocked = tuple(jnp.asarray(x) for x in blocked)
   offsets = _offsets_of(call)
   cfg = _Config(geo, block_sizes, mods, interpret, jnp.dtype(q.dtype))
   return cast(tuple[jax.Array, jax.Array], _attend(
