@@ -18,7 +18,9 @@ and their input types. ``--strict`` exits 1 unless every kernel compiles, spills
 ``--target tpu`` (Mosaic on libtpu's compile-only TPU topologies) is not written yet.
 
 Cases (bfloat16, B=1, H=16, L=4096, D=128 unless named): flex causal, window 1024, documents,
-causal + softcap, GQA 16:4, d=64, float16, float32 (TF32), L=4000, SDPA causal, and decoding
+causal + softcap, GQA 16:4, d=64, float16, float32 (TF32), L=4000, d=80, d=96 with GQA 16:4 and
+L=4000 (head dims and lengths that are no power of two: masked loads), SDPA causal (also with
+a dense bool attn_mask at L=4000), and decoding
 (16 queries, GQA 16:4, no mask); each as the forward and as the gradient of q, k, v (the forward
 of a gradient run also holds AUTO's probe of the backward).
 """
@@ -77,6 +79,20 @@ def _sdpa_causal():
   return forward, (_spec(), _spec(), _spec())
 
 
+def _sdpa_masked(length: int):
+  """SDPA causal with a dense bool attn_mask (a blocked operand read with masked loads)."""
+  import jmat
+
+  mask = jnp.tril(jnp.ones((length, length), jnp.bool_), 64)
+
+  def forward(q, k, v):
+    return jmat.scaled_dot_product_attention(q, k, v, mask, is_causal=True,
+                                             implementation="pallas")
+
+  spec = _spec(length=length)
+  return forward, (spec, spec, spec)
+
+
 def _documents():
   from jmat import mods
 
@@ -127,7 +143,14 @@ def _cases() -> dict[str, Callable[[], tuple[Callable[..., Any], tuple[Any, ...]
       "flex_causal_f32": lambda: _flex(mods.causal_mask, dtype=jnp.float32),  # TF32 products
       # a length that is no multiple of the tiles: keys past the end are masked loads
       "flex_causal_l4000": lambda: _flex(mods.causal_mask, length=4000),
+      # head dims that are no power of two (tiles of 128 columns, masked loads past D; GQA 16:4
+      # stacks 4 heads, L=4000 masks the last query tile's rows too)
+      "flex_causal_d80": lambda: _flex(mods.causal_mask, d=80),
+      "flex_causal_d96_gqa4_l4000": lambda: _flex(mods.causal_mask, d=96, kv_heads=4,
+                                                  length=4000),
       "sdpa_causal": _sdpa_causal,
+      # SDPA causal with a dense bool attn_mask at a length that is no multiple of the tiles
+      "sdpa_causal_mask_l4000": lambda: _sdpa_masked(4000),
       # decoding: 16 new queries against 4096 keys (the forward splits the keys)
       "flex_decode16_gqa4": lambda: _flex(kv_heads=4, queries=16),
       # varlen_attn (issue 22): packed causal prefill, and one decode step of 16 sequences

@@ -408,6 +408,34 @@ def test_forward_and_gradient_lower_to_the_triton_kernel(case):
   assert gradient.count(TRITON_CALL) == 3
 
 
+def test_odd_sizes_make_no_padded_copy_of_the_arrays():
+  """G = 3 heads, L = 37, S = 29, E = 80, Ev = 72 (no power of two), and a dense bool mask
+  ``(1, 2, 1, L, S)`` as a blocked operand: the tiles are padded, the arrays are not. Lowered
+  for CUDA, the gradient program (forward, dq, dk/dv) holds no pad of q, k, v, dO or the mask
+  and no slice of out, lse, dq, dk or dv back to size: the kernels read and write them through
+  masked loads and stores, and each Triton call takes and gives the true shapes."""
+  blocks = block_sparse.causal_key_blocks(37, 29, 16, 16)
+  mods = kernel_mods(dataclasses.replace(CASES[1], score=softcap, mask=blocked_mask))
+  allowed = np.random.default_rng(5).random((1, 2, 1, 37, 29)) > 0.3
+  shapes = {"q": (1, 2, 3, 37, 80), "k": (1, 2, 29, 80), "v": (1, 2, 29, 72)}
+
+  def loss(q, k, v, scale):
+    out, lse = triton.run(block_sparse.Call(q, k, v, blocks, ((), (allowed,)), scale, mods=mods,
+                                            block_q=16, block_k=16))
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0))
+
+  args = [jax.ShapeDtypeStruct(shapes[n], jnp.bfloat16) for n in "qkv"] + [
+      jax.ShapeDtypeStruct((), jnp.float32)]
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count(TRITON_CALL) == 3
+  assert "stablehlo.pad" not in text and "stablehlo.slice" not in text
+  calls = [line for line in text.splitlines() if TRITON_CALL in line]
+  for shape in ("1x2x3x37x80xbf16", "1x2x29x80xbf16", "1x2x29x72xbf16", "1x2x3x37x72xbf16",
+                "1x2x1x37x29xi1"):
+    assert any(shape in line for line in calls), shape  # q, k, v, out/dO, mask: true sizes
+
+
 def test_unsupported_names_what_triton_cannot_do():
   q = jax.ShapeDtypeStruct((1, 2, 3, 37, 16), jnp.float32)
   k = jax.ShapeDtypeStruct((1, 2, 53, 16), jnp.float32)
@@ -618,3 +646,117 @@ def test_decoding_splits_the_keys_across_programs():
 
   assert grid(1, 1) == (16, 1, 2)  # 16 splits of 64 key tiles, 2 rows
   assert grid(4096, 128) == (4096 * 4 // 128, 1, 2)  # 4 stacked heads: 32 positions a tile
+
+
+def tile_kinds(length: int, keys: int, tq: int, tk: int, exact: bool) -> np.ndarray:
+  """``(n_q, n_k)`` NEVER/PARTIAL/FULL of torch's top-left causal mask cut into ``tq x tk``
+  tiles, from the dense mask: full when every pair of a real query is visible and no key is
+  padding (with an attn_mask, ``exact=False``, no tile is full), never when no pair is."""
+  n_q, n_k = -(-length // tq), -(-keys // tk)
+  visible = np.zeros((n_q * tq, n_k * tk), bool)
+  visible[:length, :keys] = np.tril(np.ones((length, keys), bool))
+  some = visible.reshape(n_q, tq, n_k, tk).any(axis=(1, 3))
+  visible[length:] = True  # padding queries are dropped: they need no mask
+  every = visible.reshape(n_q, tq, n_k, tk).all(axis=(1, 3))
+  every &= (np.arange(n_k) + 1) * tk <= keys
+  full = every if exact else np.zeros_like(every)
+  return np.where(full, block_sparse.FULL, np.where(some, block_sparse.PARTIAL, block_sparse.NEVER))
+
+
+SDPA_SIZES = triton.BlockSizes(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32,
+                               block_q_dkv=16, block_k_dkv=16)
+
+
+@pytest.mark.parametrize("attn_mask", [False, True])
+def test_sdpa_causal_tables_list_the_kernels_own_tiles(attn_mask):
+  """SDPA's is_causal declares the causal rule on its mask, so every pass walks the causal table
+  at its own tile instead of SDPA's 64-blocks cut into tiles: no tile wholly above the diagonal
+  is listed, the tiles crossing it are partial, those below full (with an attn_mask, every
+  listed tile is partial: the mask applies everywhere). L = 140 > S = 100 (top-left causal)."""
+  from jmat._src import attention
+
+  length, keys = 140, 100
+  q = jnp.zeros((1, 2, 1, length, 16), jnp.bfloat16)
+  k = jnp.zeros((1, 2, keys, 16), jnp.bfloat16)
+  allowed = jnp.ones((1, 1, 1, length, keys), jnp.bool_) if attn_mask else None
+  call = attention._blockwise(q, k, k, allowed, None, jnp.float32(0.25), True, (64, 64))
+  assert (call.block_q, call.block_k) == (64, 64)
+  tables = triton.pass_tables(call, block_sizes=SDPA_SIZES)
+  assert {kind: tile for kind, (tile, _) in tables.items()} == {
+      "forward": (32, 16), "dq": (16, 32), "dkv": (16, 16)}
+  for kind, ((tq, tk), blocks) in tables.items():
+    n_k = -(-keys // tk)
+    got = np.asarray(block_sparse.block_map(blocks, n_k))
+    want = tile_kinds(length, keys, tq, tk, exact=not attn_mask)
+    np.testing.assert_array_equal(got, np.broadcast_to(want, got.shape), err_msg=kind)
+    # 64-blocks cut into these tiles would list tiles wholly above the diagonal
+    assert (want == block_sparse.NEVER)[:64 // tq, :64 // tk].any(), kind
+
+
+@pytest.mark.parametrize("attn_mask", [False, True])
+def test_sdpa_causal_on_the_kernels_tiles_matches_float64_oracles(attn_mask):
+  """SDPA causal (top-left, L = 37 > S = 29, with and without an attn_mask) on the Triton kernel,
+  interpreted, with table blocks of 32 and smaller tiles: values and gradients of q, k, v against
+  the numpy float64 oracles."""
+  import jmat
+  from tests.cases import attention_reference_vjp
+
+  rng = np.random.default_rng(21)
+  q = rng.standard_normal((2, 3, 37, 24))
+  k, v = rng.standard_normal((2, 3, 29, 24)), rng.standard_normal((2, 3, 29, 8))
+  d_out = rng.standard_normal((2, 3, 37, 8))
+  mask = rng.random((37, 29)) > 0.2 if attn_mask else None
+  options = {"BACKEND": "TRITON", "INTERPRET": True, "BLOCK_M": 16, "BLOCK_N": 16,
+             "BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16}
+
+  def sdpa(q, k, v):
+    return jmat.scaled_dot_product_attention(q, k, v, None if mask is None else jnp.asarray(mask),
+                                             is_causal=True, implementation="blockwise",
+                                             block_size=32, kernel_options=options)
+
+  with jax.default_matmul_precision("highest"):
+    out, vjp = jax.vjp(sdpa, *(jnp.asarray(x) for x in (q, k, v)))
+    grads = vjp(jnp.asarray(d_out))
+  allowed = mask if mask is not None else None
+  want = attention_reference(q, k, v, allowed=allowed, is_causal=True)
+  tol = tolerance(np.float64)
+  np.testing.assert_allclose(np.asarray(out), want, **tol)
+  want_grads = attention_reference_vjp(q, k, v, d_out, allowed=allowed, is_causal=True)
+  for name, got, w in zip("qkv", grads, want_grads, strict=False):
+    assert np.abs(w).max() > 0, name
+    np.testing.assert_allclose(np.asarray(got), w, **tol, err_msg=f"d{name}")
+
+
+def test_a_shared_key_value_pool_is_read_in_place():
+  """K/V with one table row (M = 1: flex's batch broadcast, a paged cache's pool) against two
+  rows of queries with different masks: every row reads the one pool (lowered for CUDA, the
+  forward holds no copy of k or v per row) and the pool's gradients are the sums over the rows;
+  values and gradients against the float64 oracles of the pool repeated per row."""
+  case = Case("shared_pool", 2, 2, 2, 21, 29, 16, 8, 16, 16, mask=blocked_mask,
+              blocked=lambda rng: (rng.random((2, 1, 1, 21, 29)) > 0.3,))
+  qkv, whole, blocked, blocks, allowed, (d_out, d_lse) = problem(case)
+  pool = (qkv[0], qkv[1][:1], qkv[2][:1])
+  repeated = (qkv[0], *(np.broadcast_to(x, (2,) + x.shape[1:]) for x in pool[1:]))
+  scale = 0.35
+  want_out, want_lse = attention_reference(repeated[0], repeated[1][:, :, None],
+                                           repeated[2][:, :, None], allowed=allowed, scale=scale,
+                                           return_lse=True)
+  out, lse, grads = run(case, pool, whole, blocked, blocks, scale, d_out, d_lse)
+  want_grads, _ = torch_oracle(case, repeated, whole, blocked, allowed, scale, d_out, d_lse)
+  tol = tolerance(np.float64)
+  np.testing.assert_allclose(np.asarray(out), want_out, **tol)
+  np.testing.assert_allclose(np.asarray(lse), want_lse, **tol)
+  for name in "qkv":
+    want = want_grads[name] if name == "q" else want_grads[name].sum(axis=0, keepdims=True)
+    assert grads[name].shape == want.shape, name
+    np.testing.assert_allclose(np.asarray(grads[name]), want, **tol, err_msg=f"d {name}")
+
+  def attend(q, k, v):
+    return triton.run(block_sparse.Call(q, k, v, blocks, ((), blocked), jnp.float32(scale),
+                                        mods=kernel_mods(case), block_q=16, block_k=16))
+
+  args = [jax.ShapeDtypeStruct(x.shape, jnp.bfloat16) for x in pool]
+  text = jax.jit(attend).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count(TRITON_CALL) == 1 and "2x2x29x" not in text
+  (call,) = [line for line in text.splitlines() if TRITON_CALL in line]
+  assert "1x2x29x16xbf16" in call and "1x2x29x8xbf16" in call  # the pool itself

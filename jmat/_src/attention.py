@@ -309,6 +309,9 @@ def _blockwise(q, k, v, allowed, bias, scale, is_causal: bool,
       visible = visible & block_sparse.causal(q_pos[:, None], k_pos[None, :])
     return visible
 
+  if is_causal:  # the Triton kernel then lists causal tiles at its own tile, not at block_size
+    mask.causal = "exact" if allowed is None else "within"  # kernels.triton.causal_rule
+
   def add_bias(s, m, r, g, q_pos, k_pos, operands):
     del m, r, g, q_pos, k_pos
     return s + operands.blocked[bias_at]

@@ -20,11 +20,15 @@ three Pallas kernels that lower to Triton (``pl.pallas_call`` with
   of the table (:func:`jmat._src.block_sparse.key_major_blocks`), so dk and dv
   need no atomics.
 
-Triton tiles are powers of two: L is padded to whole table blocks (K and V
-are not: keys past S are masked loads that read zeros), a table block to a
-power of two, E and Ev to powers of two of at least 16 (the
-smallest ``tl.dot``), G to a power of two (the extra heads have zero queries,
-show the mods the last real head's index, and are dropped). A table block may be longer than
+Triton tiles are powers of two: a table block is covered by a power of two,
+E and Ev by powers of two of at least 16 (the smallest ``tl.dot``), G by a
+power of two. The tiles are padded, the arrays are not: Q, K, V, dO, lse and
+delta are read and out, dq, dk and dv written with masked loads and stores, so
+a query past L, a key past S, a head past G or a column past E or Ev reads
+zeros and is never written (the extra heads show the mods the last real
+head's index). The mods' blocked operands (SDPA's dense masks) are read the
+same way; their gradients are added into buffers padded to whole tiles, cut
+to size after the pass. A table block may be longer than
 a tile (it is then cut into tiles, each inheriting the block's full/partial
 kind); see :class:`BlockSizes`.
 
@@ -62,9 +66,10 @@ from jmat._src.block_sparse import (
   Mods,
   Operands,
   backward_statistics,
+  causal_key_blocks,
+  ceil_div,
   key_major_blocks,
   lowering_limitation,
-  pad,
   zero_cotangent,
 )
 
@@ -227,7 +232,8 @@ class BlockSizes:
 
 @dataclasses.dataclass(frozen=True)
 class _Geometry:
-  """Static sizes of a call: true lengths, groups, padded head dims, table blocks as tiled.
+  """Static sizes of a call: true lengths, groups, head dims (true and padded), table blocks as
+  tiled.
 
   ``block_q``/``block_k`` are the table's blocks as the kernel covers them (a
   power of two; a single block covering a whole axis may be shortened to the
@@ -240,6 +246,8 @@ class _Geometry:
   kv_len: int
   groups: int
   groups_p: int
+  head: int
+  v_head: int
   head_p: int
   v_head_p: int
   block_q: int
@@ -255,6 +263,11 @@ class _Geometry:
   @property
   def kv_pad(self) -> int:
     return self.n_k * self.block_k
+
+  @property
+  def q_exact(self) -> bool:
+    """Whether a query tile's rows are all real: no padding head, no position past L."""
+    return self.groups == self.groups_p and self.q_pad == self.q_len
 
   def tiles(self, rows: int, keys: int) -> tuple[int, int]:
     """``(query positions per head, keys)`` of a tile of ``rows`` stacked rows and ``keys`` keys."""
@@ -287,7 +300,8 @@ def _geometry(q_shape, k_shape, v_shape, block_q: int, block_k: int) -> _Geometr
     return kernel_q
   if isinstance(kernel_k, str):
     return kernel_k
-  return _Geometry(q_len, kv_len, groups, groups_p, head_p, v_head_p, kernel_q, kernel_k,
+  return _Geometry(q_len, kv_len, groups, groups_p, head, v_head, head_p, v_head_p, kernel_q,
+                   kernel_k,
                    -(-q_len // block_q), -(-kv_len // block_k),
                    bound_full=kernel_k != block_k and kernel_k > kv_len)
 
@@ -502,13 +516,32 @@ class _Tiling:
 
   def blocked_index(self, shape: tuple[int, ...], at: _At) -> tuple[Any, ...]:
     """The indexer of a blocked operand ``(M|1, R|1, Gp|1, Lp|1, Sp|1)`` at a tile."""
-    return (at.m if shape[0] > 1 else 0, pl.ds(at.r if shape[1] > 1 else 0, 1),
+    # An int32 scalar, not a Python 0, for M: masked loads of the tile index with arrays only.
+    return (at.m if shape[0] > 1 else jnp.int32(0), pl.ds(at.r if shape[1] > 1 else 0, 1),
             pl.ds(0, shape[2]), pl.ds(at.row, self.tq) if shape[3] > 1 else pl.ds(0, 1),
             pl.ds(at.col, self.tk) if shape[4] > 1 else pl.ds(0, 1))
 
+  def blocked_mask(self, shape: tuple[int, ...], at: _At) -> jax.Array | None:
+    """``(1, Gp|1, tq|1, tk|1)``: which entries of a blocked operand's tile exist; None if all.
+
+    The operand keeps its true shape ``(M|1, R|1, G|1, L|1, S|1)``; its ref is
+    the padded block ``(M|1, R|1, Gp|1, Lp|1, Sp|1)`` of ``shape``.
+    """
+    geo, mask = self.geo, None
+    axes = ((geo.groups_p, geo.groups, 0), (self.tq, geo.q_len, at.row),
+            (self.tk, geo.kv_len, at.col))
+    padded = (geo.groups_p, geo.q_pad, geo.kv_pad)
+    for axis, (tile, true, start) in enumerate(axes):
+      if shape[2 + axis] == 1 or padded[axis] == true:  # broadcast, or every tile is inside
+        continue
+      inside = _below(start, tile, true).reshape([tile if a == axis else 1 for a in range(3)])
+      mask = inside if mask is None else mask & inside
+    return None if mask is None else mask[None]
+
   def blocked(self, refs: Sequence[Any], at: _At) -> tuple[jax.Array, ...]:
-    """The blocked operands' tiles ``(1, Gp|1, tq|1, tk|1)``."""
-    return tuple(ref[self.blocked_index(ref.shape, at)] for ref in refs)
+    """The blocked operands' tiles ``(1, Gp|1, tq|1, tk|1)`` (0 past the operand's end)."""
+    return tuple(_load(ref.at[self.blocked_index(ref.shape, at)],
+                       self.blocked_mask(ref.shape, at)) for ref in refs)
 
   def scored(self, s: jax.Array, at: _At, whole_tree: Any, blocked: tuple[jax.Array, ...],
              runner: _ModRunner) -> jax.Array:
@@ -626,22 +659,72 @@ def _offsets(offsets_ref) -> tuple[jax.Array, jax.Array]:
   return offsets_ref[0], offsets_ref[1]
 
 
-def _key_rows(geo: _Geometry, col: jax.Array, tk: int) -> jax.Array | None:
-  """Which of keys ``col .. col + tk`` exist, as a ``(tk, 1)`` load mask; None if all may.
+def _below(start: Any, size: int, bound: int) -> jax.Array:
+  """``(size,)``: which of ``start .. start + size - 1`` are below ``bound``."""
+  return start + lax.iota(jnp.int32, size) < bound
 
-  K and V are not padded to whole blocks: a tile past the last key reads
-  zeros through a masked load instead (the key bounds mask its scores).
-  """
-  if geo.kv_pad == geo.kv_len:
+
+def _columns(size: int, padded: int) -> jax.Array | None:
+  """``(1, padded)``: which columns of a head dim padded to ``padded`` exist; None if all do."""
+  return None if size == padded else _below(0, padded, size)[None, :]
+
+
+def _joined(rows: jax.Array | None, columns: jax.Array | None) -> jax.Array | None:
+  """The load mask of a tile whose ``rows`` (leading dims) and ``columns`` (last dim) exist."""
+  if rows is None:
+    return columns
+  rows = rows[..., None]
+  return rows if columns is None else rows & columns
+
+
+def _query_rows(geo: _Geometry, row: Any, tq: int) -> jax.Array | None:
+  """``(Gp, tq)``: which stacked rows of the query tile at ``row`` exist; None if all may."""
+  if geo.q_exact:
     return None
-  return (col + lax.iota(jnp.int32, tk) < geo.kv_len)[:, None]
+  return (_below(0, geo.groups_p, geo.groups)[:, None]
+          & _below(row, tq, geo.q_len)[None, :])
 
 
-def _load_keys(ref, geo: _Geometry, col: jax.Array, tk: int) -> jax.Array:
-  """Keys (or values) ``col .. col + tk`` of a row's ``(S, E)`` ref; missing keys read 0."""
-  mask = _key_rows(geo, col, tk)
+def _key_rows(geo: _Geometry, col: Any, tk: int) -> jax.Array | None:
+  """``(tk,)``: which of keys ``col .. col + tk - 1`` exist; None if all may."""
+  return None if geo.kv_pad == geo.kv_len else _below(col, tk, geo.kv_len)
+
+
+def _load(ref, mask: jax.Array | None) -> jax.Array:
+  """``ref[...]``, reading 0 (False) where ``mask`` (broadcast to the ref) is False: past the
+  array."""
+  if mask is None:
+    return ref[...]
+  other = False if ref.dtype == jnp.bool_ else 0
+  return plgpu.load(ref, mask=jnp.broadcast_to(mask, ref.shape), other=other)
+
+
+def _store(ref, value: jax.Array, mask: jax.Array | None) -> None:
+  """``ref[...] = value`` (reshaped to the ref), written only where ``mask`` is True."""
+  value = value.reshape(ref.shape).astype(ref.dtype)
+  if mask is None:
+    ref[...] = value
+  else:
+    plgpu.store(ref, value, mask=jnp.broadcast_to(mask, ref.shape))
+
+
+def _load_keys(ref, geo: _Geometry, col: jax.Array, tk: int, head: int) -> jax.Array:
+  """Keys (or values) ``col .. col + tk`` of a row's ``(S, head)`` ref as a ``(tk, head
+  padded)`` tile: keys past S and columns past ``head`` read 0."""
   view = ref.at[pl.ds(col, tk), :]
-  return view[...] if mask is None else plgpu.load(view, mask=mask, other=0)
+  return _load(view, _joined(_key_rows(geo, col, tk), _columns(head, view.shape[-1])))
+
+
+def _query_tile(ref, geo: _Geometry, row: Any, tq: int, head: int) -> jax.Array:
+  """A ``(Gp, tq, head padded)`` query-side tile (q, dO) as ``(Gp * tq, head padded)``."""
+  padded = ref.shape[-1]
+  return _load(ref, _joined(_query_rows(geo, row, tq), _columns(head, padded))).reshape(
+      geo.groups_p * tq, padded)
+
+
+def _row_stats(ref, geo: _Geometry, row: Any, tq: int) -> jax.Array:
+  """A ``(Gp, tq)`` per-row tile (lse, delta) as ``(Gp * tq, 1)``."""
+  return _load(ref, _query_rows(geo, row, tq)).reshape(geo.groups_p * tq, 1)
 
 
 # --- kernels -----------------------------------------------------------------------------------
@@ -671,29 +754,31 @@ def _forward_kernel(tiling: _Tiling, splits: int, blocks, scale_ref, offsets_ref
   q0, k0 = _offsets(offsets_ref)
   whole_refs, whole_tree, blocked_refs = _operand_refs(operands)
   scale = scale_ref[...]
-  q = q_ref[...].reshape(tiling.rows, geo.head_p)
   row = pl.multiple_of(tile * tq, tq)
+  q = _query_tile(q_ref, geo, row, tq, geo.head)
 
   def fold(masked, key_tile, carry):
     col = pl.multiple_of(key_tile * tk, tk)
     at = _At(m, r, row, col, q0, k0)
     runner = _ModRunner(whole_refs)
     blocked = tiling.blocked(blocked_refs, at)
-    s = tiling.logits(q, _load_keys(k_ref, geo, col, tk), scale, at, whole_tree, blocked,
-                      runner)
+    s = tiling.logits(q, _load_keys(k_ref, geo, col, tk, geo.head), scale, at, whole_tree,
+                      blocked, runner)
     ok = tiling.allowed(masked, at, whole_tree, blocked, runner)
     if ok is not None:
       s = jnp.where(ok, s, -jnp.inf)
-    return _fold(carry, s, _load_keys(v_ref, geo, col, tk))
+    return _fold(carry, s, _load_keys(v_ref, geo, col, tk, geo.v_head))
 
   carry = osm.online_softmax_init((), tiling.rows, geo.v_head_p, dtype=scale.dtype)
   carry = _visit(blocks, m, tile // (geo.block_q // tq), geo.block_k // tk, fold, carry,
                  None if splits == 1 else (split, splits))
-  out_ref[...] = osm.online_softmax_finish(carry, out_ref.dtype).reshape(out_ref.shape)
+  rows = _query_rows(geo, row, tq)
+  _store(out_ref, osm.online_softmax_finish(carry, out_ref.dtype),
+         _joined(rows, _columns(geo.v_head, geo.v_head_p)))
   _, row_max, row_sum = carry
   seen = osm.seen_a_key(row_max)
   lse = jnp.where(seen, (row_max + jnp.log2(jnp.where(seen, row_sum, 1.0))) * _LN2, -jnp.inf)
-  lse_ref[...] = lse.reshape(lse_ref.shape)
+  _store(lse_ref, lse, rows)
 
 
 class _TileGrads(NamedTuple):
@@ -758,17 +843,17 @@ def _dq_kernel(tiling: _Tiling, blocks, scale_ref, offsets_ref, q_ref, k_ref, v_
   d_whole = dict(zip([i for i, ref in enumerate(operands[0]) if _inexact(ref)], d_whole_refs,
                      strict=True))
   scale = scale_ref[...]
-  q = q_ref[...].reshape(tiling.rows, geo.head_p)
-  d_out = do_ref[...].reshape(tiling.rows, geo.v_head_p)
-  lse2, delta = (x[...].reshape(tiling.rows, 1) for x in (lse_ref, delta_ref))
   row = pl.multiple_of(tile * tq, tq)
+  q = _query_tile(q_ref, geo, row, tq, geo.head)
+  d_out = _query_tile(do_ref, geo, row, tq, geo.v_head)
+  lse2, delta = (_row_stats(x, geo, row, tq) for x in (lse_ref, delta_ref))
 
   def step(masked, key_tile, dq):
     col = pl.multiple_of(key_tile * tk, tk)
     at = _At(m, r, row, col, q0, k0)
-    k = _load_keys(k_ref, geo, col, tk)
-    grads = _tile_grads(tiling, masked, at, q, k, _load_keys(v_ref, geo, col, tk), scale, d_out,
-                        lse2, delta, operands, operand_grads=True)
+    k = _load_keys(k_ref, geo, col, tk, geo.head)
+    grads = _tile_grads(tiling, masked, at, q, k, _load_keys(v_ref, geo, col, tk, geo.v_head),
+                        scale, d_out, lse2, delta, operands, operand_grads=True)
     # Tiles of other programs add into the same entries (broadcast dims, shared table entries).
     for ref, d in zip(d_blocked_refs, grads.d_blocked, strict=True):
       addupdate(ref, tiling.blocked_index(ref.shape, at), d.astype(ref.dtype))
@@ -782,7 +867,7 @@ def _dq_kernel(tiling: _Tiling, blocks, scale_ref, offsets_ref, q_ref, k_ref, v_
 
   dq = _visit(blocks, m, tile // (geo.block_q // tq), geo.block_k // tk, step,
               jnp.zeros((tiling.rows, geo.head_p), scale.dtype))
-  dq_ref[...] = (dq * scale).astype(dq_ref.dtype).reshape(dq_ref.shape)
+  _store(dq_ref, dq * scale, _joined(_query_rows(geo, row, tq), _columns(geo.head, geo.head_p)))
   # d scale = sum(d s1 * q @ k^T) = sum(q * (d s1 @ k)): one reduction after the pass.
   d_scale_ref[...] = jnp.sum(dq * q.astype(scale.dtype))
 
@@ -795,16 +880,18 @@ def _dkv_kernel(tiling: _Tiling, blocks, scale_ref, offsets_ref, q_ref, k_ref, v
   operands = _operand_refs(operands)
   scale = scale_ref[...]
   col = pl.multiple_of(tile * tk, tk)
-  mask = _key_rows(geo, col, tk)
-  k, v = ((x[...] if mask is None else plgpu.load(x, mask=mask, other=0)) for x in (k_ref, v_ref))
+  keys = _key_rows(geo, col, tk)
+  k_mask, v_mask = (_joined(keys, _columns(n, p)) for n, p in ((geo.head, geo.head_p),
+                                                              (geo.v_head, geo.v_head_p)))
+  k, v = _load(k_ref, k_mask), _load(v_ref, v_mask)
 
   def step(masked, query_tile, carry):
     dk, dv = carry
     row = pl.multiple_of(query_tile * tq, tq)
     rows = pl.ds(row, tq)
-    q = q_ref[:, rows, :].reshape(tiling.rows, geo.head_p)
-    d_out = do_ref[:, rows, :].reshape(tiling.rows, geo.v_head_p)
-    lse2, delta = (x[:, rows].reshape(tiling.rows, 1) for x in (lse_ref, delta_ref))
+    q = _query_tile(q_ref.at[:, rows, :], geo, row, tq, geo.head)
+    d_out = _query_tile(do_ref.at[:, rows, :], geo, row, tq, geo.v_head)
+    lse2, delta = (_row_stats(x.at[:, rows], geo, row, tq) for x in (lse_ref, delta_ref))
     grads = _tile_grads(tiling, masked, _At(m, r, row, col, q0, k0), q, k, v, scale, d_out,
                         lse2, delta, operands, operand_grads=False)  # the dq pass gives those
     return (dk + _mma(grads.d_s1, q, (0, 0), scale.dtype),
@@ -812,14 +899,29 @@ def _dkv_kernel(tiling: _Tiling, blocks, scale_ref, offsets_ref, q_ref, k_ref, v
 
   carry = (jnp.zeros((tk, geo.head_p), scale.dtype), jnp.zeros((tk, geo.v_head_p), scale.dtype))
   dk, dv = _visit(blocks, m, tile // (geo.block_k // tk), geo.block_q // tq, step, carry)
-  for ref, d in ((dk_ref, dk * scale), (dv_ref, dv)):
-    if mask is None:
-      ref[...] = d.astype(ref.dtype)
-    else:
-      plgpu.store(ref, d.astype(ref.dtype), mask=mask)
+  _store(dk_ref, dk * scale, k_mask)
+  _store(dv_ref, dv, v_mask)
 
 
 # --- calls -------------------------------------------------------------------------------------
+
+
+# What a mask declares of torch's causal rule (block_sparse.causal at the call's offsets) with an
+# attribute ``causal`` on ``Mods.mask``: "exact", it is that rule; "within", it allows causal pairs
+# only (the rule and something else, e.g. SDPA's is_causal with an attn_mask).
+CAUSAL_EXACT, CAUSAL_WITHIN = "exact", "within"
+
+
+def causal_rule(mods: Mods) -> str | None:
+  """The causal rule ``mods.mask`` declares (:data:`CAUSAL_EXACT`, :data:`CAUSAL_WITHIN`), or None.
+
+  A caller whose mask is causal (SDPA's ``is_causal``) declares it so that the
+  kernels list causal tiles at their own tile, not at the table's blocks: a
+  table block of 512 on the diagonal is 8 x 8 tiles of 64, of which 28 lie
+  wholly above the diagonal (computed and masked if inherited from the block).
+  """
+  rule = getattr(mods.mask, "causal", None)
+  return rule if rule in (CAUSAL_EXACT, CAUSAL_WITHIN) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -831,6 +933,32 @@ class _Config:
   mods: Mods
   interpret: bool
   dtype: Any  # the inputs'
+
+  def tables(self, kind: str, blocks: KeyBlocks, offsets: jax.Array) -> tuple[_Tiling, KeyBlocks]:
+    """The tiling and block table of pass ``kind``.
+
+    The call's own table, cut into tiles by the kernel; or, for a mask that
+    declares the causal rule (:func:`causal_rule`), the causal table at the
+    pass' tile (the table's blocks become the tiles): no tile wholly above the
+    diagonal is listed, the diagonal tiles are partial and, for the exact
+    rule, the tiles below it full.
+    """
+    tiling = self.tiling(kind)
+    rule = causal_rule(self.mods)
+    if rule is None:
+      return tiling, blocks
+    geo, tq, tk = self.geo, tiling.tq, tiling.tk
+    geo = dataclasses.replace(geo, block_q=tq, block_k=tk, n_q=ceil_div(geo.q_len, tq),
+                              n_k=ceil_div(geo.kv_len, tk), bound_full=False)
+    table = causal_key_blocks(geo.q_len, geo.kv_len, tq, tk, q_offset=offsets[0],
+                              k_offset=offsets[1])
+    if rule == CAUSAL_WITHIN:  # the rest of the mask applies in every listed tile
+      table = table._replace(num=table.num + table.full_num,
+                             full_num=jnp.zeros_like(table.full_num))
+    rows = (blocks.num.shape[0], geo.n_q)  # one copy per table row M the kernel indexes
+    table = table._replace(num=jnp.broadcast_to(table.num, rows),
+                           full_num=jnp.broadcast_to(table.full_num, rows))
+    return dataclasses.replace(tiling, geo=geo), table
 
   def launch(self, kind: str) -> Launch:
     return self.sizes.launches(max(self.geo.head_p, self.geo.v_head_p), self.dtype)[kind]
@@ -871,9 +999,34 @@ def _whole_spec(tree):
   return jax.tree.map(lambda _: pl.no_block_spec, tree)
 
 
-def _per_row(*tail: int | None) -> pl.BlockSpec:
-  """All of one ``(m, r)`` row: ``(..., *tail)`` with ``None`` (squeezed) for ``M`` and ``R``."""
-  return pl.BlockSpec((None, None, *tail), lambda t, m, r: (m, r) + (0,) * len(tail))
+def _padded(shape: tuple[int, ...], geo: _Geometry) -> tuple[int, ...]:
+  """The block of a blocked operand ``(M|1, R|1, G|1, L|1, S|1)``: G, L, S padded to whole tiles."""
+  return tuple(shape[:2]) + tuple(1 if n == 1 else p for n, p in zip(
+      shape[2:], (geo.groups_p, geo.q_pad, geo.kv_pad), strict=True))
+
+
+def _operand_specs(operands, geo: _Geometry) -> Operands:
+  """Whole leaves as they are; each blocked operand as one padded block over the unpadded array
+  (the kernels load its tiles with masks: nothing reads past its end)."""
+  whole, blocked = operands
+  return Operands(_whole_spec(whole), tuple(
+      pl.BlockSpec(_padded(x.shape, geo), lambda t, m, r: (0,) * 5) for x in blocked))
+
+
+def _per_row(*tail: int | None, shared: bool = False) -> pl.BlockSpec:
+  """All of one ``(m, r)`` row: ``(..., *tail)`` with ``None`` (squeezed) for ``M`` and ``R``.
+
+  ``shared``: the array has one table row (``M = 1``) that every ``m`` reads.
+  """
+  return pl.BlockSpec((None, None, *tail),
+                      lambda t, m, r: (0 if shared else m, r) + (0,) * len(tail))
+
+
+def _pool(k, v, q, geo: _Geometry) -> tuple[pl.BlockSpec, pl.BlockSpec]:
+  """Specs of a row's whole keys and values; one pool (``M = 1``) serves every table row."""
+  shared = k.shape[0] != q.shape[0]
+  return (_per_row(geo.kv_len, geo.head_p, shared=shared),
+          _per_row(geo.kv_len, geo.v_head_p, shared=shared))
 
 
 def _query_tiles(geo: _Geometry, tq: int,
@@ -907,30 +1060,29 @@ def _splits(cfg: _Config, tiling: _Tiling, programs: int) -> int:
   """
   if cfg.sizes.num_splits is not None:
     return cfg.sizes.num_splits
-  geo = cfg.geo
-  if geo.q_pad // tiling.tq > 1 or programs >= _BUSY:
+  geo = tiling.geo
+  if ceil_div(geo.q_len, tiling.tq) > 1 or programs >= _BUSY:
     return 1
   return max(1, min(16, geo.n_k * (geo.block_k // tiling.tk), _BUSY // programs))
 
 
 def _forward(q, k, v, blocks: KeyBlocks, operands: Operands, scale, offsets, cfg: _Config):
-  geo = cfg.geo
-  tiling = cfg.tiling("forward")
+  tiling, blocks = cfg.tables("forward", blocks, offsets)
+  geo = tiling.geo
   lead = q.shape[:2]
-  gp, tq, dtype = geo.groups_p, tiling.tq, scale.dtype
-  tiles = geo.q_pad // tq
+  tq, dtype = tiling.tq, scale.dtype
+  tiles = ceil_div(geo.q_len, tq)  # the query tiles holding a real row: no program past L
   splits = _splits(cfg, tiling, tiles * math.prod(lead))
   q_tile, out_tile, lse_tile = _query_tiles(geo, tq, splits)
-  out_shape = lead + (gp, geo.q_pad)
+  out_shape = lead + (geo.groups, geo.q_len)
   out, lse = pl.pallas_call(
       functools.partial(_forward_kernel, tiling, splits),
       grid=(tiles * splits,) + lead,
       in_specs=[_whole_spec(blocks), pl.no_block_spec, pl.no_block_spec, q_tile,
-                _per_row(geo.kv_len, geo.head_p), _per_row(geo.kv_len, geo.v_head_p),
-                _whole_spec(operands)],
+                *_pool(k, v, q, geo), _operand_specs(operands, cfg.geo)],
       out_specs=[out_tile, lse_tile],
       # Split programs write float32 partial results for the merge below.
-      out_shape=[jax.ShapeDtypeStruct((splits,) * (splits > 1) + out_shape + (geo.v_head_p,),
+      out_shape=[jax.ShapeDtypeStruct((splits,) * (splits > 1) + out_shape + (geo.v_head,),
                                       q.dtype if splits == 1 else dtype),
                  jax.ShapeDtypeStruct((splits,) * (splits > 1) + out_shape, dtype)],
       compiler_params=cfg.params("forward"),
@@ -956,22 +1108,21 @@ def _backward(cfg: _Config, q, k, v, blocks, operands, scale, offsets, d_out, ls
   geo = cfg.geo
   lead, gp, dtype = q.shape[:2], geo.groups_p, scale.dtype
   whole, blocked = operands
-  # A scalar leaf's gradient is (1,): Triton adds to a ref through an index.
+  # A scalar leaf's gradient is (1,): Triton adds to a ref through an index. A blocked operand's
+  # is padded to whole tiles (added to without masks) and cut to its shape after the pass.
   zeros = ([jnp.zeros(x.shape or (1,), dtype) for x in jax.tree.leaves(whole) if _inexact(x)],
-           [jnp.zeros(x.shape, dtype) for x in blocked if _inexact(x)])
-  tables = [_whole_spec(blocks), pl.no_block_spec, pl.no_block_spec]
-  ins = (blocks, scale, offsets, q, k, v, d_out, lse2, delta, operands)
-
-  tiling = cfg.tiling("dq")
+           [jnp.zeros(_padded(x.shape, cfg.geo), dtype) for x in blocked if _inexact(x)])
+  tiling, dq_blocks = cfg.tables("dq", blocks, offsets)
+  tables = [_whole_spec(dq_blocks), pl.no_block_spec, pl.no_block_spec]
+  ins = (dq_blocks, scale, offsets, q, k, v, d_out, lse2, delta, operands)
   q_tile, do_tile, row_tile = _query_tiles(geo, tiling.tq)
-  n_tiles = geo.q_pad // tiling.tq
+  n_tiles = ceil_div(geo.q_len, tiling.tq)
   n_zeros = len(zeros[0]) + len(zeros[1])
   dq, d_scale, d_whole, d_blocked = pl.pallas_call(
       functools.partial(_dq_kernel, tiling),
       grid=(n_tiles,) + lead,
-      in_specs=tables + [q_tile, _per_row(geo.kv_len, geo.head_p),
-                         _per_row(geo.kv_len, geo.v_head_p), do_tile, row_tile, row_tile,
-                         _whole_spec(operands), _whole_spec(zeros)],
+      in_specs=tables + [q_tile, *_pool(k, v, q, geo), do_tile, row_tile, row_tile,
+                         _operand_specs(operands, cfg.geo), _whole_spec(zeros)],
       out_specs=[q_tile, pl.BlockSpec((None, None, None), lambda t, m, r: (t, m, r)),
                  _whole_spec(zeros[0]), _whole_spec(zeros[1])],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -986,25 +1137,35 @@ def _backward(cfg: _Config, q, k, v, blocks, operands, scale, offsets, d_out, ls
       name="jmat_block_sparse_dq",
   )(*ins, zeros)
 
-  tiling = cfg.tiling("dkv")
-  tk = tiling.tk
-  dk_tile = pl.BlockSpec((None, None, tk, geo.head_p), lambda t, m, r: (m, r, t, 0))
-  dv_tile = pl.BlockSpec((None, None, tk, geo.v_head_p), lambda t, m, r: (m, r, t, 0))
-  by_key = key_major_blocks(blocks, geo.n_k)
+  tiling, dkv_blocks = cfg.tables("dkv", blocks, offsets)
+  geo, tk = tiling.geo, tiling.tk
+  shared = k.shape[0] != q.shape[0]
+  dk_tile, dv_tile = (pl.BlockSpec((None, None, tk, e), lambda t, m, r: (m, r, t, 0))
+                      for e in (geo.head_p, geo.v_head_p))
+  k_tile, v_tile = (pl.BlockSpec((None, None, tk, e), lambda t, m, r: (0 if shared else m, r, t, 0))
+                    for e in (geo.head_p, geo.v_head_p))
+  # A shared pool's gradients: one per table row m (no two programs write one tile), summed below.
+  grads = [jax.ShapeDtypeStruct(q.shape[:1] + x.shape[1:], dtype if shared else x.dtype)
+           for x in (k, v)]
+  by_key = key_major_blocks(dkv_blocks, geo.n_k)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, tiling),
-      grid=(geo.kv_pad // tk,) + lead,
+      grid=(ceil_div(geo.kv_len, tk),) + lead,
       in_specs=[_whole_spec(by_key), pl.no_block_spec, pl.no_block_spec,
-                _per_row(gp, geo.q_pad, geo.head_p), dk_tile, dv_tile,
+                _per_row(gp, geo.q_pad, geo.head_p), k_tile, v_tile,
                 _per_row(gp, geo.q_pad, geo.v_head_p), _per_row(gp, geo.q_pad),
-                _per_row(gp, geo.q_pad), _whole_spec(operands)],
+                _per_row(gp, geo.q_pad), _operand_specs(operands, cfg.geo)],
       out_specs=[dk_tile, dv_tile],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_shape=grads,
       compiler_params=cfg.params("dkv"),
-      cost_estimate=cfg.cost("dkv", lead, geo.kv_pad // tk),
+      cost_estimate=cfg.cost("dkv", lead, ceil_div(geo.kv_len, tk)),
       interpret=cfg.interpret,
       name="jmat_block_sparse_dkv",
   )(by_key, *ins[1:])
+  if shared:
+    dk, dv = (jnp.sum(d, axis=0, keepdims=True).astype(x.dtype) for d, x in ((dk, k), (dv, v)))
+  d_blocked = [d[tuple(slice(0, n) for n in x.shape)]
+               for d, x in zip(d_blocked, [x for x in blocked if _inexact(x)], strict=True)]
   return dq, dk, dv, jnp.sum(d_scale), d_whole, d_blocked
 
 
@@ -1047,7 +1208,11 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 def run(call: Call, *, interpret: bool = False,
         block_sizes: BlockSizes = BlockSizes()) -> tuple[jax.Array, jax.Array]:
-  """Block-sparse attention of ``call``: ``q (M, R, G, L, E)`` over ``k, v (M, R, S, E|Ev)``.
+  """Block-sparse attention of ``call``: ``q (M, R, G, L, E)`` over ``k, v (M|1, R, S, E|Ev)``.
+
+  Keys and values of one table row (``M = 1``: a batch-broadcast pool, a paged
+  cache) serve every table row in place, without a copy per row; their
+  gradients are summed over the rows.
 
   The interface of :func:`jmat._src.kernels.xla.run`: ``call.blocks`` lists
   blocks of ``(block_q, block_k)`` and never marks full a block holding
@@ -1074,26 +1239,47 @@ def run(call: Call, *, interpret: bool = False,
     ValueError: a block size the kernel cannot tile, or a head dim it cannot hold.
   """
   q, k, v, blocks, operands, scale = call.q, call.k, call.v, call.blocks, call.operands, call.scale
-  mods, q_offset, k_offset = call.mods, call.q_offset, call.k_offset
+  mods = call.mods
   geo = _geometry(q.shape, k.shape, v.shape, call.block_q, call.block_k)
   if isinstance(geo, str):
     raise ValueError(geo)
   dtype = osm.compute_dtype(q.dtype)
-  groups, length, _ = q.shape[-3:]
-  v_head = v.shape[-1]
-  if length == 0 or k.shape[-2] == 0:  # no program to run: nothing seen
-    return (jnp.zeros(q.shape[:-1] + (v_head,), q.dtype), jnp.full(q.shape[:-1], -jnp.inf, dtype))
+  if q.shape[-2] == 0 or k.shape[-2] == 0:  # no program to run: nothing seen
+    return (jnp.zeros(q.shape[:-1] + v.shape[-1:], q.dtype),
+            jnp.full(q.shape[:-1], -jnp.inf, dtype))
   whole, blocked = operands
   whole = jax.tree.map(jnp.asarray, whole)
-  blocked = tuple(pad(pad(pad(jnp.asarray(x), 2, geo.groups_p, True), 3, geo.q_pad, True),
-                       4, geo.kv_pad, True) for x in blocked)
-  q = pad(pad(pad(q, 2, geo.groups_p), 3, geo.q_pad), 4, geo.head_p)
-  k, v = pad(k, 3, geo.head_p), pad(v, 3, geo.v_head_p)  # keys past S: masked loads
-  offsets = jnp.stack([jnp.asarray(q_offset, jnp.int32), jnp.asarray(k_offset, jnp.int32)])
+  blocked = tuple(jnp.asarray(x) for x in blocked)
+  offsets = _offsets_of(call)
   cfg = _Config(geo, block_sizes, mods, interpret, jnp.dtype(q.dtype))
-  out, lse = cast(tuple[jax.Array, jax.Array], _attend(
+  return cast(tuple[jax.Array, jax.Array], _attend(
       q, k, v, blocks, Operands(whole, blocked), jnp.asarray(scale).astype(dtype), offsets, cfg))
-  return out[:, :, :groups, :length, :v_head], lse[:, :, :groups, :length]
+
+
+def _offsets_of(call: Call) -> jax.Array:
+  """``[q_offset, k_offset]`` as an int32 array (a kernel input)."""
+  return jnp.stack([jnp.asarray(call.q_offset, jnp.int32), jnp.asarray(call.k_offset, jnp.int32)])
+
+
+def pass_tables(call: Call, *, block_sizes: BlockSizes = BlockSizes()
+                ) -> dict[str, tuple[tuple[int, int], KeyBlocks]]:
+  """What each pass walks for ``call``: its tile ``(query positions, keys)`` and block table.
+
+  Keyed by pass (``"forward"``, ``"dq"``, ``"dkv"``; the dk/dv pass reads the
+  key-major copy of its table). The table lists blocks of the call's
+  ``(block_q, block_k)``, each cut into tiles, or, for a mask that declares
+  the causal rule (:func:`causal_rule`), tiles themselves.
+
+  Raises:
+    ValueError: a block size the kernel cannot tile, or a head dim it cannot hold.
+  """
+  geo = _geometry(call.q.shape, call.k.shape, call.v.shape, call.block_q, call.block_k)
+  if isinstance(geo, str):
+    raise ValueError(geo)
+  cfg = _Config(geo, block_sizes, call.mods, False, jnp.dtype(call.q.dtype))
+  passes = {kind: cfg.tables(kind, call.blocks, _offsets_of(call))
+            for kind in ("forward", "dq", "dkv")}
+  return {kind: ((tiling.tq, tiling.tk), blocks) for kind, (tiling, blocks) in passes.items()}
 
 
 def unsupported(call: Call, *, block_sizes: BlockSizes = BlockSizes(),
