@@ -309,15 +309,14 @@ def _blockwise(q, k, v, allowed, bias, scale, is_causal: bool,
       visible = visible & block_sparse.causal(q_pos[:, None], k_pos[None, :])
     return visible
 
-  if is_causal:  # the Triton kernel then lists causal tiles at its own tile, not at block_size
-    mask.causal = "exact" if allowed is None else "within"  # kernels.triton.causal_rule
-
   def add_bias(s, m, r, g, q_pos, k_pos, operands):
     del m, r, g, q_pos, k_pos
     return s + operands.blocked[bias_at]
 
+  # Declared causal, the Triton kernel lists causal tiles at its own tile, not at block_size.
+  causal = None if not is_causal else "exact" if allowed is None else "within"
   mods = block_sparse.Mods(add_bias if bias is not None else None,
-                           mask if is_causal or allowed is not None else None)
+                           mask if is_causal or allowed is not None else None, causal)
   return block_sparse.Call(q, k, v, blocks, block_sparse.Operands((), blocked), scale,
                            mods=mods, block_q=block_q, block_k=block_k, chains=2)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -235,10 +235,16 @@ class Mods:
       the tile.
     mask: ``mask(m, r, g, q_pos, k_pos, operands)`` -> bool broadcastable to
       ``(R', G', bq, bk)``, True = may attend. Evaluated only in partial blocks.
+    causal: what ``mask`` declares of torch's causal rule (:func:`causal` at the
+      call's offsets): ``"exact"``, it is that rule; ``"within"``, it allows causal
+      pairs only (the rule and something else, e.g. SDPA's ``is_causal`` with an
+      ``attn_mask``); None, nothing. A kernel may then list causal tiles at its own
+      tile instead of at the table's blocks.
   """
 
   score: Callable[..., jax.Array] | None = None
   mask: Callable[..., jax.Array] | None = None
+  causal: Literal["exact", "within"] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

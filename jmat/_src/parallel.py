@@ -676,7 +676,7 @@ def _sequence_parallel(op: str, query, key, value, mesh: Mesh, axis_name: str,
     mods, whole = flex_mods(score_mod, mask_mod, dtype,
                             Layout(heads, kv_heads, mask_batch, mask_heads))
     if is_causal:
-      mods = block_sparse.Mods(mods.score, _causal)
+      mods = block_sparse.Mods(mods.score, _causal, "exact")
     group = heads // kv_heads
     to_q = functools.partial(to_kernel, mask_batch=mask_batch, mask_heads=mask_heads,
                              group=group, is_query=True)
@@ -689,7 +689,8 @@ def _sequence_parallel(op: str, query, key, value, mesh: Mesh, axis_name: str,
 
     back = back_flex
   else:
-    mods = block_sparse.Mods(mask=_causal if is_causal else None)
+    mods = block_sparse.Mods(mask=_causal if is_causal else None,
+                             causal="exact" if is_causal else None)
 
     def to_q(x):
       return x.reshape((1, math.prod(x.shape[:-2]), 1) + x.shape[-2:])

@@ -906,22 +906,15 @@ def _dkv_kernel(tiling: _Tiling, blocks, scale_ref, offsets_ref, q_ref, k_ref, v
 # --- calls -------------------------------------------------------------------------------------
 
 
-# What a mask declares of torch's causal rule (block_sparse.causal at the call's offsets) with an
-# attribute ``causal`` on ``Mods.mask``: "exact", it is that rule; "within", it allows causal pairs
-# only (the rule and something else, e.g. SDPA's is_causal with an attn_mask).
-CAUSAL_EXACT, CAUSAL_WITHIN = "exact", "within"
-
-
 def causal_rule(mods: Mods) -> str | None:
-  """The causal rule ``mods.mask`` declares (:data:`CAUSAL_EXACT`, :data:`CAUSAL_WITHIN`), or None.
+  """The causal rule ``mods`` declares (``Mods.causal``: "exact", "within"), or None.
 
   A caller whose mask is causal (SDPA's ``is_causal``) declares it so that the
   kernels list causal tiles at their own tile, not at the table's blocks: a
   table block of 512 on the diagonal is 8 x 8 tiles of 64, of which 28 lie
   wholly above the diagonal (computed and masked if inherited from the block).
   """
-  rule = getattr(mods.mask, "causal", None)
-  return rule if rule in (CAUSAL_EXACT, CAUSAL_WITHIN) else None
+  return mods.causal if mods.mask is not None else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -952,7 +945,7 @@ class _Config:
                               n_k=ceil_div(geo.kv_len, tk), bound_full=False)
     table = causal_key_blocks(geo.q_len, geo.kv_len, tq, tk, q_offset=offsets[0],
                               k_offset=offsets[1])
-    if rule == CAUSAL_WITHIN:  # the rest of the mask applies in every listed tile
+    if rule == "within":  # the rest of the mask applies in every listed tile
       table = table._replace(num=table.num + table.full_num,
                              full_num=jnp.zeros_like(table.full_num))
     rows = (blocks.num.shape[0], geo.n_q)  # one copy per table row M the kernel indexes
