@@ -369,3 +369,26 @@ def test_kernel_platforms_is_part_of_the_jit_cache_key():
   with jmat.attention.kernel_platforms("cuda"):
     assert TRITON_CALL in f.trace(q).lower(lowering_platforms=("cuda",)).as_text()
   assert TRITON_CALL not in f.trace(q).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_a_shared_key_value_pool_reaches_the_triton_kernel_without_a_copy_per_row():
+  """flex with a key/value batch of 1 against 3 query rows (a paged pool): lowered for cuda the
+  Triton kernel reads the one pool in place; the Mosaic kernel (tpu) gets it repeated per row.
+  (The gradient's dk/dv are per-row float32 buffers summed after the kernel, so only the forward
+  is free of (3, ...) key tensors.)"""
+  q = jax.ShapeDtypeStruct((3, 4, 256, 64), jnp.float32)
+  kv = jax.ShapeDtypeStruct((1, 2, 256, 64), jnp.float32)
+  block_mask = jmat.create_block_mask(mods.causal_mask, 3, None, 256, 256)
+  repeated = "tensor<3x2x256x64xf32>"
+
+  def attend(q, k, v):
+    return _flex(q, k, v, None, block_mask)
+
+  def loss(q, k, v):
+    return attend(q, k, v).sum()
+
+  cuda = _lowered(attend, q, kv, kv, platform="cuda")
+  assert TRITON_CALL in cuda and repeated not in cuda
+  tpu = _lowered(attend, q, kv, kv, platform="tpu")
+  assert MOSAIC_CALL in tpu and repeated in tpu
+  assert TRITON_CALL in _lowered(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv, platform="cuda")

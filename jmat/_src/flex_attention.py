@@ -277,9 +277,9 @@ def _batched(shape: tuple[int, ...], batch: int) -> tuple[int, ...]:
 def _unshared(call: block_sparse.Call) -> block_sparse.Call:
   """``call`` with a key/value pool shared by every table row (``M = 1``) repeated per row.
 
-  The XLA loops read a shared pool's one row for every table row (and add every
-  row's key/value gradients into it); the Pallas kernels index the key/value
-  rows by table row, so they get the pool repeated (a copy).
+  The XLA loops and the Triton kernel read a shared pool's one row for every
+  table row (and add every row's key/value gradients into it); the Mosaic kernel
+  indexes the key/value rows by table row, so it gets the pool repeated (a copy).
   """
   rows = call.q.shape[0]
   if call.k.shape[0] == rows:
@@ -289,8 +289,8 @@ def _unshared(call: block_sparse.Call) -> block_sparse.Call:
 
 
 def _attend(call: block_sparse.Call, options: backends.KernelOptions):
-  """``backends.attend``, with a shared key/value pool repeated for the Pallas kernels only."""
-  if call.k.shape[0] == call.q.shape[0] or options.backend == "XLA":
+  """``backends.attend``, with a shared key/value pool repeated for the Mosaic kernel only."""
+  if call.k.shape[0] == call.q.shape[0] or options.backend in ("XLA", "TRITON"):
     return backends.attend(_OP, call, options)
   if options.backend != "AUTO":
     return backends.attend(_OP, _unshared(call), options)
@@ -303,7 +303,7 @@ def _attend(call: block_sparse.Call, options: backends.KernelOptions):
 
     return run
 
-  return backends.attend(_OP, call, options, override={p: pallas(p) for p in ("cuda", "tpu")})
+  return backends.attend(_OP, call, options, override={"tpu": pallas("tpu")})
 
 
 def _flex_call(query, key, value, score_mod, block_mask, scale, enable_gqa: bool,
