@@ -180,16 +180,14 @@ def merge_splits(out: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
 
   Returns:
     ``out (..., Ev)`` and ``lse (...)``: 0 and ``-inf`` where no part saw a key. The gradient
-    is finite everywhere (no ``inf - inf``).
+    is finite everywhere (no ``inf - inf``). Each part is the carry ``(out, lse, 1)`` of
+    :func:`~jmat._src.online_softmax.online_softmax_merge` (0 for a part that saw nothing).
   """
-  top = jnp.max(lse, axis=0)
-  top = jnp.where(jnp.isfinite(top), top, 0.0)
-  weight = jnp.exp(lse - top)
-  total = jnp.sum(weight, axis=0)
-  seen = total > 0
-  safe = jnp.where(seen, total, 1.0)
-  merged = jnp.sum(weight[..., None] * out.astype(weight.dtype), axis=0) / safe[..., None]
-  return merged, jnp.where(seen, top + jnp.log(safe), -jnp.inf)
+  seen = ~jnp.isneginf(lse)
+  carry = (out.astype(lse.dtype), lse, seen.astype(lse.dtype))
+  merged = online_softmax.online_softmax_merge(carry)
+  return (online_softmax.online_softmax_finish(merged, lse.dtype),
+          online_softmax.online_softmax_logsumexp(merged))
 
 
 def _attend(query, key, value, cu_q, cu_k, used_k, scale, *, max_q: int, max_k: int,
