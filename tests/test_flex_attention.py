@@ -367,6 +367,27 @@ def test_split_kv_decode_with_gqa_max_scores_and_a_shared_pool():
                              rtol=1e-12, atol=1e-12)
 
 
+def test_decode_on_the_xla_loops_splits_where_lowered_for_a_gpu_or_tpu_not_a_cpu():
+  """Split-KV is chosen per platform at lowering: the program for a GPU or TPU (where the XLA
+  loops are the fused kernels' fallback) gathers the parts' key blocks, the CPU's walks them
+  one at a time (no gather); forward and backward lower for every platform."""
+  q = jax.ShapeDtypeStruct((2, 8, 1, 64), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 2, 4096, 64), jnp.bfloat16)
+
+  def attend(q, k, v):
+    return jmat.flex_attention(q, k, v, enable_gqa=True, kernel_options={"BACKEND": "XLA"})
+
+  def lowered(fn, on):
+    with jmat.attention.kernel_platforms(on):
+      return jax.jit(fn).trace(q, kv, kv).lower(lowering_platforms=(on,)).as_text()
+
+  gradient = jax.grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+  for platform in ("cuda", "tpu"):
+    assert "gather" in lowered(attend, platform)
+    assert "gather" in lowered(gradient, platform)
+  assert "gather" not in lowered(attend, "cpu")
+
+
 def bad_calls():
   q = jnp.zeros(OK)
   kv = jnp.zeros((2, 4, 10, 6))
