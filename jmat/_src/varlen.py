@@ -372,8 +372,8 @@ def _decode_forward(query, cache: _Cache, cu_q, used, scale, *, max_q: int,
 
     begin = first_block[i] + part * per_part[i]
     end = jnp.minimum(begin + per_part[i], first_block[i] + blocks[i])
-    tile = online_softmax.online_softmax_init((kv_heads,), group * max_q, v_dim, dtype=dtype)
     end = jnp.maximum(begin, end)
+    tile = online_softmax.online_softmax_init((kv_heads,), group * max_q, v_dim, dtype=dtype)
     # The blocks read in place, then the rest (at most the last block of the sequences that end
     # the packed arrays).
     split = jnp.clip(cache.in_place(i, size), begin, end)
@@ -388,9 +388,10 @@ def _decode_forward(query, cache: _Cache, cu_q, used, scale, *, max_q: int,
   init = online_softmax.online_softmax_init((n, kv_heads), group * max_q, v_dim, dtype=dtype)
   # One loop nest per part: independent loops, which XLA's CPU runtime runs concurrently.
   carries = [lax.fori_loop(0, n, functools.partial(sequence, p), init) for p in range(parts)]
-  out = jnp.stack([online_softmax.online_softmax_finish(c, dtype) for c in carries])
-  lse = jnp.stack([online_softmax.online_softmax_logsumexp(c) for c in carries])
-  out, lse = merge_splits(out, lse) if parts > 1 else (out[0], lse[0])     # (N, Hkv, G*Lq, ..)
+  carry = carries[0] if parts == 1 else online_softmax.online_softmax_merge(
+      tuple(jnp.stack(x) for x in zip(*carries, strict=True)))
+  out = online_softmax.online_softmax_finish(carry, dtype)                  # (N, Hkv, G*Lq, Dv)
+  lse = online_softmax.online_softmax_logsumexp(carry)
   # (N, Hkv, G, Lq, ...) -> the packed tokens
   out = jnp.moveaxis(out.reshape(n, heads, max_q, v_dim), 2, 1).reshape(n * max_q, heads, v_dim)
   lse = jnp.swapaxes(lse.reshape(n, heads, max_q), 0, 1).reshape(heads, n * max_q)
