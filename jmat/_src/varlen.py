@@ -388,8 +388,10 @@ def _decode_forward(query, cache: _Cache, cu_q, used, scale, *, max_q: int,
   init = online_softmax.online_softmax_init((n, kv_heads), group * max_q, v_dim, dtype=dtype)
   # One loop nest per part: independent loops, which XLA's CPU runtime runs concurrently.
   carries = [lax.fori_loop(0, n, functools.partial(sequence, p), init) for p in range(parts)]
-  carry = carries[0] if parts == 1 else online_softmax.online_softmax_merge(
-      tuple(jnp.stack(x) for x in zip(*carries, strict=True)))
+  carry = carries[0]
+  if parts > 1:
+    acc, row_max, row_sum = (jnp.stack(x) for x in zip(*carries, strict=True))
+    carry = online_softmax.online_softmax_merge((acc, row_max, row_sum))
   out = online_softmax.online_softmax_finish(carry, dtype)                  # (N, Hkv, G*Lq, Dv)
   lse = online_softmax.online_softmax_logsumexp(carry)
   # (N, Hkv, G, Lq, ...) -> the packed tokens
