@@ -16,7 +16,7 @@ import pytest
 import jmat
 from jmat._src.flex_attention import _flex_attention
 from jmat.attention import BlockMask, create_block_mask, or_masks
-from tests.cases import attention_reference, tolerance
+from tests.cases import attention_reference, attention_reference_vjp, tolerance
 
 # jmat's own jit cache of flex_attention (the public function checks kernel_options, then calls it)
 flex_cache_size = _flex_attention._cache_size
@@ -307,6 +307,85 @@ def test_vmap_over_an_extra_batch_axis():
 # --- refusals ---------------------------------------------------------------------------------
 
 OK = (2, 4, 8, 6)
+
+
+# --- decoding: split-KV on the XLA loops ----------------------------------------------------
+
+
+@pytest.mark.parametrize("split_kv", [3, 16])  # 16: more parts than key blocks
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_split_kv_decode_matches_the_float64_oracle_with_gradients(split_kv, q_len):
+  """A short query over long keys: its key blocks cut into SPLIT_KV parts merged by logsumexp
+  (torch's flex-decoding option) give the oracle's values, lse and gradients, q/k/v and a
+  captured bias; batch entries of different lengths leave some parts empty."""
+  b, h, kv_len = 2, 4, 700
+  lengths = jnp.array([700, 250])
+  block_mask = create_block_mask(lambda b, h, q, kv: kv < lengths[b], b, None, q_len, kv_len,
+                                 BLOCK_SIZE=(16, 64))  # 11 key blocks, some full
+  q, k, v = randn(b, h, q_len, 8), randn(b, h, kv_len, 8), randn(b, h, kv_len, 6)
+  bias, d_out = jnp.asarray(randn(h, kv_len)), randn(b, h, q_len, 6)
+
+  def attend(q, k, v, bias):
+    return jmat.flex_attention(q, k, v, lambda s, b, h, q_idx, kv: s + bias[h, kv], block_mask,
+                               return_lse=True, kernel_options={"SPLIT_KV": split_kv})
+
+  out, lse = attend(q, k, v, bias)
+  allowed = np.arange(kv_len) < np.asarray(lengths)[:, None, None, None]
+  full_bias = np.broadcast_to(np.asarray(bias)[None, :, None, :], (b, h, q_len, kv_len))
+  want, want_lse = attention_reference(q, k, v, allowed=allowed, bias=full_bias,
+                                       return_lse=True)
+  np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-10)
+  np.testing.assert_allclose(lse, want_lse, rtol=1e-10, atol=1e-10)
+  grads = jax.grad(lambda *a: jnp.sum(attend(*a)[0] * d_out), argnums=(0, 1, 2, 3))(q, k, v,
+                                                                                   bias)
+  d_q, d_k, d_v, d_s = attention_reference_vjp(q, k, v, d_out, allowed=allowed, bias=full_bias)
+  for got, want in zip(grads, (d_q, d_k, d_v, d_s.sum(axis=(0, 2))), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_split_kv_decode_with_gqa_max_scores_and_a_shared_pool():
+  """The split also serves GQA, max_scores (a max over the parts) and a key/value batch of 1
+  (a paged pool) against a per-entry block mask."""
+  b, h, kv_heads, kv_len = 3, 4, 2, 512
+  q, k, v = randn(b, h, 1, 8), randn(1, kv_heads, kv_len, 8), randn(1, kv_heads, kv_len, 8)
+  starts = jnp.array([0, 128, 320])  # each entry's keys: a window of the pool
+  block_mask = create_block_mask(
+      lambda b, h, q, kv: (kv >= starts[b]) & (kv < starts[b] + 150), b, None, 1, kv_len,
+      BLOCK_SIZE=(1, 32))
+  out, aux = jmat.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True,
+                                 kernel_options={"SPLIT_KV": 4},
+                                 return_aux=jmat.attention.AuxRequest(lse=True, max_scores=True))
+  kv = np.arange(kv_len)
+  allowed = (kv >= np.asarray(starts)[:, None, None, None]) & (
+      kv < np.asarray(starts)[:, None, None, None] + 150)
+  kk, vv = (np.broadcast_to(x, (b,) + x.shape[1:]) for x in (k, v))
+  want, want_lse = flex_reference(q, kk, vv, allowed=allowed)
+  np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-10)
+  np.testing.assert_allclose(aux.lse, want_lse, rtol=1e-10, atol=1e-10)
+  scores = np.einsum("bhqd,bhkd->bhqk", q, np.repeat(kk, 2, axis=1)) / np.sqrt(8)
+  np.testing.assert_allclose(aux.max_scores, np.max(np.where(allowed, scores, -np.inf), -1),
+                             rtol=1e-12, atol=1e-12)
+
+
+def test_decode_on_the_xla_loops_splits_where_lowered_for_a_gpu_or_tpu_not_a_cpu():
+  """Split-KV is chosen per platform at lowering: the program for a GPU or TPU (where the XLA
+  loops are the fused kernels' fallback) gathers the parts' key blocks, the CPU's walks them
+  one at a time (no gather); forward and backward lower for every platform."""
+  q = jax.ShapeDtypeStruct((2, 8, 1, 64), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 2, 4096, 64), jnp.bfloat16)
+
+  def attend(q, k, v):
+    return jmat.flex_attention(q, k, v, enable_gqa=True, kernel_options={"BACKEND": "XLA"})
+
+  def lowered(fn, on):
+    with jmat.attention.kernel_platforms(on):
+      return jax.jit(fn).trace(q, kv, kv).lower(lowering_platforms=(on,)).as_text()
+
+  gradient = jax.grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+  for platform in ("cuda", "tpu"):
+    assert "gather" in lowered(attend, platform)
+    assert "gather" in lowered(gradient, platform)
+  assert "gather" not in lowered(attend, "cpu")
 
 
 def bad_calls():

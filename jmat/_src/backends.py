@@ -47,7 +47,8 @@ _TRITON_FIELDS = {"BLOCK_M": "block_q", "BLOCK_N": "block_k", "BLOCK_M1": "block
                   "num_warps": "num_warps", "num_stages": "num_stages"}
 _PREFIXED = {f"fwd_{k}": k for k in ("BLOCK_M", "BLOCK_N")} | {
     f"bwd_{k}": k for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")}
-OPTION_KEYS = ("BACKEND", "INTERPRET", *_TRITON_FIELDS, *_PREFIXED)
+# torch's flex-decoding SPLIT_KV: how many parts the XLA loops cut a short query's keys into.
+OPTION_KEYS = ("BACKEND", "INTERPRET", *_TRITON_FIELDS, *_PREFIXED, "SPLIT_KV")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +61,14 @@ class KernelOptions:
     triton: the Triton kernel's tiles and launch parameters given, as sorted
       ``(BlockSizes field, value)`` pairs. The XLA and Mosaic kernels compute in
       the blocks of the mask's tables, so these tune the Triton kernel only.
+    split_kv: torch's ``SPLIT_KV``: the parts the XLA loops cut the key blocks of a
+      short query into (:func:`jmat._src.kernels.xla.splits_for`); None: per platform.
   """
 
   backend: str = "AUTO"
   interpret: bool = False
   triton: tuple[tuple[str, int], ...] = ()
+  split_kv: int | None = None
 
 
 DEFAULT = KernelOptions()
@@ -90,7 +94,7 @@ def kernel_options(op: str, options: Mapping[str, Any] | None) -> KernelOptions:
     if key in _PREFIXED or field not in fields:  # a prefixed key wins over the plain one
       fields[field] = value
   return KernelOptions(options.get("BACKEND", "AUTO"), options.get("INTERPRET", False),
-                       tuple(sorted(fields.items())))
+                       tuple(sorted(fields.items())), options.get("SPLIT_KV"))
 
 
 class Choice(NamedTuple):
@@ -220,7 +224,10 @@ def attend(op: str, call: block_sparse.Call, options: KernelOptions, *,
     reason = _unsupported(options.backend, call, options)
     if isinstance(reason, str):
       checks.refuse_backend(op, options.backend, reason)
-    if options.interpret or options.backend not in _NATIVE:
+    if options.backend == "XLA":  # the XLA loops, tuned for each platform (split-KV)
+      return per_platform(_branch("XLA", options),
+                          {p: _branch("XLA", options, p) for p in FUSED})(call)
+    if options.interpret:
       return _run(options.backend, call, options)
     # Decided where the platform is known: a program lowered for a CPU is refused there (by
     # jmat, before Pallas would be), one exported for the kernel's platform holds the kernel.
@@ -228,7 +235,7 @@ def attend(op: str, call: block_sparse.Call, options: KernelOptions, *,
     refused = _refusal(op, options.backend, jax.eval_shape(run, call))
     elsewhere = {p: refused(p) for p in PLATFORMS if _wrong_platform(options.backend, p, options)}
     return jax.lax.platform_dependent(call, default=run, **elsewhere)
-  branches = {p: _branch(choose(call, p, options).backend, options)
+  branches = {p: _branch(choose(call, p, options).backend, options, p)
               for p in FUSED if p in traced_platforms()}
   return per_platform(_branch("XLA", options), {**branches, **(override or {})})(call)
 
@@ -284,13 +291,15 @@ def per_platform(default: Callable, branches: Mapping[str, Callable]) -> Callabl
   return lambda *args: jax.lax.platform_dependent(*args, default=default, **kept)
 
 
-def _branch(backend: str, options: KernelOptions):
-  return lambda call: _run(backend, call, options)
+def _branch(backend: str, options: KernelOptions, platform: str = "cpu"):
+  return lambda call: _run(backend, call, options, platform)
 
 
-def _run(backend: str, call: block_sparse.Call, options: KernelOptions):
+def _run(backend: str, call: block_sparse.Call, options: KernelOptions, platform: str = "cpu"):
+  """``call`` on ``backend`` in a program lowered for ``platform`` (the XLA loops' split-KV
+  depends on it: :func:`jmat._src.kernels.xla.splits_for`)."""
   if backend == "XLA":
-    return xla.run(call)
+    return xla.run(call, platform=platform, split_kv=options.split_kv)
   call = _fitted(backend, call)
   return _module(backend).run(call, interpret=options.interpret, **_tunables(backend, options))
 

@@ -206,8 +206,11 @@ def flex_attention(
       runs a Pallas kernel in Pallas interpret mode on any platform; torch's
       block-size keys (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_M1`` ... ``BLOCK_N2``,
       with ``fwd_``/``bwd_`` prefixes) and ``num_warps``/``num_stages`` tune the
-      Pallas kernels. :func:`flex_attention_backend` says which backend a call
-      gets on a platform, and why.
+      Pallas kernels; torch's ``SPLIT_KV`` cuts the key blocks of a short query
+      (one query block, e.g. decoding with L=1) into that many parts on the XLA
+      loops, merged by logsumexp (default: per platform, none on a CPU).
+      :func:`flex_attention_backend` says which backend a call gets on a
+      platform, and why.
     return_aux: an :class:`AuxRequest`: also return an :class:`AuxOutput`.
 
   Returns:

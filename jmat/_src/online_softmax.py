@@ -198,6 +198,27 @@ def seen_a_key(row_sum: jax.Array) -> jax.Array:
   return row_sum != 0
 
 
+def online_softmax_merge(carries: Carry) -> Carry:
+  """One carry from carries of disjoint sets of keys, stacked along axis 0 (split-KV).
+
+  Flash-decoding's merge: every part's sums are rescaled to the largest running
+  maximum, ``exp(m_p - m)``, and added. A part that saw no key (maximum
+  ``-inf``) weighs 0; where no part saw one the result is the empty carry. The
+  maximum is a numerical shift that cancels (held out of differentiation, as in
+  :func:`online_softmax_fold`), so the gradient is finite everywhere.
+
+  Args:
+    carries: ``(acc (P, *lead, Lq, Ev), row_max (P, *lead, Lq), row_sum)``.
+
+  Returns:
+    The carry ``(acc, row_max, row_sum)`` of all ``P`` parts' keys.
+  """
+  acc, row_max, row_sum = carries
+  top = jax.lax.stop_gradient(jnp.max(row_max, axis=0))
+  weight = jnp.exp(row_max - jnp.where(jnp.isneginf(top), 0.0, top))
+  return (jnp.sum(acc * weight[..., None], axis=0), top, jnp.sum(row_sum * weight, axis=0))
+
+
 def online_softmax_finish(carry: Carry, dtype: DTypeLike) -> jax.Array:
   """The attention output of a finished carry: ``acc / row_sum``, cast to ``dtype``.
 

@@ -16,17 +16,21 @@ per part, every copy becomes a query block of its own (a program of the Pallas
 kernel), and the parts are merged by their logsumexp (flash-decoding). All
 query heads of a key/value head are one kernel row (the kernel's ``G`` axis),
 as for grouped-query attention everywhere in jmat. Where XLA runs (CPUs) a
-decode loop of its own (:func:`_decode`) reads every sequence's keys chunk by
-chunk where they lie, packed or paged.
+decode loop of its own (:func:`_decode`) walks each sequence's key blocks
+where they lie, a slice of the packed keys or pages of the pool (the kernel's
+tables would need the keys head-major, a copy of the cache per step); its
+gradients are the XLA kernel's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.typing import ArrayLike
 
 from jmat._src import backends, block_sparse, checks, online_softmax
@@ -176,16 +180,14 @@ def merge_splits(out: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
 
   Returns:
     ``out (..., Ev)`` and ``lse (...)``: 0 and ``-inf`` where no part saw a key. The gradient
-    is finite everywhere (no ``inf - inf``).
+    is finite everywhere (no ``inf - inf``). Each part is the carry ``(out, lse, 1)`` of
+    :func:`~jmat._src.online_softmax.online_softmax_merge` (0 for a part that saw nothing).
   """
-  top = jnp.max(lse, axis=0)
-  top = jnp.where(jnp.isfinite(top), top, 0.0)
-  weight = jnp.exp(lse - top)
-  total = jnp.sum(weight, axis=0)
-  seen = total > 0
-  safe = jnp.where(seen, total, 1.0)
-  merged = jnp.sum(weight[..., None] * out.astype(weight.dtype), axis=0) / safe[..., None]
-  return merged, jnp.where(seen, top + jnp.log(safe), -jnp.inf)
+  seen = ~jnp.isneginf(lse)
+  carry = (out.astype(lse.dtype), lse, seen.astype(lse.dtype))
+  merged = online_softmax.online_softmax_merge(carry)
+  return (online_softmax.online_softmax_finish(merged, lse.dtype),
+          online_softmax.online_softmax_logsumexp(merged))
 
 
 def _attend(query, key, value, cu_q, cu_k, used_k, scale, *, max_q: int, max_k: int,
@@ -256,80 +258,142 @@ def _attend_on(query, key, value, cu_q, cu_k, used_k, scale, *, max_q: int, max_
   return jnp.swapaxes(out, 0, 1).astype(query.dtype), lse.astype(dtype)
 
 
-# The decode loop's chunk: about this many key rows of the whole batch per step (a few MB of
-# K and V, held in cache between the gather and the products), and never fewer keys per
-# sequence than _MIN_CHUNK. With num_splits=1 the chunk is _FIXED_CHUNK whatever the batch,
-# so that a sequence's sums run in the same order in every batch.
-_CHUNK_ROWS = 256
-_MIN_CHUNK = 16
-_FIXED_CHUNK = 128
-# num_splits=None on a CPU: the keys in two halves, two loops the runtime runs on two cores.
+# The decode loop's key block: this many keys of one sequence per step (a page or a few pages
+# of a paged cache). Fixed, whatever the batch, and aligned with each sequence's first key, so a
+# sequence's sums run in the same order in every batch.
+_DECODE_STEP = 512
+# num_splits=None on a CPU: each sequence's key blocks in two halves, two loops the runtime runs
+# on two cores.
 _CPU_PARTS = 2
 
 
-def _decode_chunk(n: int, max_k: int, fixed: bool) -> int:
-  chunk = _FIXED_CHUNK if fixed else max(_MIN_CHUNK, _CHUNK_ROWS // max(n, 1))
-  return max(1, min(chunk, max_k))
+class _Cache(NamedTuple):
+  """Where the decode loop reads a sequence's keys: a packed run or a paged pool, in place.
+
+  Attributes:
+    key: ``(Tk, Hkv, D)`` packed, or ``(pages, page_size, Hkv, D)`` paged.
+    value: likewise, ``Dv`` last.
+    start: ``(N,)`` int32 each sequence's first packed key (unused when paged).
+    table: ``(N, max_pages)`` int32 page table (paged only, else None).
+  """
+
+  key: jax.Array
+  value: jax.Array
+  start: jax.Array
+  table: jax.Array | None
+
+  def step(self) -> int:
+    """Keys per loop step: :data:`_DECODE_STEP`, or whole pages of about that many."""
+    if self.table is None:
+      return _DECODE_STEP
+    return max(1, _DECODE_STEP // self.key.shape[1]) * self.key.shape[1]
+
+  def in_place(self, i, size: int) -> jax.Array:
+    """How many blocks of sequence ``i`` (from its first) :meth:`read` slices in place."""
+    if self.table is not None:
+      return jnp.asarray(jnp.iinfo(jnp.int32).max, jnp.int32)
+    return (self.key.shape[0] - self.start[i]) // size
+
+  def read(self, i, j, size: int, sliced: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Keys ``j * size ...`` of sequence ``i``: ``(k (size, Hkv, D), v, positions (size,))``.
+
+    Key ``t`` of the block is the sequence's key ``j * size + t`` whatever else the arrays
+    hold (so a sequence's sums do not depend on the batch); past its end it is any key, which
+    the caller masks by position. A packed block is a slice (``sliced``: for blocks below
+    :meth:`in_place`) or gathered (a block reaching past the end of the arrays, where
+    ``dynamic_slice`` would clamp its start).
+    """
+    at = j * size + lax.iota(jnp.int32, size)
+    if self.table is None:
+      first = self.start[i] + j * size
+      if sliced:
+        k, v = (lax.dynamic_slice_in_dim(x, first, size, 0) for x in (self.key, self.value))
+      else:
+        rows = jnp.minimum(first + lax.iota(jnp.int32, size), self.key.shape[0] - 1)
+        k, v = self.key[rows], self.value[rows]
+      return k, v, at
+    page = self.key.shape[1]
+    count = size // page
+    slots = jnp.clip(j * count + lax.iota(jnp.int32, count), 0, self.table.shape[1] - 1)
+    pages = self.table[i, slots]
+    k, v = (x[pages].reshape((size,) + x.shape[2:]) for x in (self.key, self.value))
+    return k, v, at
 
 
-def _decode(query, key, value, cu_q, key_row, used, scale, *, max_q: int, max_k: int,
-            window: tuple[int, int], splits: int | None):
+def _decode_forward(query, cache: _Cache, cu_q, used, scale, *, max_q: int,
+                    window: tuple[int, int], splits: int | None):
   """Short query runs on XLA (the CPU decode path): ``(out (Tq, Hq, Ev), lse (Hq, Tq))``.
 
-  Each sequence's queries (at most ``max_q``) meet its keys chunk by chunk: one step of the
-  loop gathers chunk ``c`` of *every* sequence's keys (``key_row(n, positions)``: packed
-  offsets or a page table, so a paged cache is read in place), computes the scores of all
-  query heads of each key/value head as one multiply-and-sum over ``D`` (no transposed copy
-  of the cache) and folds them into an online softmax. With ``splits`` parts (``None``: two),
-  each part of every sequence's keys is a loop of its own (independent loops: XLA's CPU
-  runtime runs them concurrently); the parts are merged by logsumexp.
+  A loop over the sequences; for each, a loop over the key blocks its queries see (a dynamic
+  trip count: a short sequence costs its own blocks), each block read in place (a slice of the
+  packed keys, or pages of the pool). All query heads of a key/value head and all the
+  sequence's queries are the rows of one product per block, folded into an online softmax.
+  With ``splits`` parts (``None``: two) each part of every sequence's blocks is a loop nest of
+  its own (independent loops: XLA's CPU runtime runs them concurrently); the parts are merged
+  by logsumexp. Forward only: :func:`_decode` gives it the kernel's gradients.
   """
   total_q, heads, dim = query.shape
-  kv_heads, v_dim = key.shape[1], value.shape[-1]
+  kv_heads, v_dim = cache.key.shape[-2], cache.value.shape[-1]
   group = heads // kv_heads
   n = cu_q.shape[0] - 1
   dtype = online_softmax.compute_dtype(query.dtype)
   parts = splits or _CPU_PARTS
-  chunk = _decode_chunk(n, block_sparse.ceil_div(max_k, parts), splits == 1)
-  per_part = block_sparse.ceil_div(block_sparse.ceil_div(max_k, parts), chunk) * chunk
-  steps = per_part // chunk
+  size = cache.step()
   len_q = cu_q[1:] - cu_q[:-1]
   j = jnp.arange(max_q, dtype=jnp.int32)
   row_valid = j[None, :] < len_q[:, None]                                   # (N, Lq)
   token = jnp.where(row_valid, cu_q[:-1, None] + j, 0)
   q = jnp.where(row_valid[..., None, None], query[token], 0)                # (N, Lq, Hq, D)
   q = (q.astype(dtype) * scale).reshape(n, max_q, kv_heads, group, dim)
-  aligned = (j[None, :] + (used - len_q)[:, None])                          # (N, Lq)
+  aligned = j[None, :] + (used - len_q)[:, None]                            # (N, Lq)
   left, right = window
-  def step(first, c, carry):
-    pos = first + c * chunk + jnp.arange(chunk, dtype=jnp.int32)[None]    # (1, C)
-    pos = jnp.broadcast_to(pos, (n,) + pos.shape)                           # (N, P, C)
-    rows = key_row(pos)
-    k_c = key[rows].astype(dtype)                                           # (N, P, C, Hkv, D)
-    v_c = value[rows]
-    s = jnp.sum(q[:, None, None] * k_c[:, :, :, None, :, None, :], axis=-1)  # (N,P,C,Lq,Hkv,G)
-    ok = pos[..., None] < used[:, None, None, None]                         # (N, P, C, Lq)
-    at, key_at = aligned[:, None, None, :], pos[..., None]
-    if right >= 0:
-      ok = ok & (key_at <= at + right)
-    if left >= 0:
-      ok = ok & (key_at >= at - left)
-    s = jnp.where(ok[..., None, None], s, -jnp.inf)
-    # all query heads of a key/value head, and all its queries, are the rows of one product
-    s = jnp.transpose(s, (0, 1, 4, 5, 3, 2)).reshape(n, 1, kv_heads, group * max_q, chunk)
-    v_c = jnp.transpose(v_c, (0, 1, 3, 2, 4))                              # (N,P,Hkv,C,Dv)
-    return online_softmax.online_softmax_fold(carry, s, v_c)
+  # The keys any query of a sequence sees: [lo, hi).
+  last = aligned[:, 0] + jnp.maximum(len_q, 1) - 1
+  lo = jnp.clip(aligned[:, 0] - left, 0, used) if left >= 0 else jnp.zeros_like(used)
+  hi = jnp.clip(last + right + 1, 0, used) if right >= 0 else used
+  first_block = lo // size
+  blocks = jnp.where((hi > lo) & (len_q > 0), (hi + size - 1) // size - first_block, 0)
+  per_part = (blocks + parts - 1) // parts
 
-  init = online_softmax.online_softmax_init((n, 1, kv_heads), group * max_q, v_dim, dtype=dtype)
-  # One loop per part: independent loops, which XLA's CPU runtime runs concurrently.
-  carries = [jax.lax.fori_loop(0, steps, functools.partial(step, p * per_part), init)
-             for p in range(parts)]
-  acc, row_max, row_sum = (jnp.concatenate(x, axis=1) for x in zip(*carries, strict=True))
-  carry = (acc, row_max, row_sum)
-  out = online_softmax.online_softmax_finish(carry, dtype)                  # (N,P,Hkv,G*Lq,Dv)
+  def sequence(part, i, carry):
+    q_i, at = q[i], aligned[i]
+
+    def step(sliced, b, tile):
+      k_b, v_b, pos = cache.read(i, b, size, sliced)
+      s = jnp.einsum("lhgd,khd->hglk", q_i, k_b.astype(dtype), preferred_element_type=dtype)
+      ok = pos < used[i]
+      key_at, query_at = pos[None, :], at[:, None]
+      if right >= 0:
+        ok = ok & (key_at <= query_at + right)
+      if left >= 0:
+        ok = ok & (key_at >= query_at - left)
+      s = jnp.where(ok, s, -jnp.inf).reshape(kv_heads, group * max_q, size)
+      return online_softmax.online_softmax_fold(tile, s, jnp.swapaxes(v_b, 0, 1))
+
+    begin = first_block[i] + part * per_part[i]
+    end = jnp.minimum(begin + per_part[i], first_block[i] + blocks[i])
+    end = jnp.maximum(begin, end)
+    tile = online_softmax.online_softmax_init((kv_heads,), group * max_q, v_dim, dtype=dtype)
+    # The blocks read in place, then the rest (at most the last block of the sequences that end
+    # the packed arrays).
+    split = jnp.clip(cache.in_place(i, size), begin, end)
+    if cache.table is not None or cache.key.shape[0] >= size:
+      tile = lax.fori_loop(begin, split, functools.partial(step, True), tile)
+    else:
+      split = begin
+    tile = lax.fori_loop(split, end, functools.partial(step, False), tile)
+    return tuple(lax.dynamic_update_index_in_dim(x, t, i, 0)
+                 for x, t in zip(carry, tile, strict=True))
+
+  init = online_softmax.online_softmax_init((n, kv_heads), group * max_q, v_dim, dtype=dtype)
+  # One loop nest per part: independent loops, which XLA's CPU runtime runs concurrently.
+  carries = [lax.fori_loop(0, n, functools.partial(sequence, p), init) for p in range(parts)]
+  carry = carries[0]
+  if parts > 1:
+    acc, row_max, row_sum = (jnp.stack(x) for x in zip(*carries, strict=True))
+    carry = online_softmax.online_softmax_merge((acc, row_max, row_sum))
+  out = online_softmax.online_softmax_finish(carry, dtype)                  # (N, Hkv, G*Lq, Dv)
   lse = online_softmax.online_softmax_logsumexp(carry)
-  out, lse = jnp.moveaxis(out, 1, 0), jnp.moveaxis(lse, 1, 0)
-  out, lse = merge_splits(out, lse) if parts > 1 else (out[0], lse[0])
   # (N, Hkv, G, Lq, ...) -> the packed tokens
   out = jnp.moveaxis(out.reshape(n, heads, max_q, v_dim), 2, 1).reshape(n * max_q, heads, v_dim)
   lse = jnp.swapaxes(lse.reshape(n, heads, max_q), 0, 1).reshape(heads, n * max_q)
@@ -339,24 +403,37 @@ def _decode(query, key, value, cu_q, key_row, used, scale, *, max_q: int, max_k:
   return out[row].astype(query.dtype), lse[:, row]
 
 
-def _decode_paths(query, key, value, cu_q, cu_k, block_table, used, scale, **static):
-  """:func:`_decode` on a packed or a paged cache (keys are read where they are)."""
-  if block_table is None:
-    last = max(key.shape[0] - 1, 0)
-    return _decode(query, key, value, cu_q,
-                   lambda pos: jnp.clip(cu_k[:-1, None, None] + pos, 0, last), used, scale,
-                   **static)
-  pages, page_size = key.shape[:2]
-  width = block_table.shape[1]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def _decode(query, key, value, scale, cu_q, cu_k, block_table, used, static, kernel):
+  """The decode loop's ``(out, lse)``, differentiable by the block-sparse kernel's backward.
 
-  def key_row(pos):
-    slot = jnp.clip(pos // page_size, 0, width - 1)
-    page = jnp.take_along_axis(block_table, slot.reshape(slot.shape[0], -1), axis=1)
-    return page.reshape(slot.shape) * page_size + pos % page_size
+  The loop's trip counts are dynamic (a sequence costs its own blocks), so it has no reverse
+  mode of its own; its gradients are those of ``kernel`` (a function of the same arguments
+  computing the same attention on the block-sparse kernel, whose backward recomputes blocks).
+  """
+  del kernel
+  cache = _Cache(key, value, cu_k[:-1], block_table)
+  max_q, window, splits = static
+  return _decode_forward(query, cache, cu_q, used, scale, max_q=max_q, window=window,
+                         splits=splits)
 
-  flat = (pages * page_size,) + key.shape[2:]
-  return _decode(query, key.reshape(flat), value.reshape(flat[:-1] + value.shape[-1:]),
-                 cu_q, key_row, used, scale, **static)
+
+def _decode_fwd(query, key, value, scale, cu_q, cu_k, block_table, used, static, kernel):
+  out = _decode(query, key, value, scale, cu_q, cu_k, block_table, used, static, kernel)
+  return out, (query, key, value, scale, cu_q, cu_k, block_table, used)
+
+
+def _decode_bwd(static, kernel, residuals, cotangents):
+  del static
+  query, key, value, scale, cu_q, cu_k, block_table, used = residuals
+  _, vjp = jax.vjp(lambda q, k, v, s: kernel(q, k, v, s, cu_q, cu_k, block_table, used),
+                   query, key, value, scale)
+  ints = (cu_q, cu_k, block_table, used)
+  return (*vjp(cotangents), *(None if x is None else block_sparse.zero_cotangent(x)
+                              for x in ints))
+
+
+_decode.defvjp(_decode_fwd, _decode_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("max_q", "max_k", "window", "enable_gqa",
@@ -384,22 +461,27 @@ def _varlen(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, scale
   empty = query.shape[0] == 0 or key.shape[0] == 0 or n == 0
   decode = (not empty and max_q <= _DECODE_MAX_Q and options.backend in ("AUTO", "XLA"))
 
-  def kernel():
+  def kernel(query, key, value, scale, cu_q, cu_k, block_table, used, options=options,
+             splits=num_splits):
     k, v = key, value
     if block_table is not None:  # the kernels read each sequence's pages in order
       k = key[block_table].reshape(-1, *key.shape[2:])
       v = value[block_table].reshape(-1, *value.shape[2:])
-    return _attend(query, k, v, cu_q, cu_k, used, scale, splits=num_splits, options=options,
+    return _attend(query, k, v, cu_q, cu_k, used, scale, splits=splits, options=options,
                    **static)
 
+  args = (query, key, value, scale, cu_q, cu_k, block_table, used)
   if not decode:
-    return kernel()
-  on_xla = functools.partial(_decode_paths, query, key, value, cu_q, cu_k, block_table, used,
-                             scale, splits=num_splits, **static)
+    return kernel(*args)
+  # The loop's gradients: the XLA kernel's backward (the loop runs where XLA does).
+  on_kernel = functools.partial(kernel, options=dataclasses.replace(options, backend="XLA"),
+                                splits=1)
+  on_xla = functools.partial(_decode, *args, (max_q, window, num_splits), on_kernel)
   if options.backend == "XLA":
     return on_xla()
   # AUTO: the decode loop where XLA runs (CPUs), the fused kernels on GPUs and TPUs.
-  return backends.per_platform(on_xla, {"cuda": kernel, "tpu": kernel})()
+  return backends.per_platform(on_xla, {"cuda": functools.partial(kernel, *args),
+                                        "tpu": functools.partial(kernel, *args)})()
 
 
 def varlen_attn(

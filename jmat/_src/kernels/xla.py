@@ -2,8 +2,11 @@
 
 For each query block a loop over its listed key blocks (dynamic trip counts)
 folds them into an online softmax (:mod:`jmat._src.online_softmax`); full
-blocks skip the mask. The backward pass (FlashAttention-2's, in a
-``jax.custom_vjp``) recomputes every block, so memory stays O(L * E), and gives
+blocks skip the mask. A short query over many key blocks may be split-KV
+(flash-decoding: :func:`split_blocks`, :func:`splits_for`): its list is cut
+into parts walked side by side and merged by logsumexp. The backward pass
+(FlashAttention-2's, in a ``jax.custom_vjp``) recomputes every block, so
+memory stays O(L * E), and gives
 the gradients of q, k, v, the scale and the float operands. Ring attention
 calls :func:`forward_blocks` and :func:`backward_blocks` directly, one ring
 step at a time. On a GPU or TPU the same program would run as a chain of tiny
@@ -133,6 +136,62 @@ def _visit(blocks: KeyBlocks, m, i, body, state):
   return loop(True, blocks.num, blocks.indices, blocks.full_num[m, i], state)
 
 
+def split_blocks(blocks: KeyBlocks, n_k: int, parts: int) -> KeyBlocks:
+  """The table cut into ``parts``: part ``p`` lists entries ``p * per ...`` of every list.
+
+  Each query block's full and partial lists are cut into ``parts`` runs of
+  ``per = ceil(num / parts)`` entries (the last ones shorter or empty), so every
+  part visits about as many blocks. Returns explicit lists with a leading part
+  axis: ``num (P, M, n_q)``, ``indices (P, M, n_q, n_k)`` (and the same for full).
+  """
+  t = lax.iota(jnp.int32, n_k)
+
+  def split(num, indices, first):
+    if indices is None:  # a range from first
+      indices = jnp.minimum(first[..., None] + t, n_k - 1)
+    per = (num + parts - 1) // parts
+    counts, lists = [], []
+    for p in range(parts):
+      start = jnp.minimum(p * per, num)
+      counts.append(jnp.clip(num - p * per, 0, per))
+      at = jnp.minimum(start[..., None] + t, n_k - 1)
+      lists.append(jnp.take_along_axis(jnp.broadcast_to(indices, at.shape), at, axis=-1))
+    return jnp.stack(counts).astype(jnp.int32), jnp.stack(lists).astype(jnp.int32)
+
+  full_num, full_indices = split(blocks.full_num, blocks.full_indices,
+                                 jnp.zeros_like(blocks.full_num))
+  num, indices = split(blocks.num, blocks.indices, blocks.full_num)
+  return KeyBlocks(num, indices, full_num, full_indices)
+
+
+def _visit_parts(parts: KeyBlocks, m, i, body, tile: osm.Carry) -> osm.Carry:
+  """:func:`_visit` over the parts of :func:`split_blocks` at once, merged by logsumexp.
+
+  Step ``t`` folds entry ``t`` of every part's list (``vmap`` over the parts: one
+  batched product for all of them, so ``P`` times fewer sequential steps); a part
+  whose list is shorter keeps its carry. Part 0 starts from ``tile``, the others
+  from the empty carry.
+  """
+  count = parts.num.shape[0]
+  empty = (jnp.zeros_like(tile[0]), jnp.full_like(tile[1], -jnp.inf), jnp.zeros_like(tile[2]))
+  states = tuple(jnp.stack([x] + [e] * (count - 1)) for x, e in zip(tile, empty, strict=True))
+
+  def loop(masked, num, indices, states):
+    counts = num[:, m, i]
+
+    def step(t, states):
+      folded = jax.vmap(lambda j, s: body(masked, j, s))(indices[:, m, i, t], states)
+      keep = t < counts
+      return tuple(jnp.where(keep.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+                   for new, old in zip(folded, states, strict=True))
+
+    return lax.fori_loop(0, jnp.max(counts), step, states)
+
+  states = loop(False, parts.full_num, parts.full_indices, states)
+  states = loop(True, parts.num, parts.indices, states)
+  return osm.online_softmax_merge(states)
+
+
 def forward_blocks(
     carry: osm.Carry,
     q: jax.Array,
@@ -147,6 +206,7 @@ def forward_blocks(
     q_offset: int | jax.Array = 0,
     k_offset: int | jax.Array = 0,
     chains: int = 1,
+    splits: int = 1,
 ) -> osm.Carry:
   """Folds every listed key block into the online-softmax carry of its query block.
 
@@ -167,6 +227,10 @@ def forward_blocks(
       so the elementwise work of the chains (max, exp, sums: single-threaded per
       op) can use both cores of a 2-core machine (up to 1.3x faster forward,
       measured on one; results do not depend on it).
+    splits: split-KV (flash-decoding): every query block's key blocks are cut into
+      that many parts (:func:`split_blocks`) walked side by side, one batched step
+      for all parts, and merged by logsumexp (:func:`_visit_parts`); ``chains`` is
+      then 1. Results equal the unsplit loop's to rounding.
 
   Returns:
     The updated carry.
@@ -174,7 +238,8 @@ def forward_blocks(
   n_q = blocks.num.shape[1]
   bq = geo.block_q
   dtype = carry[0].dtype
-  chains = chains if bq % (8 * chains) == 0 else 1
+  chains = chains if bq % (8 * chains) == 0 and splits == 1 else 1
+  parts = split_blocks(blocks, ceil_div(k.shape[-2], geo.block_k), splits) if splits > 1 else None
   heads = _heads(q)
   rows = bq // chains
 
@@ -202,8 +267,12 @@ def forward_blocks(
         updated.append(osm.online_softmax_fold(tile, s, v_j[:, None]))
       return tuple(updated)
 
-    tiles = _visit(blocks, m, i, fold, tiles)
-    tile = tuple(jnp.concatenate([t[n] for t in tiles], axis=axes[n]) for n in range(3))
+    if parts is not None:
+      whole_tile = cast(osm.Carry, tile)
+      tile = _visit_parts(parts, m, i, lambda masked, j, t: fold(masked, j, (t,))[0], whole_tile)
+    else:
+      tiles = _visit(blocks, m, i, fold, tiles)
+      tile = tuple(jnp.concatenate([t[n] for t in tiles], axis=axes[n]) for n in range(3))
     return tuple(_put(x, t, m, row, axis) for x, t, axis in zip(carry, tile, axes, strict=True))
 
   return lax.fori_loop(0, blocks.num.shape[0] * n_q, query_block, carry)
@@ -345,27 +414,30 @@ def prescale(q: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array | Non
 
 
 def _forward(q, k, v, blocks, operands, scale, offsets, mods: Mods, geo: Geometry,
-             chains: int):
+             chains: int, splits: int):
   dtype = osm.compute_dtype(q.dtype)
   q_s, rest = prescale(q, scale)
   carry = osm.online_softmax_init(q.shape[:3], q.shape[3], v.shape[-1], dtype=dtype)
   carry = forward_blocks(carry, q_s, k, v, blocks, operands, rest, mods=mods, geo=geo,
-                         q_offset=offsets[0], k_offset=offsets[1], chains=chains)
+                         q_offset=offsets[0], k_offset=offsets[1], chains=chains,
+                         splits=splits)
   return osm.online_softmax_finish(carry, q.dtype), osm.online_softmax_logsumexp(carry), carry[1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _attend(q, k, v, blocks, operands, scale, offsets, mods: Mods, geo: Geometry, chains: int):
-  return _forward(q, k, v, blocks, operands, scale, offsets, mods, geo, chains)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _attend(q, k, v, blocks, operands, scale, offsets, mods: Mods, geo: Geometry, chains: int,
+            splits: int):
+  return _forward(q, k, v, blocks, operands, scale, offsets, mods, geo, chains, splits)
 
 
-def _attend_fwd(q, k, v, blocks, operands, scale, offsets, mods, geo, chains):
-  out, lse, row_max = _forward(q, k, v, blocks, operands, scale, offsets, mods, geo, chains)
+def _attend_fwd(q, k, v, blocks, operands, scale, offsets, mods, geo, chains, splits):
+  out, lse, row_max = _forward(q, k, v, blocks, operands, scale, offsets, mods, geo, chains,
+                               splits)
   return (out, lse, row_max), (q, k, v, blocks, operands, scale, offsets, out, lse)
 
 
-def _attend_bwd(mods: Mods, geo: Geometry, chains: int, residuals, cotangents):
-  del chains  # the backward pass has no chains
+def _attend_bwd(mods: Mods, geo: Geometry, chains: int, splits: int, residuals, cotangents):
+  del chains, splits  # the backward pass has neither (it walks the whole table)
   q, k, v, blocks, operands, scale, offsets, out, lse = residuals
   d_out, d_lse, _ = cotangents  # the row maxima are returned without gradient
   dtype = lse.dtype
@@ -408,6 +480,7 @@ def attend(
     block_q: int,
     block_k: int,
     chains: int = 1,
+    splits: int = 1,
     with_max: bool = False,
     q_offset: int | jax.Array = 0,
     k_offset: int | jax.Array = 0,
@@ -421,7 +494,7 @@ def attend(
   ``(block_q, block_k)`` and never mark full a block that holds padding keys
   (bounds are checked in partial blocks only); blocked operands are
   ``(M|1, R|1, G|1, L|1, S|1)``;
-  ``chains``: see :func:`forward_blocks`. With ``with_max`` also every
+  ``chains`` and ``splits``: see :func:`forward_blocks`. With ``with_max`` also every
   query's largest score ``(M, R, G, L)`` (``-inf`` where it saw no key; no
   gradient flows through it, as torch's ``max_scores``). ``q_offset`` and
   ``k_offset``: the positions of query and key row 0 (see
@@ -434,14 +507,43 @@ def attend(
   out, lse, row_max = cast(tuple[jax.Array, jax.Array, jax.Array], _attend(
       pad(q, -2, lp), pad(k, -2, sp), pad(v, -2, sp), blocks, Operands(operands.whole, blocked),
       jnp.asarray(scale), (jnp.asarray(q_offset, jnp.int32), jnp.asarray(k_offset, jnp.int32)),
-      mods, geo, chains))
+      mods, geo, chains, splits))
   if with_max:
     return out[..., :length, :], lse[..., :length], lax.stop_gradient(row_max[..., :length])
   return out[..., :length, :], lse[..., :length]
 
 
-def run(call: Call):
-  """:func:`attend` on a :class:`~jmat._src.block_sparse.Call`: ``(out, lse[, max])``."""
+# Split-KV on the XLA loops (see forward_blocks), per platform, for a query of at most one block
+# against at least _SPLIT_MIN_BLOCKS key blocks. On a CPU the loops are bound by memory
+# bandwidth and no split measured faster (docs/inference.md); on a GPU or TPU (where the XLA
+# loops are the fallback of the fused kernels) every loop step is a chain of small kernel
+# launches, so fewer, larger steps are the point of flash-decoding.
+_SPLIT_MIN_BLOCKS = 8
+SPLITS = {"cpu": 1, "cuda": 16, "tpu": 16}
+
+
+def splits_for(call: Call, platform: str, split_kv: int | None = None) -> int:
+  """How many parts :func:`run` cuts the key blocks of ``call`` into on ``platform``.
+
+  ``split_kv`` (torch's ``SPLIT_KV`` kernel option) asks for that many parts; by
+  default :data:`SPLITS` of the platform where the keys are long. Only short
+  queries (one query block) are split, never into more parts than key blocks.
+  """
+  n_k = ceil_div(call.k.shape[-2], call.block_k)
+  if call.q.shape[-2] > call.block_q:
+    return 1
+  if split_kv is not None:
+    return max(1, min(split_kv, n_k))
+  parts = SPLITS.get(platform, SPLITS["cpu"])
+  if parts <= 1 or n_k < _SPLIT_MIN_BLOCKS:
+    return 1
+  return min(parts, n_k // 2)
+
+
+def run(call: Call, *, platform: str = "cpu", split_kv: int | None = None):
+  """:func:`attend` on a :class:`~jmat._src.block_sparse.Call` lowered for ``platform``:
+  ``(out, lse[, max])``; ``split_kv``: see :func:`splits_for`."""
   return attend(call.q, call.k, call.v, call.blocks, call.operands, call.scale, mods=call.mods,
                 block_q=call.block_q, block_k=call.block_k, chains=call.chains,
-                with_max=call.needs_max, q_offset=call.q_offset, k_offset=call.k_offset)
+                splits=splits_for(call, platform, split_kv), with_max=call.needs_max,
+                q_offset=call.q_offset, k_offset=call.k_offset)
