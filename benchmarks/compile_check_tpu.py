@@ -15,7 +15,9 @@ pins (``python -m venv ~/.cache/jmat-tpu-venv && ~/.cache/jmat-tpu-venv/bin/pip 
 
 ``--strict`` exits 1 unless every case compiles with its Mosaic kernel and the HBM temporaries of
 a causal L=16384 call stay within splash's + 16 MiB (forward) and 1.25x splash's (gradient).
-One JSON line per (chip, case, forward or gradient), then the failures and a count.
+One JSON line per (chip, case, forward or gradient), with the grid of every Pallas kernel (its
+last axis is the steps a query block walks; the dk/dv kernel's, per key block), then the
+failures and a count.
 """
 
 import argparse
@@ -144,17 +146,33 @@ CASES = {
 }
 
 
+def grids(jaxpr) -> list:
+  """The grid of every Pallas kernel in ``jaxpr`` and its sub-jaxprs (a cond's branches too)."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      found.append(list(eqn.params["grid_mapping"].grid))
+    for param in eqn.params.values():
+      for inner in param if isinstance(param, tuple | list) else (param,):
+        inner = getattr(inner, "jaxpr", inner)
+        if hasattr(inner, "eqns") and eqn.primitive.name != "pallas_call":
+          found += grids(inner)
+  return found
+
+
 def compile_case(build, length, kwargs, sharding, kind):
   forward, args = build(length, sharding, **kwargs)
   fn = forward if kind == "fwd" else jax.grad(
       lambda q, k, v, *rest: forward(q, k, v, *rest).astype(jnp.float32).sum(), argnums=(0, 1, 2))
   start = time.perf_counter()
-  lowered = jax.jit(fn).lower(*args)
+  traced = jax.jit(fn).trace(*args)
+  lowered = traced.lower()
   compiled = lowered.compile()
   memory = compiled.memory_analysis()
   return {"compile_s": round(time.perf_counter() - start, 1),
           "kernel_calls": lowered.as_text().count("tpu_custom_call"),
-          "temp_mib": round(memory.temp_size_in_bytes / 2**20, 1) if memory else None}
+          "temp_mib": round(memory.temp_size_in_bytes / 2**20, 1) if memory else None,
+          "grids": grids(traced.jaxpr.jaxpr)}
 
 
 def main():

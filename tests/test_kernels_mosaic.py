@@ -29,7 +29,7 @@ from jax.extend.core import Jaxpr
 import jmat
 from jmat._src import block_sparse
 from jmat._src.kernels import mosaic
-from tests.cases import attention_reference, tolerance
+from tests.cases import attention_reference, attention_reference_vjp, tolerance
 
 RNG = np.random.default_rng(20261130)
 
@@ -710,3 +710,83 @@ def test_a_relative_position_table_falls_back_to_xla_on_tpu_with_the_reason():
   assert choice.backend == "XLA"
   assert ("score_mod gathers from an array of shape (4, 511) by an index that depends "
           "on both the query and the key position") in choice.reason
+
+
+# --- the shrunk grid through the public API (a BlockMask as a jit argument) -------------------
+
+
+def _rounded_up(count: int, n: int) -> int:
+  """The list bound a BlockMask records: the first of 1, 2, 3, 4, 6, 8, 12, ... at least
+  ``count`` (masks differing a little share a compiled kernel), at most ``n`` blocks."""
+  steps = sorted({1, 2} | {m * 2**e for m in (2, 3) for e in range(20)})
+  return min(next(x for x in steps if x >= count), n)
+
+
+def _window_lists(length: int, width: int, block: int) -> tuple[int, int]:
+  """The longest lists of blocks of ``block`` a causal window of ``width + 1`` keys lists (per
+  query block, per key block), from the positions: block ``(i, j)`` is listed when some
+  ``q - kv`` of it, ``block * (i - j) - block + 1 .. block * (i - j) + block - 1``, lies in
+  ``0 .. width``."""
+  n = -(-length // block)
+  i, j = np.ix_(np.arange(n), np.arange(n))
+  listed = (block * (i - j) + block - 1 >= 0) & (block * (i - j) - block + 1 <= width)
+  return int(listed.sum(axis=1).max()), int(listed.sum(axis=0).max())
+
+
+def test_a_block_mask_argument_shrinks_the_tpu_grid_to_its_longest_list():
+  """flex with a BlockMask passed to the jitted function (its tables traced): the grid walks
+  the longest list the mask recorded when built, not every key block. A window of 1024 at
+  L = 8192, tiled by 512 (the kernel coarsens the mask's 128-blocks): 3 key steps per query
+  block, not 16; the dk/dv grid as many query steps per key block."""
+  length, width, tile = 8192, 1024, 512
+  mask = jmat.create_block_mask(jmat.mods.generate_sliding_window(width), None, None, length,
+                                length)
+  q = jax.ShapeDtypeStruct((1, 2, length, 128), jnp.bfloat16)
+
+  def loss(q, k, v, block_mask):
+    out = jmat.flex_attention(q, k, v, block_mask=block_mask, kernel_options={"BACKEND": "MOSAIC"})
+    return out.astype(jnp.float32).sum()
+
+  grad = jax.grad(loss, argnums=(0, 1, 2))
+  calls = _pallas_calls(grad, q, q, q, mask)
+  per_query, per_key = _window_lists(length, width, tile)
+  n = length // tile
+  assert [c.params["grid_mapping"].grid[-1] for c in calls] == [
+      _rounded_up(per_query, n), _rounded_up(per_query, n), _rounded_up(per_key, n)]
+  assert max(c.params["grid_mapping"].grid[-1] for c in calls) < n
+  with jmat.attention.kernel_platforms("tpu"):
+    text = jax.jit(grad).trace(q, q, q, mask).lower(lowering_platforms=("tpu",)).as_text()
+  assert text.count("tpu_custom_call") == 3
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["built_outside", "built_under_jit"])
+def test_flex_on_a_shrunk_grid_matches_the_oracle(traced):
+  """The values and gradients of flex over a window on the shrunk grid (4 key tiles of 512, 2
+  walked) equal the float64 oracle's in interpret mode; a mask built under jit (its tables
+  traced when built: no bound) walks every key tile and gives them too."""
+  length, width, heads, dim = 2048, 200, 1, 32
+  mask_mod = jmat.mods.generate_sliding_window(width)
+  q, k, v, d_out = (RNG.standard_normal((1, heads, length, dim)).astype(np.float32)
+                    for _ in range(4))
+
+  def loss(q, k, v):
+    mask = jmat.create_block_mask(mask_mod, None, None, length, length) if traced else outside
+    out = jmat.flex_attention(q, k, v, block_mask=mask,
+                              kernel_options={"BACKEND": "MOSAIC", "INTERPRET": True})
+    return jnp.sum(out * d_out), out
+
+  outside = None if traced else jmat.create_block_mask(mask_mod, None, None, length, length)
+  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+  steps = {c.params["grid_mapping"].grid[-1] for c in _pallas_calls(fn, q, k, v)}
+  n = length // 512
+  assert steps == ({n} if traced else {_rounded_up(_window_lists(length, width, 512)[0], n)})
+  assert traced or steps != {n}
+  with jax.default_matmul_precision("highest"):
+    (_, out), grads = fn(q, k, v)
+  allowed = np.tril(np.ones((length, length), bool)) & ~np.tril(
+      np.ones((length, length), bool), -width - 1)
+  tol = tolerance(np.float32)
+  np.testing.assert_allclose(out, attention_reference(q, k, v, allowed=allowed), **tol)
+  expected = attention_reference_vjp(q, k, v, d_out, allowed=allowed)[:3]
+  for got, want in zip(grads, expected, strict=True):
+    np.testing.assert_allclose(got, want, **tol)

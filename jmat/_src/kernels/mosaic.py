@@ -9,7 +9,8 @@ splash attention (``jax/experimental/pallas/ops/tpu/splash_attention/``):
   ones, then partial ones) read from scalar-prefetched step tables
   (:mod:`jmat._src.kernels.mosaic_tables`: int8/int16, coarsened to tiles of
   up to 512 and until they fit SMEM, as many steps as the longest list when
-  the table is known while tracing).
+  the table is known while tracing, or when a ``BlockMask`` built from known
+  tables recorded a bound on it: :class:`jmat._src.block_mask.ListBounds`).
   The tables drive the BlockSpec index maps, so unlisted key blocks are never
   fetched; steps past a query block's list re-point at its last listed block
   (nothing new is fetched) and skip compute. The online-softmax carry
@@ -64,6 +65,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jmat._src import online_softmax as osm
+from jmat._src.block_mask import BoundedKeyBlocks
 from jmat._src.block_sparse import (
     Call,
     KeyBlocks,
@@ -725,6 +727,11 @@ def run(call: Call, *, interpret: Interpret = False,
     if factors != (1, 1):
       blocks = coarsen(blocks, n_k, *factors)
     longest = longest_lists(blocks, geo.n_k)
+  if longest is None and (isinstance(call.blocks, BoundedKeyBlocks)
+                         and call.blocks.bounds is not None):
+    # A traced table (a BlockMask passed to a jitted function) with the static bounds its mask
+    # recorded when built: those of the coarsening the kernel walks, if recorded.
+    longest = call.blocks.bounds.at(*factors, n_q, n_k)
   if longest is not None:  # the grid walks the longest list, no more (splash's shrunk grid)
     geo = dataclasses.replace(geo, steps_q=longest[0], steps_k=longest[1] * geo.split)
   tile_q = geo.tile_q
