@@ -74,6 +74,22 @@ def flex(length, sharding, heads=16, kv_heads=16, d=128, mask="causal", softcap=
   return forward, (struct((1, heads, length, d), sharding), kv, kv, tables)
 
 
+def flex_decode(length, sharding, queries=16, heads=8, kv_heads=1, d=128):
+  """A decode step through flex: ``queries`` new tokens of ``heads`` query heads sharing one
+  key/value head against ``length`` cached keys (bottom-right causal): one program per call,
+  so the forward splits its keys (flash-decoding) and merges the shares by lse."""
+  block_mask = jmat.create_block_mask(mods.generate_causal_offset(length - queries), None, None,
+                                      queries, length)
+
+  def forward(q, k, v, block_mask):
+    return jmat.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=kv_heads != heads,
+                               kernel_options=MOSAIC)
+
+  tables = jax.tree.map(lambda x: struct(x.shape, sharding, x.dtype), block_mask)
+  kv = struct((1, kv_heads, length, d), sharding)
+  return forward, (struct((1, heads, queries, d), sharding), kv, kv, tables)
+
+
 def batch_scaled(length, sharding, batch=3, heads=4, d=128):
   """A score_mod that reads the batch index: score * (b + 1)."""
   def forward(q, k, v):
@@ -141,6 +157,7 @@ CASES = {
   "sdpa causal GQA 64:4 L16384": (sdpa, 16384, {"heads": 64}),
   "varlen prefill GQA 16:4 L16384": (varlen, 16384, {}),
   "varlen decode 16 x 4096 GQA 16:4": (varlen, 4096, {"decode": True}),
+  "flex decode 16 queries x 32768 keys GQA 8:1": (flex_decode, 32768, {}),
   "splash causal L16384": (splash, 16384, {}),
   "splash window1024 L16384": (splash, 16384, {"mask": "window"}),
 }

@@ -266,6 +266,17 @@ CASES = {
                                  score=softcap_alibi_biases, whole=alibi_and_temperature,
                                  blocked=three_biases),
     "decode": Case((1, 2, 4, 1, 261, 16, 16), 1, 128, dense_ranges),
+    # Decoding with one program per call: the forward splits the key list in two (flash-decoding,
+    # one share per TensorCore) and merges the shares by their lse; a forced split in three of
+    # uneven shares (8 key blocks: 3, 3, 2) in half precision, with a score mod and gathers.
+    "decode_key_split": Case((1, 1, 4, 3, 700, 16, 16), 8, 128, tables_from_mask,
+                             mask=kept_keys_in_window, score=positional_biases,
+                             whole=biases_and_kept_keys, dtype=np.float32),
+    "decode_three_key_splits_bfloat16": Case(
+        (2, 1, 2, 5, 1000, 16, 24), 8, 128, tables_from_mask, mask=bottom_right(1000 - 5),
+        score=softcap_alibi_biases, whole=alibi_and_temperature, blocked=three_biases,
+        dtype=jnp.bfloat16,
+        tiling=mosaic.Tiling(largest_q=0, largest_k=0, key_splits=3)),
     "floor_divided_rows": Case((1, 3, 1, 37, 130, 16, 16), 16, 128, dense_ranges,
                                score=floor_divided_rows),
     # Ring attention's chunk pairs: positions shifted by the chunks' offsets (traced int32).
@@ -790,3 +801,35 @@ def test_flex_on_a_shrunk_grid_matches_the_oracle(traced):
   expected = attention_reference_vjp(q, k, v, d_out, allowed=allowed)[:3]
   for got, want in zip(grads, expected, strict=True):
     np.testing.assert_allclose(got, want, **tol)
+
+
+@pytest.mark.parametrize("kv_heads, splits", [(1, 2), (2, 1)])
+def test_a_decode_step_splits_its_keys_where_programs_are_too_few(kv_heads, splits):
+  """16 new queries of 8 heads per key/value head against 4096 keys: one program per key/value
+  head. With one, the forward's key list is cut in two shares walked by programs of their own
+  (a parallel grid axis, one per TensorCore of a megacore chip), merged by lse; with two, no
+  split. The backward never splits; the split program lowers for TPU."""
+  queries, keys, heads = 16, 4096, 8 * kv_heads
+  mask = jmat.create_block_mask(jmat.mods.generate_causal_offset(keys - queries), None, None,
+                                queries, keys)
+  q = jax.ShapeDtypeStruct((1, heads, queries, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, kv_heads, keys, 128), jnp.bfloat16)
+
+  def loss(q, k, v, block_mask):
+    out = jmat.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True,
+                              kernel_options={"BACKEND": "MOSAIC"})
+    return out.astype(jnp.float32).sum()
+
+  grad = jax.grad(loss, argnums=(0, 1, 2))
+  forward, dq, dkv = (c.params["grid_mapping"] for c in _pallas_calls(grad, q, kv, kv, mask))
+  n_k = keys // 512
+  if splits == 1:
+    assert forward.grid == (1, kv_heads, 1, n_k)
+  else:
+    assert forward.grid == (1, kv_heads, 1, splits, n_k // splits)
+  assert (dq.grid, dkv.grid) == ((1, kv_heads, 1, n_k), (1, kv_heads, n_k, 1))
+  if splits == 1:
+    return
+  with jmat.attention.kernel_platforms("tpu"):
+    text = jax.jit(grad).trace(q, kv, kv, mask).lower(lowering_platforms=("tpu",)).as_text()
+  assert text.count("tpu_custom_call") == 3
