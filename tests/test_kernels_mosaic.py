@@ -29,7 +29,7 @@ from jax.extend.core import Jaxpr
 import jmat
 from jmat._src import block_sparse
 from jmat._src.kernels import mosaic
-from tests.cases import attention_reference, attention_reference_vjp, tolerance
+from tests.cases import attention_reference, attention_reference_vjp, sum_to_shape, tolerance
 
 RNG = np.random.default_rng(20261130)
 
@@ -833,3 +833,35 @@ def test_a_decode_step_splits_its_keys_where_programs_are_too_few(kv_heads, spli
   with jmat.attention.kernel_platforms("tpu"):
     text = jax.jit(grad).trace(q, kv, kv, mask).lower(lowering_platforms=("tpu",)).as_text()
   assert text.count("tpu_custom_call") == 3
+
+
+def test_a_key_value_pool_shared_by_every_table_row_is_read_not_copied():
+  """Keys and values of M = 1 against two table rows (flex's key/value batch of 1 with a
+  query-batch mask, a paged cache): the kernels index the one pool (no (M, ...) copy is an
+  operand of any kernel), and the values and the gradients (the pool's summed over the rows)
+  equal the float64 oracle's."""
+  m, g, length, keys, dim = 2, 2, 37, 261, 16
+  # Random tables per row, no mask mod: a listed block's every key is seen.
+  blocks, allowed = random_tables(np.ones((m, 1, 1, length, keys), bool), 16, 128)
+  q, d_out = (RNG.standard_normal((m, 1, g, length, dim)).astype(np.float32) for _ in range(2))
+  k, v = (RNG.standard_normal((1, 1, keys, dim)).astype(np.float32) for _ in range(2))
+
+  def loss(q, k, v):
+    out, _ = mosaic.run(block_sparse.Call(q, k, v, blocks, ((), ()), jnp.float32(0.25),
+                                          mods=block_sparse.Mods(), block_q=16, block_k=128),
+                        interpret=True, tiling=FINE)
+    return jnp.sum(out * d_out), out
+
+  fn = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+  for call in _pallas_calls(fn, q, k, v):
+    assert all(x.aval.shape[0] == 1 for x in call.invars
+               if x.aval.ndim == 4 and x.aval.shape[-2] >= keys), call.invars
+  with jax.default_matmul_precision("highest"):
+    (_, out), grads = jax.jit(fn)(q, k, v)
+  pool = (k[:, :, None], v[:, :, None])
+  tol = tolerance(np.float32)
+  np.testing.assert_allclose(out, attention_reference(q, *pool, allowed=allowed, scale=0.25),
+                             **tol)
+  expected = attention_reference_vjp(q, *pool, d_out, allowed=allowed, scale=0.25)[:3]
+  for got, want, like in zip(grads, expected, (q, k, v), strict=True):
+    np.testing.assert_allclose(got, sum_to_shape(want, like.shape), **tol)

@@ -501,10 +501,11 @@ def _split_spec(block: tuple[int, ...], splits: int) -> pl.BlockSpec:
                       + (0,) * len(block))
 
 
-def _key_spec(geo: Geometry, width: int, key_major: bool) -> pl.BlockSpec:
-  """The spec of ``(M, R, S, width)`` arrays: one block per key block."""
-  return _spec((None, None, geo.tile_k, width), lambda m, r, i, j: (m, r, j, 0), key_major,
-               geo.key_splits)
+def _key_spec(geo: Geometry, width: int, key_major: bool, shared: bool = False) -> pl.BlockSpec:
+  """The spec of ``(M, R, S, width)`` arrays: one block per key block; with ``shared``, of a
+  ``(1, R, S, width)`` pool every table row reads (no copy per row)."""
+  return _spec((None, None, geo.tile_k, width),
+               lambda m, r, i, j: (0 if shared else m, r, j, 0), key_major, geo.key_splits)
 
 
 def _blocked_block(x: jax.Array, geo: Geometry) -> tuple[int, int, int]:
@@ -533,6 +534,7 @@ def _in_specs(ins: _Inputs, geo: Geometry, plan: Plan, key_major: bool) -> _Inpu
   """The BlockSpecs of a pass's inputs (None where the input is None)."""
 
   splits = geo.key_splits
+  shared = ins.k.shape[0] != ins.q.shape[0]  # one key/value pool for every table row
 
   def rows_spec(x):
     return None if x is None else _query_spec((geo.rows, x.shape[-1]), key_major, splits)
@@ -543,7 +545,8 @@ def _in_specs(ins: _Inputs, geo: Geometry, plan: Plan, key_major: bool) -> _Inpu
   return _Inputs(
       scale=_spec(ins.scale.shape, lambda m, r, i, j: (0, 0), key_major, splits),
       q=rows_spec(ins.q),
-      k=_key_spec(geo, ins.k.shape[-1], key_major), v=_key_spec(geo, ins.v.shape[-1], key_major),
+      k=_key_spec(geo, ins.k.shape[-1], key_major, shared),
+      v=_key_spec(geo, ins.v.shape[-1], key_major, shared),
       blocked=tuple(_spec((None, None, *_blocked_block(x, geo)), _blocked_where(x), key_major,
                           splits) for x in ins.blocked),
       hoisted=[_spec((None, None, None, *h.block), _hoisted_where(h), key_major, splits)
@@ -720,13 +723,17 @@ def _attend_bwd(plan: Plan, geo: Geometry, residuals, cotangents):
       aliases={first_zero + n: 1 + len(summed) + n for n in range(len(zeros))})
 
   key_blocks = [hoisted[n].shape[3:] for n in by_keys]
+  # A pool shared by every table row gets its gradient per row (in the compute dtype), summed.
+  shared = k.shape[0] != q.shape[0]
+  rows_k = (q.shape[0], *k.shape[1:-1])
   # The key-major walk transposes the kinds map itself, not through block_sparse.key_major_blocks:
   # the grid reads narrow-integer step tables (mosaic_tables.block_steps), not index lists.
   dk, dv, d_keys = _call(
       _dkv_kernel, "jmat_block_sparse_dkv", block_steps(kinds.swapaxes(1, 2), offsets, geo.steps_k),
       ins._replace(zeros=None, d_lse=None),
-      (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
-       [jax.ShapeDtypeStruct((*k.shape[:2], geo.n_k, *block), dtype) for block in key_blocks]),
+      tuple(jax.ShapeDtypeStruct((*rows_k, x.shape[-1]), dtype if shared else x.dtype)
+            for x in (k, v))
+      + ([jax.ShapeDtypeStruct((*rows_k[:2], geo.n_k, *block), dtype) for block in key_blocks],),
       (_key_spec(geo, k.shape[-1], True), _key_spec(geo, v.shape[-1], True),
        [_spec((None, None, None, *block),
               lambda m, r, i, j, block=block: (m, r, j) + (0,) * len(block), True)
@@ -734,6 +741,8 @@ def _attend_bwd(plan: Plan, geo: Geometry, residuals, cotangents):
       [pltpu.VMEM((geo.tile_k, k.shape[-1]), dtype), pltpu.VMEM((geo.tile_k, v.shape[-1]), dtype)],
       geo, plan, key_major=True, width=2 * (k.shape[-1] + v.shape[-1]))
 
+  if shared:
+    dk, dv = (jnp.sum(d, axis=0, keepdims=True).astype(x.dtype) for d, x in ((dk, k), (dv, v)))
   d_hoisted = [jnp.zeros_like(x) if _is_float(x) else zero_cotangent(x) for x in hoisted]
   for n, grad in zip(by_queries + by_keys, d_sums[1:] + d_keys, strict=True):
     d_hoisted[n] = _hoisted_gradient(grad, hoisted[n])
@@ -750,7 +759,10 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 def run(call: Call, *, interpret: Interpret = False,
         tiling: Tiling = DEFAULT_TILING) -> tuple[jax.Array, jax.Array]:
-  """Block-sparse attention of ``call``: ``q (M, R, G, L, E)`` over ``k, v (M, R, S, E|Ev)`` on TPU.
+  """Block-sparse attention of ``call``: ``q (M, R, G, L, E)`` over ``k, v (M|1, R, S, E|Ev)``.
+
+  Keys and values of ``M = 1`` are one pool every table row reads (flex's key/value batch of 1
+  against a query batch, a paged cache): indexed by the kernels, never copied per row.
 
   The Mosaic backend of the interface of :mod:`jmat._src.block_sparse`, with its
   contract: ``call.blocks`` lists blocks of ``(block_q, block_k)`` and never marks
