@@ -15,7 +15,9 @@ pins (``python -m venv ~/.cache/jmat-tpu-venv && ~/.cache/jmat-tpu-venv/bin/pip 
 
 ``--strict`` exits 1 unless every case compiles with its Mosaic kernel and the HBM temporaries of
 a causal L=16384 call stay within splash's + 16 MiB (forward) and 1.25x splash's (gradient).
-One JSON line per (chip, case, forward or gradient), then the failures and a count.
+One JSON line per (chip, case, forward or gradient), with the grid of every Pallas kernel (its
+last axis is the steps a query block walks; the dk/dv kernel's, per key block), then the
+failures and a count.
 """
 
 import argparse
@@ -70,6 +72,22 @@ def flex(length, sharding, heads=16, kv_heads=16, d=128, mask="causal", softcap=
   tables = jax.tree.map(lambda x: struct(x.shape, sharding, x.dtype), block_mask)
   kv = struct((1, kv_heads, length, d), sharding)
   return forward, (struct((1, heads, length, d), sharding), kv, kv, tables)
+
+
+def flex_decode(length, sharding, queries=16, heads=8, kv_heads=1, d=128):
+  """A decode step through flex: ``queries`` new tokens of ``heads`` query heads sharing one
+  key/value head against ``length`` cached keys (bottom-right causal): one program per call,
+  so the forward splits its keys (flash-decoding) and merges the shares by lse."""
+  block_mask = jmat.create_block_mask(mods.generate_causal_offset(length - queries), None, None,
+                                      queries, length)
+
+  def forward(q, k, v, block_mask):
+    return jmat.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=kv_heads != heads,
+                               kernel_options=MOSAIC)
+
+  tables = jax.tree.map(lambda x: struct(x.shape, sharding, x.dtype), block_mask)
+  kv = struct((1, kv_heads, length, d), sharding)
+  return forward, (struct((1, heads, queries, d), sharding), kv, kv, tables)
 
 
 def batch_scaled(length, sharding, batch=3, heads=4, d=128):
@@ -139,9 +157,24 @@ CASES = {
   "sdpa causal GQA 64:4 L16384": (sdpa, 16384, {"heads": 64}),
   "varlen prefill GQA 16:4 L16384": (varlen, 16384, {}),
   "varlen decode 16 x 4096 GQA 16:4": (varlen, 4096, {"decode": True}),
+  "flex decode 16 queries x 32768 keys GQA 8:1": (flex_decode, 32768, {}),
   "splash causal L16384": (splash, 16384, {}),
   "splash window1024 L16384": (splash, 16384, {"mask": "window"}),
 }
+
+
+def grids(jaxpr) -> list:
+  """The grid of every Pallas kernel in ``jaxpr`` and its sub-jaxprs (a cond's branches too)."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      found.append(list(eqn.params["grid_mapping"].grid))
+    for param in eqn.params.values():
+      for inner in param if isinstance(param, tuple | list) else (param,):
+        inner = getattr(inner, "jaxpr", inner)
+        if hasattr(inner, "eqns") and eqn.primitive.name != "pallas_call":
+          found += grids(inner)
+  return found
 
 
 def compile_case(build, length, kwargs, sharding, kind):
@@ -149,12 +182,14 @@ def compile_case(build, length, kwargs, sharding, kind):
   fn = forward if kind == "fwd" else jax.grad(
       lambda q, k, v, *rest: forward(q, k, v, *rest).astype(jnp.float32).sum(), argnums=(0, 1, 2))
   start = time.perf_counter()
-  lowered = jax.jit(fn).lower(*args)
+  traced = jax.jit(fn).trace(*args)
+  lowered = traced.lower()
   compiled = lowered.compile()
   memory = compiled.memory_analysis()
   return {"compile_s": round(time.perf_counter() - start, 1),
           "kernel_calls": lowered.as_text().count("tpu_custom_call"),
-          "temp_mib": round(memory.temp_size_in_bytes / 2**20, 1) if memory else None}
+          "temp_mib": round(memory.temp_size_in_bytes / 2**20, 1) if memory else None,
+          "grids": grids(traced.jaxpr.jaxpr)}
 
 
 def main():

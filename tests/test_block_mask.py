@@ -115,6 +115,83 @@ def test_block_mask_is_a_pytree_with_static_mask_mod_and_sizes():
   assert int(computed_blocks(block_mask)) == want
 
 
+# --- the list bounds a mask records (static: the TPU kernel's shrunk grid) ----------------------
+
+
+def _coarse_lists(listed: np.ndarray, factor_q: int, factor_k: int) -> tuple[int, int]:
+  """The longest lists of the ``(M, n_q, n_k)`` map coarsened ``factor_q x factor_k``: listed
+  key blocks per query block, listed query blocks per key block (a coarse block is listed
+  when a block inside it is)."""
+  m, n_q, n_k = listed.shape
+  rows, cols = -(-n_q // factor_q), -(-n_k // factor_k)
+  padded = np.zeros((m, rows * factor_q, cols * factor_k), bool)
+  padded[:, :n_q, :n_k] = listed
+  coarse = padded.reshape(m, rows, factor_q, cols, factor_k).any(axis=(2, 4))
+  return int(coarse.sum(axis=2).max()), int(coarse.sum(axis=1).max())
+
+
+def _rounded_up(count: int, n: int) -> int:
+  """The first of 1, 2, 3, 4, 6, 8, 12, 16, ... at least ``count``, at most ``n``."""
+  steps = sorted({1, 2} | {m * 2**e for m in (2, 3) for e in range(20)})
+  return min(next(x for x in steps if x >= count), n)
+
+
+def _check_bounds(bounds, listed: np.ndarray):
+  """``bounds`` give every power-of-two coarsening's rounded longest lists; None elsewhere."""
+  _, n_q, n_k = listed.shape
+  for factor_q in [2**a for a in range(n_q.bit_length() + 1)] + [n_q, n_q + 1]:
+    for factor_k in [2**b for b in range(n_k.bit_length() + 1)] + [n_k]:
+      per_q, per_k = _coarse_lists(listed, factor_q, factor_k)
+      want = (_rounded_up(per_q, -(-n_k // factor_k)), _rounded_up(per_k, -(-n_q // factor_q)))
+      assert bounds.at(factor_q, factor_k, n_q, n_k) == want, (factor_q, factor_k)
+  if n_q > 3:
+    assert bounds.at(3, 1, n_q, n_k) is None  # not a recorded coarsening
+
+
+@pytest.mark.parametrize("case", ["per-batch-head", "documents", "window-(16,32)"])
+def test_a_mask_from_known_tables_records_its_longest_lists(case):
+  mask_j, mask_n, b, h, q_len, kv_len, block = CASES[case]
+  block_mask = create_block_mask(mask_j, b, h, q_len, kv_len, BLOCK_SIZE=block)
+  bq, bk = (block, block) if isinstance(block, int) else block
+  listed = np_block_map(mask_n, b or 1, h or 1, q_len, kv_len, bq, bk) > 0
+  _check_bounds(block_mask._bounds, listed.reshape((-1,) + listed.shape[2:]))
+  # from_kv_blocks from known tables records them too (torch's layout: counts, indices)
+  partial, full = (listed & (np_block_map(mask_n, b or 1, h or 1, q_len, kv_len, bq, bk) == k)
+                   for k in (1, 2))
+  order = lambda x: np.argsort(~x, axis=-1, kind="stable")  # noqa: E731
+  rebuilt = BlockMask.from_kv_blocks(partial.sum(-1), order(partial), full.sum(-1), order(full),
+                                     BLOCK_SIZE=(bq, bk), mask_mod=mask_j,
+                                     seq_lengths=(q_len, kv_len))
+  _check_bounds(rebuilt._bounds, listed.reshape((-1,) + listed.shape[2:]))
+
+
+def test_list_bounds_survive_rows_slicing_and_jit_and_not_traced_tables():
+  """Kept where they still bound the lists: batch or head slices, a jit argument (aux data);
+  dropped where not: a slice of query blocks regroups the coarse blocks, tables traced when
+  built (under jit) are unknown."""
+  mask_n = lambda b, h, q, kv: (kv <= q + 5 * b) & (kv >= h * 7)  # noqa: E731
+  block_mask = create_block_mask(mask_n, 2, 3, 37, 45, BLOCK_SIZE=(8, 16))
+  listed = np_block_map(mask_n, 2, 3, 37, 45, 8, 16) > 0
+  for index, rows in [(1, listed[1:2]), ((slice(None), np.array([2, 0, 2])), listed[:, [2, 0, 2]])]:
+    _check_bounds(block_mask[index]._bounds, rows.reshape((-1,) + rows.shape[2:]))
+  assert block_mask[:, :, 1:]._bounds is None
+  assert block_mask[0, 1, np.array([1, 2])]._bounds is None
+
+  seen = []
+
+  @jax.jit
+  def count(block_mask):  # its tables traced, its bounds static
+    seen.append(getattr(block_mask.key_blocks(), "bounds", None))
+    return jnp.sum(block_mask.kv_num_blocks)
+
+  count(block_mask)
+  _check_bounds(seen[-1], listed.reshape((-1,) + listed.shape[2:]))
+  inside = jax.jit(lambda: create_block_mask(mask_n, 2, 3, 37, 45, BLOCK_SIZE=(8, 16)))()
+  np.testing.assert_array_equal(inside.to_dense(), block_mask.to_dense())
+  count(inside)
+  assert inside._bounds is None and seen[-1] is None
+
+
 # --- create_mask and the combinators --------------------------------------------------------
 
 

@@ -29,7 +29,7 @@ from jax.extend.core import Jaxpr
 import jmat
 from jmat._src import block_sparse
 from jmat._src.kernels import mosaic
-from tests.cases import attention_reference, tolerance
+from tests.cases import attention_reference, attention_reference_vjp, sum_to_shape, tolerance
 
 RNG = np.random.default_rng(20261130)
 
@@ -266,6 +266,17 @@ CASES = {
                                  score=softcap_alibi_biases, whole=alibi_and_temperature,
                                  blocked=three_biases),
     "decode": Case((1, 2, 4, 1, 261, 16, 16), 1, 128, dense_ranges),
+    # Decoding with one program per call: the forward splits the key list in two (flash-decoding,
+    # one share per TensorCore) and merges the shares by their lse; a forced split in three of
+    # uneven shares (8 key blocks: 3, 3, 2) in half precision, with a score mod and gathers.
+    "decode_key_split": Case((1, 1, 4, 3, 700, 16, 16), 8, 128, tables_from_mask,
+                             mask=kept_keys_in_window, score=positional_biases,
+                             whole=biases_and_kept_keys, dtype=np.float32),
+    "decode_three_key_splits_bfloat16": Case(
+        (2, 1, 2, 5, 1000, 16, 24), 8, 128, tables_from_mask, mask=bottom_right(1000 - 5),
+        score=softcap_alibi_biases, whole=alibi_and_temperature, blocked=three_biases,
+        dtype=jnp.bfloat16,
+        tiling=mosaic.Tiling(largest_q=0, largest_k=0, key_splits=3)),
     "floor_divided_rows": Case((1, 3, 1, 37, 130, 16, 16), 16, 128, dense_ranges,
                                score=floor_divided_rows),
     # Ring attention's chunk pairs: positions shifted by the chunks' offsets (traced int32).
@@ -710,3 +721,147 @@ def test_a_relative_position_table_falls_back_to_xla_on_tpu_with_the_reason():
   assert choice.backend == "XLA"
   assert ("score_mod gathers from an array of shape (4, 511) by an index that depends "
           "on both the query and the key position") in choice.reason
+
+
+# --- the shrunk grid through the public API (a BlockMask as a jit argument) -------------------
+
+
+def _rounded_up(count: int, n: int) -> int:
+  """The list bound a BlockMask records: the first of 1, 2, 3, 4, 6, 8, 12, ... at least
+  ``count`` (masks differing a little share a compiled kernel), at most ``n`` blocks."""
+  steps = sorted({1, 2} | {m * 2**e for m in (2, 3) for e in range(20)})
+  return min(next(x for x in steps if x >= count), n)
+
+
+def _window_lists(length: int, width: int, block: int) -> tuple[int, int]:
+  """The longest lists of blocks of ``block`` a causal window of ``width + 1`` keys lists (per
+  query block, per key block), from the positions: block ``(i, j)`` is listed when some
+  ``q - kv`` of it, ``block * (i - j) - block + 1 .. block * (i - j) + block - 1``, lies in
+  ``0 .. width``."""
+  n = -(-length // block)
+  i, j = np.ix_(np.arange(n), np.arange(n))
+  listed = (block * (i - j) + block - 1 >= 0) & (block * (i - j) - block + 1 <= width)
+  return int(listed.sum(axis=1).max()), int(listed.sum(axis=0).max())
+
+
+def test_a_block_mask_argument_shrinks_the_tpu_grid_to_its_longest_list():
+  """flex with a BlockMask passed to the jitted function (its tables traced): the grid walks
+  the longest list the mask recorded when built, not every key block. A window of 1024 at
+  L = 8192, tiled by 512 (the kernel coarsens the mask's 128-blocks): 3 key steps per query
+  block, not 16; the dk/dv grid as many query steps per key block."""
+  length, width, tile = 8192, 1024, 512
+  mask = jmat.create_block_mask(jmat.mods.generate_sliding_window(width), None, None, length,
+                                length)
+  q = jax.ShapeDtypeStruct((1, 2, length, 128), jnp.bfloat16)
+
+  def loss(q, k, v, block_mask):
+    out = jmat.flex_attention(q, k, v, block_mask=block_mask, kernel_options={"BACKEND": "MOSAIC"})
+    return out.astype(jnp.float32).sum()
+
+  grad = jax.grad(loss, argnums=(0, 1, 2))
+  calls = _pallas_calls(grad, q, q, q, mask)
+  per_query, per_key = _window_lists(length, width, tile)
+  n = length // tile
+  assert [c.params["grid_mapping"].grid[-1] for c in calls] == [
+      _rounded_up(per_query, n), _rounded_up(per_query, n), _rounded_up(per_key, n)]
+  assert max(c.params["grid_mapping"].grid[-1] for c in calls) < n
+  with jmat.attention.kernel_platforms("tpu"):
+    text = jax.jit(grad).trace(q, q, q, mask).lower(lowering_platforms=("tpu",)).as_text()
+  assert text.count("tpu_custom_call") == 3
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["built_outside", "built_under_jit"])
+def test_flex_on_a_shrunk_grid_matches_the_oracle(traced):
+  """The values and gradients of flex over a window on the shrunk grid (4 key tiles of 512, 2
+  walked) equal the float64 oracle's in interpret mode; a mask built under jit (its tables
+  traced when built: no bound) walks every key tile and gives them too."""
+  length, width, heads, dim = 2048, 200, 1, 32
+  mask_mod = jmat.mods.generate_sliding_window(width)
+  q, k, v, d_out = (RNG.standard_normal((1, heads, length, dim)).astype(np.float32)
+                    for _ in range(4))
+
+  def loss(q, k, v):
+    mask = jmat.create_block_mask(mask_mod, None, None, length, length) if traced else outside
+    out = jmat.flex_attention(q, k, v, block_mask=mask,
+                              kernel_options={"BACKEND": "MOSAIC", "INTERPRET": True})
+    return jnp.sum(out * d_out), out
+
+  outside = None if traced else jmat.create_block_mask(mask_mod, None, None, length, length)
+  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+  steps = {c.params["grid_mapping"].grid[-1] for c in _pallas_calls(fn, q, k, v)}
+  n = length // 512
+  assert steps == ({n} if traced else {_rounded_up(_window_lists(length, width, 512)[0], n)})
+  assert traced or steps != {n}
+  with jax.default_matmul_precision("highest"):
+    (_, out), grads = fn(q, k, v)
+  allowed = np.tril(np.ones((length, length), bool)) & ~np.tril(
+      np.ones((length, length), bool), -width - 1)
+  tol = tolerance(np.float32)
+  np.testing.assert_allclose(out, attention_reference(q, k, v, allowed=allowed), **tol)
+  expected = attention_reference_vjp(q, k, v, d_out, allowed=allowed)[:3]
+  for got, want in zip(grads, expected, strict=True):
+    np.testing.assert_allclose(got, want, **tol)
+
+
+@pytest.mark.parametrize("kv_heads, splits", [(1, 2), (2, 1)])
+def test_a_decode_step_splits_its_keys_where_programs_are_too_few(kv_heads, splits):
+  """16 new queries of 8 heads per key/value head against 4096 keys: one program per key/value
+  head. With one, the forward's key list is cut in two shares walked by programs of their own
+  (a parallel grid axis, one per TensorCore of a megacore chip), merged by lse; with two, no
+  split. The backward never splits; the split program lowers for TPU."""
+  queries, keys, heads = 16, 4096, 8 * kv_heads
+  mask = jmat.create_block_mask(jmat.mods.generate_causal_offset(keys - queries), None, None,
+                                queries, keys)
+  q = jax.ShapeDtypeStruct((1, heads, queries, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, kv_heads, keys, 128), jnp.bfloat16)
+
+  def loss(q, k, v, block_mask):
+    out = jmat.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True,
+                              kernel_options={"BACKEND": "MOSAIC"})
+    return out.astype(jnp.float32).sum()
+
+  grad = jax.grad(loss, argnums=(0, 1, 2))
+  forward, dq, dkv = (c.params["grid_mapping"] for c in _pallas_calls(grad, q, kv, kv, mask))
+  n_k = keys // 512
+  if splits == 1:
+    assert forward.grid == (1, kv_heads, 1, n_k)
+  else:
+    assert forward.grid == (1, kv_heads, 1, splits, n_k // splits)
+  assert (dq.grid, dkv.grid) == ((1, kv_heads, 1, n_k), (1, kv_heads, n_k, 1))
+  if splits == 1:
+    return
+  with jmat.attention.kernel_platforms("tpu"):
+    text = jax.jit(grad).trace(q, kv, kv, mask).lower(lowering_platforms=("tpu",)).as_text()
+  assert text.count("tpu_custom_call") == 3
+
+
+def test_a_key_value_pool_shared_by_every_table_row_is_read_not_copied():
+  """Keys and values of M = 1 against two table rows (flex's key/value batch of 1 with a
+  query-batch mask, a paged cache): the kernels index the one pool (no (M, ...) copy is an
+  operand of any kernel), and the values and the gradients (the pool's summed over the rows)
+  equal the float64 oracle's."""
+  m, g, length, keys, dim = 2, 2, 37, 261, 16
+  # Random tables per row, no mask mod: a listed block's every key is seen.
+  blocks, allowed = random_tables(np.ones((m, 1, 1, length, keys), bool), 16, 128)
+  q, d_out = (RNG.standard_normal((m, 1, g, length, dim)).astype(np.float32) for _ in range(2))
+  k, v = (RNG.standard_normal((1, 1, keys, dim)).astype(np.float32) for _ in range(2))
+
+  def loss(q, k, v):
+    out, _ = mosaic.run(block_sparse.Call(q, k, v, blocks, ((), ()), jnp.float32(0.25),
+                                          mods=block_sparse.Mods(), block_q=16, block_k=128),
+                        interpret=True, tiling=FINE)
+    return jnp.sum(out * d_out), out
+
+  fn = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+  for call in _pallas_calls(fn, q, k, v):
+    assert all(x.aval.shape[0] == 1 for x in call.invars
+               if x.aval.ndim == 4 and x.aval.shape[-2] >= keys), call.invars
+  with jax.default_matmul_precision("highest"):
+    (_, out), grads = jax.jit(fn)(q, k, v)
+  pool = (k[:, :, None], v[:, :, None])
+  tol = tolerance(np.float32)
+  np.testing.assert_allclose(out, attention_reference(q, *pool, allowed=allowed, scale=0.25),
+                             **tol)
+  expected = attention_reference_vjp(q, *pool, d_out, allowed=allowed, scale=0.25)[:3]
+  for got, want, like in zip(grads, expected, (q, k, v), strict=True):
+    np.testing.assert_allclose(got, sum_to_shape(want, like.shape), **tol)

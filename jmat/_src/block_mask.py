@@ -14,6 +14,7 @@ non-empty blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -240,6 +241,114 @@ def _key_major(num, indices, full_num, full_indices) -> tuple:
   return tuple(tables) if full_num is not None else (tables.num, tables.indices, None, None)
 
 
+def _halved(listed: np.ndarray, axis: int) -> np.ndarray:
+  """``listed`` with each pair of blocks along ``axis`` merged (listed if either is)."""
+  n = listed.shape[axis]
+  if n % 2:
+    pad = [(0, 0)] * listed.ndim
+    pad[axis] = (0, 1)
+    listed = np.pad(listed, pad)
+  shape = list(listed.shape)
+  shape[axis:axis + 1] = [shape[axis] // 2, 2]
+  return np.asarray(listed.reshape(shape).any(axis=axis + 1))
+
+
+def _level(factor: int, n: int) -> int | None:
+  """The power-of-two coarsening level of a coarse block of ``factor`` blocks out of ``n``:
+  ``log2(factor)``, the top level (one block) for ``factor >= n``, None otherwise."""
+  if factor >= n:
+    return (n - 1).bit_length()
+  return factor.bit_length() - 1 if factor & (factor - 1) == 0 else None
+
+
+@dataclasses.dataclass(frozen=True)
+class ListBounds:
+  """Static upper bounds on a block table's lists (a grid that walks them can stop there).
+
+  For every coarsening of the table by powers of two (``2**a`` query blocks by ``2**b`` key
+  blocks per coarse block, up to one block per side, as :func:`block_sparse.coarsen` merges
+  them: a coarse block is listed when one of its blocks is), the longest list of listed key
+  blocks of a coarse query block and of listed query blocks of a coarse key block, over every
+  table row. Each is rounded up to one of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (at most the number
+  of coarse blocks), so masks whose lists differ a little (document masks of different
+  batches) share a compiled kernel: the bounds are part of the jit cache key.
+
+  Attributes:
+    lengths: ``lengths[a][b]`` is ``(longest per query block, longest per key block)``.
+  """
+
+  lengths: tuple[tuple[tuple[int, int], ...], ...]
+
+  @classmethod
+  def of(cls, listed: np.ndarray) -> ListBounds | None:
+    """The bounds of a boolean ``(..., n_q, n_k)`` map of listed blocks; None if it is empty."""
+    if listed.size == 0:
+      return None
+    listed = listed.reshape((-1,) + listed.shape[-2:])
+
+    def rounded(count: int, n: int) -> int:  # up to 1, 2, 3, 4, 6, 8, 12, 16, 24, ...
+      power = 1 << max(count - 1, 0).bit_length()
+      return min(3 * power // 4 if power >= 4 and 3 * power // 4 >= count else power, n)
+
+    rows, levels = listed, []
+    while True:
+      cols, level = rows, []
+      while True:
+        n_q, n_k = cols.shape[1:]
+        level.append((rounded(int(cols.sum(axis=2).max()), n_k),
+                      rounded(int(cols.sum(axis=1).max()), n_q)))
+        if n_k == 1:
+          break
+        cols = _halved(cols, 2)
+      levels.append(tuple(level))
+      if rows.shape[1] == 1:
+        break
+      rows = _halved(rows, 1)
+    return cls(tuple(levels))
+
+  def at(self, factor_q: int, factor_k: int, n_q: int, n_k: int) -> tuple[int, int] | None:
+    """The bounds of the table of ``n_q x n_k`` blocks coarsened ``factor_q x factor_k`` times,
+    in coarse blocks; None where the factors are not those of a recorded level."""
+    a, b = _level(factor_q, n_q), _level(factor_k, n_k)
+    if a is None or b is None or a >= len(self.lengths) or b >= len(self.lengths[a]):
+      return None
+    return self.lengths[a][b]
+
+
+class BoundedKeyBlocks(block_sparse.KeyBlocks):
+  """A :class:`~jmat._src.block_sparse.KeyBlocks` table with static :class:`ListBounds` (its
+  pytree aux data, so kept through jit, ``lax.platform_dependent`` and ``custom_vjp``). A table
+  made from it anew (``_replace``, :func:`block_sparse.coarsen`) is a plain one, without."""
+
+  bounds: ListBounds | None = None
+
+
+def _bounded(blocks: block_sparse.KeyBlocks, bounds: ListBounds | None) -> BoundedKeyBlocks:
+  table = BoundedKeyBlocks(*blocks)
+  table.bounds = bounds
+  return table
+
+
+def _unflatten_bounded(bounds: ListBounds | None, children) -> BoundedKeyBlocks:
+  table = BoundedKeyBlocks(*children)
+  table.bounds = bounds
+  return table
+
+
+jax.tree_util.register_pytree_node(BoundedKeyBlocks, lambda t: (tuple(t), t.bounds),
+                                   _unflatten_bounded)
+
+
+def _list_bounds(num, indices, full_num, full_indices) -> ListBounds | None:
+  """The :class:`ListBounds` of concrete tables, None for traced ones (built under jit)."""
+  if any(isinstance(x, Tracer) for x in (num, indices, full_num, full_indices)):
+    return None
+  listed = _marked(num, indices) > 0
+  if full_num is not None:
+    listed = listed | (_marked(full_num, full_indices) > 0)
+  return ListBounds.of(np.asarray(listed))
+
+
 @jax.tree_util.register_pytree_node_class
 class BlockMask:
   """Which (query block, key block) pairs flex attention computes: torch's ``BlockMask``.
@@ -264,11 +373,18 @@ class BlockMask:
     BLOCK_SIZE: ``(query block, key block)`` sizes.
     mask_mod: the mask_mod the partial blocks evaluate.
     seq_lengths: ``(Q_LEN, KV_LEN)``.
+
+  A mask built from concrete tables (:func:`create_block_mask` or :meth:`from_kv_blocks`
+  outside jit) also records, statically, how long its longest lists are (:class:`ListBounds`,
+  part of the jit cache key, as splash attention's mask info is): the TPU kernel's grid walks
+  that many key blocks per query block, not all of them. Set the tables of a mask only through
+  these builders (a mask whose tables were replaced by hand could list more).
   """
 
   def __init__(self, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
                BLOCK_SIZE: tuple[int, int], mask_mod: MaskMod,  # noqa: N803
-               seq_lengths: tuple[int, int], *, _built_for_kv_len: int | None = None):
+               seq_lengths: tuple[int, int], *, _built_for_kv_len: int | None = None,
+               _bounds: ListBounds | None = None):
     self.kv_num_blocks = kv_num_blocks
     self.kv_indices = kv_indices
     self.full_kv_num_blocks = full_kv_num_blocks
@@ -279,18 +395,21 @@ class BlockMask:
     # The KV_LEN create_block_mask built the tables for: each block listed once, no full block
     # holding keys past KV_LEN. None (from_kv_blocks): the kernel's tables are rebuilt.
     self._built_for_kv_len = _built_for_kv_len
+    # Upper bounds on the lists (static): None where the tables were traced when built.
+    self._bounds = _bounds
 
   def tree_flatten(self):
     children = (self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks,
                 self.full_kv_indices)
-    return children, (self.BLOCK_SIZE, self.mask_mod, self.seq_lengths, self._built_for_kv_len)
+    return children, (self.BLOCK_SIZE, self.mask_mod, self.seq_lengths, self._built_for_kv_len,
+                      self._bounds)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    block_size, mask_mod, seq_lengths, built_for_kv_len = aux
+    block_size, mask_mod, seq_lengths, built_for_kv_len, bounds = aux
     num, indices, full_num, full_indices = children
     return cls(num, indices, full_num, full_indices, block_size, mask_mod, seq_lengths,
-               _built_for_kv_len=built_for_kv_len)
+               _built_for_kv_len=built_for_kv_len, _bounds=bounds)
 
   @classmethod
   def from_kv_blocks(
@@ -362,7 +481,8 @@ class BlockMask:
     num, indices, full_num, full_indices = (None if x is None else x.astype(jnp.int32)
                                             for x in tables)
     return cls(num, indices, full_num, full_indices, BLOCK_SIZE=(block_q, block_k),
-               mask_mod=mask_mod, seq_lengths=lengths)
+               mask_mod=mask_mod, seq_lengths=lengths,
+               _bounds=_list_bounds(num, indices, full_num, full_indices))
 
   @property
   def shape(self) -> tuple[int, int, int, int]:
@@ -421,8 +541,12 @@ class BlockMask:
     for axis, item in enumerate(items):
       where = (slice(None),) * axis + (_axis_index(op, axis, item, table_shape),)
       tables = [None if x is None else x[where] for x in tables]
+    # Any choice of rows (batch entries, heads) lists no more than the longest row. Query blocks
+    # chosen otherwise than all of them regroup the coarse blocks the bounds were taken over.
+    keeps_rows = len(items) < 3 or (isinstance(items[2], slice) and items[2] == slice(None))
     return BlockMask(*tables, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=_sliced_mask_mod_error,
-                     seq_lengths=self.seq_lengths, _built_for_kv_len=self._built_for_kv_len)
+                     seq_lengths=self.seq_lengths, _built_for_kv_len=self._built_for_kv_len,
+                     _bounds=self._bounds if keeps_rows else None)
 
   def as_tuple(self, flatten: bool = True) -> tuple[Any, ...]:
     """torch's ``BlockMask.as_tuple``: lengths, every table, block sizes and ``mask_mod``.
@@ -493,7 +617,9 @@ class BlockMask:
     map cropped or padded to the blocks ``seq_lengths`` spans: each block listed
     once, and a full block holding keys past ``KV_LEN`` made partial, since the
     kernel checks key bounds in partial blocks only (torch's kernel masks keys
-    past ``KV_LEN`` in every block).
+    past ``KV_LEN`` in every block). A mask with :class:`ListBounds` gives a
+    :class:`BoundedKeyBlocks` holding them (cropping or padding with unlisted
+    blocks keeps every coarse block within one of the map's, so they still bound).
     """
     checks.check_block_mask_rows(op, self.kv_indices.shape, self.seq_lengths, self.BLOCK_SIZE)
     (q_len, kv_len), (block_q, block_k) = self.seq_lengths, self.BLOCK_SIZE
@@ -502,16 +628,18 @@ class BlockMask:
     rows = batch * heads
     if (self.kv_indices.shape[2:] == (n_q, n_k) and self._built_for_kv_len == kv_len
         and self.full_kv_num_blocks is not None):
-      return block_sparse.KeyBlocks(*(x.reshape((rows,) + x.shape[2:])
-                                      for x in self.tree_flatten()[0]))
-    dense = self.to_dense()[:, :, :n_q, :n_k]
-    dense = jnp.pad(dense, [(0, 0)] * 3 + [(0, n_k - dense.shape[-1])])
-    full = dense == 2
-    if kv_len and kv_len % min(block_k, kv_len):  # the last key block holds padding keys
-      full = full.at[..., -1].set(False)
-    partial = (dense > 0) & ~full
-    return block_sparse.key_blocks_from_dense(partial.reshape(rows, n_q, n_k),
-                                              full.reshape(rows, n_q, n_k))
+      blocks = block_sparse.KeyBlocks(*(x.reshape((rows,) + x.shape[2:])
+                                        for x in self.tree_flatten()[0]))
+    else:
+      dense = self.to_dense()[:, :, :n_q, :n_k]
+      dense = jnp.pad(dense, [(0, 0)] * 3 + [(0, n_k - dense.shape[-1])])
+      full = dense == 2
+      if kv_len and kv_len % min(block_k, kv_len):  # the last key block holds padding keys
+        full = full.at[..., -1].set(False)
+      partial = (dense > 0) & ~full
+      blocks = block_sparse.key_blocks_from_dense(partial.reshape(rows, n_q, n_k),
+                                                  full.reshape(rows, n_q, n_k))
+    return blocks if self._bounds is None else _bounded(blocks, self._bounds)
 
   def to_dense(self) -> jax.Array:
     """The block map ``(B, H, n_q, n_k)`` int32: 0 skipped, 1 partial, 2 full."""
@@ -604,7 +732,8 @@ def create_block_mask(
   checked_mod(op, "mask_mod", mask_mod)
   arrays = _block_maps(mask_mod, b, h, q_len, kv_len, block_q, block_k)
   return BlockMask(*arrays, BLOCK_SIZE=(block_q, block_k), mask_mod=mask_mod,
-                   seq_lengths=(q_len, kv_len), _built_for_kv_len=kv_len)
+                   seq_lengths=(q_len, kv_len), _built_for_kv_len=kv_len,
+                   _bounds=_list_bounds(*arrays))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))

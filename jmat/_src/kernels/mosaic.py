@@ -9,7 +9,8 @@ splash attention (``jax/experimental/pallas/ops/tpu/splash_attention/``):
   ones, then partial ones) read from scalar-prefetched step tables
   (:mod:`jmat._src.kernels.mosaic_tables`: int8/int16, coarsened to tiles of
   up to 512 and until they fit SMEM, as many steps as the longest list when
-  the table is known while tracing).
+  the table is known while tracing, or when a ``BlockMask`` built from known
+  tables recorded a bound on it: :class:`jmat._src.block_mask.ListBounds`).
   The tables drive the BlockSpec index maps, so unlisted key blocks are never
   fetched; steps past a query block's list re-point at its last listed block
   (nothing new is fetched) and skip compute. The online-softmax carry
@@ -17,7 +18,12 @@ splash attention (``jax/experimental/pallas/ops/tpu/splash_attention/``):
   at the last;
 * the dk/dv pass walks a key-major copy of the same table (per key block, its
   full and partial query blocks), so every gradient block is written by one
-  program and nothing needs atomics.
+  program and nothing needs atomics;
+* a decode step (one query tile per row) with fewer programs than a chip has
+  TensorCores splits the forward's key list into shares walked by programs of
+  their own (a parallel grid axis ``(M, R, query tile, split, step)``), merged by
+  their lse outside the kernel (flash-decoding, :attr:`Tiling.key_splits`); the
+  backward runs unsplit.
 
 The mods run in the kernels as far as a TPU can run them: each is traced at the
 tile shapes, and what it reads of the whole operands by a position of one side,
@@ -64,6 +70,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jmat._src import online_softmax as osm
+from jmat._src.block_mask import BoundedKeyBlocks
 from jmat._src.block_sparse import (
     Call,
     KeyBlocks,
@@ -255,6 +262,16 @@ def _walk(step: Callable[[bool, bool], None], where: _Position, geo: Geometry) -
   pl.when((t >= where.full) & (t < where.count))(lambda: step(True, geo.bounds))
 
 
+def _listed_step(ids: Sequence[Any], steps: int, splits: int) -> tuple:
+  """``(m, r, outer block, step in its list)`` of grid ids ``(m, r, outer, t)``, or of a
+  key-split grid's ``(m, r, outer, split, t)`` whose split ``s`` walks steps ``s * per`` to
+  ``(s + 1) * per - 1`` of the ``steps`` of its list (``per = steps / splits``)."""
+  if splits == 1:
+    return tuple(ids)
+  m, r, outer, split, t = ids
+  return m, r, outer, split * (steps // splits) + t
+
+
 def _blocks_of_step(index, m, outer, t, key_major: bool) -> tuple:
   """``(query block, key block)`` of a step: its grid's outer block and the block it lists."""
   listed = index[m, outer, t].astype(jnp.int32)
@@ -262,20 +279,26 @@ def _blocks_of_step(index, m, outer, t, key_major: bool) -> tuple:
 
 
 class _Position(NamedTuple):
-  """Where a grid step is (inside a kernel): its tile, step, and its outer block's counts."""
+  """Where a grid step is (inside a kernel): its tile, step (in its outer block's list), its
+  outer block's counts, and whether it is the first or last step of its program."""
 
   at: _Tile
   t: jax.Array
   full: jax.Array
   count: jax.Array
+  first: jax.Array
+  last: jax.Array
 
 
 def _grid_position(tables: Steps, geo: Geometry, key_major: bool) -> _Position:
   """The :class:`_Position` of the current grid step, from the scalar-prefetched ``tables``."""
-  m, r, outer, t = (pl.program_id(axis) for axis in range(4))
+  axes = 4 if geo.key_splits == 1 else 5
+  ids = [pl.program_id(axis) for axis in range(axes)]
+  m, r, outer, t = _listed_step(ids, tables.index.shape[-1], geo.key_splits)
   i, j = _blocks_of_step(tables.index, m, outer, t, key_major)
   full, count = (x[m, outer].astype(jnp.int32) for x in (tables.full, tables.count))
-  return _Position(_tile_at(m, r, i, j, tables.offsets, geo), t, full, count)
+  return _Position(_tile_at(m, r, i, j, tables.offsets, geo), t, full, count, ids[-1] == 0,
+                   ids[-1] == pl.num_programs(axes - 1) - 1)
 
 
 def _forward_kernel(index, full, count, offsets, ins: _Inputs, out, lse, low, row_max, row_sum,
@@ -283,10 +306,10 @@ def _forward_kernel(index, full, count, offsets, ins: _Inputs, out, lse, low, ro
   """The output, lse, and with ``low`` (a list of one ref, else empty) what rounding the output
   to its half-precision dtype lost, in that dtype (the backward's ``delta``)."""
   where = _grid_position(Steps(index, full, count, offsets), geo, key_major=False)
-  at, t = where.at, where.t
+  at = where.at
   dtype = acc.dtype
 
-  @pl.when(t == 0)
+  @pl.when(where.first)
   def _init():
     row_max[...] = jnp.full(row_max.shape, -jnp.inf, dtype)
     row_sum[...] = jnp.zeros(row_sum.shape, dtype)
@@ -312,7 +335,7 @@ def _forward_kernel(index, full, count, offsets, ins: _Inputs, out, lse, low, ro
 
   _walk(step, where, geo)
 
-  @pl.when(t == pl.num_programs(3) - 1)
+  @pl.when(where.last)
   def _finish():
     total = row_sum[...]
     seen = osm.seen_a_key(total)
@@ -395,9 +418,8 @@ def _dq_kernel(index, full, count, offsets, ins: _Inputs, dq, d_sums, d_blocked,
   ``sum_rows(e * rowsum(p * ds/dscale))``: subtracted.
   """
   where = _grid_position(Steps(index, full, count, offsets), geo, key_major=False)
-  t = where.t
 
-  @pl.when(t == 0)
+  @pl.when(where.first)
   def _init():
     # Also the gradient tile of a query block that lists nothing, written back as it is.
     for ref in (dq_acc, *d_sums, *d_blocked, d_s_sum, p_slope):
@@ -417,7 +439,7 @@ def _dq_kernel(index, full, count, offsets, ins: _Inputs, dq, d_sums, d_blocked,
 
   _walk(step, where, geo)
 
-  @pl.when(t == pl.num_programs(3) - 1)
+  @pl.when(where.last)
   def _finish():
     dq[...] = dq_acc[...].astype(dq.dtype)
     error = d_s_sum[...] - _column(ins.d_lse)  # exactly, dS sums to d_lse per row
@@ -429,9 +451,8 @@ def _dkv_kernel(index, full, count, offsets, ins: _Inputs, dk, dv, d_keys, dk_ac
   """dk, dv, and per key block the gradients of the score mod's float values computed outside
   per key block (``d_keys``)."""
   where = _grid_position(Steps(index, full, count, offsets), geo, key_major=True)
-  t = where.t
 
-  @pl.when(t == 0)
+  @pl.when(where.first)
   def _init():
     for ref in (dk_acc, dv_acc, *d_keys):
       ref[...] = jnp.zeros(ref.shape, ref.dtype)
@@ -444,7 +465,7 @@ def _dkv_kernel(index, full, count, offsets, ins: _Inputs, dk, dv, d_keys, dk_ac
 
   _walk(step, where, geo)
 
-  @pl.when(t == pl.num_programs(3) - 1)
+  @pl.when(where.last)
   def _finish():
     dk[...] = dk_acc[...].astype(dk.dtype)
     dv[...] = dv_acc[...].astype(dv.dtype)
@@ -453,25 +474,38 @@ def _dkv_kernel(index, full, count, offsets, ins: _Inputs, dk, dv, d_keys, dk_ac
 # --- the pallas_calls ---------------------------------------------------------------------
 
 
-def _spec(block_shape, where: Callable[..., tuple], key_major: bool) -> pl.BlockSpec:
-  """A BlockSpec whose index map ``where(m, r, i, j)`` sees the listed block of each step."""
+def _spec(block_shape, where: Callable[..., tuple], key_major: bool,
+          splits: int = 1) -> pl.BlockSpec:
+  """A BlockSpec whose index map ``where(m, r, i, j)`` sees the listed block of each step (of a
+  grid whose lists are cut into ``splits`` shares, see :func:`_listed_step`)."""
 
-  def index_map(m, r, outer, t, index, full, count, offsets):
-    del full, count, offsets
+  def index_map(*args):
+    *ids, index, _, _, _ = args
+    m, r, outer, t = _listed_step(ids, index.shape[-1], splits)
     return where(m, r, *_blocks_of_step(index, m, outer, t, key_major))
 
   return pl.BlockSpec(block_shape, index_map)
 
 
-def _query_spec(block: tuple[int, ...], key_major: bool) -> pl.BlockSpec:
+def _query_spec(block: tuple[int, ...], key_major: bool, splits: int = 1) -> pl.BlockSpec:
   """The spec of ``(M, R, n_q, *block)`` arrays: one block per query block (grouped rows)."""
   return _spec((None, None, None, *block), lambda m, r, i, j: (m, r, i) + (0,) * len(block),
-               key_major)
+               key_major, splits)
 
 
-def _key_spec(geo: Geometry, width: int, key_major: bool) -> pl.BlockSpec:
-  """The spec of ``(M, R, S, width)`` arrays: one block per key block."""
-  return _spec((None, None, geo.tile_k, width), lambda m, r, i, j: (m, r, j, 0), key_major)
+def _split_spec(block: tuple[int, ...], splits: int) -> pl.BlockSpec:
+  """The spec of a key-split forward's ``(M, R, n_q * splits, *block)`` partial results: one
+  block per (query tile, split)."""
+  return pl.BlockSpec((None, None, None, *block),
+                      lambda m, r, i, split, t, *tables: (m, r, i * splits + split)
+                      + (0,) * len(block))
+
+
+def _key_spec(geo: Geometry, width: int, key_major: bool, shared: bool = False) -> pl.BlockSpec:
+  """The spec of ``(M, R, S, width)`` arrays: one block per key block; with ``shared``, of a
+  ``(1, R, S, width)`` pool every table row reads (no copy per row)."""
+  return _spec((None, None, geo.tile_k, width),
+               lambda m, r, i, j: (0 if shared else m, r, j, 0), key_major, geo.key_splits)
 
 
 def _blocked_block(x: jax.Array, geo: Geometry) -> tuple[int, int, int]:
@@ -499,18 +533,23 @@ def _hoisted_where(h: Hoisted) -> Callable[..., tuple]:
 def _in_specs(ins: _Inputs, geo: Geometry, plan: Plan, key_major: bool) -> _Inputs:
   """The BlockSpecs of a pass's inputs (None where the input is None)."""
 
+  splits = geo.key_splits
+  shared = ins.k.shape[0] != ins.q.shape[0]  # one key/value pool for every table row
+
   def rows_spec(x):
-    return None if x is None else _query_spec((geo.rows, x.shape[-1]), key_major)
+    return None if x is None else _query_spec((geo.rows, x.shape[-1]), key_major, splits)
 
   def stats_spec(x):
-    return None if x is None else _query_spec((1, geo.rows), key_major)
+    return None if x is None else _query_spec((1, geo.rows), key_major, splits)
 
   return _Inputs(
-      scale=_spec(ins.scale.shape, lambda m, r, i, j: (0, 0), key_major), q=rows_spec(ins.q),
-      k=_key_spec(geo, ins.k.shape[-1], key_major), v=_key_spec(geo, ins.v.shape[-1], key_major),
-      blocked=tuple(_spec((None, None, *_blocked_block(x, geo)), _blocked_where(x), key_major)
-                    for x in ins.blocked),
-      hoisted=[_spec((None, None, None, *h.block), _hoisted_where(h), key_major)
+      scale=_spec(ins.scale.shape, lambda m, r, i, j: (0, 0), key_major, splits),
+      q=rows_spec(ins.q),
+      k=_key_spec(geo, ins.k.shape[-1], key_major, shared),
+      v=_key_spec(geo, ins.v.shape[-1], key_major, shared),
+      blocked=tuple(_spec((None, None, *_blocked_block(x, geo)), _blocked_where(x), key_major,
+                          splits) for x in ins.blocked),
+      hoisted=[_spec((None, None, None, *h.block), _hoisted_where(h), key_major, splits)
                for h in plan.hoisted],
       d_out=rows_spec(ins.d_out), lse=stats_spec(ins.lse), delta=stats_spec(ins.delta),
       d_lse=stats_spec(ins.d_lse),
@@ -538,10 +577,12 @@ def _call(kernel, name: str, steps: Steps, ins: _Inputs, out_shape, out_specs, s
   """One pallas_call on the grid ``(M, R, outer block, step)`` of ``steps`` (``width``: the
   summed widths of a step's products, for its cost)."""
   rows, outer, inner = steps.index.shape
-  grid = (rows, ins.q.shape[1], outer, inner)
-  # Grid axes 0-2 write disjoint blocks: cores may split them; steps run in order.
+  splits = geo.key_splits
+  # A key-split grid's splits are an axis of their own (each writes its own partial result).
+  grid = (rows, ins.q.shape[1], outer) + ((inner,) if splits == 1 else (splits, inner // splits))
+  # The axes before the steps write disjoint blocks: cores may split them; steps run in order.
   params = pltpu.CompilerParams(
-      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+      dimension_semantics=("parallel",) * (len(grid) - 1) + ("arbitrary",),
       vmem_limit_bytes=geo.vmem_limit)
   return pl.pallas_call(
       functools.partial(kernel, plan=plan, geo=geo),
@@ -561,21 +602,48 @@ def _forward(q, k, v, blocks: KeyBlocks, blocked, hoisted, scale, offsets, plan:
   """``out (M, R, n_q, rows, Ev)`` in q's dtype, ``lse (M, R, n_q, 1, rows)`` and, with
   ``residual`` and a half-precision q, the output's rounding error (else None)."""
   dtype = osm.compute_dtype(q.dtype)
-  rows = geo.rows
-  steps = block_steps(tile_kinds(blocks, geo), offsets, geo.steps_q)
-  lead = q.shape[:3]  # (M, R, query tiles)
-  out_spec = _query_spec((rows, v.shape[-1]), False)
-  out_struct = jax.ShapeDtypeStruct((*lead, rows, v.shape[-1]), q.dtype)
+  rows, splits = geo.rows, geo.key_splits
+  per = pl.cdiv(geo.steps_q or geo.n_k, splits)  # steps of a split
+  steps = block_steps(tile_kinds(blocks, geo), offsets, per * splits)
+  m, r, tiles = q.shape[:3]
   low = residual and jnp.dtype(q.dtype).itemsize < jnp.dtype(dtype).itemsize
+  if splits == 1:
+    out_spec, lse_spec = _query_spec((rows, v.shape[-1]), False), _query_spec((1, rows), False)
+  else:  # partial results per split, in the compute dtype, merged below
+    out_spec, lse_spec = _split_spec((rows, v.shape[-1]), splits), _split_spec((1, rows), splits)
+  out_struct = jax.ShapeDtypeStruct((m, r, tiles * splits, rows, v.shape[-1]),
+                                    q.dtype if splits == 1 else dtype)
+  kernel_low = low and splits == 1
   out, lse, lows = _call(
       _forward_kernel, "jmat_block_sparse_fwd", steps,
       _Inputs(scale.reshape(1, 1), q, k, v, tuple(blocked), list(hoisted)),
-      (out_struct, jax.ShapeDtypeStruct((*lead, 1, rows), dtype), [out_struct] * low),
-      (out_spec, _query_spec((1, rows), False), [out_spec] * low),
+      (out_struct, jax.ShapeDtypeStruct((m, r, tiles * splits, 1, rows), dtype),
+       [out_struct] * kernel_low),
+      (out_spec, lse_spec, [out_spec] * kernel_low),
       [pltpu.VMEM((rows, LANES), dtype), pltpu.VMEM((rows, LANES), dtype),
        pltpu.VMEM((rows, v.shape[-1]), dtype)],
       geo, plan, key_major=False, width=q.shape[-1] + v.shape[-1])
-  return out, lse, (lows[0] if lows else None)
+  if splits == 1:
+    return out, lse, (lows[0] if lows else None)
+  merged, lse = _merge_splits(out.reshape(m, r, tiles, splits, rows, -1),
+                                 lse.reshape(m, r, tiles, splits, 1, rows).swapaxes(-1, -2), 3)
+  out = merged.astype(q.dtype)
+  return out, lse.swapaxes(-1, -2), ((merged - out.astype(dtype)).astype(q.dtype) if low else None)
+
+
+def _merge_splits(out: jax.Array, lse: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+  """Flash-decoding's merge of partial results along ``axis``: ``out (..., rows, Ev)`` and
+  ``lse (..., rows, 1)`` of each split, each output weighed by ``exp(its lse - the total)``.
+
+  A row no split saw stays 0 and ``-inf``; a NaN in any split comes out.
+  """
+  top = jnp.max(lse, axis=axis)
+  empty = jnp.isneginf(top)
+  top = jnp.where(empty, 0.0, top)
+  weight = jnp.exp(lse - jnp.expand_dims(top, axis))
+  total = jnp.sum(weight, axis=axis)
+  merged = jnp.sum(weight * out, axis=axis) / jnp.where(empty, 1.0, total)
+  return merged, jnp.where(empty, -jnp.inf, top + jnp.log(total))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
@@ -611,6 +679,7 @@ def _hoisted_gradient(grad: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def _attend_bwd(plan: Plan, geo: Geometry, residuals, cotangents):
+  geo = dataclasses.replace(geo, key_splits=1)  # the forward's key split is the forward's own
   q, k, v, blocks, blocked, hoisted, scale, offsets, out, low, lse = residuals
   d_out, d_lse = cotangents
   dtype = lse.dtype
@@ -654,13 +723,17 @@ def _attend_bwd(plan: Plan, geo: Geometry, residuals, cotangents):
       aliases={first_zero + n: 1 + len(summed) + n for n in range(len(zeros))})
 
   key_blocks = [hoisted[n].shape[3:] for n in by_keys]
+  # A pool shared by every table row gets its gradient per row (in the compute dtype), summed.
+  shared = k.shape[0] != q.shape[0]
+  rows_k = (q.shape[0], *k.shape[1:-1])
   # The key-major walk transposes the kinds map itself, not through block_sparse.key_major_blocks:
   # the grid reads narrow-integer step tables (mosaic_tables.block_steps), not index lists.
   dk, dv, d_keys = _call(
       _dkv_kernel, "jmat_block_sparse_dkv", block_steps(kinds.swapaxes(1, 2), offsets, geo.steps_k),
       ins._replace(zeros=None, d_lse=None),
-      (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
-       [jax.ShapeDtypeStruct((*k.shape[:2], geo.n_k, *block), dtype) for block in key_blocks]),
+      tuple(jax.ShapeDtypeStruct((*rows_k, x.shape[-1]), dtype if shared else x.dtype)
+            for x in (k, v))
+      + ([jax.ShapeDtypeStruct((*rows_k[:2], geo.n_k, *block), dtype) for block in key_blocks],),
       (_key_spec(geo, k.shape[-1], True), _key_spec(geo, v.shape[-1], True),
        [_spec((None, None, None, *block),
               lambda m, r, i, j, block=block: (m, r, j) + (0,) * len(block), True)
@@ -668,6 +741,8 @@ def _attend_bwd(plan: Plan, geo: Geometry, residuals, cotangents):
       [pltpu.VMEM((geo.tile_k, k.shape[-1]), dtype), pltpu.VMEM((geo.tile_k, v.shape[-1]), dtype)],
       geo, plan, key_major=True, width=2 * (k.shape[-1] + v.shape[-1]))
 
+  if shared:
+    dk, dv = (jnp.sum(d, axis=0, keepdims=True).astype(x.dtype) for d, x in ((dk, k), (dv, v)))
   d_hoisted = [jnp.zeros_like(x) if _is_float(x) else zero_cotangent(x) for x in hoisted]
   for n, grad in zip(by_queries + by_keys, d_sums[1:] + d_keys, strict=True):
     d_hoisted[n] = _hoisted_gradient(grad, hoisted[n])
@@ -684,7 +759,10 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 def run(call: Call, *, interpret: Interpret = False,
         tiling: Tiling = DEFAULT_TILING) -> tuple[jax.Array, jax.Array]:
-  """Block-sparse attention of ``call``: ``q (M, R, G, L, E)`` over ``k, v (M, R, S, E|Ev)`` on TPU.
+  """Block-sparse attention of ``call``: ``q (M, R, G, L, E)`` over ``k, v (M|1, R, S, E|Ev)``.
+
+  Keys and values of ``M = 1`` are one pool every table row reads (flex's key/value batch of 1
+  against a query batch, a paged cache): indexed by the kernels, never copied per row.
 
   The Mosaic backend of the interface of :mod:`jmat._src.block_sparse`, with its
   contract: ``call.blocks`` lists blocks of ``(block_q, block_k)`` and never marks
@@ -725,8 +803,16 @@ def run(call: Call, *, interpret: Interpret = False,
     if factors != (1, 1):
       blocks = coarsen(blocks, n_k, *factors)
     longest = longest_lists(blocks, geo.n_k)
+  if longest is None and (isinstance(call.blocks, BoundedKeyBlocks)
+                         and call.blocks.bounds is not None):
+    # A traced table (a BlockMask passed to a jitted function) with the static bounds its mask
+    # recorded when built: those of the coarsening the kernel walks, if recorded.
+    longest = call.blocks.bounds.at(*factors, n_q, n_k)
   if longest is not None:  # the grid walks the longest list, no more (splash's shrunk grid)
     geo = dataclasses.replace(geo, steps_q=longest[0], steps_k=longest[1] * geo.split)
+  splits = tiling.splits(table_rows * q.shape[1] * geo.q_tiles, geo.q_tiles,
+                         geo.steps_q or geo.n_k)
+  geo = dataclasses.replace(geo, key_splits=splits)
   tile_q = geo.tile_q
   q_rows, k_rows = geo.padded_q, geo.padded_k
   e, ev = (pl.cdiv(x.shape[-1], LANES) * LANES for x in (q, v))

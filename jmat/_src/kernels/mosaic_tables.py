@@ -104,6 +104,13 @@ class Tiling:
     table_bytes: at most this much SMEM for the block tables of one pass.
     vmem_bytes: the VMEM limit the kernels compile with, when the default scoped limit (16 MiB on
       v5e) is too small; a call that cannot fit it is refused before compiling.
+    key_splits: the forward's key split (flash-decoding): each query tile's list of key blocks
+      is cut into this many shares, walked by programs of their own (a parallel grid axis) and
+      merged by their lse outside the kernel. None: split where the programs would leave
+      TensorCores idle, i.e. decoding (one query tile per row) with fewer programs than
+      ``cores``; the backward never splits.
+    cores: TensorCores a chip shares its parallel grid axes among (2 on v4, v5p and v7x's
+      megacore; v5e and v6e have 1, where a split buys nothing and costs a merge).
   """
 
   largest_q: int = 512
@@ -111,6 +118,17 @@ class Tiling:
   score_elements: int = 512 * 1024
   table_bytes: int = 256 * 1024
   vmem_bytes: int = 32 * 2**20
+  key_splits: int | None = None
+  cores: int = 2
+
+  def splits(self, programs: int, q_tiles: int, steps: int) -> int:
+    """The forward's key splits for ``programs`` programs (table rows x batch rows x query
+    tiles) of ``q_tiles`` query tiles per row walking ``steps`` steps each."""
+    if self.key_splits is not None:
+      return max(1, min(self.key_splits, steps))
+    if q_tiles > 1 or programs >= self.cores:
+      return 1
+    return max(1, min(steps, pl.cdiv(self.cores, programs)))
 
 
 DEFAULT_TILING = Tiling()
@@ -193,6 +211,7 @@ class Geometry:
   groups: int
   interpret: Interpret
   split: int = 1
+  key_splits: int = 1  # the forward's key split (Tiling.key_splits)
   steps_q: int | None = None  # steps per query tile (forward, dq): None is n_k
   steps_k: int | None = None  # listed query blocks per key block (dk/dv): None is n_q
   vmem_limit: int | None = None
