@@ -148,6 +148,14 @@ def _check_bounds(bounds, listed: np.ndarray):
     assert bounds.at(3, 1, n_q, n_k) is None  # not a recorded coarsening
 
 
+@pytest.fixture
+def tpu_traced():
+  """Masks record list bounds only where a TPU program is traced (here: for export)."""
+  with jmat.attention.kernel_platforms("tpu"):
+    yield
+
+
+@pytest.mark.usefixtures("tpu_traced")
 @pytest.mark.parametrize("case", ["per-batch-head", "documents", "window-(16,32)"])
 def test_a_mask_from_known_tables_records_its_longest_lists(case):
   mask_j, mask_n, b, h, q_len, kv_len, block = CASES[case]
@@ -165,6 +173,7 @@ def test_a_mask_from_known_tables_records_its_longest_lists(case):
   _check_bounds(rebuilt._bounds, listed.reshape((-1,) + listed.shape[2:]))
 
 
+@pytest.mark.usefixtures("tpu_traced")
 def test_list_bounds_survive_rows_slicing_and_jit_and_not_traced_tables():
   """Kept where they still bound the lists: batch or head slices, a jit argument (aux data);
   dropped where not: a slice of query blocks regroups the coarse blocks, tables traced when
@@ -190,6 +199,35 @@ def test_list_bounds_survive_rows_slicing_and_jit_and_not_traced_tables():
   np.testing.assert_array_equal(inside.to_dense(), block_mask.to_dense())
   count(inside)
   assert inside._bounds is None and seen[-1] is None
+
+
+def test_masks_of_one_shape_never_retrace_where_no_tpu_program_is_traced():
+  """On this CPU (no kernel_platforms("tpu")) no bounds are recorded: masks of one shape and
+  mask_mod whose longest lists differ (documents of different batches) share one trace of a
+  jitted function; built for a TPU program they do not (the bounds are in the cache key)."""
+  indices = np.broadcast_to(np.arange(8, dtype=np.int32), (1, 1, 8, 8))
+
+  def masks():  # lists of 1 and of 8 key blocks per query block
+    return [BlockMask.from_kv_blocks(np.full((1, 1, 8), n, np.int32), indices, BLOCK_SIZE=8)
+            for n in (1, 8)]
+
+  traces = []
+
+  @jax.jit
+  def count(block_mask):
+    traces.append(1)
+    return jnp.sum(block_mask.kv_num_blocks)
+
+  for mask in masks():
+    assert mask._bounds is None
+    count(mask)
+  assert len(traces) == 1
+  with jmat.attention.kernel_platforms("tpu"):
+    bounded = masks()
+  assert bounded[0]._bounds != bounded[1]._bounds
+  for mask in bounded:
+    count(mask)
+  assert len(traces) == 3
 
 
 # --- create_mask and the combinators --------------------------------------------------------

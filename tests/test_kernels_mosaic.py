@@ -750,8 +750,9 @@ def test_a_block_mask_argument_shrinks_the_tpu_grid_to_its_longest_list():
   L = 8192, tiled by 512 (the kernel coarsens the mask's 128-blocks): 3 key steps per query
   block, not 16; the dk/dv grid as many query steps per key block."""
   length, width, tile = 8192, 1024, 512
-  mask = jmat.create_block_mask(jmat.mods.generate_sliding_window(width), None, None, length,
-                                length)
+  with jmat.attention.kernel_platforms("tpu"):  # a mask records its bounds for a TPU program
+    mask = jmat.create_block_mask(jmat.mods.generate_sliding_window(width), None, None, length,
+                                  length)
   q = jax.ShapeDtypeStruct((1, 2, length, 128), jnp.bfloat16)
 
   def loss(q, k, v, block_mask):
@@ -786,7 +787,8 @@ def test_flex_on_a_shrunk_grid_matches_the_oracle(traced):
                               kernel_options={"BACKEND": "MOSAIC", "INTERPRET": True})
     return jnp.sum(out * d_out), out
 
-  outside = None if traced else jmat.create_block_mask(mask_mod, None, None, length, length)
+  with jmat.attention.kernel_platforms("tpu"):  # a mask records its bounds for a TPU program
+    outside = None if traced else jmat.create_block_mask(mask_mod, None, None, length, length)
   fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
   steps = {c.params["grid_mapping"].grid[-1] for c in _pallas_calls(fn, q, k, v)}
   n = length // 512

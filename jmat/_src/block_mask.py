@@ -27,7 +27,7 @@ import numpy as np
 from jax.core import Tracer  # pyright: ignore[reportAttributeAccessIssue]
 from jax.typing import ArrayLike
 
-from jmat._src import block_sparse, checks
+from jmat._src import backends, block_sparse, checks
 
 MaskMod = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 ScoreMod = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -340,7 +340,15 @@ jax.tree_util.register_pytree_node(BoundedKeyBlocks, lambda t: (tuple(t), t.boun
 
 
 def _list_bounds(num, indices, full_num, full_indices) -> ListBounds | None:
-  """The :class:`ListBounds` of concrete tables, None for traced ones (built under jit)."""
+  """The :class:`ListBounds` of concrete tables, None for traced ones (built under jit).
+
+  Only the TPU kernel uses them, so they are recorded only where a TPU program is traced (a
+  TPU host, or inside ``jmat.attention.kernel_platforms("tpu", ...)`` for export): elsewhere
+  masks of one shape whose lists differ (a document mask per batch) never retrace a jitted
+  function.
+  """
+  if "tpu" not in backends.traced_platforms():
+    return None
   if any(isinstance(x, Tracer) for x in (num, indices, full_num, full_indices)):
     return None
   listed = _marked(num, indices) > 0
@@ -375,9 +383,10 @@ class BlockMask:
     seq_lengths: ``(Q_LEN, KV_LEN)``.
 
   A mask built from concrete tables (:func:`create_block_mask` or :meth:`from_kv_blocks`
-  outside jit) also records, statically, how long its longest lists are (:class:`ListBounds`,
-  part of the jit cache key, as splash attention's mask info is): the TPU kernel's grid walks
-  that many key blocks per query block, not all of them. Set the tables of a mask only through
+  outside jit) where a TPU program is traced (a TPU host, or inside
+  ``jmat.attention.kernel_platforms("tpu")``) also records, statically, how long its longest
+  lists are (:class:`ListBounds`, part of the jit cache key, as splash attention's mask info
+  is): the TPU kernel's grid walks that many key blocks per query block, not all of them. Set the tables of a mask only through
   these builders (a mask whose tables were replaced by hand could list more).
   """
 

@@ -268,45 +268,15 @@ def _flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa:
     out = jnp.zeros(shape, dtype)
     lse = jnp.full(shape[:-1], -jnp.inf, online_softmax.compute_dtype(dtype))
     return out, lse, (lse if aux.max_scores else None)
-  results = [back(x) for x in _attend(call, options)]
+  # A key/value pool shared by every table row (M = 1, a paged cache) goes in as it is: every
+  # backend reads its one row for each table row.
+  results = [back(x) for x in backends.attend(_OP, call, options)]
   return results[0], results[1], (results[2] if aux.max_scores else None)
 
 
 def _batched(shape: tuple[int, ...], batch: int) -> tuple[int, ...]:
   """``shape`` with its batch (dim 0) set to ``batch`` (4-D shapes; others are left as they are)."""
   return (batch,) + tuple(shape[1:]) if len(shape) == 4 else tuple(shape)
-
-
-def _unshared(call: block_sparse.Call) -> block_sparse.Call:
-  """``call`` with a key/value pool shared by every table row (``M = 1``) repeated per row.
-
-  The XLA loops and the Triton kernel read a shared pool's one row for every
-  table row (and add every row's key/value gradients into it); the Mosaic kernel
-  indexes the key/value rows by table row, so it gets the pool repeated (a copy).
-  """
-  rows = call.q.shape[0]
-  if call.k.shape[0] == rows:
-    return call
-  k, v = (jnp.broadcast_to(x, (rows,) + x.shape[1:]) for x in (call.k, call.v))
-  return dataclasses.replace(call, k=k, v=v)
-
-
-def _attend(call: block_sparse.Call, options: backends.KernelOptions):
-  """``backends.attend``, with a shared key/value pool repeated for the Mosaic kernel only."""
-  if call.k.shape[0] == call.q.shape[0] or options.backend in ("XLA", "TRITON"):
-    return backends.attend(_OP, call, options)
-  if options.backend != "AUTO":
-    return backends.attend(_OP, _unshared(call), options)
-
-  def pallas(platform: str):
-    def run(call):
-      call = _unshared(call)
-      chosen = backends.choose(call, platform, options).backend
-      return backends.attend(_OP, call, dataclasses.replace(options, backend=chosen))
-
-    return run
-
-  return backends.attend(_OP, call, options, override={"tpu": pallas("tpu")})
 
 
 def _flex_call(query, key, value, score_mod, block_mask, scale, enable_gqa: bool,
@@ -445,8 +415,6 @@ def flex_attention_backend(
   def trace(query, key, value, block_mask, scale):
     call, _ = _flex_call(query, key, value, score_mod, block_mask, scale, enable_gqa,
                          aux.max_scores)
-    if call is not None and platform in ("cuda", "tpu"):
-      call = _unshared(call)
     found.append(backends.Choice("XLA", "nothing to compute: a length is 0") if call is None
                  else backends.choose(call, platform, options))
 
