@@ -386,8 +386,9 @@ class BlockMask:
   outside jit) where a TPU program is traced (a TPU host, or inside
   ``jmat.attention.kernel_platforms("tpu")``) also records, statically, how long its longest
   lists are (:class:`ListBounds`, part of the jit cache key, as splash attention's mask info
-  is): the TPU kernel's grid walks that many key blocks per query block, not all of them. Set the tables of a mask only through
-  these builders (a mask whose tables were replaced by hand could list more).
+  is): the TPU kernel's grid walks that many key blocks per query block, not all of them. Set
+  the tables of a mask only through these builders (a mask whose tables were replaced by hand
+  could list more).
   """
 
   def __init__(self, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
