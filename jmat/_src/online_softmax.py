@@ -219,6 +219,28 @@ def online_softmax_merge(carries: Carry) -> Carry:
   return (jnp.sum(acc * weight[..., None], axis=0), top, jnp.sum(row_sum * weight, axis=0))
 
 
+def merge_parts(out: jax.Array, lse: jax.Array, axis: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Merges attention over disjoint parts of the keys by their logsumexp (split-KV's merge).
+
+  Args:
+    out: ``(..., P, ..., Ev)`` each part's normalised output (0 where a part saw no key),
+      the parts along ``axis``.
+    lse: ``out``'s shape without ``Ev``: each part's natural-log logsumexp (``-inf``
+      where it saw no key).
+    axis: the parts' axis (of ``lse``; ``out``'s is the same).
+
+  Returns:
+    ``out`` and ``lse`` of all the keys, in ``lse``'s dtype and without ``axis``: 0 and
+    ``-inf`` where no part saw a key; a NaN in any part comes out. The gradient is finite
+    everywhere (no ``inf - inf``): each part is the carry ``(out, lse, 1)`` of
+    :func:`online_softmax_merge` (0 for a part that saw nothing).
+  """
+  out, lse = jnp.moveaxis(out, axis, 0), jnp.moveaxis(lse, axis, 0)
+  carry = (out.astype(lse.dtype), lse, (~jnp.isneginf(lse)).astype(lse.dtype))
+  merged = online_softmax_merge(carry)
+  return online_softmax_finish(merged, lse.dtype), online_softmax_logsumexp(merged)
+
+
 def online_softmax_finish(carry: Carry, dtype: DTypeLike) -> jax.Array:
   """The attention output of a finished carry: ``acc / row_sum``, cast to ``dtype``.
 

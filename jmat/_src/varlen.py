@@ -171,25 +171,6 @@ def _mask(window: tuple[int, int]):
   return mask
 
 
-def merge_splits(out: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Merges attention over parts of the keys by their logsumexp: ``(out, lse)`` of the whole.
-
-  Args:
-    out: ``(P, ..., Ev)`` each part's normalised output (0 where a part saw no key).
-    lse: ``(P, ...)`` each part's natural-log logsumexp (``-inf`` where it saw no key).
-
-  Returns:
-    ``out (..., Ev)`` and ``lse (...)``: 0 and ``-inf`` where no part saw a key. The gradient
-    is finite everywhere (no ``inf - inf``). Each part is the carry ``(out, lse, 1)`` of
-    :func:`~jmat._src.online_softmax.online_softmax_merge` (0 for a part that saw nothing).
-  """
-  seen = ~jnp.isneginf(lse)
-  carry = (out.astype(lse.dtype), lse, seen.astype(lse.dtype))
-  merged = online_softmax.online_softmax_merge(carry)
-  return (online_softmax.online_softmax_finish(merged, lse.dtype),
-          online_softmax.online_softmax_logsumexp(merged))
-
-
 def _attend(query, key, value, cu_q, cu_k, used_k, scale, *, max_q: int, max_k: int,
             window: tuple[int, int], splits: int | None, options: backends.KernelOptions):
   """Packed varlen attention: ``(out (Tq, Hq, Ev), lse (Hq, Tq))`` on the backend ``options``
@@ -250,7 +231,7 @@ def _attend_on(query, key, value, cu_q, cu_k, used_k, scale, *, max_q: int, max_
   lse = lse[0].reshape(kv_heads, group, parts, tables.rows)
   out, lse = jnp.moveaxis(out, 2, 0), jnp.moveaxis(lse, 2, 0)
   if parts > 1:
-    out, lse = merge_splits(out, lse)
+    out, lse = online_softmax.merge_parts(out, lse)
   else:
     out, lse = out[0], lse[0]
   out = out.reshape(heads, tables.rows, v_dim)[:, tables.row_of_token]

@@ -625,25 +625,10 @@ def _forward(q, k, v, blocks: KeyBlocks, blocked, hoisted, scale, offsets, plan:
       geo, plan, key_major=False, width=q.shape[-1] + v.shape[-1])
   if splits == 1:
     return out, lse, (lows[0] if lows else None)
-  merged, lse = _merge_splits(out.reshape(m, r, tiles, splits, rows, -1),
-                                 lse.reshape(m, r, tiles, splits, 1, rows).swapaxes(-1, -2), 3)
+  merged, lse = osm.merge_parts(out.reshape(m, r, tiles, splits, rows, -1),
+                                lse.reshape(m, r, tiles, splits, rows), 3)  # flash-decoding's
   out = merged.astype(q.dtype)
-  return out, lse.swapaxes(-1, -2), ((merged - out.astype(dtype)).astype(q.dtype) if low else None)
-
-
-def _merge_splits(out: jax.Array, lse: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
-  """Flash-decoding's merge of partial results along ``axis``: ``out (..., rows, Ev)`` and
-  ``lse (..., rows, 1)`` of each split, each output weighed by ``exp(its lse - the total)``.
-
-  A row no split saw stays 0 and ``-inf``; a NaN in any split comes out.
-  """
-  top = jnp.max(lse, axis=axis)
-  empty = jnp.isneginf(top)
-  top = jnp.where(empty, 0.0, top)
-  weight = jnp.exp(lse - jnp.expand_dims(top, axis))
-  total = jnp.sum(weight, axis=axis)
-  merged = jnp.sum(weight * out, axis=axis) / jnp.where(empty, 1.0, total)
-  return merged, jnp.where(empty, -jnp.inf, top + jnp.log(total))
+  return out, lse[..., None, :], ((merged - out.astype(dtype)).astype(q.dtype) if low else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))

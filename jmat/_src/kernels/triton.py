@@ -1085,15 +1085,8 @@ def _forward(q, k, v, blocks: KeyBlocks, operands: Operands, scale, offsets, cfg
   )(blocks, scale, offsets, q, k, v, operands)
   if splits == 1:
     return out, lse
-  # Flash-decoding's merge: each split's output weighs exp(its lse - the total lse).
-  # A row no split saw stays 0 and -inf; a NaN in any split comes out.
-  top = jnp.max(lse, axis=0)
-  empty = jnp.isneginf(top)
-  top = jnp.where(empty, 0.0, top)
-  weight = jnp.exp(lse - top)
-  total = jnp.sum(weight, axis=0)
-  merged = jnp.sum(weight[..., None] * out, axis=0) / jnp.where(empty, 1.0, total)[..., None]
-  return merged.astype(q.dtype), jnp.where(empty, -jnp.inf, top + jnp.log(total))
+  merged, lse = osm.merge_parts(out, lse)  # flash-decoding's merge of the splits
+  return merged.astype(q.dtype), lse
 
 
 def _backward(cfg: _Config, q, k, v, blocks, operands, scale, offsets, d_out, lse2, delta):
