@@ -54,7 +54,6 @@ import functools
 import inspect
 import math
 import os
-import re
 import sys
 import warnings
 from collections.abc import Callable, Mapping
@@ -64,7 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import accelerators, decode, plots
+from benchmarks import accelerators, decode, machine, plots
 from benchmarks import competitors as comp
 from benchmarks.decode import HEAD_DIM, HEADS, KV_HEADS, PAGE, page_table, reservations
 from benchmarks.formatting import fmt_pct, fmt_span, fmt_time
@@ -107,10 +106,7 @@ PEAK_HBM_GBPS: tuple[tuple[str, float], ...] = (
 
 def peak_gbps(device_kind: str) -> float | None:
   """The device's peak HBM GB/s from :data:`PEAK_HBM_GBPS`, or None where it is not listed."""
-  for pattern, gbps in PEAK_HBM_GBPS:
-    if re.search(pattern, device_kind, re.IGNORECASE):
-      return gbps
-  return None
+  return machine.peak_of(PEAK_HBM_GBPS, device_kind)
 
 
 def competitors(platform: str) -> tuple[str, ...]:

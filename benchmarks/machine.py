@@ -69,12 +69,18 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
+def peak_of(table: tuple[tuple[str, float], ...], device_kind: str) -> float | None:
+  """The value of the first ``(pattern, value)`` row of ``table`` whose pattern is found in
+  ``device_kind`` (case-insensitive), or None where none is."""
+  for pattern, value in table:
+    if re.search(pattern, device_kind, re.IGNORECASE):
+      return value
+  return None
+
+
 def peak_bf16_tflops(device_kind: str) -> float | None:
   """The device's peak dense bfloat16 TFLOP/s from :data:`PEAK_BF16_TFLOPS`, or None if unknown."""
-  for pattern, tflops in PEAK_BF16_TFLOPS:
-    if re.search(pattern, device_kind, re.IGNORECASE):
-      return tflops
-  return None
+  return peak_of(PEAK_BF16_TFLOPS, device_kind)
 
 
 # The packages that decide what runs on an accelerator, recorded where installed.
