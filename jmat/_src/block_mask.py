@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -323,20 +323,15 @@ class BoundedKeyBlocks(block_sparse.KeyBlocks):
   bounds: ListBounds | None = None
 
 
-def _bounded(blocks: block_sparse.KeyBlocks, bounds: ListBounds | None) -> BoundedKeyBlocks:
-  table = BoundedKeyBlocks(*blocks)
-  table.bounds = bounds
-  return table
-
-
-def _unflatten_bounded(bounds: ListBounds | None, children) -> BoundedKeyBlocks:
-  table = BoundedKeyBlocks(*children)
+def _bounded(tables: Iterable[Any], bounds: ListBounds | None) -> BoundedKeyBlocks:
+  """The four tables of a :class:`~jmat._src.block_sparse.KeyBlocks` with ``bounds``."""
+  table = BoundedKeyBlocks(*tables)
   table.bounds = bounds
   return table
 
 
 jax.tree_util.register_pytree_node(BoundedKeyBlocks, lambda t: (tuple(t), t.bounds),
-                                   _unflatten_bounded)
+                                   lambda bounds, children: _bounded(children, bounds))
 
 
 def _list_bounds(num, indices, full_num, full_indices) -> ListBounds | None:
