@@ -335,6 +335,21 @@ def test_a_device_run_without_the_device_is_refused_in_one_line(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
+def _made_up_records(competitors, i: int, unit: float, skipped) -> dict:
+  """Case ``i``'s records as the runner writes them, competitor ``j`` taking
+  ``unit * (i + 1) * (j + 1)`` s; ``skipped(name)``: why a competitor did not run, or None."""
+  records = {}
+  for j, name in enumerate(competitors):
+    reason = skipped(name)
+    if reason is not None:
+      records[name] = {"status": "skipped", "reason": reason}
+      continue
+    t = unit * (i + 1) * (j + 1)
+    records[name] = {"status": "ok", "median_s": t, "min_s": 0.9 * t, "max_s": 1.2 * t,
+                     "samples": 3, "calls_per_sample": 1, "samples_s": [t, 0.9 * t, 1.2 * t]}
+  return records
+
+
 def _device_results(kind: str) -> dict:
   """A results record as a GPU run writes it, with made-up times (the report is under test)."""
   from benchmarks import accelerators as acc
@@ -343,14 +358,8 @@ def _device_results(kind: str) -> dict:
   suite = acc.flex_suite(target, True)
   cases = []
   for i, case in enumerate(suite.cases):
-    results = {}
-    for j, name in enumerate(suite.competitors):
-      if name == "cudnn" and case.info["mask"] != "causal":
-        results[name] = {"status": "skipped", "reason": "no such mask"}
-        continue
-      t = 1e-3 * (i + 1) * (j + 1)
-      results[name] = {"status": "ok", "median_s": t, "min_s": 0.9 * t, "max_s": 1.2 * t,
-                       "samples": 3, "calls_per_sample": 1, "samples_s": [t, 0.9 * t, 1.2 * t]}
+    results = _made_up_records(suite.competitors, i, 1e-3, lambda name, case=case: (
+        "no such mask" if name == "cudnn" and case.info["mask"] != "causal" else None))
     cases.append({"name": case.name, "dtype": case.dtype, "flops": case.flops,
                   "computed_flops": case.computed_flops, "info": dict(case.info),
                   "results": results})
@@ -730,14 +739,8 @@ def _decode_device_results(kind: str) -> dict:
   suite = dd.decode_suite(_fake_target("gpu", kind), True)
   cases = []
   for i, case in enumerate(suite.cases):
-    records = {}
-    for j, name in enumerate(suite.competitors):
-      if name == "torch varlen":
-        records[name] = {"status": "skipped", "reason": "takes no block_table"}
-        continue
-      t = 1e-4 * (i + 1) * (j + 1)
-      records[name] = {"status": "ok", "median_s": t, "min_s": 0.9 * t, "max_s": 1.2 * t,
-                       "samples": 3, "calls_per_sample": 1, "samples_s": [t, 0.9 * t, 1.2 * t]}
+    records = _made_up_records(suite.competitors, i, 1e-4, lambda name: (
+        "takes no block_table" if name == "torch varlen" else None))
     cases.append({"name": case.name, "dtype": case.dtype, "flops": case.flops,
                   "info": dict(case.info), "results": records})
   run = dict(results["suites"]["flex"]["run"])
