@@ -82,3 +82,29 @@ def test_init_defaults_to_float32():
   chex.assert_shape([acc, row_max, row_sum], [(2, 3, 5, 7), (2, 3, 5), (2, 3, 5)])
   assert {x.dtype for x in (acc, row_max, row_sum)} == {jnp.dtype(jnp.float32)}
   assert np.all(np.isneginf(row_max)) and not np.any(row_sum)
+
+
+def test_keys_first_fold_gives_softmax_attention_of_a_cache_laid_out_keys_first():
+  """The decode loop's fold (scores ``(Sk, H, Lq)``, values ``(Sk, H, Ev)``, as a packed cache
+  holds them) gives the float64 oracle's attention and logsumexp, block after block, with a
+  row that sees no key (0 and -inf, no NaN) and a row whose first block is all masked."""
+  from jmat._src import online_softmax
+
+  heads, rows, keys = 3, 4, 13
+  q, k, v = randn(heads, rows, 5), randn(heads, keys, 5), randn(heads, keys, 2)
+  allowed = RNG.random((rows, keys)) > 0.3
+  allowed[1] = False
+  allowed[3, :5] = False
+  scores = np.where(allowed, np.einsum("hqd,hkd->hqk", q, k), -np.inf)
+  carry = online_softmax.online_softmax_init((heads,), rows, 2, dtype=jnp.float64)
+  for start in range(0, keys, 5):
+    block = slice(start, start + 5)
+    carry = online_softmax.online_softmax_fold_keys_first(
+        carry, jnp.moveaxis(jnp.asarray(scores[..., block]), -1, 0),
+        jnp.moveaxis(jnp.asarray(v[:, block]), 1, 0))
+  got = online_softmax.online_softmax_finish(carry, jnp.float64)
+  want, want_lse = attention_reference(q, k, v, allowed=allowed, scale=1.0, return_lse=True)
+  np.testing.assert_allclose(got, want, **tolerance(np.float64))
+  np.testing.assert_allclose(online_softmax.online_softmax_logsumexp(carry), want_lse,
+                             **tolerance(np.float64))
+  np.testing.assert_array_equal(got[:, 1], 0.0)

@@ -133,6 +133,33 @@ def online_softmax_fold(carry: Carry, scores: jax.Array, v: jax.Array) -> Carry:
   return acc * rescale[..., None] + weighted, new_max, row_sum * rescale + jnp.sum(p, axis=-1)
 
 
+def online_softmax_fold_keys_first(carry: Carry, scores: jax.Array, v: jax.Array) -> Carry:
+  """:func:`online_softmax_fold` for a block laid out keys first, as a packed or paged cache.
+
+  The same recurrence, but the keys are the leading axis of the scores and values
+  and ``p @ v`` is a multiply-reduce over them: on XLA:CPU a block of a
+  ``(tokens, heads, E)`` cache is used as it lies, where the matrix-product form
+  (heads first) would transpose every block of keys and values (a decode step's
+  cost is reading them). For the few query rows of decoding the product is a
+  reduction over keys either way.
+
+  Args:
+    carry: ``(acc (*lead, Lq, Ev), row_max (*lead, Lq), row_sum)``.
+    scores: ``(Sk, *lead, Lq)`` in the carry's dtype, masked entries ``-inf``.
+    v: ``(Sk, *lead, Ev)`` this block's values.
+
+  Returns:
+    The updated carry.
+  """
+  acc, row_max, row_sum = carry
+  new_max = jax.lax.stop_gradient(jnp.maximum(row_max, jnp.max(scores, axis=0)))
+  shift = jnp.where(jnp.isneginf(new_max), 0.0, new_max)
+  p = jnp.exp(scores - shift[None])
+  rescale = jnp.exp(row_max - shift)
+  weighted = jnp.sum(p[..., None] * v[..., None, :].astype(acc.dtype), axis=0)
+  return acc * rescale[..., None] + weighted, new_max, row_sum * rescale + jnp.sum(p, axis=0)
+
+
 def online_softmax_update(
     carry: Carry,
     q: jax.Array,

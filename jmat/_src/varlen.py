@@ -241,11 +241,11 @@ def _attend_on(query, key, value, cu_q, cu_k, used_k, scale, *, max_q: int, max_
 
 # The decode loop's key block: this many keys of one sequence per step (a page or a few pages
 # of a paged cache). Fixed, whatever the batch, and aligned with each sequence's first key, so a
-# sequence's sums run in the same order in every batch.
-_DECODE_STEP = 512
-# num_splits=None on a CPU: each sequence's key blocks in two halves, two loops the runtime runs
-# on two cores.
-_CPU_PARTS = 2
+# sequence's sums run in the same order in every batch. XLA:CPU copies every block a loop reads
+# (a dynamic slice is materialised): 1024 keys of 8 heads of 128 (4 MiB of K and V in float32)
+# stay in the cores' caches between the copy and the products; 512 (more steps) and 2048 or
+# more (out of cache) measured slower (docs/inference.md).
+_DECODE_STEP = 1024
 
 
 class _Cache(NamedTuple):
@@ -309,16 +309,18 @@ def _decode_forward(query, cache: _Cache, cu_q, used, scale, *, max_q: int,
   trip count: a short sequence costs its own blocks), each block read in place (a slice of the
   packed keys, or pages of the pool). All query heads of a key/value head and all the
   sequence's queries are the rows of one product per block, folded into an online softmax.
-  With ``splits`` parts (``None``: two) each part of every sequence's blocks is a loop nest of
-  its own (independent loops: XLA's CPU runtime runs them concurrently); the parts are merged
-  by logsumexp. Forward only: :func:`_decode` gives it the kernel's gradients.
+  Blocks are used keys first, as they lie (:func:`online_softmax.online_softmax_fold_keys_first`:
+  the products are multiply-reduces, so no block is transposed). With ``splits`` parts
+  (``None``: one) each part of every sequence's blocks is a loop nest of its own, merged by
+  logsumexp (XLA's CPU runtime ran two such loops one after the other: no faster). Forward
+  only: :func:`_decode` gives it the kernel's gradients.
   """
   total_q, heads, dim = query.shape
   kv_heads, v_dim = cache.key.shape[-2], cache.value.shape[-1]
   group = heads // kv_heads
   n = cu_q.shape[0] - 1
   dtype = online_softmax.compute_dtype(query.dtype)
-  parts = splits or _CPU_PARTS
+  parts = splits or 1
   size = cache.step()
   len_q = cu_q[1:] - cu_q[:-1]
   j = jnp.arange(max_q, dtype=jnp.int32)
@@ -326,6 +328,7 @@ def _decode_forward(query, cache: _Cache, cu_q, used, scale, *, max_q: int,
   token = jnp.where(row_valid, cu_q[:-1, None] + j, 0)
   q = jnp.where(row_valid[..., None, None], query[token], 0)                # (N, Lq, Hq, D)
   q = (q.astype(dtype) * scale).reshape(n, max_q, kv_heads, group, dim)
+  q = jnp.moveaxis(q, 1, 3).reshape(n, kv_heads, group * max_q, dim)      # rows (g, l)
   aligned = j[None, :] + (used - len_q)[:, None]                            # (N, Lq)
   left, right = window
   # The keys any query of a sequence sees: [lo, hi).
@@ -341,15 +344,18 @@ def _decode_forward(query, cache: _Cache, cu_q, used, scale, *, max_q: int,
 
     def step(sliced, b, tile):
       k_b, v_b, pos = cache.read(i, b, size, sliced)
-      s = jnp.einsum("lhgd,khd->hglk", q_i, k_b.astype(dtype), preferred_element_type=dtype)
-      ok = pos < used[i]
-      key_at, query_at = pos[None, :], at[:, None]
+      # Keys first, as the block lies in the cache: (size, Hkv, G * Lq) scores from a
+      # multiply-reduce over D (a matrix product would transpose the block first).
+      s = jnp.sum(k_b.astype(dtype)[:, :, None, :] * q_i[None], axis=-1)
+      key_at, query_at = pos[:, None], at[None, :]
+      ok = key_at < used[i]                                                 # (size, 1|Lq)
       if right >= 0:
         ok = ok & (key_at <= query_at + right)
       if left >= 0:
         ok = ok & (key_at >= query_at - left)
-      s = jnp.where(ok, s, -jnp.inf).reshape(kv_heads, group * max_q, size)
-      return online_softmax.online_softmax_fold(tile, s, jnp.swapaxes(v_b, 0, 1))
+      ok = jnp.broadcast_to(ok[:, None, None, :], (size, 1, group, max_q))
+      s = jnp.where(ok.reshape(size, 1, group * max_q), s, -jnp.inf)
+      return online_softmax.online_softmax_fold_keys_first(tile, s, v_b)
 
     begin = first_block[i] + part * per_part[i]
     end = jnp.minimum(begin + per_part[i], first_block[i] + blocks[i])
@@ -524,8 +530,8 @@ def varlen_attn(
     num_splits: split each sequence's keys into this many parts merged by
       logsumexp; ``1`` never splits (a sequence's result then does not depend
       on the rest of the batch); None lets jmat choose (for short query runs:
-      two parts on a CPU, two loops its runtime may run on two cores; enough
-      parts to fill a GPU or TPU).
+      one part on a CPU, whose decode loop is bound by reading the cache;
+      enough parts to fill a GPU or TPU).
     kernel_options: jmat's addition (as flex attention's): ``{"BACKEND":
       "AUTO" | "XLA" | "TRITON" | "MOSAIC", "INTERPRET": bool, ...}``.
 
