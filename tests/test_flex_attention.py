@@ -312,12 +312,14 @@ OK = (2, 4, 8, 6)
 # --- decoding: split-KV on the XLA loops ----------------------------------------------------
 
 
-@pytest.mark.parametrize("split_kv", [3, 16])  # 16: more parts than key blocks
+# None: the CPU's own decode step, 11 entries of a list per step (lists of 4 and 11 blocks).
+@pytest.mark.parametrize("split_kv", [None, 3, 16])  # 16: more parts than key blocks
 @pytest.mark.parametrize("q_len", [1, 3])
 def test_split_kv_decode_matches_the_float64_oracle_with_gradients(split_kv, q_len):
   """A short query over long keys: its key blocks cut into SPLIT_KV parts merged by logsumexp
-  (torch's flex-decoding option) give the oracle's values, lse and gradients, q/k/v and a
-  captured bias; batch entries of different lengths leave some parts empty."""
+  (torch's flex-decoding option), or (no SPLIT_KV on a CPU) folded several list entries per
+  step, give the oracle's values, lse and gradients, q/k/v and a captured bias; batch entries
+  of different lengths leave some parts empty or some entries of a step unused."""
   b, h, kv_len = 2, 4, 700
   lengths = jnp.array([700, 250])
   block_mask = create_block_mask(lambda b, h, q, kv: kv < lengths[b], b, None, q_len, kv_len,
@@ -327,7 +329,8 @@ def test_split_kv_decode_matches_the_float64_oracle_with_gradients(split_kv, q_l
 
   def attend(q, k, v, bias):
     return jmat.flex_attention(q, k, v, lambda s, b, h, q_idx, kv: s + bias[h, kv], block_mask,
-                               return_lse=True, kernel_options={"SPLIT_KV": split_kv})
+                               return_lse=True,
+                               kernel_options=None if split_kv is None else {"SPLIT_KV": split_kv})
 
   out, lse = attend(q, k, v, bias)
   allowed = np.arange(kv_len) < np.asarray(lengths)[:, None, None, None]
@@ -343,9 +346,11 @@ def test_split_kv_decode_matches_the_float64_oracle_with_gradients(split_kv, q_l
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
 
 
-def test_split_kv_decode_with_gqa_max_scores_and_a_shared_pool():
-  """The split also serves GQA, max_scores (a max over the parts) and a key/value batch of 1
-  (a paged pool) against a per-entry block mask."""
+# None: the CPU's decode step, 16 entries of a list per step (each entry's window of the pool).
+@pytest.mark.parametrize("split_kv", [None, 4])
+def test_split_kv_decode_with_gqa_max_scores_and_a_shared_pool(split_kv):
+  """The split (and the CPU's decode step) also serves GQA, max_scores (a max over the parts)
+  and a key/value batch of 1 (a paged pool) against a per-entry block mask."""
   b, h, kv_heads, kv_len = 3, 4, 2, 512
   q, k, v = randn(b, h, 1, 8), randn(1, kv_heads, kv_len, 8), randn(1, kv_heads, kv_len, 8)
   starts = jnp.array([0, 128, 320])  # each entry's keys: a window of the pool
@@ -353,7 +358,8 @@ def test_split_kv_decode_with_gqa_max_scores_and_a_shared_pool():
       lambda b, h, q, kv: (kv >= starts[b]) & (kv < starts[b] + 150), b, None, 1, kv_len,
       BLOCK_SIZE=(1, 32))
   out, aux = jmat.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True,
-                                 kernel_options={"SPLIT_KV": 4},
+                                 kernel_options=None if split_kv is None else {
+                                     "SPLIT_KV": split_kv},
                                  return_aux=jmat.attention.AuxRequest(lse=True, max_scores=True))
   kv = np.arange(kv_len)
   allowed = (kv >= np.asarray(starts)[:, None, None, None]) & (

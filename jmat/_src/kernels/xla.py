@@ -115,9 +115,11 @@ def _scores(q_i, k_j, scale, dtype, mods: Mods, tile: _Tile, ops: Operands) -> j
   return s
 
 
-def _allowed(mods: Mods, geo: Geometry, col, tile: _Tile, ops: Operands) -> jax.Array:
-  """Which entries of a partial block may attend: in bounds and allowed by ``Mods.mask``."""
-  allowed = (col + lax.iota(jnp.int32, geo.block_k) < geo.kv_len)[None, None, None, :]
+def _allowed(mods: Mods, geo: Geometry, rows: jax.Array, tile: _Tile,
+             ops: Operands) -> jax.Array:
+  """Which entries of a partial block of key ``rows`` may attend: in bounds and allowed by
+  ``Mods.mask``."""
+  allowed = (rows < geo.kv_len)[None, None, None, :]
   if mods.mask is not None:
     allowed = allowed & mods.mask(*tile, ops)
   return allowed
@@ -131,6 +133,32 @@ def _visit(blocks: KeyBlocks, m, i, body, state):
       return body(masked, first + t if indices is None else indices[m, i, t], s)
 
     return lax.fori_loop(0, num[m, i], step, state)
+
+  state = loop(False, blocks.full_num, blocks.full_indices, 0, state)
+  return loop(True, blocks.num, blocks.indices, blocks.full_num[m, i], state)
+
+
+def _visit_grouped(blocks: KeyBlocks, m, i, group: int, body, state):
+  """:func:`_visit` taking ``group`` consecutive entries of a list per step.
+
+  Runs ``state = body(masked, js (group,), valid (group,), state)``: entries past
+  the end of a list repeat its last one and are not ``valid`` (the body masks
+  them), so a step reads ``group`` listed blocks wherever they lie and the
+  steps are ``group`` times fewer.
+  """
+  t = lax.iota(jnp.int32, group)
+
+  def loop(masked, num, indices, first, state):
+    count = num[m, i]
+
+    def step(s, state):
+      entry = s * group + t
+      valid = entry < count
+      entry = jnp.minimum(entry, jnp.maximum(count - 1, 0))
+      js = first + entry if indices is None else indices[m, i, entry]
+      return body(masked, js, valid, state)
+
+    return lax.fori_loop(0, (count + group - 1) // group, step, state)
 
   state = loop(False, blocks.full_num, blocks.full_indices, 0, state)
   return loop(True, blocks.num, blocks.indices, blocks.full_num[m, i], state)
@@ -207,6 +235,7 @@ def forward_blocks(
     k_offset: int | jax.Array = 0,
     chains: int = 1,
     splits: int = 1,
+    group: int = 1,
 ) -> osm.Carry:
   """Folds every listed key block into the online-softmax carry of its query block.
 
@@ -231,6 +260,9 @@ def forward_blocks(
       that many parts (:func:`split_blocks`) walked side by side, one batched step
       for all parts, and merged by logsumexp (:func:`_visit_parts`); ``chains`` is
       then 1. Results equal the unsplit loop's to rounding.
+    group: a step folds that many consecutive entries of a list at once, read where
+      they lie (:func:`_visit_grouped`; a CPU decode step's, :func:`decode_group`);
+      ``chains`` is then 1, and ``splits`` takes precedence.
 
   Returns:
     The updated carry.
@@ -238,8 +270,9 @@ def forward_blocks(
   n_q = blocks.num.shape[1]
   bq = geo.block_q
   dtype = carry[0].dtype
-  chains = chains if bq % (8 * chains) == 0 and splits == 1 else 1
   parts = split_blocks(blocks, ceil_div(k.shape[-2], geo.block_k), splits) if splits > 1 else None
+  group = group if parts is None else 1
+  chains = chains if bq % (8 * chains) == 0 and splits == 1 and group == 1 else 1
   heads = _heads(q)
   rows = bq // chains
 
@@ -263,13 +296,32 @@ def forward_blocks(
         at = _Tile(m, *heads, q_pos[part], k_pos)
         s = _scores(q_i[..., part, :], k_j, scale, dtype, mods, at, ops)
         if masked:
-          s = jnp.where(_allowed(mods, geo, col, at, ops), s, -jnp.inf)
+          s = jnp.where(_allowed(mods, geo, col + lax.iota(jnp.int32, geo.block_k), at, ops),
+                        s, -jnp.inf)
         updated.append(osm.online_softmax_fold(tile, s, v_j[:, None]))
       return tuple(updated)
+
+    def fold_group(masked, js, valid, tile):
+      cols = [js[t] * geo.block_k for t in range(group)]
+      k_j, v_j = (jnp.concatenate([_block(x, m, col, geo.block_k) for col in cols], axis=-2)
+                  for x in (k, v))
+      rows = (js[:, None] * geo.block_k + lax.iota(jnp.int32, geo.block_k)).reshape(-1)
+      at = _Tile(m, *heads, q_pos, k_offset + rows)
+      ops = [_operands_at(operands, m, row, col, geo) for col in cols]
+      ops = Operands(ops[0].whole, tuple(
+          x[0] if x[0].shape[-1] == 1 else jnp.concatenate(x, axis=-1)
+          for x in zip(*(o.blocked for o in ops), strict=True)))
+      s = _scores(q_i, k_j, scale, dtype, mods, at, ops)
+      keep = jnp.repeat(valid, geo.block_k)[None, None, None, :]
+      if masked:
+        keep = keep & _allowed(mods, geo, rows, at, ops)
+      return osm.online_softmax_fold(tile, jnp.where(keep, s, -jnp.inf), v_j[:, None])
 
     if parts is not None:
       whole_tile = cast(osm.Carry, tile)
       tile = _visit_parts(parts, m, i, lambda masked, j, t: fold(masked, j, (t,))[0], whole_tile)
+    elif group > 1:
+      tile = _visit_grouped(blocks, m, i, group, fold_group, cast(osm.Carry, tile))
     else:
       tiles = _visit(blocks, m, i, fold, tiles)
       tile = tuple(jnp.concatenate([t[n] for t in tiles], axis=axes[n]) for n in range(3))
@@ -381,7 +433,8 @@ def backward_blocks(
         # masked probabilities carry no gradient and nothing is selected again afterwards
         # (a select-then-multiply fusion of this loop crashes XLA:CPU's float64 AVX-512
         # code generation in jaxlib 0.10.2; README, known issues).
-        s = jnp.where(_allowed(mods, geo, col, tile, Operands(whole, sliced)), s, -jnp.inf)
+        rows = col + lax.iota(jnp.int32, geo.block_k)
+        s = jnp.where(_allowed(mods, geo, rows, tile, Operands(whole, sliced)), s, -jnp.inf)
       p = jnp.exp(s - lse_i)
       dv_j = jnp.einsum("rgqk,rgqv->rkv", p, do_i, preferred_element_type=dtype)
       dp = jnp.einsum("rgqv,rkv->rgqk", do_i, v_j.astype(dtype), preferred_element_type=dtype)
@@ -414,30 +467,31 @@ def prescale(q: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array | Non
 
 
 def _forward(q, k, v, blocks, operands, scale, offsets, mods: Mods, geo: Geometry,
-             chains: int, splits: int):
+             chains: int, splits: int, group: int):
   dtype = osm.compute_dtype(q.dtype)
   q_s, rest = prescale(q, scale)
   carry = osm.online_softmax_init(q.shape[:3], q.shape[3], v.shape[-1], dtype=dtype)
   carry = forward_blocks(carry, q_s, k, v, blocks, operands, rest, mods=mods, geo=geo,
                          q_offset=offsets[0], k_offset=offsets[1], chains=chains,
-                         splits=splits)
+                         splits=splits, group=group)
   return osm.online_softmax_finish(carry, q.dtype), osm.online_softmax_logsumexp(carry), carry[1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
 def _attend(q, k, v, blocks, operands, scale, offsets, mods: Mods, geo: Geometry, chains: int,
-            splits: int):
-  return _forward(q, k, v, blocks, operands, scale, offsets, mods, geo, chains, splits)
+            splits: int, group: int):
+  return _forward(q, k, v, blocks, operands, scale, offsets, mods, geo, chains, splits, group)
 
 
-def _attend_fwd(q, k, v, blocks, operands, scale, offsets, mods, geo, chains, splits):
+def _attend_fwd(q, k, v, blocks, operands, scale, offsets, mods, geo, chains, splits, group):
   out, lse, row_max = _forward(q, k, v, blocks, operands, scale, offsets, mods, geo, chains,
-                               splits)
+                               splits, group)
   return (out, lse, row_max), (q, k, v, blocks, operands, scale, offsets, out, lse)
 
 
-def _attend_bwd(mods: Mods, geo: Geometry, chains: int, splits: int, residuals, cotangents):
-  del chains, splits  # the backward pass has neither (it walks the whole table)
+def _attend_bwd(mods: Mods, geo: Geometry, chains: int, splits: int, group: int, residuals,
+                cotangents):
+  del chains, splits, group  # the backward pass has none of them (it walks the whole table)
   q, k, v, blocks, operands, scale, offsets, out, lse = residuals
   d_out, d_lse, _ = cotangents  # the row maxima are returned without gradient
   dtype = lse.dtype
@@ -481,6 +535,7 @@ def attend(
     block_k: int,
     chains: int = 1,
     splits: int = 1,
+    group: int = 1,
     with_max: bool = False,
     q_offset: int | jax.Array = 0,
     k_offset: int | jax.Array = 0,
@@ -494,7 +549,7 @@ def attend(
   ``(block_q, block_k)`` and never mark full a block that holds padding keys
   (bounds are checked in partial blocks only); blocked operands are
   ``(M|1, R|1, G|1, L|1, S|1)``;
-  ``chains`` and ``splits``: see :func:`forward_blocks`. With ``with_max`` also every
+  ``chains``, ``splits`` and ``group``: see :func:`forward_blocks`. With ``with_max`` also every
   query's largest score ``(M, R, G, L)`` (``-inf`` where it saw no key; no
   gradient flows through it, as torch's ``max_scores``). ``q_offset`` and
   ``k_offset``: the positions of query and key row 0 (see
@@ -507,7 +562,7 @@ def attend(
   out, lse, row_max = cast(tuple[jax.Array, jax.Array, jax.Array], _attend(
       pad(q, -2, lp), pad(k, -2, sp), pad(v, -2, sp), blocks, Operands(operands.whole, blocked),
       jnp.asarray(scale), (jnp.asarray(q_offset, jnp.int32), jnp.asarray(k_offset, jnp.int32)),
-      mods, geo, chains, splits))
+      mods, geo, chains, splits, group))
   if with_max:
     return out[..., :length, :], lse[..., :length], lax.stop_gradient(row_max[..., :length])
   return out[..., :length, :], lse[..., :length]
@@ -540,10 +595,26 @@ def splits_for(call: Call, platform: str, split_kv: int | None = None) -> int:
   return min(parts, n_k // 2)
 
 
+# A decode step on a CPU (a query of one block) folds list entries of about this many keys at
+# once: the loops copy every block they read (XLA:CPU materialises a dynamic slice), and the
+# copies and products of 1024 keys stay in the cores' caches; flex over a cache of 32768 keys
+# with a mask of 128-key blocks took 56 ms in 256 steps, 42 ms in 32 (docs/inference.md).
+CPU_DECODE_KEYS = 1024
+
+
+def decode_group(call: Call, platform: str) -> int:
+  """How many list entries a step of :func:`forward_blocks` folds for ``call`` on ``platform``:
+  about :data:`CPU_DECODE_KEYS` keys for a CPU decode step, else 1."""
+  if platform != "cpu" or call.q.shape[-2] > call.block_q:
+    return 1
+  return max(1, min(CPU_DECODE_KEYS // call.block_k, ceil_div(call.k.shape[-2], call.block_k)))
+
+
 def run(call: Call, *, platform: str = "cpu", split_kv: int | None = None):
   """:func:`attend` on a :class:`~jmat._src.block_sparse.Call` lowered for ``platform``:
-  ``(out, lse[, max])``; ``split_kv``: see :func:`splits_for`."""
+  ``(out, lse[, max])``; ``split_kv``: see :func:`splits_for`; ``group``: :func:`decode_group`."""
   return attend(call.q, call.k, call.v, call.blocks, call.operands, call.scale, mods=call.mods,
                 block_q=call.block_q, block_k=call.block_k, chains=call.chains,
-                splits=splits_for(call, platform, split_kv), with_max=call.needs_max,
+                splits=splits_for(call, platform, split_kv), group=decode_group(call, platform),
+                with_max=call.needs_max,
                 q_offset=call.q_offset, k_offset=call.k_offset)
