@@ -14,6 +14,8 @@ tests/distributed/test_context_parallel.py.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import numpy as np
 import pytest
@@ -82,10 +84,18 @@ def _torch_flex(q, k, v, is_causal, score_mod=None):
   length = q.shape[-2]
   block_mask = torch_flex.create_block_mask(_torch_causal, None, None, length, length,
                                             device="cpu") if is_causal else None
-  out, lse = torch_flex.flex_attention(
+  out, aux = _eager_flex(
       *(torch.tensor(x, dtype=torch.float64) for x in (q, k, v)), score_mod=score_mod,
-      block_mask=block_mask, return_lse=True)
-  return out.numpy(), lse.numpy()
+      block_mask=block_mask)
+  return out.numpy(), aux.lse.numpy()
+
+
+def _eager_flex(q, k, v, **kwargs):
+  """torch's eager flex_attention (the oracle) with its lse, without its advice to compile."""
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
+    return torch_flex.flex_attention(q, k, v, return_aux=torch_flex.AuxRequest(lse=True),
+                                     **kwargs)
 
 
 def _assert_same_nonfinite(got, want, dtype=np.float32):
@@ -149,11 +159,10 @@ def test_a_fully_masked_row_stays_zero_beside_a_nan_row():
   def mask(b, h, q_idx, kv_idx):
     return (q_idx > 0) & (kv_idx <= q_idx)
 
-  want, want_lse = torch_flex.flex_attention(
+  want, aux = _eager_flex(
       *(torch.tensor(x, dtype=torch.float64) for x in (q, k, v)),
-      block_mask=torch_flex.create_block_mask(mask, None, None, length, length, device="cpu"),
-      return_lse=True)
-  want, want_lse = want.numpy(), want_lse.numpy()
+      block_mask=torch_flex.create_block_mask(mask, None, None, length, length, device="cpu"))
+  want, want_lse = want.numpy(), aux.lse.numpy()
   assert np.all(want[:, :, 0] == 0) and np.all(np.isneginf(want_lse[:, :, 0]))
   with jax.default_matmul_precision("highest"):
     got, lse = jmat.flex_attention(
