@@ -14,8 +14,6 @@ tests/distributed/test_context_parallel.py.
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 import numpy as np
 import pytest
@@ -91,11 +89,8 @@ def _torch_flex(q, k, v, is_causal, score_mod=None):
 
 
 def _eager_flex(q, k, v, **kwargs):
-  """torch's eager flex_attention (the oracle) with its lse, without its advice to compile."""
-  with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
-    return torch_flex.flex_attention(q, k, v, return_aux=torch_flex.AuxRequest(lse=True),
-                                     **kwargs)
+  """torch's eager flex_attention (the oracle) with its lse."""
+  return torch_flex.flex_attention(q, k, v, return_aux=torch_flex.AuxRequest(lse=True), **kwargs)
 
 
 def _assert_same_nonfinite(got, want, dtype=np.float32):
