@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 import jmat  # noqa: E402
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: without xdist, pytest runs on
 def pytest_xdist_auto_num_workers(config):
   """``-n auto`` (pyproject's addopts): one worker per core, at most 4. Each worker imports
   jax and torch (about 1 GB); most tests are single-threaded tracing and compiling, so two
