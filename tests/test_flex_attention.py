@@ -373,6 +373,31 @@ def test_split_kv_decode_with_gqa_max_scores_and_a_shared_pool(split_kv):
                              rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("q_len", [1, 2])
+def test_decode_without_a_block_mask_sees_each_batch_entrys_own_keys_and_bias(q_len):
+  """Without a block_mask a decode step's tables get a row per batch entry: a score_mod reading
+  the batch index, GQA heads and keys over many blocks still give the float64 oracle's values,
+  lse and gradients."""
+  b, h, kv_heads, kv_len = 3, 4, 2, 600
+  q, k, v = randn(b, h, q_len, 8), randn(b, kv_heads, kv_len, 8), randn(b, kv_heads, kv_len, 5)
+  bias, d_out = jnp.asarray(randn(b, h, kv_len)), randn(b, h, q_len, 5)
+
+  def attend(q, k, v, bias):
+    return jmat.flex_attention(q, k, v, lambda s, b, h, q_idx, kv: s + bias[b, h, kv],
+                               enable_gqa=True, return_lse=True)
+
+  out, lse = attend(q, k, v, bias)
+  full_bias = np.broadcast_to(np.asarray(bias)[:, :, None, :], (b, h, q_len, kv_len))
+  kk, vv = (np.repeat(x, h // kv_heads, axis=1) for x in (k, v))
+  want, want_lse = attention_reference(q, kk, vv, bias=full_bias, return_lse=True)
+  np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-10)
+  np.testing.assert_allclose(lse, want_lse, rtol=1e-10, atol=1e-10)
+  grads = jax.grad(lambda *a: jnp.sum(attend(*a)[0] * d_out), argnums=(0, 3))(q, k, v, bias)
+  d_q, _, _, d_s = attention_reference_vjp(q, kk, vv, d_out, bias=full_bias)
+  np.testing.assert_allclose(grads[0], d_q, rtol=1e-9, atol=1e-9)
+  np.testing.assert_allclose(grads[1], d_s.sum(axis=2), rtol=1e-9, atol=1e-9)
+
+
 def test_decode_on_the_xla_loops_splits_where_lowered_for_a_gpu_or_tpu_not_a_cpu():
   """Split-KV is chosen per platform at lowering: the program for a GPU or TPU (where the XLA
   loops are the fused kernels' fallback) gathers the parts' key blocks, the CPU's walks them

@@ -303,6 +303,11 @@ def _flex_call(query, key, value, score_mod, block_mask, scale, enable_gqa: bool
     block_q, block_k = (block_sparse.block_for(n, _DEFAULT_BLOCK) for n in (length, keys))
     blocks = block_sparse.dense_key_blocks(length, keys, block_q, block_k)
     mask_batch = mask_heads = 1
+    if length <= block_q and not shared_kv:
+      # A decode step (one query block): a table row per batch entry, so that a step of the
+      # loops reads one entry's key block, not the whole batch's (the tables are B x n_k).
+      mask_batch = batch
+      blocks = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch,) + x.shape[1:]), blocks)
     mask_mod = None
   else:
     checks.check_block_mask_fits(_OP, block_mask.shape, query.shape, key.shape)

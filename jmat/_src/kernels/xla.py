@@ -595,19 +595,22 @@ def splits_for(call: Call, platform: str, split_kv: int | None = None) -> int:
   return min(parts, n_k // 2)
 
 
-# A decode step on a CPU (a query of one block) folds list entries of about this many keys at
-# once: the loops copy every block they read (XLA:CPU materialises a dynamic slice), and the
-# copies and products of 1024 keys stay in the cores' caches; flex over a cache of 32768 keys
-# with a mask of 128-key blocks took 56 ms in 256 steps, 42 ms in 32 (docs/inference.md).
-CPU_DECODE_KEYS = 1024
+# A decode step on a CPU (a query of one block) folds list entries of about this many bytes of
+# keys at once (all rows of the block: 8 heads x 1024 keys x 128 in float32): the loops copy
+# every block they read (XLA:CPU materialises a dynamic slice), and a step's copies and products
+# of that size stay in the cores' caches; flex over a cache of 32768 keys with a mask of
+# 128-key blocks took 56 ms in 256 steps, 45 ms in 32 (docs/inference.md).
+CPU_DECODE_BYTES = 4 << 20
 
 
 def decode_group(call: Call, platform: str) -> int:
   """How many list entries a step of :func:`forward_blocks` folds for ``call`` on ``platform``:
-  about :data:`CPU_DECODE_KEYS` keys for a CPU decode step, else 1."""
+  about :data:`CPU_DECODE_BYTES` of keys for a CPU decode step (at least one entry), else 1."""
   if platform != "cpu" or call.q.shape[-2] > call.block_q:
     return 1
-  return max(1, min(CPU_DECODE_KEYS // call.block_k, ceil_div(call.k.shape[-2], call.block_k)))
+  _, rows, _, dim = call.k.shape
+  entry = rows * call.block_k * max(dim, 1) * call.k.dtype.itemsize
+  return max(1, min(CPU_DECODE_BYTES // entry, ceil_div(call.k.shape[-2], call.block_k)))
 
 
 def run(call: Call, *, platform: str = "cpu", split_kv: int | None = None):
