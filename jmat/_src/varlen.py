@@ -35,6 +35,7 @@ from jax.typing import ArrayLike
 
 from jmat._src import backends, block_sparse, checks, online_softmax
 from jmat._src.flex_attention import AuxRequest
+from jmat._src.kernels import xla
 
 _OP = "attention.varlen_attn"
 # Query and key blocks of the kernel's tables; short query runs (decode) take longer key
@@ -42,8 +43,9 @@ _OP = "attention.varlen_attn"
 _BLOCK_Q = 128
 _BLOCK_K = 128
 _DECODE_BLOCK_K = 512
-# A query run this short is a decode step: its keys are split across programs on GPUs/TPUs.
-_DECODE_MAX_Q = 16
+# A query run this short is a decode step: its keys are split across programs on GPUs/TPUs
+# (and, as for flex, the XLA loops' CPU decode steps fold longer runs of keys).
+_DECODE_MAX_Q = xla.DECODE_MAX_Q
 # Split-KV on an accelerator aims at this many programs (query blocks x kv heads x splits).
 _TARGET_PROGRAMS = 256
 
@@ -242,9 +244,9 @@ def _attend_on(query, key, value, cu_q, cu_k, used_k, scale, *, max_q: int, max_
 # The decode loop's key block: this many keys of one sequence per step (a page or a few pages
 # of a paged cache). Fixed, whatever the batch, and aligned with each sequence's first key, so a
 # sequence's sums run in the same order in every batch. XLA:CPU copies every block a loop reads
-# (a dynamic slice is materialised): 1024 keys of 8 heads of 128 (4 MiB of K and V in float32)
-# stay in the cores' caches between the copy and the products; 512 (more steps) and 2048 or
-# more (out of cache) measured slower (docs/inference.md).
+# (a dynamic slice is materialised): 1024 keys of 8 heads of 128 (4 MiB of keys in float32, as
+# much of values) stay in the cores' caches between the copy and the products; 512 (more steps)
+# and 2048 or more (out of cache) measured slower (docs/inference.md).
 _DECODE_STEP = 1024
 
 

@@ -601,12 +601,15 @@ def splits_for(call: Call, platform: str, split_kv: int | None = None) -> int:
 # of that size stay in the cores' caches; flex over a cache of 32768 keys with a mask of
 # 128-key blocks took 56 ms in 256 steps, 45 ms in 32 (docs/inference.md).
 CPU_DECODE_BYTES = 4 << 20
+# A decode step: a query of one block and at most this many rows (varlen's short query runs
+# too), so that a step's scores stay as small as its keys.
+DECODE_MAX_Q = 16
 
 
 def decode_group(call: Call, platform: str) -> int:
   """How many list entries a step of :func:`forward_blocks` folds for ``call`` on ``platform``:
   about :data:`CPU_DECODE_BYTES` of keys for a CPU decode step (at least one entry), else 1."""
-  if platform != "cpu" or call.q.shape[-2] > call.block_q:
+  if platform != "cpu" or call.q.shape[-2] > min(call.block_q, DECODE_MAX_Q):
     return 1
   _, rows, _, dim = call.k.shape
   entry = rows * call.block_k * max(dim, 1) * call.k.dtype.itemsize
