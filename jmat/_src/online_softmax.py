@@ -122,15 +122,23 @@ def online_softmax_fold(carry: Carry, scores: jax.Array, v: jax.Array) -> Carry:
     [[3.]]
   """
   acc, row_max, row_sum = carry
-  new_max = jax.lax.stop_gradient(jnp.maximum(row_max, jnp.max(scores, axis=-1)))
-  # While a row has seen no key its maximum is -inf; shifting by 0 instead keeps
-  # exp(-inf - shift) = 0 rather than exp(-inf + inf) = NaN.
-  shift = jnp.where(jnp.isneginf(new_max), 0.0, new_max)
-  p = jnp.exp(scores - shift[..., None])
-  rescale = jnp.exp(row_max - shift)
+  new_max, p, rescale = _shifted(row_max, scores, -1)
   weighted = jnp.einsum("...qk,...kv->...qv", p, v.astype(acc.dtype),
                         preferred_element_type=acc.dtype)
   return acc * rescale[..., None] + weighted, new_max, row_sum * rescale + jnp.sum(p, axis=-1)
+
+
+def _shifted(row_max: jax.Array, scores: jax.Array, key_axis: int):
+  """The folds' common step: ``(m', p = exp(s - m'), exp(m - m'))`` for the keys on ``key_axis``.
+
+  The new maximum is held out of differentiation (a shift that cancels).
+  """
+  new_max = jax.lax.stop_gradient(jnp.maximum(row_max, jnp.max(scores, axis=key_axis)))
+  # While a row has seen no key its maximum is -inf; shifting by 0 instead keeps
+  # exp(-inf - shift) = 0 rather than exp(-inf + inf) = NaN.
+  shift = jnp.where(jnp.isneginf(new_max), 0.0, new_max)
+  p = jnp.exp(scores - jnp.expand_dims(shift, key_axis))
+  return new_max, p, jnp.exp(row_max - shift)
 
 
 def online_softmax_fold_keys_first(carry: Carry, scores: jax.Array, v: jax.Array) -> Carry:
@@ -152,10 +160,7 @@ def online_softmax_fold_keys_first(carry: Carry, scores: jax.Array, v: jax.Array
     The updated carry.
   """
   acc, row_max, row_sum = carry
-  new_max = jax.lax.stop_gradient(jnp.maximum(row_max, jnp.max(scores, axis=0)))
-  shift = jnp.where(jnp.isneginf(new_max), 0.0, new_max)
-  p = jnp.exp(scores - shift[None])
-  rescale = jnp.exp(row_max - shift)
+  new_max, p, rescale = _shifted(row_max, scores, 0)
   weighted = jnp.sum(p[..., None] * v[..., None, :].astype(acc.dtype), axis=0)
   return acc * rescale[..., None] + weighted, new_max, row_sum * rescale + jnp.sum(p, axis=0)
 
